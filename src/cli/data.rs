@@ -1,0 +1,270 @@
+//! `atop data inspect` and `atop data download`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use atop::data::download::{self, ImagenetteVariant};
+use atop::data::subset::seeded_subset;
+use atop::data::{DataConfig, DatasetKind, ImageSet, Split};
+use atop::report::grid::{self, Row};
+use clap::{Args as ClapArgs, Subcommand};
+use serde::Serialize;
+
+use super::Global;
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Count images per class and write a PNG grid of samples with class names.
+    Inspect(InspectArgs),
+    /// Fetch an official archive and verify its published checksum.
+    Download(DownloadArgs),
+}
+
+/// Flags that say which dataset to read; shared by every command that loads data.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct DataArgs {
+    #[arg(long, value_enum)]
+    pub dataset: DatasetKind,
+    /// Dataset folder or .tar/.tar.gz archive (default: the usual name inside $ATOP_DATA_DIR).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Resize the shorter side and centre-crop to this many pixels (ImageNette default: 224).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    /// Skip (and count) undecodable or non-image files instead of stopping.
+    #[arg(long)]
+    pub skip_corrupt: bool,
+}
+
+impl DataArgs {
+    pub fn config(&self) -> DataConfig {
+        DataConfig {
+            dataset: self.dataset,
+            root: self.root.clone(),
+            image_size: self.image_size,
+            skip_corrupt: self.skip_corrupt,
+        }
+    }
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, value_enum, default_value = "train")]
+    pub split: Split,
+    /// Look at a seeded random subset of this many images.
+    #[arg(long)]
+    pub subset: Option<usize>,
+    /// Seed for --subset and for picking the grid's samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Samples per class in the grid.
+    #[arg(long, default_value_t = 8)]
+    pub per_class: usize,
+    /// At most this many classes (rows) in the grid.
+    #[arg(long, default_value_t = 20)]
+    pub max_classes: usize,
+    /// Where to write the grid (default: <dataset>-<split>-grid.png).
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct DownloadArgs {
+    #[arg(value_enum)]
+    pub dataset: DatasetKind,
+    /// Folder to put the archive in.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// ImageNette resolution.
+    #[arg(long, value_enum, default_value = "320")]
+    pub variant: ImagenetteVariant,
+    /// Fetch from this URL instead of the official one (a mirror); needs --md5.
+    #[arg(long, requires = "md5")]
+    pub url: Option<String>,
+    /// Expected MD5 of the file at --url.
+    #[arg(long, requires = "url")]
+    pub md5: Option<String>,
+}
+
+pub fn run(cmd: DataCommand, global: &Global) -> Result<()> {
+    match cmd {
+        DataCommand::Inspect(args) => inspect(args, global),
+        DataCommand::Download(args) => download(args, global),
+    }
+}
+
+#[derive(Serialize)]
+struct ClassCount {
+    label: usize,
+    class: String,
+    name: String,
+    count: usize,
+}
+
+#[derive(Serialize)]
+struct InspectReport {
+    dataset: String,
+    split: Split,
+    source: PathBuf,
+    images: usize,
+    height: usize,
+    width: usize,
+    classes: Vec<ClassCount>,
+    coarse_classes: Option<Vec<String>>,
+    skipped: Vec<atop::data::Skipped>,
+    subset_seed: Option<u64>,
+    subset_indices: Option<Vec<usize>>,
+    grid: PathBuf,
+    seconds: f64,
+}
+
+fn inspect(args: InspectArgs, global: &Global) -> Result<()> {
+    let cfg = args.data.config();
+    let start = std::time::Instant::now();
+    let full = cfg.load(args.split)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let (set, indices) = match args.subset {
+        Some(n) => {
+            let idx = seeded_subset(full.len(), n, args.seed)?;
+            (full.select(&idx), Some(idx))
+        }
+        None => (full, None),
+    };
+    let grid_path = args
+        .grid
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}-{}-grid.png", set.name, args.split.as_str())));
+    let img = sample_grid(&set, args.per_class, args.max_classes, args.seed);
+    grid::save_png(&img, &grid_path)?;
+
+    let counts = set.class_counts();
+    let report = InspectReport {
+        dataset: set.name.clone(),
+        split: args.split,
+        source: set.source.clone(),
+        images: set.len(),
+        height: set.height,
+        width: set.width,
+        classes: counts
+            .iter()
+            .enumerate()
+            .map(|(i, &count)| ClassCount {
+                label: i,
+                class: set.classes[i].clone(),
+                name: set.class_names[i].clone(),
+                count,
+            })
+            .collect(),
+        coarse_classes: set.coarse.as_ref().map(|c| c.classes.clone()),
+        skipped: set.skipped.clone(),
+        subset_seed: args.subset.map(|_| args.seed),
+        subset_indices: indices,
+        grid: grid_path,
+        seconds,
+    };
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} {}: {} images of {}x{} from {} (loaded in {:.1} s)",
+        report.dataset,
+        report.split.as_str(),
+        report.images,
+        report.width,
+        report.height,
+        report.source.display(),
+        report.seconds
+    );
+    let names: Vec<String> = report
+        .classes
+        .iter()
+        .map(|c| {
+            if c.name == c.class {
+                c.name.clone()
+            } else {
+                format!("{} ({})", c.name, c.class)
+            }
+        })
+        .collect();
+    let width = names.iter().map(|n| n.len()).max().unwrap_or(5).max(5);
+    println!("{:>5}  {:<width$}  {:>7}", "label", "class", "images");
+    for (c, name) in report.classes.iter().zip(&names) {
+        println!("{:>5}  {:<width$}  {:>7}", c.label, name, c.count);
+    }
+    if !report.skipped.is_empty() {
+        println!(
+            "skipped {} corrupt or non-image files:",
+            report.skipped.len()
+        );
+        for s in report.skipped.iter().take(20) {
+            println!("  {}: {}", s.path, s.reason);
+        }
+    }
+    if let Some(idx) = &report.subset_indices {
+        println!(
+            "subset: {} indices (seed {}), first {:?}",
+            idx.len(),
+            args.seed,
+            &idx[..idx.len().min(8)]
+        );
+    }
+    println!("grid: {}", report.grid.display());
+    Ok(())
+}
+
+/// `per_class` seeded samples of each of the first `max_classes` classes, one row per class.
+fn sample_grid(set: &ImageSet, per_class: usize, max_classes: usize, seed: u64) -> image::RgbImage {
+    let classes = set.num_classes().min(max_classes);
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
+    for (i, &l) in set.labels.iter().enumerate() {
+        if (l as usize) < classes {
+            by_class[l as usize].push(i);
+        }
+    }
+    let rows: Vec<Row> = by_class
+        .iter()
+        .enumerate()
+        .map(|(c, members)| {
+            let k = per_class.min(members.len());
+            let picks = seeded_subset(members.len(), k, seed).expect("k <= len");
+            Row {
+                label: set.class_names[c].clone(),
+                images: picks.iter().map(|&p| set.image(members[p])).collect(),
+            }
+        })
+        .collect();
+    grid::labelled_rows(&rows, set.height, set.width)
+}
+
+fn download(args: DownloadArgs, global: &Global) -> Result<()> {
+    let archive = match (&args.url, &args.md5) {
+        (Some(url), Some(md5)) => download::Archive {
+            url: url.clone(),
+            file_name: download::file_name_of(url)?,
+            md5: md5.clone(),
+        },
+        _ => download::official(args.dataset, args.variant)?,
+    };
+    let done = download::download(&archive, &args.root)
+        .with_context(|| format!("downloading {} failed", args.dataset.as_str()))?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    } else if done.already_present {
+        println!(
+            "{} already present, MD5 {} verified",
+            done.path.display(),
+            done.md5
+        );
+    } else {
+        println!(
+            "{}: {} bytes, MD5 {} verified",
+            done.path.display(),
+            done.bytes,
+            done.md5
+        );
+    }
+    Ok(())
+}

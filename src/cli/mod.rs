@@ -1,0 +1,97 @@
+//! Every flag is declared once here (global ones on `Args`, the rest on their subcommand) and
+//! turned into the library's settings structs in one place per command.
+
+mod bench;
+mod data;
+
+use anyhow::Result;
+use atop::runtime::{self, DeviceSpec};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "atop",
+    version,
+    about = "Adversarial purification (AToP) and attack evaluation on libtorch"
+)]
+pub struct Args {
+    /// Where tensors are computed: auto (CUDA when libtorch sees it), cpu, cuda, cuda:N.
+    #[arg(long, global = true, default_value = "auto", env = "ATOP_DEVICE")]
+    pub device: DeviceSpec,
+    /// CPU threads for libtorch, decoding and data workers (default: all cores).
+    #[arg(long, global = true, env = "ATOP_THREADS")]
+    pub threads: Option<usize>,
+    /// No progress bars or log lines; results only.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Print results as JSON on stdout (implies --quiet).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Versions, libtorch location, CUDA and thread count.
+    Info,
+    /// Inspect and download datasets.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Benchmarks (timings measured here, printed side by side).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Settings every command receives.
+pub struct Global {
+    pub device: tch::Device,
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let quiet = args.quiet || args.json;
+    atop::progress::set_quiet(quiet);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(if quiet {
+            tracing::Level::WARN
+        } else {
+            tracing::Level::INFO
+        })
+        .without_time()
+        .init();
+    runtime::init_threads(args.threads);
+    let global = Global {
+        device: args.device.resolve()?,
+        json: args.json,
+    };
+    match args.command {
+        Command::Info => info(&global),
+        Command::Data(cmd) => data::run(cmd, &global),
+        Command::Bench(cmd) => bench::run(cmd, &global),
+    }
+}
+
+fn info(global: &Global) -> Result<()> {
+    let info = runtime::engine_info();
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("atop {}", info.atop_version);
+        println!("torch {} ({})", info.torch_version, info.libtorch_lib);
+        println!(
+            "cuda: {} ({} device(s), cudnn {})",
+            if info.cuda_available {
+                "available"
+            } else {
+                "not available"
+            },
+            info.cuda_devices,
+            info.cudnn_available
+        );
+        println!("device: {:?}", global.device);
+        println!("threads: {}", info.threads);
+    }
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! Writing result files so that a crash never leaves a half-written one behind.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Writes `path` via `<path>.tmp` + fsync + rename, creating the parent folder.
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
+) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut out = BufWriter::new(file);
+    let result = write(&mut out).and_then(|_| {
+        out.flush()
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        out.get_ref()
+            .sync_all()
+            .with_context(|| format!("cannot write {}", tmp.display()))
+    });
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+}
+
+/// Writes pretty JSON atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    write_atomic(path, |out| {
+        serde_json::to_writer_pretty(&mut *out, value).context("cannot serialise JSON")?;
+        out.write_all(b"\n").context("cannot write JSON")
+    })
+}

@@ -1,0 +1,11 @@
+//! atop: adversarial purification (AToP, Lin et al., ICLR 2024) and a trustworthy attack suite,
+//! on libtorch via tch.
+//!
+//! The modules read as the pipeline: `data -> models -> transforms -> purifier -> attacks ->
+//! train -> eval -> report`, with `runtime` (device, threads) underneath and the CLI on top.
+
+pub mod data;
+pub mod io;
+pub mod progress;
+pub mod report;
+pub mod runtime;

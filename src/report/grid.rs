@@ -1,0 +1,107 @@
+//! PNG grids of images with text labels (an 8x8 bitmap font, so no system fonts are needed).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use image::imageops::FilterType;
+use image::{Rgb, RgbImage};
+
+const FONT_PX: u32 = 8;
+const TEXT_SCALE: u32 = 2;
+const PAD: u32 = 4;
+const BG: Rgb<u8> = Rgb([255, 255, 255]);
+const FG: Rgb<u8> = Rgb([20, 20, 20]);
+
+/// One labelled row of same-sized images (each H x W x 3 bytes).
+pub struct Row<'a> {
+    pub label: String,
+    pub images: Vec<&'a [u8]>,
+}
+
+/// Cell side: small images are enlarged (nearest) to at least 64 px, big ones shrunk to 128 px.
+fn cell_size(h: u32, w: u32) -> (u32, u32) {
+    let side = h.max(w);
+    if side < 64 {
+        let k = 64_u32.div_ceil(side);
+        (h * k, w * k)
+    } else if side > 128 {
+        (h * 128 / side, w * 128 / side)
+    } else {
+        (h, w)
+    }
+}
+
+/// Rows of images, each row preceded by its label. Labels longer than 18 characters are cut.
+pub fn labelled_rows(rows: &[Row], height: usize, width: usize) -> RgbImage {
+    let (h, w) = (height as u32, width as u32);
+    let (ch, cw) = cell_size(h, w);
+    let max_chars = rows
+        .iter()
+        .map(|r| r.label.chars().count().min(18))
+        .max()
+        .unwrap_or(0) as u32;
+    let label_w = max_chars * FONT_PX * TEXT_SCALE + 2 * PAD;
+    let cols = rows.iter().map(|r| r.images.len()).max().unwrap_or(0) as u32;
+    let total_w = label_w + cols * (cw + PAD) + PAD;
+    let total_h = rows.len() as u32 * (ch + PAD) + PAD;
+    let mut canvas = RgbImage::from_pixel(total_w.max(1), total_h.max(1), BG);
+    for (r, row) in rows.iter().enumerate() {
+        let y0 = PAD + r as u32 * (ch + PAD);
+        let text: String = row.label.chars().take(18).collect();
+        let ty = y0 + ch.saturating_sub(FONT_PX * TEXT_SCALE) / 2;
+        draw_text(&mut canvas, PAD, ty, &text, TEXT_SCALE);
+        for (c, pixels) in row.images.iter().enumerate() {
+            let img =
+                RgbImage::from_raw(w, h, pixels.to_vec()).expect("image buffer matches its size");
+            let filter = if ch > h {
+                FilterType::Nearest
+            } else {
+                FilterType::Triangle
+            };
+            let cell = if (ch, cw) == (h, w) {
+                img
+            } else {
+                image::imageops::resize(&img, cw, ch, filter)
+            };
+            let x0 = label_w + c as u32 * (cw + PAD);
+            image::imageops::replace(&mut canvas, &cell, x0 as i64, y0 as i64);
+        }
+    }
+    canvas
+}
+
+/// Draws ASCII text with the 8x8 font, each font pixel `scale` x `scale`; others become '?'.
+pub fn draw_text(canvas: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32) {
+    for (i, ch) in text.chars().enumerate() {
+        let code = if ch.is_ascii() {
+            ch as usize
+        } else {
+            b'?' as usize
+        };
+        let glyph = font8x8::legacy::BASIC_LEGACY[code];
+        let gx = x + i as u32 * FONT_PX * scale;
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8 {
+                if bits >> col & 1 == 1 {
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            let px = gx + col * scale + dx;
+                            let py = y + row as u32 * scale + dy;
+                            if px < canvas.width() && py < canvas.height() {
+                                canvas.put_pixel(px, py, FG);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes a PNG atomically (temp file + rename), creating the parent folder.
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    crate::io::write_atomic(path, |file| {
+        img.write_to(file, image::ImageFormat::Png)
+            .with_context(|| format!("cannot encode PNG {}", path.display()))
+    })
+}

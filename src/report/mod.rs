@@ -1,0 +1,3 @@
+//! Reports: image grids now; tables and plots as the pipeline grows.
+
+pub mod grid;

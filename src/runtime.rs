@@ -1,0 +1,133 @@
+//! Where tensors live and how many threads compute: `--device` and `--threads`, parsed once.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use tch::Device;
+
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Threads for CPU work (libtorch intra-op, decoding, data workers): `--threads`, else all cores.
+pub fn threads() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Applies the thread count to this process and libtorch; returns it.
+pub fn init_threads(requested: Option<usize>) -> usize {
+    if let Some(n) = requested {
+        THREADS.store(n.max(1), Ordering::Relaxed);
+    }
+    let n = threads();
+    tch::set_num_threads(n as i32);
+    n
+}
+
+/// `auto | cpu | cuda | cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}': expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The libtorch device; CUDA asked for but not usable is an error, not a silent fallback.
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Auto => Ok(Device::cuda_if_available()),
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(i) => {
+                let n = tch::Cuda::device_count() as usize;
+                if n == 0 {
+                    bail!(
+                        "--device cuda:{i}: libtorch sees no CUDA device (use --device cpu or auto)"
+                    );
+                }
+                if i >= n {
+                    bail!(
+                        "--device cuda:{i}: only {n} CUDA device(s) visible (cuda:0..cuda:{})",
+                        n - 1
+                    );
+                }
+                Ok(Device::Cuda(i))
+            }
+        }
+    }
+}
+
+/// What this build links and what it can see; `atop info` prints it.
+#[derive(Debug, Serialize)]
+pub struct EngineInfo {
+    pub atop_version: &'static str,
+    pub torch_version: &'static str,
+    pub libtorch_lib: &'static str,
+    pub cuda_available: bool,
+    pub cuda_devices: i64,
+    pub cudnn_available: bool,
+    pub threads: usize,
+}
+
+pub fn engine_info() -> EngineInfo {
+    EngineInfo {
+        atop_version: env!("CARGO_PKG_VERSION"),
+        torch_version: env!("ATOP_TORCH_VERSION"),
+        libtorch_lib: env!("ATOP_LIBTORCH_LIB"),
+        cuda_available: tch::Cuda::is_available(),
+        cuda_devices: tch::Cuda::device_count(),
+        cudnn_available: tch::Cuda::cudnn_is_available(),
+        threads: threads(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_specs() {
+        assert_eq!("auto".parse(), Ok(DeviceSpec::Auto));
+        assert_eq!("CPU".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        assert!(
+            "cuda:x"
+                .parse::<DeviceSpec>()
+                .unwrap_err()
+                .contains("cuda:x")
+        );
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn cpu_always_resolves_and_missing_cuda_is_an_error() {
+        assert_eq!(DeviceSpec::Cpu.resolve().unwrap(), Device::Cpu);
+        if tch::Cuda::device_count() == 0 {
+            let err = DeviceSpec::Cuda(0).resolve().unwrap_err().to_string();
+            assert!(err.contains("no CUDA device"), "{err}");
+            assert_eq!(DeviceSpec::Auto.resolve().unwrap(), Device::Cpu);
+        }
+    }
+}
