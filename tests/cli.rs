@@ -1,0 +1,116 @@
+//! The `atop` binary as users run it: no LD_LIBRARY_PATH, global flags, clear errors.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn binary_runs_in_a_clean_environment_and_reports_torch() {
+    // env_clear: no LD_LIBRARY_PATH, no venv, no cargo variables; the rpath must do it.
+    let out = atop()
+        .env_clear()
+        .args(["info", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["torch_version"], "2.11.0");
+    assert!(json["threads"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn threads_flag_is_applied() {
+    let out = atop()
+        .args(["--threads", "1", "--json", "info"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["threads"], 1);
+}
+
+#[test]
+fn bad_device_and_unavailable_cuda_are_clear_errors() {
+    let out = atop().args(["--device", "tpu", "info"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown device 'tpu'"), "{err}");
+    if !tch::Cuda::is_available() {
+        let out = atop()
+            .args(["--device", "cuda:0", "info"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no CUDA device"));
+    }
+}
+
+#[test]
+fn inspect_missing_root_fails_naming_it() {
+    let out = atop()
+        .args([
+            "data",
+            "inspect",
+            "--dataset",
+            "folder",
+            "--root",
+            "/nonexistent/imgs",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/imgs") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn inspect_real_cifar10_subset_records_indices_and_writes_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let grid = tmp.path().join("g.png");
+    let out = atop()
+        .env("ATOP_DATA_DIR", data_dir())
+        .args([
+            "--json",
+            "data",
+            "inspect",
+            "--dataset",
+            "cifar10",
+            "--split",
+            "test",
+            "--subset",
+            "100",
+            "--seed",
+            "3",
+            "--grid",
+        ])
+        .arg(&grid)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["images"], 100);
+    let idx: Vec<usize> = serde_json::from_value(json["subset_indices"].clone()).unwrap();
+    assert_eq!(
+        idx,
+        atop::data::subset::seeded_subset(10_000, 100, 3).unwrap()
+    );
+    let counts: usize = json["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["count"].as_u64().unwrap() as usize)
+        .sum();
+    assert_eq!(counts, 100);
+    let img = image::open(&grid).unwrap();
+    assert!(img.width() > 300 && img.height() > 300);
+}
