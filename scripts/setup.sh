@@ -10,7 +10,7 @@ set -euo pipefail
 
 TORCH_VERSION="2.11.0"
 # Python packages used by the reference scripts (bench/reference, tests against PyTorch).
-EXTRA_PACKAGES=("numpy==2.4.6" "safetensors==0.8.0")
+EXTRA_PACKAGES=("numpy==2.4.6" "safetensors==0.8.0" "torchvision==0.26.0")
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ATOP_VENV:-$HOME/.cache/atop/venv}"

@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod io;
+pub mod models;
 pub mod progress;
 pub mod report;
 pub mod runtime;

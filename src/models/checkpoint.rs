@@ -1,0 +1,225 @@
+//! Classifier checkpoints: `model.safetensors` (weights, torchvision/RobustBench names) plus
+//! `model.json` (architecture, classes, normalisation, provenance). Both are written atomically;
+//! loading is strict: every missing, unexpected or mis-shaped tensor is named.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use super::{Classifier, ModelSpec};
+
+pub const WEIGHTS: &str = "model.safetensors";
+pub const SIDECAR: &str = "model.json";
+const FORMAT: &str = "atop-classifier";
+
+/// PyTorch keeps a step counter in every BatchNorm; it does not affect the outputs.
+const IGNORED_SUFFIXES: &[&str] = &["num_batches_tracked"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("{path}: missing tensors for {arch}: {names:?}")]
+    Missing {
+        path: PathBuf,
+        arch: String,
+        names: Vec<String>,
+    },
+    #[error("{path}: tensors that {arch} does not have: {names:?}")]
+    Unexpected {
+        path: PathBuf,
+        arch: String,
+        names: Vec<String>,
+    },
+    #[error("{path}: tensor {name} has shape {found:?}, {arch} expects {expected:?}")]
+    Shape {
+        path: PathBuf,
+        arch: String,
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+    #[error("{path}: tensor {name} holds NaN or infinite values")]
+    NonFinite { path: PathBuf, name: String },
+    #[error("{path}: {reason}")]
+    Sidecar { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+/// The JSON sidecar.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sidecar {
+    pub format: String,
+    pub format_version: u32,
+    #[serde(flatten)]
+    pub spec: ModelSpec,
+    /// Dataset the model was trained (or imported) for, and its class names in label order.
+    pub dataset: Option<String>,
+    pub classes: Vec<String>,
+    /// Completed training epochs, if it comes from `atop train`.
+    pub epoch: Option<usize>,
+    /// The settings that produced it (training config, import source, ...).
+    pub config: serde_json::Value,
+    pub atop_version: String,
+    pub torch_version: String,
+}
+
+impl Sidecar {
+    pub fn new(
+        spec: ModelSpec,
+        dataset: Option<String>,
+        classes: Vec<String>,
+        epoch: Option<usize>,
+        config: serde_json::Value,
+    ) -> Self {
+        Sidecar {
+            format: FORMAT.into(),
+            format_version: 1,
+            spec,
+            dataset,
+            classes,
+            epoch,
+            config,
+            atop_version: env!("CARGO_PKG_VERSION").into(),
+            torch_version: env!("ATOP_TORCH_VERSION").into(),
+        }
+    }
+}
+
+/// Writes `dir/model.safetensors` then `dir/model.json`, each via a temp file and rename.
+pub fn save(model: &Classifier, sidecar: &Sidecar, dir: &Path) -> Result<(), CheckpointError> {
+    let write_err = |path: &Path, reason: String| CheckpointError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e.to_string()))?;
+    let weights = dir.join(WEIGHTS);
+    let tmp = dir.join(format!("{WEIGHTS}.tmp"));
+    let named: BTreeMap<String, Tensor> = model
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(Device::Cpu).contiguous()))
+        .collect();
+    let list: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Tensor::write_safetensors(&list, &tmp).map_err(|e| write_err(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, &weights).map_err(|e| write_err(&weights, e.to_string()))?;
+    crate::io::write_json(&dir.join(SIDECAR), sidecar)
+        .map_err(|e| write_err(&dir.join(SIDECAR), format!("{e:#}")))
+}
+
+/// Resolves a checkpoint argument: a folder holding `model.json` + `model.safetensors`, or the
+/// path of either file.
+pub fn resolve(path: &Path) -> (PathBuf, PathBuf) {
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    (dir.join(SIDECAR), dir.join(WEIGHTS))
+}
+
+pub fn read_sidecar(path: &Path) -> Result<Sidecar, CheckpointError> {
+    let err = |reason: String| CheckpointError::Sidecar {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let sidecar: Sidecar = serde_json::from_str(&text)
+        .map_err(|e| err(format!("not an atop model description: {e}")))?;
+    if sidecar.format != FORMAT {
+        return Err(err(format!(
+            "format is '{}', expected '{FORMAT}'",
+            sidecar.format
+        )));
+    }
+    Ok(sidecar)
+}
+
+/// Loads a checkpoint (folder or file path) onto `device`.
+pub fn load(path: &Path, device: Device) -> Result<(Classifier, Sidecar), CheckpointError> {
+    let (json, weights) = resolve(path);
+    let sidecar = read_sidecar(&json)?;
+    let mut model = Classifier::new(sidecar.spec.clone(), device);
+    load_weights(&mut model, &weights)?;
+    Ok((model, sidecar))
+}
+
+/// Reads all tensors of a safetensors file, naming the file on failure.
+pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    if !path.is_file() {
+        return Err(CheckpointError::Unreadable {
+            path: path.to_path_buf(),
+            reason: "not found".into(),
+        });
+    }
+    Tensor::read_safetensors(path).map_err(|e| CheckpointError::Unreadable {
+        path: path.to_path_buf(),
+        reason: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+    })
+}
+
+/// Copies the tensors of `file` into `model`, requiring exactly the model's names and shapes.
+pub fn load_weights(model: &mut Classifier, file: &Path) -> Result<(), CheckpointError> {
+    let tensors = read_tensors(file)?;
+    copy_named(model, tensors, file)
+}
+
+/// Strictly copies `tensors` (by name) into the model's variables.
+pub fn copy_named(
+    model: &mut Classifier,
+    tensors: Vec<(String, Tensor)>,
+    file: &Path,
+) -> Result<(), CheckpointError> {
+    let arch = model.spec.arch.to_string();
+    let mut vars = model.vs.variables();
+    let given: BTreeMap<String, Tensor> = tensors
+        .into_iter()
+        .filter(|(k, _)| !IGNORED_SUFFIXES.iter().any(|s| k.ends_with(s)))
+        .collect();
+    let want: BTreeSet<&String> = vars.keys().collect();
+    let have: BTreeSet<&String> = given.keys().collect();
+    let missing: Vec<String> = want.difference(&have).map(|s| s.to_string()).collect();
+    if !missing.is_empty() {
+        return Err(CheckpointError::Missing {
+            path: file.to_path_buf(),
+            arch,
+            names: missing,
+        });
+    }
+    let extra: Vec<String> = have.difference(&want).map(|s| s.to_string()).collect();
+    if !extra.is_empty() {
+        return Err(CheckpointError::Unexpected {
+            path: file.to_path_buf(),
+            arch,
+            names: extra,
+        });
+    }
+    for (name, src) in &given {
+        let dst = &vars[name];
+        if dst.size() != src.size() {
+            return Err(CheckpointError::Shape {
+                path: file.to_path_buf(),
+                arch,
+                name: name.clone(),
+                expected: dst.size(),
+                found: src.size(),
+            });
+        }
+        if src.is_floating_point() && !bool::try_from(src.isfinite().all()).unwrap_or(false) {
+            return Err(CheckpointError::NonFinite {
+                path: file.to_path_buf(),
+                name: name.clone(),
+            });
+        }
+    }
+    tch::no_grad(|| {
+        for (name, src) in &given {
+            vars.get_mut(name).expect("checked above").copy_(src);
+        }
+    });
+    Ok(())
+}

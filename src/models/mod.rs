@@ -1,0 +1,249 @@
+//! Classifiers: WideResNet (RobustBench parameter names) and ResNet (torchvision names, CIFAR
+//! and ImageNet stems). Inputs are always RGB in [0,1]; the mean/std normalisation is part of
+//! the model, so attacks and purifiers never need to know about it.
+
+pub mod checkpoint;
+pub mod resnet;
+pub mod wrn;
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Tensor};
+
+/// Which ResNet stem: CIFAR (3x3 stride 1, no max-pool) or ImageNet (7x7 stride 2 + max-pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stem {
+    Cifar,
+    Imagenet,
+}
+
+/// An architecture name as written on the command line: `wrn-28-10`, `resnet18`,
+/// `resnet34-imagenet`, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    WideResNet { depth: usize, widen: usize },
+    ResNet { depth: usize, stem: Stem },
+}
+
+impl FromStr for Arch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        let unknown = || {
+            format!(
+                "unknown architecture '{s}': expected wrn-DEPTH-WIDTH (DEPTH = 6n+4, e.g. wrn-28-10, wrn-16-4) or resnet18|34|50 with an optional -imagenet stem"
+            )
+        };
+        if let Some(rest) = lower.strip_prefix("wrn-") {
+            let (d, w) = rest.split_once('-').ok_or_else(unknown)?;
+            let depth: usize = d.parse().map_err(|_| unknown())?;
+            let widen: usize = w.parse().map_err(|_| unknown())?;
+            if depth < 10 || !(depth - 4).is_multiple_of(6) || widen == 0 {
+                return Err(format!(
+                    "'{s}': WideResNet depth must be 6n+4 (10, 16, 22, 28, 34, 40, 70, ...) and width positive"
+                ));
+            }
+            return Ok(Arch::WideResNet { depth, widen });
+        }
+        if let Some(rest) = lower.strip_prefix("resnet") {
+            let (d, stem) = match rest.strip_suffix("-imagenet") {
+                Some(d) => (d, Stem::Imagenet),
+                None => (rest, Stem::Cifar),
+            };
+            let depth: usize = d.parse().map_err(|_| unknown())?;
+            if ![18, 34, 50].contains(&depth) {
+                return Err(format!("'{s}': ResNet depth must be 18, 34 or 50"));
+            }
+            return Ok(Arch::ResNet { depth, stem });
+        }
+        Err(unknown())
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arch::WideResNet { depth, widen } => write!(f, "wrn-{depth}-{widen}"),
+            Arch::ResNet {
+                depth,
+                stem: Stem::Cifar,
+            } => write!(f, "resnet{depth}"),
+            Arch::ResNet {
+                depth,
+                stem: Stem::Imagenet,
+            } => write!(f, "resnet{depth}-imagenet"),
+        }
+    }
+}
+
+impl Serialize for Arch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Arch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Everything needed to rebuild a classifier (stored in the checkpoint's JSON sidecar).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub arch: Arch,
+    pub num_classes: usize,
+    /// Per-channel mean and std applied inside the model: `(x - mean) / std`.
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+/// Normalisation constants of the datasets atop knows.
+pub fn dataset_normalisation(dataset: crate::data::DatasetKind) -> ([f64; 3], [f64; 3]) {
+    use crate::data::DatasetKind::*;
+    match dataset {
+        Cifar10 => ([0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]),
+        Cifar100 => ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+        Imagenette | Folder => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    }
+}
+
+impl ModelSpec {
+    pub fn new(arch: Arch, num_classes: usize, mean: [f64; 3], std: [f64; 3]) -> Result<Self> {
+        if num_classes < 2 {
+            bail!("num_classes = {num_classes}: a classifier needs at least 2 classes");
+        }
+        if std.iter().any(|s| !(*s > 0.0 && s.is_finite())) || mean.iter().any(|m| !m.is_finite()) {
+            bail!("normalisation mean {mean:?} / std {std:?}: std must be positive and all finite");
+        }
+        Ok(ModelSpec {
+            arch,
+            num_classes,
+            mean,
+            std,
+        })
+    }
+}
+
+/// A classifier: parameters in a VarStore, the network, and its input normalisation.
+pub struct Classifier {
+    pub spec: ModelSpec,
+    pub vs: nn::VarStore,
+    net: Box<dyn ModuleT + Send>,
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Classifier")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Classifier {
+    /// A freshly initialised classifier on `device`.
+    pub fn new(spec: ModelSpec, device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let net: Box<dyn ModuleT + Send> = match spec.arch {
+            Arch::WideResNet { depth, widen } => {
+                Box::new(wrn::WideResNet::new(&root, depth, widen, spec.num_classes))
+            }
+            Arch::ResNet { depth, stem } => {
+                Box::new(resnet::ResNet::new(&root, depth, stem, spec.num_classes))
+            }
+        };
+        let mean = Tensor::from_slice(&spec.mean)
+            .to_kind(tch::Kind::Float)
+            .view([1, 3, 1, 1])
+            .to_device(device);
+        let std = Tensor::from_slice(&spec.std)
+            .to_kind(tch::Kind::Float)
+            .view([1, 3, 1, 1])
+            .to_device(device);
+        Classifier {
+            spec,
+            vs,
+            net,
+            mean,
+            std,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Logits for images in [0,1] (N x 3 x H x W); `train` switches batch-norm statistics.
+    pub fn forward_t(&self, images: &Tensor, train: bool) -> Tensor {
+        let x = (images - &self.mean) / &self.std;
+        self.net.forward_t(&x, train)
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_parameters(&self) -> i64 {
+        self.vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum()
+    }
+}
+
+/// `nn::ConvConfig` for a bias-free conv with He (fan-out) init, as torchvision and RobustBench do.
+pub(crate) fn conv_cfg(stride: i64, padding: i64) -> nn::ConvConfig {
+    nn::ConvConfig {
+        stride,
+        padding,
+        bias: false,
+        ws_init: nn::Init::Kaiming {
+            dist: nn::init::NormalOrUniform::Normal,
+            fan: nn::init::FanInOut::FanOut,
+            non_linearity: nn::init::NonLinearity::ReLU,
+        },
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_names_round_trip_and_bad_names_explain() {
+        for name in [
+            "wrn-28-10",
+            "wrn-16-4",
+            "wrn-70-16",
+            "resnet18",
+            "resnet34-imagenet",
+            "resnet50",
+        ] {
+            assert_eq!(name.parse::<Arch>().unwrap().to_string(), name);
+        }
+        assert!("wrn-27-10".parse::<Arch>().unwrap_err().contains("6n+4"));
+        assert!(
+            "resnet19"
+                .parse::<Arch>()
+                .unwrap_err()
+                .contains("18, 34 or 50")
+        );
+        assert!(
+            "vgg16"
+                .parse::<Arch>()
+                .unwrap_err()
+                .contains("unknown architecture 'vgg16'")
+        );
+    }
+}
