@@ -78,6 +78,21 @@ impl DeviceSpec {
     }
 }
 
+/// The Python of the venv that scripts/setup.sh made (reference scripts run with it):
+/// `$ATOP_VENV_PYTHON`, else `$ATOP_VENV/bin/python`, else `~/.cache/atop/venv/bin/python`.
+pub fn venv_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("ATOP_VENV_PYTHON") {
+        return p.into();
+    }
+    let venv = std::env::var_os("ATOP_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/atop/venv")
+        });
+    venv.join("bin/python")
+}
+
 /// What this build links and what it can see; `atop info` prints it.
 #[derive(Debug, Serialize)]
 pub struct EngineInfo {

@@ -11,13 +11,8 @@ use atop::models::checkpoint;
 use atop::models::{Classifier, ModelSpec, dataset_normalisation};
 use tch::Device;
 
-/// The venv python that scripts/setup.sh made (its path is in .cargo/config.toml).
 fn venv_python() -> PathBuf {
-    let path = std::env::var_os("ATOP_VENV_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/atop/venv/bin/python")
-        });
+    let path = atop::runtime::venv_python();
     assert!(
         path.is_file(),
         "{} not found: run scripts/setup.sh",

@@ -16,6 +16,25 @@ use super::Global;
 pub enum BenchCommand {
     /// Decoding all of CIFAR-10 into memory, and the training iterator's batches/s.
     Data(DataBenchArgs),
+    /// Classifier inference and training img/s, side by side with PyTorch in the same venv.
+    Models(ModelBenchArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ModelBenchArgs {
+    /// Architectures to time (each with --batch images of its native size: 32 px, or 64 px for -imagenet).
+    #[arg(long, num_args = 1.., default_values = ["wrn-16-4"])]
+    pub arch: Vec<String>,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Timed steps per measurement (after --warmup untimed ones).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Skip the PyTorch side (atop numbers only).
+    #[arg(long)]
+    pub no_reference: bool,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -46,6 +65,7 @@ struct Row {
 pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
     match cmd {
         BenchCommand::Data(args) => data(args, global),
+        BenchCommand::Models(args) => models(args, global),
     }
 }
 
@@ -135,4 +155,156 @@ fn iterate(what: &str, loader: Loader, batches: usize) -> Row {
         value: batches as f64 / secs,
         unit: "batches/s",
     }
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct ModelTiming {
+    arch: String,
+    batch: usize,
+    threads: usize,
+    infer_img_s: f64,
+    train_img_s: f64,
+}
+
+#[derive(Serialize)]
+struct ModelRow {
+    atop: ModelTiming,
+    pytorch: Option<ModelTiming>,
+    infer_ratio: Option<f64>,
+    train_ratio: Option<f64>,
+}
+
+fn models(args: ModelBenchArgs, global: &Global) -> Result<()> {
+    use atop::models::{Arch, Classifier, ModelSpec, dataset_normalisation};
+    use tch::{Kind, Tensor, nn::OptimizerConfig};
+
+    let threads = atop::runtime::threads();
+    let mut rows = Vec::new();
+    for name in &args.arch {
+        let arch: Arch = name.parse().map_err(anyhow::Error::msg)?;
+        let side = match arch {
+            Arch::ResNet {
+                stem: atop::models::Stem::Imagenet,
+                ..
+            } => 64,
+            _ => 32,
+        };
+        let (mean, std) = dataset_normalisation(DatasetKind::Cifar10);
+        tch::manual_seed(0);
+        let model = Classifier::new(ModelSpec::new(arch, 10, mean, std)?, global.device);
+        let x = Tensor::rand(
+            [args.batch as i64, 3, side, side],
+            (Kind::Float, global.device),
+        );
+        let y = Tensor::randint(10, [args.batch as i64], (Kind::Int64, global.device));
+        let mut opt = tch::nn::Sgd {
+            momentum: 0.9,
+            dampening: 0.0,
+            wd: 5e-4,
+            nesterov: false,
+        }
+        .build(&model.vs, 0.01)?;
+        let sync = || {
+            if let tch::Device::Cuda(i) = global.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        let timed = |f: &mut dyn FnMut()| {
+            for _ in 0..args.warmup {
+                f();
+            }
+            sync();
+            let t = Instant::now();
+            for _ in 0..args.steps {
+                f();
+            }
+            sync();
+            t.elapsed().as_secs_f64()
+        };
+        let t_inf = timed(&mut || {
+            let _ = tch::no_grad(|| model.forward_t(&x, false));
+        });
+        let t_train = timed(&mut || {
+            let loss = model.forward_t(&x, true).cross_entropy_for_logits(&y);
+            opt.backward_step(&loss);
+        });
+        let n = (args.batch * args.steps) as f64;
+        let ours = ModelTiming {
+            arch: name.clone(),
+            batch: args.batch,
+            threads,
+            infer_img_s: n / t_inf,
+            train_img_s: n / t_train,
+        };
+        let reference = if args.no_reference || global.device != tch::Device::Cpu {
+            None
+        } else {
+            Some(pytorch_timing(name, &args, threads)?)
+        };
+        rows.push(ModelRow {
+            infer_ratio: reference.as_ref().map(|r| ours.infer_img_s / r.infer_img_s),
+            train_ratio: reference.as_ref().map(|r| ours.train_img_s / r.train_img_s),
+            atop: ours,
+            pytorch: reference,
+        });
+    }
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "device {:?}, threads {threads}, batch {}, {} timed steps",
+        global.device, args.batch, args.steps
+    );
+    println!(
+        "{:<20} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
+        "arch", "atop inf/s", "torch inf/s", "ratio", "atop train/s", "torch trn/s", "ratio"
+    );
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    for r in &rows {
+        println!(
+            "{:<20} {:>12.1} {:>12} {:>7} {:>12.1} {:>12} {:>7}",
+            r.atop.arch,
+            r.atop.infer_img_s,
+            opt(r.pytorch.as_ref().map(|p| p.infer_img_s)),
+            ratio(r.infer_ratio),
+            r.atop.train_img_s,
+            opt(r.pytorch.as_ref().map(|p| p.train_img_s)),
+            ratio(r.train_ratio),
+        );
+    }
+    Ok(())
+}
+
+/// Runs bench/reference/bench_models.py with the venv's PyTorch on the same settings.
+fn pytorch_timing(arch: &str, args: &ModelBenchArgs, threads: usize) -> Result<ModelTiming> {
+    use anyhow::Context;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/reference/bench_models.py");
+    let python = atop::runtime::venv_python();
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args(["--arch", arch])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--steps", &args.steps.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .output()
+        .with_context(|| {
+            format!(
+                "cannot run {} (run scripts/setup.sh, or pass --no-reference)",
+                python.display()
+            )
+        })?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim())
+        .with_context(|| format!("unexpected output from {}: {line}", script.display()))
 }
