@@ -114,3 +114,48 @@ fn inspect_real_cifar10_subset_records_indices_and_writes_grid() {
     let img = image::open(&grid).unwrap();
     assert!(img.width() > 300 && img.height() > 300);
 }
+
+#[test]
+fn bench_models_reports_both_sides_and_their_ratio() {
+    let out = atop()
+        .args([
+            "--json",
+            "--threads",
+            "1",
+            "bench",
+            "models",
+            "--arch",
+            "wrn-10-1",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["atop"]["arch"], "wrn-10-1");
+    assert_eq!(row["pytorch"]["threads"], 1);
+    for side in ["atop", "pytorch"] {
+        for key in ["infer_img_s", "train_img_s"] {
+            assert!(row[side][key].as_f64().unwrap() > 0.0, "{side}.{key}");
+        }
+    }
+    let ratio = row["train_ratio"].as_f64().unwrap();
+    let expect = row["atop"]["train_img_s"].as_f64().unwrap()
+        / row["pytorch"]["train_img_s"].as_f64().unwrap();
+    assert!((ratio - expect).abs() < 1e-9);
+    let out = atop()
+        .args(["bench", "models", "--arch", "vgg11"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown architecture 'vgg11'"));
+}
