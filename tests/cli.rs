@@ -7,17 +7,7 @@ use common::*;
 #[test]
 fn binary_runs_in_a_clean_environment_and_reports_torch() {
     // env_clear: no LD_LIBRARY_PATH, no venv, no cargo variables; the rpath must do it.
-    let out = atop()
-        .env_clear()
-        .args(["info", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = run_json(&mut atop().env_clear().args(["info", "--json"]));
     assert_eq!(json["torch_version"], "2.11.0");
     assert!(json["threads"].as_u64().unwrap() >= 1);
 }
@@ -73,31 +63,25 @@ fn inspect_missing_root_fails_naming_it() {
 fn inspect_real_cifar10_subset_records_indices_and_writes_grid() {
     let tmp = tempfile::tempdir().unwrap();
     let grid = tmp.path().join("g.png");
-    let out = atop()
-        .env("ATOP_DATA_DIR", data_dir())
-        .args([
-            "--json",
-            "data",
-            "inspect",
-            "--dataset",
-            "cifar10",
-            "--split",
-            "test",
-            "--subset",
-            "100",
-            "--seed",
-            "3",
-            "--grid",
-        ])
-        .arg(&grid)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let json = run_json(
+        &mut atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args([
+                "--json",
+                "data",
+                "inspect",
+                "--dataset",
+                "cifar10",
+                "--split",
+                "test",
+                "--subset",
+                "100",
+                "--seed",
+                "3",
+                "--grid",
+            ])
+            .arg(&grid),
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["images"], 100);
     let idx: Vec<usize> = serde_json::from_value(json["subset_indices"].clone()).unwrap();
     assert_eq!(
@@ -117,30 +101,21 @@ fn inspect_real_cifar10_subset_records_indices_and_writes_grid() {
 
 #[test]
 fn bench_models_reports_both_sides_and_their_ratio() {
-    let out = atop()
-        .args([
-            "--json",
-            "--threads",
-            "1",
-            "bench",
-            "models",
-            "--arch",
-            "wrn-10-1",
-            "--batch",
-            "4",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = run_json(&mut atop().args([
+        "--json",
+        "--threads",
+        "1",
+        "bench",
+        "models",
+        "--arch",
+        "wrn-10-1",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]));
     let row = &rows[0];
     assert_eq!(row["atop"]["arch"], "wrn-10-1");
     assert_eq!(row["pytorch"]["threads"], 1);

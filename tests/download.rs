@@ -162,43 +162,31 @@ fn cli_download_then_inspect_the_archive() {
     let md5 = md5_of(&body, tmp.path());
     let base = serve(body.clone(), body.len(), 1);
     let dest = tmp.path().join("data");
-    let out = atop()
-        .args(["--json", "data", "download", "cifar10", "--root"])
-        .arg(&dest)
-        .args(["--url", &format!("{base}/file.tar.gz"), "--md5", &md5])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let json = run_json(
+        &mut atop()
+            .args(["--json", "data", "download", "cifar10", "--root"])
+            .arg(&dest)
+            .args(["--url", &format!("{base}/file.tar.gz"), "--md5", &md5]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["md5"], md5.as_str());
     assert_eq!(json["already_present"], false);
 
-    let out = atop()
-        .args([
-            "--json",
-            "data",
-            "inspect",
-            "--dataset",
-            "cifar10",
-            "--split",
-            "test",
-            "--root",
-        ])
-        .arg(dest.join("file.tar.gz"))
-        .arg("--grid")
-        .arg(tmp.path().join("grid.png"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let json = run_json(
+        &mut atop()
+            .args([
+                "--json",
+                "data",
+                "inspect",
+                "--dataset",
+                "cifar10",
+                "--split",
+                "test",
+                "--root",
+            ])
+            .arg(dest.join("file.tar.gz"))
+            .arg("--grid")
+            .arg(tmp.path().join("grid.png")),
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["images"], 2);
     assert_eq!(json["classes"][3]["count"], 1);
     assert!(tmp.path().join("grid.png").is_file());

@@ -116,3 +116,14 @@ pub fn write_tar(path: &Path, files: &[(String, Vec<u8>)], gzip: bool) {
 pub fn atop() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_atop"))
 }
+
+/// Runs an `atop` command that must succeed (its stderr is shown if not) and parses its JSON stdout.
+pub fn run_json(cmd: &mut std::process::Command) -> serde_json::Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
