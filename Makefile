@@ -2,7 +2,7 @@
 ATOP_DATA_DIR ?= ../shared/data
 export ATOP_DATA_DIR
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench
 
 setup:
 	./scripts/setup.sh
@@ -11,12 +11,12 @@ setup:
 demo: setup
 	cargo run --release --quiet -- data inspect --dataset cifar10 --split train --grid out/cifar10-train-grid.png
 
+# Lint first (fast to fail), then the whole suite.
 test: setup
+	cargo fmt --check
+	cargo clippy --release --all-targets --quiet -- -D warnings
 	cargo test --release
 
 bench: setup
 	cargo run --release --quiet -- bench data
 
-lint: setup
-	cargo fmt --check
-	cargo clippy --release --all-targets -- -D warnings

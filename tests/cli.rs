@@ -7,7 +7,7 @@ use common::*;
 #[test]
 fn binary_runs_in_a_clean_environment_and_reports_torch() {
     // env_clear: no LD_LIBRARY_PATH, no venv, no cargo variables; the rpath must do it.
-    let json = run_json(&mut atop().env_clear().args(["info", "--json"]));
+    let json = run_json(atop().env_clear().args(["info", "--json"]));
     assert_eq!(json["torch_version"], "2.11.0");
     assert!(json["threads"].as_u64().unwrap() >= 1);
 }
@@ -64,7 +64,7 @@ fn inspect_real_cifar10_subset_records_indices_and_writes_grid() {
     let tmp = tempfile::tempdir().unwrap();
     let grid = tmp.path().join("g.png");
     let json = run_json(
-        &mut atop()
+        atop()
             .env("ATOP_DATA_DIR", data_dir())
             .args([
                 "--json",
@@ -101,7 +101,7 @@ fn inspect_real_cifar10_subset_records_indices_and_writes_grid() {
 
 #[test]
 fn bench_models_reports_both_sides_and_their_ratio() {
-    let rows = run_json(&mut atop().args([
+    let rows = run_json(atop().args([
         "--json",
         "--threads",
         "1",

@@ -163,7 +163,7 @@ fn cli_download_then_inspect_the_archive() {
     let base = serve(body.clone(), body.len(), 1);
     let dest = tmp.path().join("data");
     let json = run_json(
-        &mut atop()
+        atop()
             .args(["--json", "data", "download", "cifar10", "--root"])
             .arg(&dest)
             .args(["--url", &format!("{base}/file.tar.gz"), "--md5", &md5]),
@@ -172,7 +172,7 @@ fn cli_download_then_inspect_the_archive() {
     assert_eq!(json["already_present"], false);
 
     let json = run_json(
-        &mut atop()
+        atop()
             .args([
                 "--json",
                 "data",
