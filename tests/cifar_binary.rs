@@ -13,6 +13,18 @@ fn names(prefix: &str, n: usize) -> String {
     (0..n).map(|i| format!("{prefix}{i}\n")).collect()
 }
 
+/// CIFAR-100's two name files: fine0..fine99 and coarse0..coarse19.
+fn write_cifar100_names(dir: &std::path::Path) {
+    write(
+        &dir.join("fine_label_names.txt"),
+        names("fine", 100).as_bytes(),
+    );
+    write(
+        &dir.join("coarse_label_names.txt"),
+        names("coarse", 20).as_bytes(),
+    );
+}
+
 type Labelled = Vec<(u8, image::RgbImage)>;
 
 /// A CIFAR-10 binary folder with `per_file` records in each of the six files; returns the
@@ -121,14 +133,7 @@ fn cifar100_keeps_fine_and_coarse_labels() {
     }
     write(&tmp.path().join("train.bin"), &bytes);
     write(&tmp.path().join("test.bin"), &bytes[..3074]);
-    write(
-        &tmp.path().join("fine_label_names.txt"),
-        names("fine", 100).as_bytes(),
-    );
-    write(
-        &tmp.path().join("coarse_label_names.txt"),
-        names("coarse", 20).as_bytes(),
-    );
+    write_cifar100_names(tmp.path());
     let set = load(tmp.path(), CifarFormat::Cifar100, Split::Train)
         .unwrap()
         .unwrap();
@@ -205,14 +210,7 @@ fn truncated_bin_names_file_size_and_record_size() {
     );
     // The same bytes read as CIFAR-100 records are also not whole records.
     write(&tmp.path().join("test.bin"), &bytes[..3073]);
-    write(
-        &tmp.path().join("fine_label_names.txt"),
-        names("f", 100).as_bytes(),
-    );
-    write(
-        &tmp.path().join("coarse_label_names.txt"),
-        names("c", 20).as_bytes(),
-    );
+    write_cifar100_names(tmp.path());
     let (_, msg) = err_of(tmp.path(), CifarFormat::Cifar100, Split::Test);
     assert!(msg.contains("3074-byte records"), "{msg}");
 }
@@ -244,14 +242,7 @@ fn label_out_of_range_names_file_record_and_value() {
         &tmp.path().join("test.bin"),
         &cifar_record(&[20, 5], &pattern(32, 32, 0)),
     );
-    write(
-        &tmp.path().join("fine_label_names.txt"),
-        names("f", 100).as_bytes(),
-    );
-    write(
-        &tmp.path().join("coarse_label_names.txt"),
-        names("c", 20).as_bytes(),
-    );
+    write_cifar100_names(tmp.path());
     let (e, msg) = err_of(tmp.path(), CifarFormat::Cifar100, Split::Test);
     assert!(
         matches!(
