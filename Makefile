@@ -7,9 +7,18 @@ export ATOP_DATA_DIR
 setup:
 	./scripts/setup.sh
 
-# The main job (grows with the pipeline): inspect the real CIFAR-10 copy.
+# The main job (grows with the pipeline): inspect the real CIFAR-10 copy, train the demo
+# classifier (or finish it, if an earlier demo was interrupted), and evaluate it.
+DEMO := out/demo
 demo: setup
-	cargo run --release --quiet -- data inspect --dataset cifar10 --split train --grid out/cifar10-train-grid.png
+	cargo build --release --quiet
+	./target/release/atop data inspect --dataset cifar10 --split train --grid $(DEMO)/cifar10-train-grid.png
+	if [ -f $(DEMO)/classifier/last.json ]; then \
+		./target/release/atop train classifier --resume $(DEMO)/classifier; \
+	else \
+		./target/release/atop train classifier --preset cifar10-demo --out $(DEMO)/classifier; \
+	fi
+	./target/release/atop eval clean --model $(DEMO)/classifier
 
 # Lint first (fast to fail), then the whole suite.
 test: setup

@@ -5,8 +5,10 @@
 //! train -> eval -> report`, with `runtime` (device, threads) underneath and the CLI on top.
 
 pub mod data;
+pub mod eval;
 pub mod io;
 pub mod models;
 pub mod progress;
 pub mod report;
 pub mod runtime;
+pub mod train;

@@ -3,6 +3,8 @@
 
 mod bench;
 mod data;
+mod eval;
+mod train;
 
 use anyhow::Result;
 use atop::runtime::{self, DeviceSpec};
@@ -38,6 +40,12 @@ pub enum Command {
     /// Inspect and download datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Train models.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// Evaluate models.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Benchmarks (timings measured here, printed side by side).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -69,6 +77,8 @@ pub fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Info => info(&global),
         Command::Data(cmd) => data::run(cmd, &global),
+        Command::Train(cmd) => train::run(cmd, &global),
+        Command::Eval(cmd) => eval::run(cmd, &global),
         Command::Bench(cmd) => bench::run(cmd, &global),
     }
 }

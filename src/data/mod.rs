@@ -94,7 +94,7 @@ impl DatasetKind {
 }
 
 /// What to load. Every field has a CLI flag; the struct is also a TOML section.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     pub dataset: DatasetKind,

@@ -12,6 +12,8 @@ use super::{Classifier, ModelSpec};
 
 pub const WEIGHTS: &str = "model.safetensors";
 pub const SIDECAR: &str = "model.json";
+/// In a training run folder: which checkpoint is the latest complete one.
+pub const LAST: &str = "last.json";
 const FORMAT: &str = "atop-classifier";
 
 /// PyTorch keeps a step counter in every BatchNorm; it does not affect the outputs.
@@ -111,15 +113,41 @@ pub fn save(model: &Classifier, sidecar: &Sidecar, dir: &Path) -> Result<(), Che
         .map_err(|e| write_err(&dir.join(SIDECAR), format!("{e:#}")))
 }
 
-/// Resolves a checkpoint argument: a folder holding `model.json` + `model.safetensors`, or the
-/// path of either file.
-pub fn resolve(path: &Path) -> (PathBuf, PathBuf) {
+/// Where training left off; written (atomically) only after a checkpoint folder is complete.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastCheckpoint {
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// The checkpoint folder, relative to the run folder.
+    pub dir: String,
+}
+
+pub fn read_last(run: &Path) -> Result<LastCheckpoint, CheckpointError> {
+    let path = run.join(LAST);
+    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::Sidecar {
+        path: path.clone(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    serde_json::from_str(&text).map_err(|e| CheckpointError::Sidecar {
+        path,
+        reason: format!("not a checkpoint pointer: {e}"),
+    })
+}
+
+/// The folder holding `model.json` + `model.safetensors` for a checkpoint argument: that folder
+/// itself, the folder of a given file, or a training run's latest checkpoint (via `last.json`).
+pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
     let dir = if path.is_dir() {
         path.to_path_buf()
     } else {
         path.parent().map(Path::to_path_buf).unwrap_or_default()
     };
-    (dir.join(SIDECAR), dir.join(WEIGHTS))
+    if !dir.join(SIDECAR).exists() && dir.join(LAST).exists() {
+        return Ok(dir.join(read_last(&dir)?.dir));
+    }
+    Ok(dir)
 }
 
 pub fn read_sidecar(path: &Path) -> Result<Sidecar, CheckpointError> {
@@ -141,10 +169,10 @@ pub fn read_sidecar(path: &Path) -> Result<Sidecar, CheckpointError> {
 
 /// Loads a checkpoint (folder or file path) onto `device`.
 pub fn load(path: &Path, device: Device) -> Result<(Classifier, Sidecar), CheckpointError> {
-    let (json, weights) = resolve(path);
-    let sidecar = read_sidecar(&json)?;
+    let dir = resolve(path)?;
+    let sidecar = read_sidecar(&dir.join(SIDECAR))?;
     let mut model = Classifier::new(sidecar.spec.clone(), device);
-    load_weights(&mut model, &weights)?;
+    load_weights(&mut model, &dir.join(WEIGHTS))?;
     Ok((model, sidecar))
 }
 

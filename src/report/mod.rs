@@ -1,3 +1,4 @@
 //! Reports: image grids now; tables and plots as the pipeline grows.
 
 pub mod grid;
+pub mod plot;

@@ -1,0 +1,154 @@
+//! `atop eval clean`: accuracy, per-class accuracy and the confusion matrix of a checkpoint.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use atop::data::subset::seeded_subset;
+use atop::data::{DataConfig, DatasetKind, Split};
+use atop::eval::clean::evaluate;
+use atop::models::checkpoint;
+use atop::report::{grid, plot};
+use clap::{Args as ClapArgs, Subcommand};
+use serde::Serialize;
+
+use super::Global;
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Clean accuracy, per-class accuracy and a confusion matrix (JSON + PNG).
+    Clean(CleanArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct CleanArgs {
+    /// A checkpoint folder, one of its files, or a training run folder (its latest checkpoint).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Dataset (default: the one the model was trained on).
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Image size (default: the training run's).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    /// Evaluate a seeded subset of this many images.
+    #[arg(long)]
+    pub subset: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Folder for eval-clean-<split>.json and confusion-<split>.png (default: the --model folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Output {
+    model: PathBuf,
+    dataset: String,
+    split: Split,
+    subset_seed: Option<u64>,
+    subset_indices: Option<Vec<usize>>,
+    #[serde(flatten)]
+    report: atop::eval::clean::CleanReport,
+    classes: Vec<String>,
+    json: PathBuf,
+    confusion_png: PathBuf,
+}
+
+pub fn run(cmd: EvalCommand, global: &Global) -> Result<()> {
+    match cmd {
+        EvalCommand::Clean(args) => clean(args, global),
+    }
+}
+
+fn clean(a: CleanArgs, global: &Global) -> Result<()> {
+    let dir = checkpoint::resolve(&a.model)?;
+    let (model, sidecar) = checkpoint::load(&dir, global.device)?;
+    let trained = sidecar
+        .config
+        .get("data")
+        .and_then(|d| serde_json::from_value::<DataConfig>(d.clone()).ok());
+    let dataset = match (a.dataset, &sidecar.dataset, &trained) {
+        (Some(d), _, _) => d,
+        (None, _, Some(t)) => t.dataset,
+        (None, Some(name), None) => {
+            serde_json::from_value(serde_json::Value::String(name.clone()))?
+        }
+        (None, None, None) => bail!(
+            "{}: the model does not say which dataset it is for; pass --dataset",
+            dir.display()
+        ),
+    };
+    let cfg = DataConfig {
+        dataset,
+        root: a
+            .root
+            .clone()
+            .or_else(|| trained.as_ref().and_then(|t| t.root.clone())),
+        image_size: a
+            .image_size
+            .or_else(|| trained.as_ref().and_then(|t| t.image_size)),
+        skip_corrupt: false,
+    };
+    let mut data = cfg.load(a.split)?;
+    let indices = match a.subset {
+        Some(n) => {
+            let idx = seeded_subset(data.len(), n, a.seed)?;
+            data = data.select(&idx);
+            Some(idx)
+        }
+        None => None,
+    };
+    let names = data.class_names.clone();
+    let report = evaluate(&model, Arc::new(data), a.batch_size, global.device)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        if a.model.is_dir() {
+            a.model.clone()
+        } else {
+            dir.clone()
+        }
+    });
+    let json = out.join(format!("eval-clean-{}.json", a.split.as_str()));
+    let png = out.join(format!("confusion-{}.png", a.split.as_str()));
+    grid::save_png(&plot::confusion_matrix(&report.confusion, &names), &png)?;
+    let output = Output {
+        model: dir,
+        dataset: dataset.as_str().into(),
+        split: a.split,
+        subset_seed: a.subset.map(|_| a.seed),
+        subset_indices: indices,
+        report,
+        classes: names,
+        json: json.clone(),
+        confusion_png: png,
+    };
+    atop::io::write_json(&json, &output)?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&output)?);
+        return Ok(());
+    }
+    println!(
+        "{} on {} {} ({} images): accuracy {:.2}%, loss {:.4}",
+        output.model.display(),
+        output.dataset,
+        a.split.as_str(),
+        output.report.images,
+        100.0 * output.report.accuracy,
+        output.report.loss
+    );
+    for (name, acc) in output.classes.iter().zip(&output.report.per_class_accuracy) {
+        println!("  {name:<20} {:>6.2}%", 100.0 * acc);
+    }
+    println!(
+        "wrote {} and {}",
+        output.json.display(),
+        output.confusion_png.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! Clean accuracy, per-class accuracy, mean loss and the confusion matrix of a classifier.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tch::{Device, Kind};
+
+use crate::data::ImageSet;
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::models::Classifier;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CleanReport {
+    pub images: usize,
+    pub accuracy: f64,
+    pub loss: f64,
+    pub per_class_accuracy: Vec<f64>,
+    /// counts[true][predicted].
+    pub confusion: Vec<Vec<usize>>,
+}
+
+/// Evaluates `model` (eval mode, no gradients) on every image of `data`.
+pub fn evaluate(
+    model: &Classifier,
+    data: Arc<ImageSet>,
+    batch_size: usize,
+    device: Device,
+) -> anyhow::Result<CleanReport> {
+    let k = model.spec.num_classes;
+    if data.num_classes() != k {
+        anyhow::bail!(
+            "the model has {k} classes ({}), the {} {} split has {}",
+            model.spec.arch,
+            data.name,
+            data.split.as_str(),
+            data.num_classes()
+        );
+    }
+    let mut confusion = vec![vec![0usize; k]; k];
+    let mut loss_sum = 0.0;
+    let loader = Loader::new(data.clone(), LoaderConfig::eval(batch_size));
+    for batch in loader.epoch(0) {
+        let (x, y) = (
+            batch.images.to_device(device),
+            batch.labels.to_device(device),
+        );
+        let logits = tch::no_grad(|| model.forward_t(&x, false));
+        loss_sum +=
+            logits.cross_entropy_for_logits(&y).double_value(&[]) * batch.indices.len() as f64;
+        let pred = Vec::<i64>::try_from(
+            logits
+                .argmax(-1, false)
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Int64),
+        )
+        .expect("i64 predictions");
+        for (p, &i) in pred.iter().zip(&batch.indices) {
+            confusion[data.labels[i] as usize][*p as usize] += 1;
+        }
+    }
+    let n = data.len();
+    let correct: usize = (0..k).map(|c| confusion[c][c]).sum();
+    Ok(CleanReport {
+        images: n,
+        accuracy: correct as f64 / n.max(1) as f64,
+        loss: loss_sum / n.max(1) as f64,
+        per_class_accuracy: confusion
+            .iter()
+            .enumerate()
+            .map(|(c, row)| row[c] as f64 / row.iter().sum::<usize>().max(1) as f64)
+            .collect(),
+        confusion,
+    })
+}

@@ -1,0 +1,511 @@
+//! `atop train classifier`: SGD with a schedule over the batch iterator, a checkpoint after every
+//! epoch (model + optimizer + pointer, each written atomically), `metrics.jsonl`, a curves PNG,
+//! and resumption that reaches the same weights as an uninterrupted run.
+//!
+//! Run folder:
+//!   config.json                the effective settings
+//!   checkpoints/epoch-NNNN/    model.safetensors, model.json, optimizer.safetensors
+//!   last.json                  the latest complete checkpoint (written last)
+//!   metrics.jsonl              one line per epoch
+//!   curves.png                 loss and accuracy per epoch
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::optim::{Sgd, SgdConfig};
+use super::schedule::{Schedule, lr_at};
+use crate::data::augment::Augment;
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::subset::seeded_subset;
+use crate::data::{DataConfig, DatasetKind, ImageSet, Split};
+use crate::eval::clean::evaluate;
+use crate::models::checkpoint::{self, LastCheckpoint, Sidecar};
+use crate::models::{Arch, Classifier, ModelSpec, dataset_normalisation};
+use crate::report::plot;
+
+pub const CONFIG: &str = "config.json";
+pub const METRICS: &str = "metrics.jsonl";
+pub const CURVES: &str = "curves.png";
+const OPTIMIZER: &str = "optimizer.safetensors";
+
+/// Everything that defines a training run; a TOML file, a preset, or flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainClassifierConfig {
+    pub data: DataConfig,
+    pub arch: Arch,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    #[serde(default)]
+    pub sgd: SgdConfig,
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Training augmentation: crop+flip for 32 px data, random-resized-crop+flip otherwise.
+    #[serde(default = "yes")]
+    pub augment: bool,
+    /// Train on a seeded subset of this many images.
+    #[serde(default)]
+    pub train_subset: Option<usize>,
+    /// Evaluate on a seeded subset of this many test images each epoch.
+    #[serde(default)]
+    pub test_subset: Option<usize>,
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch_size: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_eval_batch() -> usize {
+    256
+}
+
+/// Named presets (TOML files in `presets/`, compiled in).
+pub const PRESETS: &[(&str, &str)] = &[(
+    "cifar10-demo",
+    include_str!("../../presets/cifar10-demo.toml"),
+)];
+
+impl TrainClassifierConfig {
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let cfg: Self = toml::from_str(text)
+            .with_context(|| format!("{origin}: not a valid classifier training config"))?;
+        Ok(cfg)
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            bail!("unknown preset '{name}': expected one of {names:?}");
+        };
+        Self::from_toml(text, &format!("preset {name}"))
+    }
+
+    /// Checks every number before any work starts; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, value: String, expected: &str| -> Result<()> {
+            bail!("invalid setting {field} = {value}: expected {expected}")
+        };
+        if self.epochs == 0 {
+            bad("epochs", "0".into(), "at least 1")?;
+        }
+        if self.batch_size == 0 {
+            bad("batch_size", "0".into(), "at least 1")?;
+        }
+        if self.eval_batch_size == 0 {
+            bad("eval_batch_size", "0".into(), "at least 1")?;
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bad("lr", self.lr.to_string(), "a positive finite number")?;
+        }
+        if !(0.0..1.0).contains(&self.sgd.momentum) {
+            bad(
+                "sgd.momentum",
+                self.sgd.momentum.to_string(),
+                "a number in [0, 1)",
+            )?;
+        }
+        if !(self.sgd.weight_decay.is_finite() && self.sgd.weight_decay >= 0.0) {
+            bad(
+                "sgd.weight_decay",
+                self.sgd.weight_decay.to_string(),
+                "a non-negative number",
+            )?;
+        }
+        if self.sgd.nesterov && self.sgd.momentum == 0.0 {
+            bad(
+                "sgd.nesterov",
+                "true".into(),
+                "momentum > 0 (Nesterov needs momentum)",
+            )?;
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bad(
+                "label_smoothing",
+                self.label_smoothing.to_string(),
+                "a number in [0, 1)",
+            )?;
+        }
+        if !(self.warmup_epochs >= 0.0 && self.warmup_epochs <= self.epochs as f64) {
+            bad(
+                "warmup_epochs",
+                self.warmup_epochs.to_string(),
+                "between 0 and epochs",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn augment_for(&self, set: &ImageSet) -> Augment {
+        match (self.augment, set.height) {
+            (false, _) => Augment::None,
+            (true, 32) => Augment::cifar(),
+            (true, side) => Augment::ResizedCropFlip {
+                size: side as u32,
+                scale: (0.35, 1.0),
+                ratio: (3.0 / 4.0, 4.0 / 3.0),
+            },
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: f64,
+    pub test_acc: f64,
+    pub img_per_s: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    pub run: PathBuf,
+    pub epochs: usize,
+    pub resumed_from_epoch: Option<usize>,
+    pub test_acc: f64,
+    pub seconds: f64,
+    pub checkpoint: PathBuf,
+}
+
+/// Loads a run's saved settings (for `--resume`).
+pub fn saved_config(run: &Path) -> Result<TrainClassifierConfig> {
+    let path = run.join(CONFIG);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: cannot read the run's settings (is this a training run folder?)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a classifier training config", path.display()))
+}
+
+/// Trains into `run`. With `resume`, continues from the run's latest checkpoint; without, the
+/// folder must not already hold a run (nothing is ever overwritten).
+pub fn train(
+    cfg: &TrainClassifierConfig,
+    run: &Path,
+    device: Device,
+    resume: bool,
+) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let has_run = run.join(checkpoint::LAST).exists() || run.join(CONFIG).exists();
+    if has_run && !resume {
+        bail!(
+            "{} already holds a training run: pass --resume {} to continue it, or choose another --out",
+            run.display(),
+            run.display()
+        );
+    }
+    std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
+    crate::io::write_json(&run.join(CONFIG), cfg)?;
+
+    let (train_set, test_set) = load_data(cfg)?;
+    let (mean, std) = dataset_normalisation(cfg.data.dataset);
+    let spec = ModelSpec::new(cfg.arch, train_set.num_classes(), mean, std)?;
+    tch::manual_seed(cfg.seed as i64);
+    let mut model = Classifier::new(spec, device);
+    let mut opt = Sgd::new(&model.vs, cfg.sgd.clone());
+
+    let loader = Loader::new(
+        train_set.clone(),
+        LoaderConfig::train(cfg.batch_size, cfg.augment_for(&train_set), cfg.seed),
+    );
+    let steps_per_epoch = loader.batches_per_epoch();
+    if steps_per_epoch == 0 {
+        bail!(
+            "batch_size {} is larger than the {} training images",
+            cfg.batch_size,
+            train_set.len()
+        );
+    }
+    let total_steps = cfg.epochs * steps_per_epoch;
+    let warmup_steps = (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize;
+
+    let mut start_epoch = 0;
+    let mut last: Option<LastCheckpoint> = None;
+    if resume && run.join(checkpoint::LAST).exists() {
+        let l = checkpoint::read_last(run)?;
+        let dir = run.join(&l.dir);
+        checkpoint::load_weights(&mut model, &dir.join(checkpoint::WEIGHTS))?;
+        opt.load_state(checkpoint::read_tensors(&dir.join(OPTIMIZER))?)
+            .with_context(|| format!("{}", dir.join(OPTIMIZER).display()))?;
+        start_epoch = l.epoch;
+        keep_metrics_up_to(run, start_epoch)?;
+        tracing::info!("resuming {} after epoch {}", run.display(), l.epoch);
+        last = Some(l);
+    }
+    let resumed_from_epoch = last.as_ref().map(|l| l.epoch);
+
+    let started = Instant::now();
+    let mut final_acc = f64::NAN;
+    for epoch in start_epoch..cfg.epochs {
+        let t = Instant::now();
+        let bar = crate::progress::bar(
+            steps_per_epoch as u64,
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+        );
+        let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0usize);
+        let mut lr = 0.0;
+        for (i, batch) in loader.epoch(epoch as u64).enumerate() {
+            let step = epoch * steps_per_epoch + i;
+            lr = lr_at(cfg.schedule, cfg.lr, step, total_steps, warmup_steps);
+            let (x, y) = (
+                batch.images.to_device(device),
+                batch.labels.to_device(device),
+            );
+            let logits = model.forward_t(&x, true);
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &y,
+                None,
+                tch::Reduction::Mean,
+                -100,
+                cfg.label_smoothing,
+            );
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                let kept = match &last {
+                    Some(l) => format!(
+                        "the last good checkpoint is {} (epoch {})",
+                        run.join(&l.dir).display(),
+                        l.epoch
+                    ),
+                    None => "no checkpoint was written yet".to_string(),
+                };
+                bail!(
+                    "training diverged: loss is {value} at epoch {} step {} (global step {step}, lr {lr:.3e}); {kept}. Lower lr or add warm-up.",
+                    epoch + 1,
+                    i + 1
+                );
+            }
+            opt.zero_grad();
+            loss.backward();
+            opt.step(lr);
+            let n = batch.indices.len();
+            loss_sum += value * n as f64;
+            correct += logits
+                .argmax(-1, false)
+                .eq_tensor(&y)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            seen += n;
+            bar.inc(1);
+            if i % 10 == 0 {
+                bar.set_message(format!(
+                    "epoch {}/{} loss {:.3} acc {:.1}% {:.0} img/s",
+                    epoch + 1,
+                    cfg.epochs,
+                    loss_sum / seen as f64,
+                    100.0 * correct as f64 / seen as f64,
+                    seen as f64 / t.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        bar.finish_and_clear();
+        let train_secs = t.elapsed().as_secs_f64();
+        let eval = evaluate(&model, test_set.clone(), cfg.eval_batch_size, device)?;
+        final_acc = eval.accuracy;
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen as f64,
+            train_acc: correct as f64 / seen as f64,
+            test_loss: eval.loss,
+            test_acc: eval.accuracy,
+            img_per_s: seen as f64 / train_secs,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            "epoch {}/{} lr {:.4} train loss {:.3} acc {:.2}% | test loss {:.3} acc {:.2}% | {:.0} img/s, {:.1} s",
+            metrics.epoch,
+            cfg.epochs,
+            metrics.lr,
+            metrics.train_loss,
+            100.0 * metrics.train_acc,
+            metrics.test_loss,
+            100.0 * metrics.test_acc,
+            metrics.img_per_s,
+            metrics.seconds
+        );
+        append_metrics(run, &metrics)?;
+        last = Some(save_checkpoint(
+            run,
+            cfg,
+            &model,
+            &opt,
+            &train_set,
+            epoch + 1,
+            (epoch + 1) * steps_per_epoch,
+        )?);
+    }
+    if start_epoch >= cfg.epochs {
+        let (model, _) = checkpoint::load(run, device)?;
+        final_acc = evaluate(&model, test_set, cfg.eval_batch_size, device)?.accuracy;
+    }
+    write_curves(run)?;
+    let last = last.expect("at least one epoch ran or was resumed");
+    Ok(TrainSummary {
+        run: run.to_path_buf(),
+        epochs: cfg.epochs,
+        resumed_from_epoch,
+        test_acc: final_acc,
+        seconds: started.elapsed().as_secs_f64(),
+        checkpoint: run.join(&last.dir),
+    })
+}
+
+fn load_data(cfg: &TrainClassifierConfig) -> Result<(Arc<ImageSet>, Arc<ImageSet>)> {
+    let mut train = cfg.data.load(Split::Train)?;
+    let mut test = cfg.data.load(Split::Test)?;
+    if let Some(n) = cfg.train_subset {
+        train = train.select(&seeded_subset(train.len(), n, cfg.seed)?);
+    }
+    if let Some(n) = cfg.test_subset {
+        test = test.select(&seeded_subset(test.len(), n, cfg.seed)?);
+    }
+    if train.classes != test.classes {
+        bail!(
+            "train and test splits of {} have different classes",
+            train.source.display()
+        );
+    }
+    Ok((Arc::new(train), Arc::new(test)))
+}
+
+/// Writes `checkpoints/epoch-N/` completely, then points `last.json` at it, then removes older
+/// checkpoint folders. A crash at any point leaves the previous complete checkpoint in use.
+fn save_checkpoint(
+    run: &Path,
+    cfg: &TrainClassifierConfig,
+    model: &Classifier,
+    opt: &Sgd,
+    data: &ImageSet,
+    epoch: usize,
+    step: usize,
+) -> Result<LastCheckpoint> {
+    let rel = format!("checkpoints/epoch-{epoch:04}");
+    let dir = run.join(&rel);
+    let dataset = Some(cfg.data.dataset.as_str().to_string());
+    let sidecar = Sidecar::new(
+        model.spec.clone(),
+        dataset,
+        data.classes.clone(),
+        Some(epoch),
+        serde_json::to_value(cfg)?,
+    );
+    checkpoint::save(model, &sidecar, &dir)?;
+    let state = opt.state();
+    let tmp = dir.join(format!("{OPTIMIZER}.tmp"));
+    Tensor::write_safetensors(&state, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(OPTIMIZER))
+        .with_context(|| format!("cannot write {}", dir.join(OPTIMIZER).display()))?;
+    let last = LastCheckpoint {
+        epoch,
+        step,
+        dir: rel.clone(),
+    };
+    crate::io::write_json(&run.join(checkpoint::LAST), &last)?;
+    for entry in std::fs::read_dir(run.join("checkpoints"))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("epoch-") && format!("checkpoints/{name}") != rel {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(last)
+}
+
+fn append_metrics(run: &Path, m: &EpochMetrics) -> Result<()> {
+    let path = run.join(METRICS);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(m)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn read_metrics(run: &Path) -> Result<Vec<EpochMetrics>> {
+    let path = run.join(METRICS);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(Vec::new());
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not an epoch record", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// After a crash, metrics may hold an epoch whose checkpoint never completed: drop it.
+fn keep_metrics_up_to(run: &Path, epoch: usize) -> Result<()> {
+    let kept: Vec<EpochMetrics> = read_metrics(run)?
+        .into_iter()
+        .filter(|m| m.epoch <= epoch)
+        .collect();
+    crate::io::write_atomic(&run.join(METRICS), |out| {
+        for m in &kept {
+            writeln!(out, "{}", serde_json::to_string(m)?)?;
+        }
+        Ok(())
+    })
+}
+
+fn write_curves(run: &Path) -> Result<()> {
+    let m = read_metrics(run)?;
+    let series = |name: &str, f: &dyn Fn(&EpochMetrics) -> f64| plot::Series {
+        name: name.into(),
+        points: m.iter().map(|e| (e.epoch as f64, f(e))).collect(),
+    };
+    let loss = plot::line_chart(
+        "loss",
+        "epoch",
+        &[
+            series("train", &|e| e.train_loss),
+            series("test", &|e| e.test_loss),
+        ],
+    );
+    let acc = plot::line_chart(
+        "accuracy (%)",
+        "epoch",
+        &[
+            series("train", &|e| 100.0 * e.train_acc),
+            series("test", &|e| 100.0 * e.test_acc),
+        ],
+    );
+    crate::report::grid::save_png(&plot::hconcat(&[loss, acc]), &run.join(CURVES))
+}
+
+/// The dataset kinds whose test split is called `val` on disk still use `Split::Test`.
+pub fn default_out(cfg: &TrainClassifierConfig) -> PathBuf {
+    let ds = match cfg.data.dataset {
+        DatasetKind::Folder => "folder",
+        d => d.as_str(),
+    };
+    PathBuf::from("runs").join(format!("classifier-{ds}-{}", cfg.arch))
+}
