@@ -23,9 +23,29 @@ fn main() {
     );
     println!("cargo:rustc-env=ATOP_LIBTORCH_LIB={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    compile_shim(lib);
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+}
+
+/// csrc/: the few libtorch calls tch does not wrap (device-generic autocast).
+fn compile_shim(lib: &Path) {
+    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    let torch = lib.parent().expect("libtorch lib folder has a parent");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!(
+            "-D_GLIBCXX_USE_CXX11_ABI={}",
+            std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())
+        ))
+        .file("csrc/autocast.cpp")
+        .compile("atop_shim");
 }
 
 /// torch-sys only checks the version of a standalone libtorch (its build-version file); a PyPI

@@ -27,6 +27,42 @@ pub fn init_threads(requested: Option<usize>) -> usize {
     n
 }
 
+/// Arithmetic used for the forward pass: plain f32, or bf16 autocast (weights stay f32; matmuls
+/// and convolutions run in bfloat16, reductions and losses in f32), on the CPU or CUDA.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+unsafe extern "C" {
+    fn atop_autocast_enter(cuda: std::ffi::c_int, dtype: std::ffi::c_int) -> std::ffi::c_int;
+    fn atop_autocast_exit(cuda: std::ffi::c_int, prev: std::ffi::c_int) -> std::ffi::c_int;
+}
+
+/// Runs `f` with autocast for `precision` on `device` (csrc/autocast.cpp).
+pub fn autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -> T) -> T {
+    if precision == Precision::F32 {
+        return f();
+    }
+    let cuda = device.is_cuda() as std::ffi::c_int;
+    // SAFETY: plain C functions without pointers; libtorch errors are caught on the C++ side.
+    let prev = unsafe { atop_autocast_enter(cuda, 0) };
+    assert!(
+        prev >= 0,
+        "libtorch refused to enable bf16 autocast on {device:?}"
+    );
+    let out = f();
+    // SAFETY: as above.
+    let rc = unsafe { atop_autocast_exit(cuda, prev) };
+    assert!(rc == 0, "libtorch failed to leave autocast");
+    out
+}
+
 /// `auto | cpu | cuda | cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
@@ -134,6 +170,26 @@ mod tests {
                 .contains("cuda:x")
         );
         assert!("tpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn bf16_autocast_runs_convolutions_in_bf16_and_restores_f32() {
+        let x = tch::Tensor::rand([2, 3, 8, 8], (tch::Kind::Float, Device::Cpu));
+        let w = tch::Tensor::rand([4, 3, 3, 3], (tch::Kind::Float, Device::Cpu));
+        let conv = |x: &tch::Tensor| x.conv2d(&w, None::<tch::Tensor>, [1, 1], [1, 1], [1, 1], 1);
+        let y = autocast(Device::Cpu, Precision::Bf16, || conv(&x));
+        assert_eq!(y.kind(), tch::Kind::BFloat16);
+        let f = conv(&x);
+        assert_eq!(f.kind(), tch::Kind::Float);
+        let diff = (y.to_kind(tch::Kind::Float) - &f)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff > 0.0 && diff < 0.1, "bf16 differs from f32 by {diff}");
+        assert_eq!(
+            autocast(Device::Cpu, Precision::F32, || conv(&x)).kind(),
+            tch::Kind::Float
+        );
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct ModelBenchArgs {
     /// Skip the PyTorch side (atop numbers only).
     #[arg(long)]
     pub no_reference: bool,
+    /// f32, or bf16 autocast (both sides).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: atop::runtime::Precision,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -160,6 +163,8 @@ fn iterate(what: &str, loader: Loader, batches: usize) -> Row {
 #[derive(Serialize, serde::Deserialize)]
 struct ModelTiming {
     arch: String,
+    #[serde(default)]
+    precision: String,
     batch: usize,
     threads: usize,
     infer_img_s: f64,
@@ -221,16 +226,22 @@ fn models(args: ModelBenchArgs, global: &Global) -> Result<()> {
             sync();
             t.elapsed().as_secs_f64()
         };
+        let p = args.precision;
         let t_inf = timed(&mut || {
-            let _ = tch::no_grad(|| model.forward_t(&x, false));
+            let _ = tch::no_grad(|| {
+                atop::runtime::autocast(global.device, p, || model.forward_t(&x, false))
+            });
         });
         let t_train = timed(&mut || {
-            let loss = model.forward_t(&x, true).cross_entropy_for_logits(&y);
+            let loss = atop::runtime::autocast(global.device, p, || {
+                model.forward_t(&x, true).cross_entropy_for_logits(&y)
+            });
             opt.backward_step(&loss);
         });
         let n = (args.batch * args.steps) as f64;
         let ours = ModelTiming {
             arch: name.clone(),
+            precision: format!("{:?}", args.precision).to_lowercase(),
             batch: args.batch,
             threads,
             infer_img_s: n / t_inf,
@@ -290,6 +301,14 @@ fn pytorch_timing(arch: &str, args: &ModelBenchArgs, threads: usize) -> Result<M
         .args(["--steps", &args.steps.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--threads", &threads.to_string()])
+        .args([
+            "--precision",
+            if args.precision == atop::runtime::Precision::Bf16 {
+                "bf16"
+            } else {
+                "f32"
+            },
+        ])
         .output()
         .with_context(|| {
             format!(

@@ -42,6 +42,9 @@ pub struct CleanArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// f32, or bf16 autocast.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: atop::runtime::Precision,
     /// Folder for eval-clean-<split>.json and confusion-<split>.png (default: the --model folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -106,7 +109,13 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
         None => None,
     };
     let names = data.class_names.clone();
-    let report = evaluate(&model, Arc::new(data), a.batch_size, global.device)?;
+    let report = evaluate(
+        &model,
+        Arc::new(data),
+        a.batch_size,
+        global.device,
+        a.precision,
+    )?;
     let out = a.out.clone().unwrap_or_else(|| {
         if a.model.is_dir() {
             a.model.clone()

@@ -73,6 +73,9 @@ pub struct ClassifierArgs {
     pub test_subset: Option<usize>,
     #[arg(long)]
     pub augment: Option<bool>,
+    /// f32, or bf16 autocast (about 2x faster on CPUs with AVX512-BF16, and on recent GPUs).
+    #[arg(long, value_enum)]
+    pub precision: Option<atop::runtime::Precision>,
 }
 
 pub fn run(cmd: TrainCommand, global: &Global) -> Result<()> {
@@ -112,6 +115,7 @@ fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)
             train_subset: None,
             test_subset: None,
             eval_batch_size: 256,
+            precision: Default::default(),
         }
     };
     fn set<T: Clone>(field: &mut T, value: &Option<T>) {
@@ -139,6 +143,7 @@ fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)
     set(&mut cfg.label_smoothing, &a.label_smoothing);
     set(&mut cfg.seed, &a.seed);
     set(&mut cfg.augment, &a.augment);
+    set(&mut cfg.precision, &a.precision);
     if a.train_subset.is_some() {
         cfg.train_subset = a.train_subset;
     }

@@ -8,6 +8,7 @@ use tch::{Device, Kind};
 use crate::data::ImageSet;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::models::Classifier;
+use crate::runtime::{Precision, autocast};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CleanReport {
@@ -19,12 +20,14 @@ pub struct CleanReport {
     pub confusion: Vec<Vec<usize>>,
 }
 
-/// Evaluates `model` (eval mode, no gradients) on every image of `data`.
+/// Evaluates `model` (eval mode, no gradients) on every image of `data`. `precision` applies
+/// autocast to the forward pass (bf16 is about 2x faster on CPUs with AVX512-BF16).
 pub fn evaluate(
     model: &Classifier,
     data: Arc<ImageSet>,
     batch_size: usize,
     device: Device,
+    precision: Precision,
 ) -> anyhow::Result<CleanReport> {
     let k = model.spec.num_classes;
     if data.num_classes() != k {
@@ -44,7 +47,8 @@ pub fn evaluate(
             batch.images.to_device(device),
             batch.labels.to_device(device),
         );
-        let logits = tch::no_grad(|| model.forward_t(&x, false));
+        let logits = tch::no_grad(|| autocast(device, precision, || model.forward_t(&x, false)))
+            .to_kind(Kind::Float);
         loss_sum +=
             logits.cross_entropy_for_logits(&y).double_value(&[]) * batch.indices.len() as f64;
         let pred = Vec::<i64>::try_from(

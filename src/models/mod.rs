@@ -188,6 +188,13 @@ impl Classifier {
     /// Logits for images in [0,1] (N x 3 x H x W); `train` switches batch-norm statistics.
     pub fn forward_t(&self, images: &Tensor, train: bool) -> Tensor {
         let x = (images - &self.mean) / &self.std;
+        // NHWC layout (same logical shape): oneDNN's convolutions are faster on it on the CPU,
+        // and the layout propagates through the network.
+        let x = if x.device() == Device::Cpu {
+            x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+        } else {
+            x
+        };
         self.net.forward_t(&x, train)
     }
 

@@ -28,6 +28,7 @@ use crate::eval::clean::evaluate;
 use crate::models::checkpoint::{self, LastCheckpoint, Sidecar};
 use crate::models::{Arch, Classifier, ModelSpec, dataset_normalisation};
 use crate::report::plot;
+use crate::runtime::{Precision, autocast};
 
 pub const CONFIG: &str = "config.json";
 pub const METRICS: &str = "metrics.jsonl";
@@ -64,6 +65,9 @@ pub struct TrainClassifierConfig {
     pub test_subset: Option<usize>,
     #[serde(default = "default_eval_batch")]
     pub eval_batch_size: usize,
+    /// f32, or bf16 autocast for forward passes (training and the per-epoch evaluation).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn yes() -> bool {
@@ -75,10 +79,16 @@ fn default_eval_batch() -> usize {
 }
 
 /// Named presets (TOML files in `presets/`, compiled in).
-pub const PRESETS: &[(&str, &str)] = &[(
-    "cifar10-demo",
-    include_str!("../../presets/cifar10-demo.toml"),
-)];
+pub const PRESETS: &[(&str, &str)] = &[
+    (
+        "cifar10-demo",
+        include_str!("../../presets/cifar10-demo.toml"),
+    ),
+    (
+        "cifar10-cpu",
+        include_str!("../../presets/cifar10-cpu.toml"),
+    ),
+];
 
 impl TrainClassifierConfig {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
@@ -273,14 +283,17 @@ pub fn train(
                 batch.images.to_device(device),
                 batch.labels.to_device(device),
             );
-            let logits = model.forward_t(&x, true);
-            let loss = logits.cross_entropy_loss::<Tensor>(
-                &y,
-                None,
-                tch::Reduction::Mean,
-                -100,
-                cfg.label_smoothing,
-            );
+            let (logits, loss) = autocast(device, cfg.precision, || {
+                let logits = model.forward_t(&x, true);
+                let loss = logits.cross_entropy_loss::<Tensor>(
+                    &y,
+                    None,
+                    tch::Reduction::Mean,
+                    -100,
+                    cfg.label_smoothing,
+                );
+                (logits, loss)
+            });
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 let kept = match &last {
@@ -322,7 +335,13 @@ pub fn train(
         }
         bar.finish_and_clear();
         let train_secs = t.elapsed().as_secs_f64();
-        let eval = evaluate(&model, test_set.clone(), cfg.eval_batch_size, device)?;
+        let eval = evaluate(
+            &model,
+            test_set.clone(),
+            cfg.eval_batch_size,
+            device,
+            cfg.precision,
+        )?;
         final_acc = eval.accuracy;
         let metrics = EpochMetrics {
             epoch: epoch + 1,
@@ -359,7 +378,8 @@ pub fn train(
     }
     if start_epoch >= cfg.epochs {
         let (model, _) = checkpoint::load(run, device)?;
-        final_acc = evaluate(&model, test_set, cfg.eval_batch_size, device)?.accuracy;
+        final_acc =
+            evaluate(&model, test_set, cfg.eval_batch_size, device, cfg.precision)?.accuracy;
     }
     write_curves(run)?;
     let last = last.expect("at least one epoch ran or was resumed");
