@@ -8,7 +8,12 @@ and writes for each architecture:
   <out>/<arch>/io.safetensors       inputs x in [0,1] and the logits PyTorch computes for them
 Normalisation (x - mean) / std is applied before the network, as atop does inside its models.
 
-Usage: python models.py --out DIR [--arch wrn-16-4 resnet18 ...] [--classes 10]
+With --pt it also writes PyTorch checkpoints for `atop import`:
+  <out>/<arch>/model.pt         torch.save(state_dict)
+  <out>/<arch>/wrapped.pt       torch.save({"state_dict": {"module." + k: v}, "epoch": 5})
+and <out>/evil.pt, a file whose unpickling would run `touch <out>/pwned` (it must be refused).
+
+Usage: python models.py --out DIR [--arch wrn-16-4 resnet18 ...] [--classes 10] [--pt]
 """
 import argparse
 import os
@@ -86,6 +91,7 @@ def main():
     p.add_argument("--arch", nargs="+", default=["wrn-16-4", "wrn-28-10", "resnet18", "resnet34-imagenet", "resnet50-imagenet"])
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pt", action="store_true")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
@@ -106,7 +112,20 @@ def main():
         os.makedirs(out, exist_ok=True)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(out, "weights.safetensors"))
         save_file({"x": x, "logits": logits}, os.path.join(out, "io.safetensors"))
+        if args.pt:
+            sd = net.state_dict()
+            torch.save(sd, os.path.join(out, "model.pt"))
+            wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 5}
+            torch.save(wrapped, os.path.join(out, "wrapped.pt"))
         print(arch, tuple(logits.shape))
+    if args.pt:
+        marker = os.path.join(args.out, "pwned")
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        torch.save({"w": torch.zeros(2), "x": Evil()}, os.path.join(args.out, "evil.pt"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 mod bench;
 mod data;
 mod eval;
+mod import;
 mod train;
 
 use anyhow::Result;
@@ -43,6 +44,8 @@ pub enum Command {
     /// Train models.
     #[command(subcommand)]
     Train(train::TrainCommand),
+    /// Convert a PyTorch checkpoint (.pt/.pth) to atop's format, running no pickled code.
+    Import(import::ImportArgs),
     /// Evaluate models.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -79,6 +82,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Data(cmd) => data::run(cmd, &global),
         Command::Train(cmd) => train::run(cmd, &global),
         Command::Eval(cmd) => eval::run(cmd, &global),
+        Command::Import(args) => import::run(args, &global),
         Command::Bench(cmd) => bench::run(cmd, &global),
     }
 }

@@ -3,6 +3,8 @@
 //! the model, so attacks and purifiers never need to know about it.
 
 pub mod checkpoint;
+pub mod pickle;
+pub mod pytorch;
 pub mod resnet;
 pub mod wrn;
 
