@@ -37,10 +37,12 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    p.add_argument("--image-size", type=int, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net, side = build(args.arch, args.classes)
+    side = args.image_size or side
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     x = torch.rand(args.batch, 3, side, side)

@@ -35,6 +35,9 @@ pub struct ModelBenchArgs {
     /// Skip the PyTorch side (atop numbers only).
     #[arg(long)]
     pub no_reference: bool,
+    /// Input side (default: 32, or 64 for -imagenet architectures).
+    #[arg(long)]
+    pub image_size: Option<i64>,
     /// f32, or bf16 autocast (both sides).
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: atop::runtime::Precision,
@@ -187,13 +190,13 @@ fn models(args: ModelBenchArgs, global: &Global) -> Result<()> {
     let mut rows = Vec::new();
     for name in &args.arch {
         let arch: Arch = name.parse().map_err(anyhow::Error::msg)?;
-        let side = match arch {
+        let side = args.image_size.unwrap_or(match arch {
             Arch::ResNet {
                 stem: atop::models::Stem::Imagenet,
                 ..
             } => 64,
             _ => 32,
-        };
+        });
         let (mean, std) = dataset_normalisation(DatasetKind::Cifar10);
         tch::manual_seed(0);
         let model = Classifier::new(ModelSpec::new(arch, 10, mean, std)?, global.device);
@@ -301,6 +304,7 @@ fn pytorch_timing(arch: &str, args: &ModelBenchArgs, threads: usize) -> Result<M
         .args(["--steps", &args.steps.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--threads", &threads.to_string()])
+        .args(args.image_size.map(|s| format!("--image-size={s}")))
         .args([
             "--precision",
             if args.precision == atop::runtime::Precision::Bf16 {

@@ -24,7 +24,7 @@ pub struct ClassifierArgs {
     /// TOML settings file (see presets/ for examples).
     #[arg(long, conflicts_with_all = ["preset", "resume"])]
     pub config: Option<PathBuf>,
-    /// Named settings: cifar10-demo.
+    /// Named settings: cifar10-demo, cifar10-cpu, imagenette-cpu (files in presets/).
     #[arg(long, conflicts_with = "resume")]
     pub preset: Option<String>,
     /// Continue the run in this folder from its latest checkpoint (flags below override its settings).

@@ -359,7 +359,7 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         bail!("pickle: odd number of dict items");
     }
     let mut it = items.into_iter();
@@ -382,25 +382,23 @@ fn global(name: &str) -> Result<Value> {
 
 /// `('storage', torch.XStorage, key, location, numel)`.
 fn persistent(pid: Value) -> Result<Value> {
-    if let Value::Tuple(t) = &pid {
-        if let [
+    if let Value::Tuple(t) = &pid
+        && let [
             Value::Str(tag),
             Value::Global(g),
             Value::Str(key),
             _location,
             Value::Int(numel),
         ] = t.as_slice()
-        {
-            if tag == "storage" {
-                if let Some(kind) = StorageKind::from_global(g) {
-                    return Ok(Value::Storage {
-                        key: key.clone(),
-                        kind,
-                        numel: *numel as usize,
-                    });
-                }
-            }
-        }
+        && tag == "storage"
+        && let Some(kind) = StorageKind::from_global(g)
+        && *numel >= 0
+    {
+        return Ok(Value::Storage {
+            key: key.clone(),
+            kind,
+            numel: *numel as usize,
+        });
     }
     bail!("pickle: unexpected persistent id {pid:?} (expected a PyTorch storage)")
 }

@@ -107,7 +107,7 @@ fn describe(v: &Value) -> &'static str {
 /// A strided view into a raw little-endian storage, made contiguous.
 fn rebuild(t: &TensorRef, storage: &[u8]) -> Result<Tensor> {
     let elt = t.kind.bytes();
-    if storage.len() != t.storage_numel * elt {
+    if t.storage_numel.checked_mul(elt) != Some(storage.len()) {
         bail!(
             "storage {} has {} bytes, the pickle says {} elements of {elt} bytes",
             t.key,

@@ -23,7 +23,7 @@ use super::schedule::{Schedule, lr_at};
 use crate::data::augment::Augment;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
-use crate::data::{DataConfig, DatasetKind, ImageSet, Split};
+use crate::data::{DataConfig, ImageSet, Split};
 use crate::eval::clean::evaluate;
 use crate::models::checkpoint::{self, LastCheckpoint, Sidecar};
 use crate::models::{Arch, Classifier, ModelSpec, dataset_normalisation};
@@ -87,6 +87,10 @@ pub const PRESETS: &[(&str, &str)] = &[
     (
         "cifar10-cpu",
         include_str!("../../presets/cifar10-cpu.toml"),
+    ),
+    (
+        "imagenette-cpu",
+        include_str!("../../presets/imagenette-cpu.toml"),
     ),
 ];
 
@@ -260,9 +264,11 @@ pub fn train(
         opt.load_state(checkpoint::read_tensors(&dir.join(OPTIMIZER))?)
             .with_context(|| format!("{}", dir.join(OPTIMIZER).display()))?;
         start_epoch = l.epoch;
-        keep_metrics_up_to(run, start_epoch)?;
         tracing::info!("resuming {} after epoch {}", run.display(), l.epoch);
         last = Some(l);
+    }
+    if resume {
+        keep_metrics_up_to(run, start_epoch)?;
     }
     let resumed_from_epoch = last.as_ref().map(|l| l.epoch);
 
@@ -521,11 +527,31 @@ fn write_curves(run: &Path) -> Result<()> {
     crate::report::grid::save_png(&plot::hconcat(&[loss, acc]), &run.join(CURVES))
 }
 
-/// The dataset kinds whose test split is called `val` on disk still use `Split::Test`.
+/// `runs/classifier-<dataset>-<arch>`, the run folder when no `--out` is given.
 pub fn default_out(cfg: &TrainClassifierConfig) -> PathBuf {
-    let ds = match cfg.data.dataset {
-        DatasetKind::Folder => "folder",
-        d => d.as_str(),
-    };
-    PathBuf::from("runs").join(format!("classifier-{ds}-{}", cfg.arch))
+    PathBuf::from("runs").join(format!(
+        "classifier-{}-{}",
+        cfg.data.dataset.as_str(),
+        cfg.arch
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses_and_validates() {
+        for (name, _) in PRESETS {
+            let cfg = TrainClassifierConfig::preset(name).unwrap();
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("preset {name}: {e}"));
+        }
+        assert!(
+            TrainClassifierConfig::preset("cifar10-cpu")
+                .unwrap()
+                .precision
+                == Precision::Bf16
+        );
+    }
 }
