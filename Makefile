@@ -19,6 +19,7 @@ demo: setup
 		./target/release/atop train classifier --preset cifar10-demo --out $(DEMO)/classifier; \
 	fi
 	./target/release/atop eval clean --model $(DEMO)/classifier
+	./target/release/atop attack --model $(DEMO)/classifier --attack pgd,apgd-ce --eps 2/255 --n 256 --out $(DEMO)/attack
 
 # Lint first (fast to fail), then the whole suite.
 test: setup

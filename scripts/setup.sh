@@ -10,7 +10,9 @@ set -euo pipefail
 
 TORCH_VERSION="2.11.0"
 # Python packages used by the reference scripts (bench/reference, tests against PyTorch).
-EXTRA_PACKAGES=("numpy==2.4.6" "safetensors==0.8.0" "torchvision==0.26.0")
+EXTRA_PACKAGES=("numpy==2.4.6" "safetensors==0.8.0" "torchvision==0.26.0" "scipy==1.16.3" "tqdm==4.70.1" "requests==2.34.2")
+# torchattacks (the attack reference) pins an old requests it does not need for our use: no deps.
+NODEPS_PACKAGES=("torchattacks==3.5.1")
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ATOP_VENV:-$HOME/.cache/atop/venv}"
@@ -42,15 +44,22 @@ if [ "$have" != "$TORCH_VERSION" ]; then
   [ "$have" = "$TORCH_VERSION" ] || die "after installing, the venv reports torch '${have:-none}', expected $TORCH_VERSION"
 fi
 
-missing=()
-for spec in "${EXTRA_PACKAGES[@]}"; do
-  name="${spec%%==*}"; want="${spec##*==}"
-  got="$("$VPY" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)"
-  [ "$got" = "$want" ] || missing+=("$spec")
-done
+missing_from() {
+  for spec in "$@"; do
+    name="${spec%%==*}"; want="${spec##*==}"
+    got="$("$VPY" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)"
+    [ "$got" = "$want" ] || echo "$spec"
+  done
+}
+mapfile -t missing < <(missing_from "${EXTRA_PACKAGES[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   "$VPY" -m pip install --quiet "${missing[@]}" || die "pip could not install ${missing[*]}"
+fi
+mapfile -t missing < <(missing_from "${NODEPS_PACKAGES[@]}")
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]} (without dependencies)"
+  "$VPY" -m pip install --quiet --no-deps "${missing[@]}" || die "pip could not install ${missing[*]}"
 fi
 
 TORCH_DIR="$("$VPY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"

@@ -42,3 +42,25 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
         out.write_all(b"\n").context("cannot write JSON")
     })
 }
+
+/// Writes named tensors as safetensors via `<path>.tmp` + rename.
+pub fn write_safetensors(path: &Path, tensors: &[(String, tch::Tensor)]) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let contiguous: Vec<(String, tch::Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.contiguous()))
+        .collect();
+    tch::Tensor::write_safetensors(&contiguous, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+}

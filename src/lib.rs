@@ -4,6 +4,7 @@
 //! The modules read as the pipeline: `data -> models -> transforms -> purifier -> attacks ->
 //! train -> eval -> report`, with `runtime` (device, threads) underneath and the CLI on top.
 
+pub mod attacks;
 pub mod data;
 pub mod eval;
 pub mod io;

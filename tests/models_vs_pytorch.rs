@@ -31,6 +31,7 @@ fn logits_match_pytorch_to_1e4_on_the_same_weights() {
         "resnet18",
         "resnet34-imagenet",
         "resnet50-imagenet",
+        "airnet-64-256-256",
     ];
     let out = Command::new(venv_python())
         .arg(&script)

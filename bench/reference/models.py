@@ -71,7 +71,55 @@ class WideResNet(nn.Module):
         return self.fc(h)
 
 
+class AirNorm(nn.Module):
+    """BatchNorm without scale (fixed at 1), trainable bias, momentum 0.6, eps 1e-12."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, self.training, 0.6, 1e-12)
+
+
+class AirGroup(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.norm1 = AirNorm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = AirNorm(cout)
+
+    def forward(self, x):
+        h = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(h)))
+
+
+class AirNet(nn.Module):
+    """atop's airnet-W1-W2-W3 (same parameter names)."""
+
+    def __init__(self, widths, classes):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, 2, bias=False)
+        cin, groups = 24, []
+        for w in widths:
+            groups.append(AirGroup(cin, w))
+            cin = w
+        self.group1, self.group2, self.group3 = groups
+        self.head = nn.Linear(cin, classes, bias=False)
+
+    def forward(self, x):
+        h = F.gelu(self.whiten(x))
+        h = self.group3(self.group2(self.group1(h)))
+        return self.head(F.adaptive_max_pool2d(h, 1).flatten(1)) / 9.0
+
+
 def build(arch, classes):
+    if arch.startswith("airnet-"):
+        widths = [int(w) for w in arch.split("-")[1:]]
+        return AirNet(widths, classes), 32
     if arch.startswith("wrn-"):
         _, d, k = arch.split("-")
         return WideResNet(int(d), int(k), classes), 32
@@ -88,7 +136,7 @@ def build(arch, classes):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--arch", nargs="+", default=["wrn-16-4", "wrn-28-10", "resnet18", "resnet34-imagenet", "resnet50-imagenet"])
+    p.add_argument("--arch", nargs="+", default=["wrn-16-4", "wrn-28-10", "resnet18", "resnet34-imagenet", "resnet50-imagenet", "airnet-64-256-256"])
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pt", action="store_true")
@@ -99,6 +147,10 @@ def main():
     for arch in args.arch:
         net, side = build(arch, args.classes)
         for m in net.modules():
+            if isinstance(m, AirNorm):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)

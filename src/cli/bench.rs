@@ -18,6 +18,28 @@ pub enum BenchCommand {
     Data(DataBenchArgs),
     /// Classifier inference and training img/s, side by side with PyTorch in the same venv.
     Models(ModelBenchArgs),
+    /// PGD-20 and APGD-CE-100 img/s, side by side with torchattacks on the same weights.
+    Attacks(AttackBenchArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct AttackBenchArgs {
+    /// Architectures (randomly initialised; both sides load the same weights).
+    #[arg(long, num_args = 1.., default_values = ["airnet-64-256-256"])]
+    pub arch: Vec<String>,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batches: usize,
+    /// PGD iterations.
+    #[arg(long, default_value_t = 20)]
+    pub pgd_steps: usize,
+    /// APGD-CE iterations.
+    #[arg(long, default_value_t = 100)]
+    pub apgd_steps: usize,
+    /// Skip the torchattacks side.
+    #[arg(long)]
+    pub no_reference: bool,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -72,6 +94,7 @@ pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
     match cmd {
         BenchCommand::Data(args) => data(args, global),
         BenchCommand::Models(args) => models(args, global),
+        BenchCommand::Attacks(args) => attacks(args, global),
     }
 }
 
@@ -330,4 +353,162 @@ fn pytorch_timing(arch: &str, args: &ModelBenchArgs, threads: usize) -> Result<M
     let line = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(line.trim())
         .with_context(|| format!("unexpected output from {}: {line}", script.display()))
+}
+
+#[derive(Serialize)]
+struct AttackRow {
+    arch: String,
+    attack: String,
+    images: usize,
+    threads: usize,
+    atop_img_s: f64,
+    torchattacks_img_s: Option<f64>,
+    ratio: Option<f64>,
+}
+
+fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
+    use atop::attacks::{AttackName, AttackSettings, Budget, Norm};
+    use atop::models::checkpoint::{self, Sidecar};
+    use atop::models::{Arch, Classifier, Model, ModelSpec, dataset_normalisation};
+    use tch::{Kind, Tensor};
+
+    let threads = atop::runtime::threads();
+    let tmp = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    for name in &args.arch {
+        let arch: Arch = name.parse().map_err(anyhow::Error::msg)?;
+        let (mean, std) = dataset_normalisation(DatasetKind::Cifar10);
+        tch::manual_seed(0);
+        let model = Classifier::new(ModelSpec::new(arch, 10, mean, std)?, global.device);
+        let ckpt = tmp.path().join(name);
+        let classes = (0..10).map(|i| i.to_string()).collect();
+        checkpoint::save(
+            &model,
+            &Sidecar::new(
+                model.spec.clone(),
+                None,
+                classes,
+                None,
+                serde_json::json!({}),
+            ),
+            &ckpt,
+        )?;
+        let n = (args.batch * args.batches) as i64;
+        let x = Tensor::rand([n, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        // Labels = the model's own predictions, so every point starts correctly classified and
+        // neither side skips any (torchattacks' APGD only attacks correct points).
+        let y = tch::no_grad(|| model.logits(&x.to_device(global.device)))
+            .argmax(-1, false)
+            .to_device(tch::Device::Cpu);
+        let data = tmp.path().join(format!("{name}.safetensors"));
+        Tensor::write_safetensors(&[("x", &x), ("y", &y)], &data)?;
+        let eps = 8.0 / 255.0;
+        for (attack, steps) in [
+            (AttackName::Pgd, args.pgd_steps),
+            (AttackName::ApgdCe, args.apgd_steps),
+        ] {
+            let mut s = AttackSettings::new(Budget::new(Norm::Linf, eps)?);
+            s.steps = Some(steps);
+            s.step_size = Some(2.0 / 255.0);
+            let a = s.build(attack)?;
+            let t = Instant::now();
+            for b in 0..args.batches as i64 {
+                let len = args.batch as i64;
+                let xb = x.narrow(0, b * len, len).to_device(global.device);
+                let yb = y.narrow(0, b * len, len).to_device(global.device);
+                let _ = a.run(&model, &xb, &yb, 0)?;
+            }
+            if let tch::Device::Cuda(i) = global.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            let ours = n as f64 / t.elapsed().as_secs_f64();
+            let theirs = if args.no_reference || global.device != tch::Device::Cpu {
+                None
+            } else {
+                Some(torchattacks_timing(
+                    &ckpt, &data, attack, steps, args.batch, threads,
+                )?)
+            };
+            rows.push(AttackRow {
+                arch: name.clone(),
+                attack: format!("{attack}-{steps}"),
+                images: n as usize,
+                threads,
+                atop_img_s: ours,
+                torchattacks_img_s: theirs,
+                ratio: theirs.map(|t| ours / t),
+            });
+        }
+    }
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "device {:?}, threads {threads}, linf eps 8/255, f32",
+        global.device
+    );
+    println!(
+        "{:<20} {:<14} {:>7} {:>12} {:>14} {:>7}",
+        "arch", "attack", "images", "atop img/s", "torchatt img/s", "ratio"
+    );
+    for r in &rows {
+        println!(
+            "{:<20} {:<14} {:>7} {:>12.2} {:>14} {:>7}",
+            r.arch,
+            r.attack,
+            r.images,
+            r.atop_img_s,
+            r.torchattacks_img_s
+                .map_or("-".into(), |v| format!("{v:.2}")),
+            r.ratio.map_or("-".into(), |v| format!("{v:.2}")),
+        );
+    }
+    Ok(())
+}
+
+/// Runs bench/reference/attacks_reference.py (torchattacks) on the same checkpoint and images.
+fn torchattacks_timing(
+    ckpt: &std::path::Path,
+    data: &std::path::Path,
+    attack: atop::attacks::AttackName,
+    steps: usize,
+    batch: usize,
+    threads: usize,
+) -> Result<f64> {
+    use anyhow::Context;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("bench/reference/attacks_reference.py");
+    let python = atop::runtime::venv_python();
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg("--model")
+        .arg(ckpt)
+        .arg("--data")
+        .arg(data)
+        .args(["--attack", &attack.to_string()])
+        .args(["--steps", &steps.to_string()])
+        .args(["--eps", &(8.0f64 / 255.0).to_string()])
+        .args(["--alpha", &(2.0f64 / 255.0).to_string()])
+        .args(["--batch", &batch.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .output()
+        .with_context(|| {
+            format!(
+                "cannot run {} (run scripts/setup.sh, or pass --no-reference)",
+                python.display()
+            )
+        })?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{}: unexpected output", script.display()))?;
+    v["img_per_s"]
+        .as_f64()
+        .context("no img_per_s in the reference output")
 }

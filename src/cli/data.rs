@@ -47,6 +47,57 @@ impl DataArgs {
     }
 }
 
+/// Data flags of commands that evaluate a model: each defaults to what the model was trained on.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct ModelDataArgs {
+    /// Dataset (default: the one the model was trained on).
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Image size (default: the training run's).
+    #[arg(long)]
+    pub image_size: Option<u32>,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+}
+
+impl ModelDataArgs {
+    /// The data settings for `sidecar`'s model: flags first, then its training config.
+    pub fn config_for(
+        &self,
+        sidecar: &atop::models::checkpoint::Sidecar,
+        model_dir: &std::path::Path,
+    ) -> Result<DataConfig> {
+        let trained = sidecar
+            .config
+            .get("data")
+            .and_then(|d| serde_json::from_value::<DataConfig>(d.clone()).ok());
+        let dataset = match (self.dataset, &sidecar.dataset, &trained) {
+            (Some(d), _, _) => d,
+            (None, _, Some(t)) => t.dataset,
+            (None, Some(name), None) => {
+                serde_json::from_value(serde_json::Value::String(name.clone()))?
+            }
+            (None, None, None) => anyhow::bail!(
+                "{}: the model does not say which dataset it is for; pass --dataset",
+                model_dir.display()
+            ),
+        };
+        Ok(DataConfig {
+            dataset,
+            root: self
+                .root
+                .clone()
+                .or_else(|| trained.as_ref().and_then(|t| t.root.clone())),
+            image_size: self
+                .image_size
+                .or_else(|| trained.as_ref().and_then(|t| t.image_size)),
+            skip_corrupt: false,
+        })
+    }
+}
+
 #[derive(Debug, ClapArgs)]
 pub struct InspectArgs {
     #[command(flatten)]

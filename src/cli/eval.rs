@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
+use atop::data::Split;
 use atop::data::subset::seeded_subset;
-use atop::data::{DataConfig, DatasetKind, Split};
 use atop::eval::clean::evaluate;
 use atop::models::checkpoint;
 use atop::report::{grid, plot};
@@ -25,16 +25,8 @@ pub struct CleanArgs {
     /// A checkpoint folder, one of its files, or a training run folder (its latest checkpoint).
     #[arg(long)]
     pub model: PathBuf,
-    /// Dataset (default: the one the model was trained on).
-    #[arg(long, value_enum)]
-    pub dataset: Option<DatasetKind>,
-    #[arg(long)]
-    pub root: Option<PathBuf>,
-    /// Image size (default: the training run's).
-    #[arg(long)]
-    pub image_size: Option<u32>,
-    #[arg(long, value_enum, default_value = "test")]
-    pub split: Split,
+    #[command(flatten)]
+    pub data: super::data::ModelDataArgs,
     /// Evaluate a seeded subset of this many images.
     #[arg(long)]
     pub subset: Option<usize>,
@@ -73,33 +65,9 @@ pub fn run(cmd: EvalCommand, global: &Global) -> Result<()> {
 fn clean(a: CleanArgs, global: &Global) -> Result<()> {
     let dir = checkpoint::resolve(&a.model)?;
     let (model, sidecar) = checkpoint::load(&dir, global.device)?;
-    let trained = sidecar
-        .config
-        .get("data")
-        .and_then(|d| serde_json::from_value::<DataConfig>(d.clone()).ok());
-    let dataset = match (a.dataset, &sidecar.dataset, &trained) {
-        (Some(d), _, _) => d,
-        (None, _, Some(t)) => t.dataset,
-        (None, Some(name), None) => {
-            serde_json::from_value(serde_json::Value::String(name.clone()))?
-        }
-        (None, None, None) => bail!(
-            "{}: the model does not say which dataset it is for; pass --dataset",
-            dir.display()
-        ),
-    };
-    let cfg = DataConfig {
-        dataset,
-        root: a
-            .root
-            .clone()
-            .or_else(|| trained.as_ref().and_then(|t| t.root.clone())),
-        image_size: a
-            .image_size
-            .or_else(|| trained.as_ref().and_then(|t| t.image_size)),
-        skip_corrupt: false,
-    };
-    let mut data = cfg.load(a.split)?;
+    let cfg = a.data.config_for(&sidecar, &dir)?;
+    let dataset = cfg.dataset;
+    let mut data = cfg.load(a.data.split)?;
     let indices = match a.subset {
         Some(n) => {
             let idx = seeded_subset(data.len(), n, a.seed)?;
@@ -123,13 +91,13 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
             dir.clone()
         }
     });
-    let json = out.join(format!("eval-clean-{}.json", a.split.as_str()));
-    let png = out.join(format!("confusion-{}.png", a.split.as_str()));
+    let json = out.join(format!("eval-clean-{}.json", a.data.split.as_str()));
+    let png = out.join(format!("confusion-{}.png", a.data.split.as_str()));
     grid::save_png(&plot::confusion_matrix(&report.confusion, &names), &png)?;
     let output = Output {
         model: dir,
         dataset: dataset.as_str().into(),
-        split: a.split,
+        split: a.data.split,
         subset_seed: a.subset.map(|_| a.seed),
         subset_indices: indices,
         report,
@@ -146,7 +114,7 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
         "{} on {} {} ({} images): accuracy {:.2}%, loss {:.4}",
         output.model.display(),
         output.dataset,
-        a.split.as_str(),
+        a.data.split.as_str(),
         output.report.images,
         100.0 * output.report.accuracy,
         output.report.loss

@@ -1,6 +1,7 @@
 //! Every flag is declared once here (global ones on `Args`, the rest on their subcommand) and
 //! turned into the library's settings structs in one place per command.
 
+mod attack;
 mod bench;
 mod data;
 mod eval;
@@ -49,6 +50,8 @@ pub enum Command {
     /// Evaluate models.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Attack a model: FGSM, PGD, APGD-CE/DLR/T, AutoAttack-rand; robust accuracy per attack.
+    Attack(Box<attack::AttackArgs>),
     /// Benchmarks (timings measured here, printed side by side).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -82,6 +85,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Data(cmd) => data::run(cmd, &global),
         Command::Train(cmd) => train::run(cmd, &global),
         Command::Eval(cmd) => eval::run(cmd, &global),
+        Command::Attack(args) => attack::run(*args, &global),
         Command::Import(args) => import::run(args, &global),
         Command::Bench(cmd) => bench::run(cmd, &global),
     }

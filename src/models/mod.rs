@@ -2,8 +2,10 @@
 //! and ImageNet stems). Inputs are always RGB in [0,1]; the mean/std normalisation is part of
 //! the model, so attacks and purifiers never need to know about it.
 
+pub mod airnet;
 pub mod checkpoint;
 pub mod pickle;
+pub mod pipeline;
 pub mod pytorch;
 pub mod resnet;
 pub mod wrn;
@@ -15,6 +17,37 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
+
+/// Anything that maps images in [0,1] (N x C x H x W) to logits (N x classes), differentiably
+/// with respect to the images; maybe stochastic (fresh randomness on every call). Attacks, EOT
+/// and BPDA are written against this trait only: a bare classifier, or transform + purifier +
+/// classifier, look the same to them.
+pub trait Model {
+    fn logits(&self, images: &Tensor) -> Tensor;
+    fn num_classes(&self) -> usize;
+    fn device(&self) -> Device;
+    /// True when two calls on the same input may differ (then attacks should use EOT).
+    fn is_stochastic(&self) -> bool {
+        false
+    }
+    /// A short description for reports.
+    fn describe(&self) -> String;
+}
+
+impl Model for Classifier {
+    fn logits(&self, images: &Tensor) -> Tensor {
+        self.forward_t(images, false)
+    }
+    fn num_classes(&self) -> usize {
+        self.spec.num_classes
+    }
+    fn device(&self) -> Device {
+        self.vs.device()
+    }
+    fn describe(&self) -> String {
+        self.spec.arch.to_string()
+    }
+}
 
 /// Which ResNet stem: CIFAR (3x3 stride 1, no max-pool) or ImageNet (7x7 stride 2 + max-pool).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +61,18 @@ pub enum Stem {
 /// `resnet34-imagenet`, ...
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    WideResNet { depth: usize, widen: usize },
-    ResNet { depth: usize, stem: Stem },
+    WideResNet {
+        depth: usize,
+        widen: usize,
+    },
+    ResNet {
+        depth: usize,
+        stem: Stem,
+    },
+    /// The fast CPU network (see [`airnet`]): three groups of the given widths.
+    AirNet {
+        widths: [usize; 3],
+    },
 }
 
 impl FromStr for Arch {
@@ -39,7 +82,7 @@ impl FromStr for Arch {
         let lower = s.trim().to_ascii_lowercase();
         let unknown = || {
             format!(
-                "unknown architecture '{s}': expected wrn-DEPTH-WIDTH (DEPTH = 6n+4, e.g. wrn-28-10, wrn-16-4) or resnet18|34|50 with an optional -imagenet stem"
+                "unknown architecture '{s}': expected wrn-DEPTH-WIDTH (DEPTH = 6n+4, e.g. wrn-28-10, wrn-16-4) resnet18|34|50 with an optional -imagenet stem, or airnet-W1-W2-W3 (e.g. airnet-64-256-256)"
             )
         };
         if let Some(rest) = lower.strip_prefix("wrn-") {
@@ -64,6 +107,20 @@ impl FromStr for Arch {
             }
             return Ok(Arch::ResNet { depth, stem });
         }
+        if let Some(rest) = lower.strip_prefix("airnet-") {
+            let widths: Vec<usize> = rest
+                .split('-')
+                .map(|w| w.parse().map_err(|_| unknown()))
+                .collect::<Result<_, _>>()?;
+            if widths.len() != 3 || widths.contains(&0) {
+                return Err(format!(
+                    "'{s}': airnet needs three positive widths, e.g. airnet-64-256-256"
+                ));
+            }
+            return Ok(Arch::AirNet {
+                widths: [widths[0], widths[1], widths[2]],
+            });
+        }
         Err(unknown())
     }
 }
@@ -80,6 +137,7 @@ impl fmt::Display for Arch {
                 depth,
                 stem: Stem::Imagenet,
             } => write!(f, "resnet{depth}-imagenet"),
+            Arch::AirNet { widths: [a, b, c] } => write!(f, "airnet-{a}-{b}-{c}"),
         }
     }
 }
@@ -165,6 +223,9 @@ impl Classifier {
             Arch::ResNet { depth, stem } => {
                 Box::new(resnet::ResNet::new(&root, depth, stem, spec.num_classes))
             }
+            Arch::AirNet { widths } => {
+                Box::new(airnet::AirNet::new(&root, widths, spec.num_classes))
+            }
         };
         let mean = Tensor::from_slice(&spec.mean)
             .to_kind(tch::Kind::Float)
@@ -198,6 +259,24 @@ impl Classifier {
             x
         };
         self.net.forward_t(&x, train)
+    }
+
+    pub fn needs_data_init(&self) -> bool {
+        matches!(self.spec.arch, Arch::AirNet { .. })
+    }
+
+    /// Data-dependent initialisation some architectures need before training (airnet's
+    /// whitening layer); `images` are training images in [0,1]. A no-op for the others.
+    pub fn init_from_data(&mut self, images: &Tensor) {
+        if self.needs_data_init() {
+            let x = (images.to_device(self.device()) - &self.mean) / &self.std;
+            let filters = airnet::whitening_filters(&x);
+            let mut vars = self.vs.variables();
+            let w = vars
+                .get_mut("whiten.weight")
+                .expect("airnet has a whitening layer");
+            tch::no_grad(|| w.copy_(&filters));
+        }
     }
 
     /// Number of trainable parameters.
@@ -238,6 +317,7 @@ mod tests {
             "resnet18",
             "resnet34-imagenet",
             "resnet50",
+            "airnet-64-256-256",
         ] {
             assert_eq!(name.parse::<Arch>().unwrap().to_string(), name);
         }

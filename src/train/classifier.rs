@@ -57,6 +57,9 @@ pub struct TrainClassifierConfig {
     /// Training augmentation: crop+flip for 32 px data, random-resized-crop+flip otherwise.
     #[serde(default = "yes")]
     pub augment: bool,
+    /// Random-translation range (pixels) of the 32 px crop+flip augmentation.
+    #[serde(default = "default_crop_pad")]
+    pub crop_pad: usize,
     /// Train on a seeded subset of this many images.
     #[serde(default)]
     pub train_subset: Option<usize>,
@@ -72,6 +75,10 @@ pub struct TrainClassifierConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn default_crop_pad() -> usize {
+    4
 }
 
 fn default_eval_batch() -> usize {
@@ -147,6 +154,13 @@ impl TrainClassifierConfig {
                 "momentum > 0 (Nesterov needs momentum)",
             )?;
         }
+        if !(self.sgd.bias_lr_scale.is_finite() && self.sgd.bias_lr_scale > 0.0) {
+            bad(
+                "sgd.bias_lr_scale",
+                self.sgd.bias_lr_scale.to_string(),
+                "a positive number",
+            )?;
+        }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             bad(
                 "label_smoothing",
@@ -167,7 +181,7 @@ impl TrainClassifierConfig {
     fn augment_for(&self, set: &ImageSet) -> Augment {
         match (self.augment, set.height) {
             (false, _) => Augment::None,
-            (true, 32) => Augment::cifar(),
+            (true, 32) => Augment::CropFlip { pad: self.crop_pad },
             (true, side) => Augment::ResizedCropFlip {
                 size: side as u32,
                 scale: (0.35, 1.0),
@@ -238,6 +252,12 @@ pub fn train(
     let spec = ModelSpec::new(cfg.arch, train_set.num_classes(), mean, std)?;
     tch::manual_seed(cfg.seed as i64);
     let mut model = Classifier::new(spec, device);
+    // Data-dependent init (airnet's whitening) from a seeded sample of the training images;
+    // a resumed run overwrites it with the checkpoint.
+    if model.needs_data_init() {
+        let sample = seeded_subset(train_set.len(), train_set.len().min(5000), cfg.seed)?;
+        model.init_from_data(&train_set.tensors(&sample).0);
+    }
     let mut opt = Sgd::new(&model.vs, cfg.sgd.clone());
 
     let loader = Loader::new(

@@ -16,6 +16,14 @@ pub struct SgdConfig {
     /// Also decay BatchNorm weights and biases (1-D parameters); off by default.
     #[serde(default)]
     pub decay_bn_and_bias: bool,
+    /// Learning-rate multiplier for 1-D parameters (biases, BatchNorm); their weight decay is
+    /// divided by it, so the decay applied per step is the same as for the other parameters.
+    #[serde(default = "one")]
+    pub bias_lr_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for SgdConfig {
@@ -25,6 +33,7 @@ impl Default for SgdConfig {
             nesterov: false,
             weight_decay: 5e-4,
             decay_bn_and_bias: false,
+            bias_lr_scale: 1.0,
         }
     }
 }
@@ -67,9 +76,10 @@ impl Sgd {
                 if !g.defined() {
                     continue;
                 }
+                let scale = if p.dim() > 1 { 1.0 } else { cfg.bias_lr_scale };
                 let decay = cfg.weight_decay > 0.0 && (cfg.decay_bn_and_bias || p.dim() > 1);
                 let d = if decay {
-                    &g + &*p * cfg.weight_decay
+                    &g + &*p * (cfg.weight_decay / scale)
                 } else {
                     g
                 };
@@ -89,7 +99,7 @@ impl Sgd {
                 } else {
                     d
                 };
-                let _ = p.g_sub_(&(update * lr));
+                let _ = p.g_sub_(&(update * (lr * scale)));
             }
         });
     }
@@ -159,6 +169,7 @@ mod tests {
             nesterov,
             weight_decay: 0.01,
             decay_bn_and_bias: true,
+            bias_lr_scale: 1.0,
         };
         let mut ours = Sgd::new(&vs1, cfg);
         let mut theirs = nn::Sgd {
@@ -186,6 +197,36 @@ mod tests {
     fn matches_libtorch_sgd() {
         compare(false);
         compare(true);
+    }
+
+    #[test]
+    fn bias_lr_scale_multiplies_bias_steps_and_keeps_decay_per_step() {
+        let vs = VarStore::new(Device::Cpu);
+        let lin = nn::linear(vs.root(), 3, 2, Default::default());
+        let mut opt = Sgd::new(
+            &vs,
+            SgdConfig {
+                momentum: 0.0,
+                weight_decay: 0.1,
+                decay_bn_and_bias: true,
+                bias_lr_scale: 8.0,
+                ..Default::default()
+            },
+        );
+        let (w0, b0) = (lin.ws.copy(), lin.bs.as_ref().unwrap().copy());
+        let x = Tensor::ones([1, 3], (Kind::Float, Device::Cpu));
+        opt.zero_grad();
+        lin.forward(&x).sum(Kind::Float).backward();
+        opt.step(0.01);
+        // d(sum)/d(bias) = 1, d(sum)/d(w) = 1.
+        let want_b = &b0 - (&b0 * (0.1 / 8.0) + 1.0) * (0.01 * 8.0);
+        let want_w = &w0 - (&w0 * 0.1 + 1.0) * 0.01;
+        let db = (lin.bs.as_ref().unwrap() - want_b)
+            .abs()
+            .max()
+            .double_value(&[]);
+        let dw = (&lin.ws - want_w).abs().max().double_value(&[]);
+        assert!(db < 1e-6 && dw < 1e-6, "bias {db}, weight {dw}");
     }
 
     #[test]

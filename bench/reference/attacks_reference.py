@@ -1,0 +1,109 @@
+"""Reference attacks (torchattacks) on atop's weights and images, for agreement tests and the
+attack benchmark.
+
+Loads an atop checkpoint (model.safetensors + model.json) into the PyTorch twin of its
+architecture (models.py), reads images and labels from a safetensors file (x: N x 3 x H x W in
+[0,1], y: N int64), runs one torchattacks attack in batches and prints one JSON line:
+  {"attack", "n", "robust_accuracy", "correct": [0/1 per sample], "seconds", "img_per_s"}
+
+Usage: python attacks_reference.py --model CKPT_DIR --data FILE --attack pgd|apgd-ce|apgd-dlr|apgd-t
+       [--norm Linf|L2] [--eps 0.0313] [--steps 20] [--alpha 0.0078] [--random-start 0|1]
+       [--batch 256] [--seed 0] [--threads N] [--channels-last 0|1]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import build  # noqa: E402
+import torchattacks  # noqa: E402
+
+
+class Normalised(nn.Module):
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.channels_last = False
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+
+def load_model(ckpt, channels_last=False):
+    with open(os.path.join(ckpt, "model.json")) as f:
+        meta = json.load(f)
+    net, _ = build(meta["arch"], meta["num_classes"])
+    state = load_file(os.path.join(ckpt, "model.safetensors"))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise SystemExit(f"weights do not fit {meta['arch']}: missing {missing}, unexpected {unexpected}")
+    model = Normalised(net, meta["mean"], meta["std"]).eval()
+    if channels_last:
+        # The fastest CPU layout for convolutions, as atop uses: a fair speed comparison.
+        model.net = model.net.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    return model, meta["num_classes"]
+
+
+def make_attack(a, model, classes):
+    if a.attack == "pgd":
+        if a.norm == "Linf":
+            return torchattacks.PGD(model, eps=a.eps, alpha=a.alpha, steps=a.steps, random_start=bool(a.random_start))
+        return torchattacks.PGDL2(model, eps=a.eps, alpha=a.alpha, steps=a.steps, random_start=bool(a.random_start))
+    if a.attack in ("apgd-ce", "apgd-dlr"):
+        return torchattacks.APGD(model, norm=a.norm, eps=a.eps, steps=a.steps, n_restarts=1, seed=a.seed,
+                                 loss=a.attack.split("-")[1], eot_iter=1, rho=0.75)
+    if a.attack == "apgd-t":
+        return torchattacks.APGDT(model, norm=a.norm, eps=a.eps, steps=a.steps, n_restarts=1, seed=a.seed,
+                                  eot_iter=1, rho=0.75, n_classes=classes)
+    raise SystemExit(f"unknown attack {a.attack}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--attack", required=True)
+    p.add_argument("--norm", default="Linf")
+    p.add_argument("--eps", type=float, default=8 / 255)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--alpha", type=float, default=2 / 255)
+    p.add_argument("--random-start", type=int, default=1)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--channels-last", type=int, default=1)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    model, classes = load_model(a.model, bool(a.channels_last))
+    data = load_file(a.data)
+    x, y = data["x"].float(), data["y"].long()
+    attack = make_attack(a, model, classes)
+    correct = []
+    start = time.time()
+    for i in range(0, len(x), a.batch):
+        xb, yb = x[i:i + a.batch], y[i:i + a.batch]
+        adv = attack(xb, yb)
+        with torch.no_grad():
+            correct += (model(adv).argmax(1) == yb).long().tolist()
+    secs = time.time() - start
+    print(json.dumps({"attack": a.attack, "n": len(x), "robust_accuracy": sum(correct) / max(len(x), 1),
+                      "correct": correct, "seconds": secs, "img_per_s": len(x) / secs}))
+
+
+if __name__ == "__main__":
+    main()

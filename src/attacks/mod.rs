@@ -1,0 +1,304 @@
+//! Attacks on any [`Model`](crate::models::Model), at the reference budgets of the papers that
+//! introduced them. One file per attack; [`runner`] runs a sequence of them on the points that
+//! are still robust (AutoAttack's protocol) and keeps a resumable state file.
+//!
+//! Every attack returns images inside the eps-ball around the input and inside [0,1]; the
+//! runner checks this again before it records a result.
+
+pub mod apgd;
+pub mod fgsm;
+pub mod grad;
+pub mod loss;
+pub mod norm;
+pub mod pgd;
+pub mod runner;
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::models::Model;
+pub use grad::GradStats;
+pub use norm::Norm;
+
+/// A perturbation budget: `||x_adv - x||_norm <= eps`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    pub norm: Norm,
+    pub eps: f64,
+}
+
+impl Budget {
+    /// Validated budget: eps finite and non-negative; Linf eps at most 1 (the image range).
+    pub fn new(norm: Norm, eps: f64) -> Result<Self> {
+        if !eps.is_finite() || eps < 0.0 {
+            bail!("eps = {eps}: expected a finite, non-negative number (e.g. 8/255 or 0.5)");
+        }
+        if norm == Norm::Linf && eps > 1.0 {
+            bail!(
+                "eps = {eps} for linf: pixels live in [0,1], so eps above 1 is meaningless (did you mean {}/255?)",
+                eps
+            );
+        }
+        Ok(Budget { norm, eps })
+    }
+}
+
+/// Parses `8/255`, `0.031`, `0.5`.
+pub fn parse_eps(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let v = match s.split_once('/') {
+        Some((a, b)) => {
+            let a: f64 = a.trim().parse().map_err(|_| bad_eps(s))?;
+            let b: f64 = b.trim().parse().map_err(|_| bad_eps(s))?;
+            if b == 0.0 {
+                return Err(format!("eps '{s}': division by zero"));
+            }
+            a / b
+        }
+        None => s.parse().map_err(|_| bad_eps(s))?,
+    };
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!(
+            "eps '{s}' = {v}: expected a finite, non-negative number"
+        ));
+    }
+    Ok(v)
+}
+
+fn bad_eps(s: &str) -> String {
+    format!("eps '{s}': expected a number or a fraction such as 8/255")
+}
+
+/// What an attack hands back: adversarial images and what it saw of the gradients.
+pub struct AttackOutput {
+    pub x_adv: Tensor,
+    pub grad: GradStats,
+}
+
+/// An attack on a batch: images in [0,1] and their labels (int64 on the model's device).
+pub trait Attack {
+    fn name(&self) -> String;
+    fn budget(&self) -> Budget;
+    /// `seed` fixes every random choice the attack makes (random starts, restarts).
+    fn run(&self, model: &dyn Model, x: &Tensor, y: &Tensor, seed: u64) -> Result<AttackOutput>;
+}
+
+/// Runs `runs` attempts (restarts, or one per target class), each on the samples no earlier
+/// attempt broke. `attempt(r, idx, x[idx], y[idx])` returns (images, success mask); the first
+/// attempt's images are kept for every sample, later ones only where they succeed. Each
+/// attempt reseeds libtorch's generator from `seed`, so results do not depend on batching
+/// history. Returns (images, success mask) for the whole batch.
+pub(crate) fn on_remaining(
+    x: &Tensor,
+    y: &Tensor,
+    runs: usize,
+    seed: u64,
+    mut attempt: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> (Tensor, Tensor),
+) -> (Tensor, Tensor) {
+    let n = x.size()[0];
+    let mut best = x.copy();
+    let mut done = Tensor::zeros([n], (tch::Kind::Bool, x.device()));
+    for r in 0..runs {
+        tch::manual_seed(seed.wrapping_mul(1_000_003).wrapping_add(r as u64) as i64);
+        let idx = if r == 0 {
+            Tensor::arange(n, (tch::Kind::Int64, x.device()))
+        } else {
+            done.logical_not().nonzero().squeeze_dim(1)
+        };
+        if idx.size()[0] == 0 {
+            break;
+        }
+        let (adv, hit) = attempt(r, &idx, &x.index_select(0, &idx), &y.index_select(0, &idx));
+        let take = if r == 0 {
+            hit.ones_like()
+        } else {
+            hit.shallow_clone()
+        };
+        let rows = idx.masked_select(&take);
+        let picked = adv.index_select(0, &take.nonzero().squeeze_dim(1));
+        best = best.index_copy(0, &rows, &picked);
+        let merged = done.index_select(0, &idx).logical_or(&hit);
+        done = done.index_copy(0, &idx, &merged);
+    }
+    (best, done)
+}
+
+/// Attack names accepted on the command line and in configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttackName {
+    Fgsm,
+    Pgd,
+    ApgdCe,
+    ApgdDlr,
+    ApgdT,
+}
+
+impl AttackName {
+    pub const ALL: &'static [(&'static str, AttackName)] = &[
+        ("fgsm", AttackName::Fgsm),
+        ("pgd", AttackName::Pgd),
+        ("apgd-ce", AttackName::ApgdCe),
+        ("apgd-dlr", AttackName::ApgdDlr),
+        ("apgd-t", AttackName::ApgdT),
+    ];
+}
+
+impl fmt::Display for AttackName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = AttackName::ALL
+            .iter()
+            .find(|(_, a)| a == self)
+            .map(|(n, _)| *n)
+            .expect("every attack is listed");
+        f.write_str(name)
+    }
+}
+
+impl FromStr for AttackName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        AttackName::ALL
+            .iter()
+            .find(|(n, _)| *n == lower)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| {
+                let names: Vec<&str> = AttackName::ALL.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "unknown attack '{s}': expected one of {} or a composition ({})",
+                    names.join(", "),
+                    runner::COMPOSITIONS.join(", ")
+                )
+            })
+    }
+}
+
+/// Settings shared by the attacks; each attack reads the ones it uses. The defaults are the
+/// reference budgets (PGD 20 steps of eps/4; APGD 100 iterations, 9 target classes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttackSettings {
+    pub budget: Budget,
+    /// Iterations (PGD default 20, APGD default 100).
+    pub steps: Option<usize>,
+    /// PGD step size (default eps/4).
+    pub step_size: Option<f64>,
+    /// Random restarts (PGD and APGD; default 1 run).
+    pub restarts: usize,
+    /// PGD random start.
+    pub random_start: bool,
+    /// PGD loss.
+    pub loss: loss::LossKind,
+    /// APGD-T: number of target classes (default 9).
+    pub targets: usize,
+    /// Gradient samples averaged per step (EOT), for stochastic models.
+    pub eot: usize,
+}
+
+impl AttackSettings {
+    pub fn new(budget: Budget) -> Self {
+        AttackSettings {
+            budget,
+            steps: None,
+            step_size: None,
+            restarts: 1,
+            random_start: true,
+            loss: loss::LossKind::Ce,
+            targets: 9,
+            eot: 1,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == Some(0) {
+            bail!("steps = 0: expected at least 1");
+        }
+        if self.restarts == 0 {
+            bail!("restarts = 0: expected at least 1");
+        }
+        if self.eot == 0 {
+            bail!("eot = 0: expected at least 1 gradient sample per step");
+        }
+        if let Some(a) = self.step_size
+            && !(a.is_finite() && a > 0.0)
+        {
+            bail!("step_size = {a}: expected a positive number");
+        }
+        if self.targets == 0 {
+            bail!("targets = 0: APGD-T needs at least one target class");
+        }
+        Ok(())
+    }
+
+    pub fn build(&self, name: AttackName) -> Result<Box<dyn Attack>> {
+        self.validate()?;
+        let b = self.budget;
+        Ok(match name {
+            AttackName::Fgsm => Box::new(fgsm::Fgsm {
+                budget: b,
+                eot: self.eot,
+            }),
+            AttackName::Pgd => Box::new(pgd::Pgd {
+                budget: b,
+                steps: self.steps.unwrap_or(20),
+                step_size: self.step_size.unwrap_or(b.eps / 4.0),
+                random_start: self.random_start,
+                restarts: self.restarts,
+                loss: self.loss,
+                target: None,
+                eot: self.eot,
+            }),
+            AttackName::ApgdCe | AttackName::ApgdDlr | AttackName::ApgdT => Box::new(apgd::Apgd {
+                budget: b,
+                steps: self.steps.unwrap_or(100),
+                restarts: self.restarts,
+                loss: match name {
+                    AttackName::ApgdCe => apgd::ApgdLoss::Ce,
+                    AttackName::ApgdDlr => apgd::ApgdLoss::Dlr,
+                    _ => apgd::ApgdLoss::DlrTargeted {
+                        targets: self.targets,
+                    },
+                },
+                eot: self.eot,
+                rho: 0.75,
+                momentum: 0.75,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eps_parses_fractions_and_rejects_nonsense() {
+        assert!((parse_eps("8/255").unwrap() - 8.0 / 255.0).abs() < 1e-15);
+        assert_eq!(parse_eps("0.5").unwrap(), 0.5);
+        assert!(parse_eps("-1").unwrap_err().contains("non-negative"));
+        assert!(parse_eps("nan").unwrap_err().contains("finite"));
+        assert!(parse_eps("8/0").unwrap_err().contains("division by zero"));
+        assert!(parse_eps("eight").unwrap_err().contains("8/255"));
+        assert!(
+            Budget::new(Norm::Linf, 8.0)
+                .unwrap_err()
+                .to_string()
+                .contains("8/255")
+        );
+        assert!(Budget::new(Norm::L2, 8.0).is_ok());
+    }
+
+    #[test]
+    fn attack_names_round_trip() {
+        for (n, a) in AttackName::ALL {
+            assert_eq!(a.to_string(), *n);
+            assert_eq!(n.parse::<AttackName>().unwrap(), *a);
+        }
+        assert!("cw".parse::<AttackName>().unwrap_err().contains("apgd-ce"));
+    }
+}

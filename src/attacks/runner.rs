@@ -1,0 +1,414 @@
+//! Runs a sequence of attacks the way AutoAttack does: each attack only sees the points that
+//! are still robust, robust accuracy is recorded after each attack, and every sample keeps a
+//! record of which attack broke it. Progress is saved after every batch (state.json plus one
+//! safetensors file per batch), so an interrupted run continues where it stopped and reaches
+//! the same result.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::{AttackName, AttackSettings, GradStats};
+use crate::models::Model;
+
+/// Named compositions.
+pub const COMPOSITIONS: &[&str] = &["autoattack-rand"];
+
+/// Expands a comma-separated list of attacks and compositions, with the settings a
+/// composition implies (AutoAttack's rand version: APGD-CE and APGD-DLR with EOT 20).
+pub fn expand(list: &str, settings: &mut AttackSettings) -> Result<Vec<AttackName>> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.to_ascii_lowercase().as_str() {
+            "autoattack-rand" => {
+                out.extend([AttackName::ApgdCe, AttackName::ApgdDlr]);
+                if settings.eot == 1 {
+                    settings.eot = 20;
+                }
+            }
+            "autoattack-standard" => bail!(
+                "autoattack-standard needs FAB-T and Square, which atop does not implement yet; run --attack apgd-ce,apgd-t for its gradient-based part"
+            ),
+            other => out.push(other.parse().map_err(anyhow::Error::msg)?),
+        }
+    }
+    if out.is_empty() {
+        bail!("--attack: no attack given");
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    pub attacks: Vec<AttackName>,
+    pub settings: AttackSettings,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Identifies the model and data, so a state file is never resumed against other inputs.
+    pub model: String,
+    pub data: String,
+}
+
+/// One sample's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SampleRecord {
+    /// Index in the dataset split.
+    pub index: usize,
+    pub label: i64,
+    pub clean_pred: i64,
+    /// Prediction on the returned image (the clean one for points misclassified clean).
+    pub adv_pred: i64,
+    /// "clean" for points misclassified without attack, an attack name, or None if robust.
+    pub broken_by: Option<String>,
+    /// Norm of the returned perturbation, in the budget's norm.
+    pub perturbation_norm: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttackStep {
+    pub attack: String,
+    pub robust_after: usize,
+    pub robust_accuracy: f64,
+    pub seconds: f64,
+    pub grad: GradStats,
+    /// Set when a noticeable share of gradients were zero or non-finite.
+    pub warning: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    config: RunnerConfig,
+    records: Vec<SampleRecord>,
+    steps: Vec<AttackStep>,
+    /// Next attack to run (index in config.attacks).
+    next_attack: usize,
+    /// Positions (into records) the current attack still has to process.
+    queue: Option<Vec<usize>>,
+    /// Batch files written so far, in order.
+    batches: Vec<String>,
+}
+
+/// The result of a run.
+#[derive(Debug, Serialize)]
+pub struct RobustReport {
+    pub config: RunnerConfig,
+    pub n: usize,
+    pub clean_accuracy: f64,
+    pub robust_accuracy: f64,
+    pub steps: Vec<AttackStep>,
+    pub records: Vec<SampleRecord>,
+    pub seconds: f64,
+    /// Final adversarial images (clean images for the points no attack touched), N x C x H x W.
+    #[serde(skip)]
+    pub x_adv: Tensor,
+}
+
+const STATE: &str = "state.json";
+const BATCHES: &str = "batches";
+
+pub struct Runner<'a> {
+    pub model: &'a dyn Model,
+    pub config: RunnerConfig,
+    /// Folder for the state file and batch files; None keeps everything in memory.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Runner<'_> {
+    /// Attacks `x` (N x C x H x W in [0,1], any device) with labels `y`; `indices` name the
+    /// samples in reports.
+    pub fn run(&self, x: &Tensor, y: &Tensor, indices: &[usize]) -> Result<RobustReport> {
+        let cfg = &self.config;
+        cfg.settings.validate()?;
+        if cfg.batch_size == 0 {
+            bail!("batch_size = 0: expected at least 1");
+        }
+        let n = x.size()[0] as usize;
+        if indices.len() != n || y.size() != [n as i64] {
+            bail!(
+                "{n} images, {} labels and {} indices",
+                y.numel(),
+                indices.len()
+            );
+        }
+        let device = self.model.device();
+        let k = self.model.num_classes() as i64;
+        let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
+        if n > 0 && (lo < 0 || hi >= k) {
+            bail!(
+                "labels range over [{lo}, {hi}] but the model has {k} classes (expected 0..{})",
+                k - 1
+            );
+        }
+        let started = Instant::now();
+        let mut state = match self.load_state()? {
+            Some(s) => s,
+            None => self.clean_pass(x, y, indices, device)?,
+        };
+        // Images produced so far: start from clean, replay batch files in order.
+        let mut x_adv = x.to_device(Device::Cpu).to_kind(Kind::Float).copy();
+        for b in &state.batches {
+            let path = self.batch_path(b);
+            let t = crate::models::checkpoint::read_tensors(&path)?;
+            let get = |name: &str| {
+                t.iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.shallow_clone())
+                    .with_context(|| format!("{}: no tensor '{name}'", path.display()))
+            };
+            let _ = x_adv.index_copy_(0, &get("positions")?, &get("images")?);
+        }
+        let total_attacks = cfg.attacks.len();
+        while state.next_attack < total_attacks {
+            let ai = state.next_attack;
+            let name = cfg.attacks[ai];
+            let attack = cfg.settings.build(name)?;
+            let queue = state.queue.get_or_insert_with(|| {
+                (0..n)
+                    .filter(|&i| state.records[i].broken_by.is_none())
+                    .collect()
+            });
+            let bar = crate::progress::bar(
+                queue.len() as u64,
+                &format!("{} ({}/{})", attack.name(), ai + 1, total_attacks),
+            );
+            if state.steps.len() == ai {
+                state.steps.push(AttackStep {
+                    attack: name.to_string(),
+                    robust_after: 0,
+                    robust_accuracy: 0.0,
+                    seconds: 0.0,
+                    grad: GradStats::default(),
+                    warning: None,
+                });
+            }
+            loop {
+                let queue = state.queue.as_mut().expect("set above");
+                if queue.is_empty() {
+                    break;
+                }
+                let t = Instant::now();
+                let take = queue.len().min(cfg.batch_size);
+                let chunk: Vec<usize> = queue[..take].to_vec();
+                let pos = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
+                let xb = x
+                    .index_select(0, &pos.to_device(x.device()))
+                    .to_device(device)
+                    .to_kind(Kind::Float);
+                let yb = y
+                    .index_select(0, &pos.to_device(y.device()))
+                    .to_device(device);
+                // The seed depends on the attack and the first sample only, not on history.
+                let seed =
+                    cfg.seed ^ ((ai as u64) << 40) ^ (chunk[0] as u64).wrapping_mul(0x9E37_79B9);
+                let out = attack.run(self.model, &xb, &yb, seed)?;
+                let adv = out.x_adv.detach();
+                check_budget(&adv, &xb, &attack.budget(), &attack.name())?;
+                let pred = tch::no_grad(|| self.model.logits(&adv)).argmax(-1, false);
+                let pred = Vec::<i64>::try_from(pred.to_device(Device::Cpu))?;
+                let norms = Vec::<f64>::try_from(
+                    attack
+                        .budget()
+                        .norm
+                        .measure(&(&adv - &xb))
+                        .to_device(Device::Cpu)
+                        .to_kind(Kind::Double),
+                )?;
+                for (j, &p) in chunk.iter().enumerate() {
+                    let r = &mut state.records[p];
+                    r.adv_pred = pred[j];
+                    r.perturbation_norm = norms[j];
+                    if pred[j] != r.label {
+                        r.broken_by = Some(name.to_string());
+                    }
+                }
+                let file = format!("{ai:02}-{}-{:06}.safetensors", name, chunk[0]);
+                let adv_cpu = adv.to_device(Device::Cpu);
+                if self.state_dir.is_some() {
+                    crate::io::write_safetensors(
+                        &self.batch_path(&file),
+                        &[
+                            ("positions".into(), pos.shallow_clone()),
+                            ("images".into(), adv_cpu.shallow_clone()),
+                        ],
+                    )?;
+                }
+                let _ = x_adv.index_copy_(0, &pos, &adv_cpu);
+                state.batches.push(file);
+                queue.drain(..take);
+                let step = &mut state.steps[ai];
+                step.grad.add(out.grad);
+                step.seconds += t.elapsed().as_secs_f64();
+                bar.inc(take as u64);
+                self.save_state(&state)?;
+            }
+            bar.finish_and_clear();
+            let robust = state
+                .records
+                .iter()
+                .filter(|r| r.broken_by.is_none())
+                .count();
+            let step = &mut state.steps[ai];
+            step.robust_after = robust;
+            step.robust_accuracy = robust as f64 / n.max(1) as f64;
+            let masked = step.grad.masked_fraction();
+            if masked > 0.01 {
+                step.warning = Some(format!(
+                    "{:.1} % of gradient evaluations were zero or non-finite: a sign of gradient masking, not robustness; attack through the offending stage with BPDA, or average stochastic gradients with --eot",
+                    100.0 * masked
+                ));
+            }
+            tracing::info!(
+                "{}: robust accuracy {:.2} % ({robust}/{n}) after {:.1} s",
+                name,
+                100.0 * step.robust_accuracy,
+                step.seconds
+            );
+            if let Some(w) = &step.warning {
+                tracing::warn!("{name}: {w}");
+            }
+            state.queue = None;
+            state.next_attack += 1;
+            self.save_state(&state)?;
+        }
+        let clean = state
+            .records
+            .iter()
+            .filter(|r| r.clean_pred == r.label)
+            .count();
+        let robust = state
+            .records
+            .iter()
+            .filter(|r| r.broken_by.is_none())
+            .count();
+        Ok(RobustReport {
+            config: cfg.clone(),
+            n,
+            clean_accuracy: clean as f64 / n.max(1) as f64,
+            robust_accuracy: robust as f64 / n.max(1) as f64,
+            steps: state.steps,
+            records: state.records,
+            seconds: started.elapsed().as_secs_f64(),
+            x_adv,
+        })
+    }
+
+    fn clean_pass(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        indices: &[usize],
+        device: Device,
+    ) -> Result<State> {
+        let n = x.size()[0] as usize;
+        let mut preds = Vec::with_capacity(n);
+        for start in (0..n).step_by(self.config.batch_size.max(1)) {
+            let len = (n - start).min(self.config.batch_size) as i64;
+            let xb = x
+                .narrow(0, start as i64, len)
+                .to_device(device)
+                .to_kind(Kind::Float);
+            let logits = tch::no_grad(|| self.model.logits(&xb));
+            if logits.size() != [len, self.model.num_classes() as i64] {
+                bail!(
+                    "the model returned logits of shape {:?} for {len} images; expected [{len}, {}]",
+                    logits.size(),
+                    self.model.num_classes()
+                );
+            }
+            preds.extend(Vec::<i64>::try_from(
+                logits.argmax(-1, false).to_device(Device::Cpu),
+            )?);
+        }
+        let labels = Vec::<i64>::try_from(y.to_device(Device::Cpu))?;
+        let records = (0..n)
+            .map(|i| SampleRecord {
+                index: indices[i],
+                label: labels[i],
+                clean_pred: preds[i],
+                adv_pred: preds[i],
+                broken_by: (preds[i] != labels[i]).then(|| "clean".to_string()),
+                perturbation_norm: 0.0,
+            })
+            .collect();
+        let state = State {
+            config: self.config.clone(),
+            records,
+            steps: Vec::new(),
+            next_attack: 0,
+            queue: None,
+            batches: Vec::new(),
+        };
+        self.save_state(&state)?;
+        Ok(state)
+    }
+
+    fn batch_path(&self, file: &str) -> PathBuf {
+        self.state_dir
+            .as_deref()
+            .unwrap_or(Path::new("."))
+            .join(BATCHES)
+            .join(file)
+    }
+
+    fn load_state(&self) -> Result<Option<State>> {
+        let Some(dir) = &self.state_dir else {
+            return Ok(None);
+        };
+        let path = dir.join(STATE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let state: State = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not an attack state file", path.display()))?;
+        if state.config != self.config {
+            bail!(
+                "{} holds an attack run with different settings (attacks, budget, seed, model or data); resume it with the same settings or choose another --out",
+                path.display()
+            );
+        }
+        if state.next_attack < state.config.attacks.len() {
+            tracing::info!(
+                "resuming {}: attack {}/{}",
+                path.display(),
+                state.next_attack + 1,
+                state.config.attacks.len()
+            );
+        } else {
+            tracing::info!("{}: all attacks already done", path.display());
+        }
+        Ok(Some(state))
+    }
+
+    fn save_state(&self, state: &State) -> Result<()> {
+        match &self.state_dir {
+            Some(dir) => crate::io::write_json(&dir.join(STATE), state),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Refuses results outside the threat model: an attack bug must never inflate a report.
+pub fn check_budget(adv: &Tensor, x: &Tensor, budget: &super::Budget, name: &str) -> Result<()> {
+    let (lo, hi) = (adv.min().double_value(&[]), adv.max().double_value(&[]));
+    if lo < 0.0 || hi > 1.0 || lo.is_nan() || hi.is_nan() {
+        bail!(
+            "{name} returned pixels outside [0,1] (min {lo}, max {hi}): this is a bug in the attack"
+        );
+    }
+    let worst = budget.norm.measure(&(adv - x)).max().double_value(&[]);
+    // Float32 rounding of x + delta can exceed eps by an ulp.
+    if worst > budget.eps * (1.0 + 1e-5) + 1e-6 {
+        bail!(
+            "{name} returned a perturbation of {} norm {worst} > eps {}: this is a bug in the attack",
+            budget.norm,
+            budget.eps
+        );
+    }
+    Ok(())
+}

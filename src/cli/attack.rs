@@ -1,0 +1,298 @@
+//! `atop attack`: runs attacks (or AutoAttack compositions) on a checkpoint over a seeded subset
+//! of a dataset split; writes results.json, the adversarial images and a PNG grid. The run is
+//! resumable: rerunning the same command continues an interrupted run.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use atop::attacks::loss::LossKind;
+use atop::attacks::runner::{self, Runner, RunnerConfig};
+use atop::attacks::{AttackSettings, Budget, Norm, parse_eps};
+use atop::data::subset::seeded_subset;
+use atop::models::Model;
+use atop::models::checkpoint;
+use atop::models::pipeline::{Bpda, Pipeline, Quantize};
+use atop::report::grid;
+use clap::Args as ClapArgs;
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use super::Global;
+
+#[derive(Debug, ClapArgs)]
+pub struct AttackArgs {
+    /// A checkpoint folder, one of its files, or a training run folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Attacks run in sequence on the still-robust points: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t,
+    /// or autoattack-rand (APGD-CE + APGD-DLR, EOT 20); comma-separated.
+    #[arg(long, default_value = "apgd-ce")]
+    pub attack: String,
+    #[arg(long, default_value = "linf", value_parser = |s: &str| s.parse::<Norm>())]
+    pub norm: Norm,
+    /// Budget: a number or a fraction such as 8/255.
+    #[arg(long, default_value = "8/255", value_parser = parse_eps)]
+    pub eps: f64,
+    /// Attack a seeded subset of this many images (default: the whole split).
+    #[arg(long)]
+    pub n: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Iterations (default: PGD 20, APGD 100).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// PGD step size (default eps/4).
+    #[arg(long, value_parser = parse_eps)]
+    pub step_size: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    pub restarts: usize,
+    /// PGD starts at a random point of the ball (pass false for the classic zero start).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub random_start: bool,
+    /// PGD objective.
+    #[arg(long, value_enum, default_value = "ce")]
+    pub loss: LossKind,
+    /// APGD-T target classes.
+    #[arg(long, default_value_t = 9)]
+    pub targets: usize,
+    /// Gradient samples averaged per step (Expectation over Transformation).
+    #[arg(long, default_value_t = 1)]
+    pub eot: usize,
+    /// Put an input quantisation to this many levels in front of the model (a non-differentiable
+    /// toy defence; combine with --bpda to attack through it).
+    #[arg(long)]
+    pub quantize: Option<u32>,
+    /// Differentiate through non-differentiable stages as the identity (BPDA).
+    #[arg(long)]
+    pub bpda: bool,
+    #[command(flatten)]
+    pub data: super::data::ModelDataArgs,
+    /// Output folder (default: runs/attack-<attacks>-<norm>-<eps>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    model: PathBuf,
+    defence: String,
+    dataset: String,
+    #[serde(flatten)]
+    report: &'a runner::RobustReport,
+    results: PathBuf,
+    images: PathBuf,
+    grid: PathBuf,
+}
+
+pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
+    let budget = Budget::new(a.norm, a.eps)?;
+    let mut settings = AttackSettings::new(budget);
+    settings.steps = a.steps;
+    settings.step_size = a.step_size;
+    settings.restarts = a.restarts;
+    settings.random_start = a.random_start;
+    settings.loss = a.loss;
+    settings.targets = a.targets;
+    settings.eot = a.eot;
+    let attacks = runner::expand(&a.attack, &mut settings)?;
+    settings.validate()?;
+    if a.bpda && a.quantize.is_none() {
+        bail!("--bpda needs a non-differentiable stage to approximate (e.g. --quantize 8)");
+    }
+
+    let dir = checkpoint::resolve(&a.model)?;
+    let (classifier, sidecar) = checkpoint::load(&dir, global.device)?;
+    let data_cfg = a.data.config_for(&sidecar, &dir)?;
+    let mut data = data_cfg.load(a.data.split)?;
+    if data.num_classes() != classifier.spec.num_classes {
+        bail!(
+            "the model has {} classes, the {} {} split has {}",
+            classifier.spec.num_classes,
+            data.name,
+            a.data.split.as_str(),
+            data.num_classes()
+        );
+    }
+    let indices = match a.n {
+        Some(n) => seeded_subset(data.len(), n, a.seed)?,
+        None => (0..data.len()).collect(),
+    };
+    data = data.select(&indices);
+    let (x, y) = data.tensors(&(0..data.len()).collect::<Vec<_>>());
+
+    let stages: Vec<Box<dyn atop::models::pipeline::Stage>> = match (a.quantize, a.bpda) {
+        (Some(levels), false) => vec![Box::new(Quantize { levels })],
+        (Some(levels), true) => vec![Box::new(Bpda::identity(Quantize { levels }))],
+        (None, _) => Vec::new(),
+    };
+    let pipeline = Pipeline {
+        stages,
+        model: &classifier,
+    };
+    let model: &dyn Model = &pipeline;
+    if model.is_stochastic() && settings.eot == 1 {
+        tracing::warn!("the model is stochastic and --eot is 1: gradients are single samples");
+    }
+
+    let names: Vec<String> = attacks.iter().map(|a| a.to_string()).collect();
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "attack-{}-{}-{:.5}",
+            names.join("+"),
+            a.norm,
+            a.eps
+        ))
+    });
+    let config = RunnerConfig {
+        attacks,
+        settings,
+        batch_size: a.batch_size,
+        seed: a.seed,
+        model: format!("{} [{}]", dir.display(), model.describe()),
+        data: format!(
+            "{} {} n={} seed={}",
+            data_cfg.dataset.as_str(),
+            a.data.split.as_str(),
+            indices.len(),
+            a.seed
+        ),
+    };
+    let runner = Runner {
+        model,
+        config,
+        state_dir: Some(out.clone()),
+    };
+    let report = runner.run(&x, &y, &indices)?;
+
+    let results = out.join("results.json");
+    let images = out.join("adversarial.safetensors");
+    let grid_path = out.join("grid.png");
+    let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    atop::io::write_safetensors(
+        &images,
+        &[
+            ("images".into(), report.x_adv.shallow_clone()),
+            ("clean".into(), x.to_kind(Kind::Float)),
+            ("indices".into(), idx),
+            ("labels".into(), y.shallow_clone()),
+        ],
+    )?;
+    write_grid(&x, &report, &grid_path, &data.class_names)?;
+    let output = Output {
+        model: dir,
+        defence: model.describe(),
+        dataset: data_cfg.dataset.as_str().into(),
+        report: &report,
+        results: results.clone(),
+        images,
+        grid: grid_path,
+    };
+    atop::io::write_json(&results, &output)?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&output)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}) on {} images, {} eps {:.5}: clean {:.2}%",
+        output.model.display(),
+        output.defence,
+        report.n,
+        a.norm,
+        a.eps,
+        100.0 * report.clean_accuracy
+    );
+    for s in &report.steps {
+        println!(
+            "  after {:<10} robust {:>6.2}%  ({:.1} s)",
+            s.attack,
+            100.0 * s.robust_accuracy,
+            s.seconds
+        );
+        if let Some(w) = &s.warning {
+            println!("    WARNING: {w}");
+        }
+    }
+    println!(
+        "wrote {}, {} and {}",
+        output.results.display(),
+        output.images.display(),
+        output.grid.display()
+    );
+    Ok(())
+}
+
+/// Rows: clean, adversarial, perturbation amplified to the full range, for up to 8 samples
+/// (broken ones first).
+fn write_grid(
+    x: &Tensor,
+    report: &runner::RobustReport,
+    path: &std::path::Path,
+    class_names: &[String],
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..report.n)
+        .filter(|&i| {
+            report.records[i]
+                .broken_by
+                .as_deref()
+                .is_some_and(|b| b != "clean")
+        })
+        .collect();
+    let rest: Vec<usize> = (0..report.n).filter(|i| !order.contains(i)).collect();
+    order.extend(rest);
+    order.truncate(8);
+    if order.is_empty() {
+        return Ok(());
+    }
+    let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let clean = x.index_select(0, &pos).to_kind(Kind::Float);
+    let adv = report.x_adv.index_select(0, &pos);
+    let delta = &adv - &clean;
+    let scale = delta.abs().amax([1, 2, 3], true).clamp_min(1e-12);
+    let amplified = (delta / scale * 0.5 + 0.5).clamp(0.0, 1.0);
+    let to_bytes = |t: &Tensor| -> Result<Vec<Vec<u8>>> {
+        let hwc = (t * 255.0)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8)
+            .permute([0, 2, 3, 1])
+            .contiguous();
+        (0..hwc.size()[0])
+            .map(|i| Ok(Vec::<u8>::try_from(hwc.get(i).reshape([-1]))?))
+            .collect()
+    };
+    let (c, v, d) = (to_bytes(&clean)?, to_bytes(&adv)?, to_bytes(&amplified)?);
+    let (h, w) = (x.size()[2] as usize, x.size()[3] as usize);
+    let label = |i: usize| {
+        let r = &report.records[i];
+        let name = |k: i64| {
+            class_names
+                .get(k as usize)
+                .cloned()
+                .unwrap_or(k.to_string())
+        };
+        format!("{} -> {}", name(r.clean_pred), name(r.adv_pred))
+    };
+    let caption = order
+        .iter()
+        .map(|&i| label(i))
+        .collect::<Vec<_>>()
+        .join(" | ");
+    tracing::info!("grid columns: {caption}");
+    let rows = [
+        grid::Row {
+            label: "clean".into(),
+            images: c.iter().map(|b| b.as_slice()).collect(),
+        },
+        grid::Row {
+            label: "adversarial".into(),
+            images: v.iter().map(|b| b.as_slice()).collect(),
+        },
+        grid::Row {
+            label: "perturbation".into(),
+            images: d.iter().map(|b| b.as_slice()).collect(),
+        },
+    ];
+    grid::save_png(&grid::labelled_rows(&rows, h, w), path)
+}

@@ -1,0 +1,551 @@
+//! The attack suite on a real (small, quickly trained) CIFAR-10 classifier: invariants that any
+//! correct attack satisfies, gradient-masking detection, BPDA, a resumed run that reaches the
+//! same result, and agreement with torchattacks on the same weights and images.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use atop::attacks::loss::LossKind;
+use atop::attacks::pgd::Pgd;
+use atop::attacks::runner::{Runner, RunnerConfig, check_budget};
+use atop::attacks::{Attack, AttackName, AttackSettings, Budget, Norm};
+use atop::data::subset::seeded_subset;
+use atop::data::{DataConfig, DatasetKind, Split};
+use atop::models::pipeline::{Bpda, Pipeline, Quantize};
+use atop::models::{Classifier, Model, checkpoint};
+use atop::train::classifier::{TrainClassifierConfig, train};
+use common::*;
+use tch::{Device, Kind, Tensor};
+
+const TRAIN: &str = r#"
+arch = "airnet-32-64-128"
+epochs = 4
+batch_size = 256
+lr = 0.375
+schedule = "one-cycle"
+warmup_epochs = 0.9
+label_smoothing = 0.2
+train_subset = 10000
+test_subset = 500
+seed = 0
+crop_pad = 2
+precision = "bf16"
+[data]
+dataset = "cifar10"
+[sgd]
+momentum = 0.85
+nesterov = true
+weight_decay = 0.00133
+decay_bn_and_bias = true
+bias_lr_scale = 64.0
+"#;
+
+/// A classifier trained once per test binary (about half a minute) on 10,000 CIFAR-10 images.
+fn model_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // SAFETY: set before any thread reads the environment for data paths.
+        unsafe { std::env::set_var("ATOP_DATA_DIR", data_dir()) };
+        let dir = tempfile::tempdir().unwrap().keep().join("model");
+        let cfg = TrainClassifierConfig::from_toml(TRAIN, "test config").unwrap();
+        let summary = train(&cfg, &dir, Device::Cpu, false).unwrap();
+        eprintln!(
+            "attack-test classifier: {:.2} % test accuracy",
+            100.0 * summary.test_acc
+        );
+        assert!(
+            summary.test_acc > 0.55,
+            "the test classifier only reached {}",
+            summary.test_acc
+        );
+        dir
+    })
+}
+
+fn model() -> Classifier {
+    checkpoint::load(model_dir(), Device::Cpu).unwrap().0
+}
+
+/// `n` CIFAR-10 test images (seeded subset) and labels.
+fn images(n: usize) -> (Tensor, Tensor, Vec<usize>) {
+    let cfg = DataConfig {
+        root: Some(cifar10_jpg()),
+        ..DataConfig::new(DatasetKind::Cifar10)
+    };
+    let data = cfg.load(Split::Test).unwrap();
+    let idx = seeded_subset(data.len(), n, 1).unwrap();
+    let (x, y) = data.tensors(&idx);
+    (x.to_kind(Kind::Float).contiguous(), y, idx)
+}
+
+fn settings(norm: Norm, eps: f64) -> AttackSettings {
+    AttackSettings::new(Budget::new(norm, eps).unwrap())
+}
+
+fn robust(model: &dyn Model, attacks: &[AttackName], s: AttackSettings, n: usize) -> f64 {
+    let (x, y, idx) = images(n);
+    let runner = Runner {
+        model,
+        config: RunnerConfig {
+            attacks: attacks.to_vec(),
+            settings: s,
+            batch_size: 128,
+            seed: 0,
+            model: "test".into(),
+            data: "test".into(),
+        },
+        state_dir: None,
+    };
+    runner.run(&x, &y, &idx).unwrap().robust_accuracy
+}
+
+fn accuracy(model: &dyn Model, x: &Tensor, y: &Tensor) -> f64 {
+    let pred = tch::no_grad(|| model.logits(x)).argmax(-1, false);
+    pred.eq_tensor(y)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[])
+}
+
+#[test]
+fn every_attack_stays_inside_the_ball_and_the_image_range() {
+    let m = model();
+    let (x, y, _) = images(24);
+    for (norm, eps) in [(Norm::Linf, 8.0 / 255.0), (Norm::L2, 0.5)] {
+        for (name, _) in AttackName::ALL {
+            let mut s = settings(norm, eps);
+            s.steps = Some(10);
+            s.restarts = 2;
+            s.targets = 3;
+            let attack = s.build(name.parse().unwrap()).unwrap();
+            let out = attack.run(&m, &x, &y, 7).unwrap();
+            check_budget(&out.x_adv, &x, &attack.budget(), name).unwrap();
+            let worst = norm.measure(&(&out.x_adv - &x)).max().double_value(&[]);
+            assert!(
+                worst <= eps * (1.0 + 1e-5),
+                "{name} {norm}: {worst} > {eps}"
+            );
+            assert!(out.x_adv.min().double_value(&[]) >= 0.0);
+            assert!(out.x_adv.max().double_value(&[]) <= 1.0);
+            assert!(
+                accuracy(&m, &out.x_adv, &y) < accuracy(&m, &x, &y),
+                "{name} {norm} did nothing"
+            );
+        }
+    }
+}
+
+#[test]
+fn pgd20_at_8_255_breaks_an_undefended_classifier() {
+    let m = model();
+    let r = robust(
+        &m,
+        &[AttackName::Pgd],
+        settings(Norm::Linf, 8.0 / 255.0),
+        200,
+    );
+    assert!(r < 0.03, "robust accuracy {r} after PGD-20 at 8/255");
+}
+
+#[test]
+fn robust_accuracy_falls_with_eps_and_unbounded_eps_reaches_chance() {
+    let m = model();
+    let mut last = f64::INFINITY;
+    let mut seen = Vec::new();
+    for eps in [0.0, 0.25, 0.5, 1.0, 2.0] {
+        let mut s = settings(Norm::Linf, eps / 255.0);
+        s.steps = Some(10);
+        let r = robust(&m, &[AttackName::Pgd], s, 200);
+        seen.push((eps, r));
+        assert!(r <= last, "robust accuracy rose with eps: {seen:?}");
+        last = r;
+    }
+    assert!(seen[0].1 > seen[4].1 + 0.2, "eps barely matters: {seen:?}");
+    // eps = 1 in Linf allows any image.
+    let mut s = settings(Norm::Linf, 1.0);
+    s.steps = Some(10);
+    s.step_size = Some(0.1);
+    let r = robust(&m, &[AttackName::Pgd], s, 200);
+    assert!(
+        r <= 0.1,
+        "unbounded attack left {r} robust accuracy (chance is 0.1)"
+    );
+}
+
+#[test]
+fn more_iterations_and_more_steps_never_help_the_defender() {
+    let m = model();
+    let eps = 1.0 / 255.0;
+    let mut s = settings(Norm::Linf, eps);
+    s.steps = Some(10);
+    let apgd10 = robust(&m, &[AttackName::ApgdCe], s.clone(), 200);
+    s.steps = Some(100);
+    let apgd100 = robust(&m, &[AttackName::ApgdCe], s, 200);
+    assert!(
+        apgd100 <= apgd10,
+        "APGD-CE 100 steps {apgd100} > 10 steps {apgd10}"
+    );
+    let fgsm = robust(&m, &[AttackName::Fgsm], settings(Norm::Linf, eps), 200);
+    let pgd = robust(&m, &[AttackName::Pgd], settings(Norm::Linf, eps), 200);
+    assert!(pgd <= fgsm, "PGD-20 {pgd} > FGSM {fgsm}");
+    // Adding attacks can only lower robust accuracy.
+    let both = robust(
+        &m,
+        &[AttackName::Fgsm, AttackName::Pgd],
+        settings(Norm::Linf, eps),
+        200,
+    );
+    assert!(both <= pgd.min(fgsm));
+    eprintln!("eps 1/255: fgsm {fgsm}, pgd-20 {pgd}, apgd-ce-10 {apgd10}, apgd-ce-100 {apgd100}");
+}
+
+#[test]
+fn targeted_pgd_reaches_its_targets() {
+    let m = model();
+    let (x, y, _) = images(64);
+    let target = (&y + 1).remainder(10);
+    let attack = Pgd {
+        budget: Budget::new(Norm::Linf, 16.0 / 255.0).unwrap(),
+        steps: 30,
+        step_size: 2.0 / 255.0,
+        random_start: true,
+        restarts: 1,
+        loss: LossKind::Margin,
+        target: Some(target.shallow_clone()),
+        eot: 1,
+    };
+    let out = attack.run(&m, &x, &y, 0).unwrap();
+    let hit = accuracy(&m, &out.x_adv, &target);
+    assert!(
+        hit > 0.9,
+        "only {hit} of the samples reached their target class"
+    );
+}
+
+#[test]
+fn zero_gradients_are_flagged_and_bpda_attacks_through_them() {
+    let m = model();
+    // 256 levels on 8-bit images: the forward pass is unchanged, the gradient is zero.
+    let masked = Pipeline {
+        stages: vec![Box::new(Quantize { levels: 256 })],
+        model: &m,
+    };
+    let bpda = Pipeline {
+        stages: vec![Box::new(Bpda::identity(Quantize { levels: 256 }))],
+        model: &m,
+    };
+    let (x, y, idx) = images(100);
+    let run = |model: &dyn Model| {
+        let mut s = settings(Norm::Linf, 8.0 / 255.0);
+        s.random_start = false;
+        Runner {
+            model,
+            config: RunnerConfig {
+                attacks: vec![AttackName::Pgd],
+                settings: s,
+                batch_size: 100,
+                seed: 0,
+                model: "test".into(),
+                data: "test".into(),
+            },
+            state_dir: None,
+        }
+        .run(&x, &y, &idx)
+        .unwrap()
+    };
+    let fooled = run(&masked);
+    let honest = run(&bpda);
+    assert_eq!(fooled.clean_accuracy, honest.clean_accuracy);
+    assert_eq!(
+        fooled.robust_accuracy, fooled.clean_accuracy,
+        "zero gradients moved nothing"
+    );
+    let warning = fooled.steps[0].warning.as_deref().unwrap_or_default();
+    assert!(
+        warning.contains("gradient masking"),
+        "no warning: {:?}",
+        fooled.steps[0]
+    );
+    assert!(
+        honest.robust_accuracy < 0.05,
+        "BPDA left {}",
+        honest.robust_accuracy
+    );
+    assert!(honest.steps[0].warning.is_none());
+}
+
+fn attack_cmd(out: &Path) -> Command {
+    let mut c = atop();
+    c.env("ATOP_DATA_DIR", data_dir()).args([
+        "--json",
+        "--threads",
+        "1",
+        "attack",
+        "--attack",
+        "pgd,apgd-ce",
+        "--eps",
+        "1/255",
+        "--n",
+        "96",
+        "--batch-size",
+        "16",
+        "--steps",
+        "15",
+        "--model",
+    ]);
+    c.arg(model_dir()).arg("--out").arg(out);
+    c
+}
+
+#[test]
+fn a_killed_attack_run_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let full = run_json(&mut attack_cmd(&a));
+    let mut child = attack_cmd(&b)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let batches = |d: &Path| {
+        std::fs::read_dir(d.join("batches"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    while batches(&b) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no progress after 5 minutes"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!b.join("results.json").exists());
+    let resumed = run_json(&mut attack_cmd(&b));
+    assert_eq!(full["records"], resumed["records"]);
+    assert_eq!(full["robust_accuracy"], resumed["robust_accuracy"]);
+    let read = |d: &Path| {
+        let mut t = Tensor::read_safetensors(d.join("adversarial.safetensors")).unwrap();
+        t.sort_by(|x, y| x.0.cmp(&y.0));
+        t
+    };
+    for ((na, ta), (nb, tb)) in read(&a).iter().zip(&read(&b)) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resuming");
+    }
+    assert!(b.join("grid.png").exists());
+    // Rerunning a finished run changes nothing; other settings in the same folder are refused.
+    assert_eq!(run_json(&mut attack_cmd(&b))["records"], full["records"]);
+    let out = atop()
+        .env("ATOP_DATA_DIR", data_dir())
+        .args([
+            "attack", "--attack", "pgd", "--eps", "2/255", "--n", "96", "--model",
+        ])
+        .arg(model_dir())
+        .arg("--out")
+        .arg(&b)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("different settings"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_attack_inputs_are_clear_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--eps=-1"], "non-negative"),
+        (&["--eps", "nan"], "finite"),
+        (&["--eps", "8"], "8/255"),
+        (&["--norm", "l3"], "linf or l2"),
+        (&["--attack", "deepfool"], "unknown attack 'deepfool'"),
+        (&["--attack", "autoattack-standard"], "FAB-T"),
+        (&["--steps", "0"], "steps = 0"),
+        (&["--bpda"], "--quantize"),
+    ];
+    for (args, expected) in cases {
+        let out = atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["attack", "--n", "4", "--model"])
+            .arg(model_dir())
+            .args(*args)
+            .arg("--out")
+            .arg(tempfile::tempdir().unwrap().path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected '{expected}' in: {err}"
+        );
+    }
+    // A model whose output has the wrong number of classes, and labels out of range.
+    let m = model();
+    let (x, y, idx) = images(8);
+    let runner = |y: &Tensor| {
+        Runner {
+            model: &m,
+            config: RunnerConfig {
+                attacks: vec![AttackName::Fgsm],
+                settings: settings(Norm::Linf, 0.01),
+                batch_size: 8,
+                seed: 0,
+                model: "test".into(),
+                data: "test".into(),
+            },
+            state_dir: None,
+        }
+        .run(&x, y, &idx)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    assert!(runner(&(&y + 10)).contains("labels range over"));
+    struct Five<'a>(&'a Classifier);
+    impl Model for Five<'_> {
+        fn logits(&self, x: &Tensor) -> Tensor {
+            self.0.logits(x).narrow(1, 0, 5)
+        }
+        fn num_classes(&self) -> usize {
+            10
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn describe(&self) -> String {
+            "five".into()
+        }
+    }
+    let five = Five(&m);
+    let err = Runner {
+        model: &five,
+        config: RunnerConfig {
+            attacks: vec![AttackName::Fgsm],
+            settings: settings(Norm::Linf, 0.01),
+            batch_size: 8,
+            seed: 0,
+            model: "test".into(),
+            data: "test".into(),
+        },
+        state_dir: None,
+    }
+    .run(&x, &y, &idx)
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("logits of shape [8, 5]"), "{err}");
+}
+
+/// Runs bench/reference/attacks_reference.py (torchattacks) on the same weights and images.
+fn reference(attack: &str, data: &Path, extra: &[&str]) -> serde_json::Value {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference/attacks_reference.py");
+    let ckpt = checkpoint::resolve(model_dir()).unwrap();
+    let out = Command::new(atop::runtime::venv_python())
+        .arg(script)
+        .arg("--model")
+        .arg(ckpt)
+        .arg("--data")
+        .arg(data)
+        .args(["--attack", attack])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn agrees_with_torchattacks_on_the_same_weights_and_images() {
+    let m = model();
+    let (x, y, idx) = images(256);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data.safetensors");
+    Tensor::write_safetensors(&[("x", &x), ("y", &y)], &data).unwrap();
+    let eps = 1.0 / 255.0;
+
+    // PGD without random start is deterministic: must agree within 0.5 points.
+    let mut s = settings(Norm::Linf, eps);
+    s.steps = Some(10);
+    s.step_size = Some(eps / 4.0);
+    s.random_start = false;
+    let ours = robust_on(&m, AttackName::Pgd, s, &x, &y, &idx);
+    let eps_s = eps.to_string();
+    let alpha = (eps / 4.0).to_string();
+    let theirs = reference(
+        "pgd",
+        &data,
+        &[
+            "--eps",
+            &eps_s,
+            "--alpha",
+            &alpha,
+            "--steps",
+            "10",
+            "--random-start",
+            "0",
+        ],
+    )["robust_accuracy"]
+        .as_f64()
+        .unwrap();
+    eprintln!("PGD-10 linf 1/255: atop {ours:.4}, torchattacks {theirs:.4}");
+    assert!(
+        (ours - theirs).abs() <= 0.005,
+        "PGD: atop {ours}, torchattacks {theirs}"
+    );
+
+    // APGD-CE, 100 iterations: within 1 point.
+    let mut s = settings(Norm::Linf, eps);
+    s.steps = Some(100);
+    let ours = robust_on(&m, AttackName::ApgdCe, s, &x, &y, &idx);
+    let theirs =
+        reference("apgd-ce", &data, &["--eps", &eps_s, "--steps", "100"])["robust_accuracy"]
+            .as_f64()
+            .unwrap();
+    eprintln!("APGD-CE-100 linf 1/255: atop {ours:.4}, torchattacks {theirs:.4}");
+    assert!(
+        (ours - theirs).abs() <= 0.01,
+        "APGD-CE: atop {ours}, torchattacks {theirs}"
+    );
+}
+
+fn robust_on(
+    m: &dyn Model,
+    name: AttackName,
+    s: AttackSettings,
+    x: &Tensor,
+    y: &Tensor,
+    idx: &[usize],
+) -> f64 {
+    Runner {
+        model: m,
+        config: RunnerConfig {
+            attacks: vec![name],
+            settings: s,
+            batch_size: 256,
+            seed: 0,
+            model: "test".into(),
+            data: "test".into(),
+        },
+        state_dir: None,
+    }
+    .run(x, y, idx)
+    .unwrap()
+    .robust_accuracy
+}
