@@ -121,7 +121,13 @@ fn every_attack_stays_inside_the_ball_and_the_image_range() {
             s.steps = Some(10);
             s.restarts = 2;
             s.targets = 3;
+            s.queries = 60;
             let attack = s.build(name.parse().unwrap()).unwrap();
+            if *name == "square" && norm == Norm::L2 {
+                let err = attack.run(&m, &x, &y, 7).map(|_| ()).unwrap_err();
+                assert!(err.to_string().contains("only the linf"), "{err}");
+                continue;
+            }
             let out = attack.run(&m, &x, &y, 7).unwrap();
             check_budget(&out.x_adv, &x, &attack.budget(), name).unwrap();
             let worst = norm.measure(&(&out.x_adv - &x)).max().double_value(&[]);
@@ -276,6 +282,30 @@ fn zero_gradients_are_flagged_and_bpda_attacks_through_them() {
         honest.robust_accuracy
     );
     assert!(honest.steps[0].warning.is_none());
+    // A black-box attack does not need the gradient the quantisation hides.
+    let mut s = settings(Norm::Linf, 8.0 / 255.0);
+    s.queries = 300;
+    let square = Runner {
+        model: &masked,
+        config: RunnerConfig {
+            attacks: vec![AttackName::Square],
+            settings: s,
+            batch_size: 100,
+            seed: 0,
+            model: "test".into(),
+            data: "test".into(),
+        },
+        state_dir: None,
+    }
+    .run(&x, &y, &idx)
+    .unwrap();
+    assert!(
+        square.robust_accuracy < 0.5 * square.clean_accuracy,
+        "square, 300 queries: {} robust of {} clean",
+        square.robust_accuracy,
+        square.clean_accuracy
+    );
+    assert_eq!(square.steps[0].grad.evaluations, 0);
 }
 
 fn attack_cmd(out: &Path) -> Command {
@@ -371,6 +401,7 @@ fn bad_attack_inputs_are_clear_errors() {
         (&["--norm", "l3"], "linf or l2"),
         (&["--attack", "deepfool"], "unknown attack 'deepfool'"),
         (&["--attack", "autoattack-standard"], "FAB-T"),
+        (&["--attack", "square", "--p-init", "1.5"], "p_init"),
         (&["--steps", "0"], "steps = 0"),
         (&["--bpda"], "--quantize"),
     ];

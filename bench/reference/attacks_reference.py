@@ -6,8 +6,8 @@ architecture (models.py), reads images and labels from a safetensors file (x: N 
 [0,1], y: N int64), runs one torchattacks attack in batches and prints one JSON line:
   {"attack", "n", "robust_accuracy", "correct": [0/1 per sample], "seconds", "img_per_s"}
 
-Usage: python attacks_reference.py --model CKPT_DIR --data FILE --attack pgd|apgd-ce|apgd-dlr|apgd-t
-       [--norm Linf|L2] [--eps 0.0313] [--steps 20] [--alpha 0.0078] [--random-start 0|1]
+Usage: python attacks_reference.py --model CKPT_DIR --data FILE --attack pgd|apgd-ce|apgd-dlr|apgd-t|square
+       [--norm Linf|L2] [--eps 0.0313] [--steps 20 (square: queries)] [--alpha 0.0078] [--random-start 0|1]
        [--batch 256] [--seed 0] [--threads N] [--channels-last 0|1]
 """
 import argparse
@@ -68,6 +68,9 @@ def make_attack(a, model, classes):
     if a.attack == "apgd-t":
         return torchattacks.APGDT(model, norm=a.norm, eps=a.eps, steps=a.steps, n_restarts=1, seed=a.seed,
                                   eot_iter=1, rho=0.75, n_classes=classes)
+    if a.attack == "square":
+        return torchattacks.Square(model, norm=a.norm, eps=a.eps, n_queries=a.steps, n_restarts=1, p_init=0.8,
+                                   loss="margin", resc_schedule=True, seed=a.seed)
     raise SystemExit(f"unknown attack {a.attack}")
 
 

@@ -12,6 +12,7 @@ pub mod loss;
 pub mod norm;
 pub mod pgd;
 pub mod runner;
+pub mod square;
 
 use std::fmt;
 use std::str::FromStr;
@@ -136,6 +137,7 @@ pub enum AttackName {
     ApgdCe,
     ApgdDlr,
     ApgdT,
+    Square,
 }
 
 impl AttackName {
@@ -145,6 +147,7 @@ impl AttackName {
         ("apgd-ce", AttackName::ApgdCe),
         ("apgd-dlr", AttackName::ApgdDlr),
         ("apgd-t", AttackName::ApgdT),
+        ("square", AttackName::Square),
     ];
 }
 
@@ -198,6 +201,9 @@ pub struct AttackSettings {
     pub targets: usize,
     /// Gradient samples averaged per step (EOT), for stochastic models.
     pub eot: usize,
+    /// Square: model queries per sample (default 5,000) and initial window fraction (0.8).
+    pub queries: usize,
+    pub p_init: f64,
 }
 
 impl AttackSettings {
@@ -211,6 +217,8 @@ impl AttackSettings {
             loss: loss::LossKind::Ce,
             targets: 9,
             eot: 1,
+            queries: 5000,
+            p_init: 0.8,
         }
     }
 
@@ -228,6 +236,12 @@ impl AttackSettings {
             && !(a.is_finite() && a > 0.0)
         {
             bail!("step_size = {a}: expected a positive number");
+        }
+        if self.queries == 0 {
+            bail!("queries = 0: expected at least 1");
+        }
+        if !(self.p_init > 0.0 && self.p_init <= 1.0) {
+            bail!("p_init = {}: expected a fraction in (0, 1]", self.p_init);
         }
         if self.targets == 0 {
             bail!("targets = 0: APGD-T needs at least one target class");
@@ -252,6 +266,12 @@ impl AttackSettings {
                 loss: self.loss,
                 target: None,
                 eot: self.eot,
+            }),
+            AttackName::Square => Box::new(square::Square {
+                budget: b,
+                queries: self.queries,
+                p_init: self.p_init,
+                restarts: self.restarts,
             }),
             AttackName::ApgdCe | AttackName::ApgdDlr | AttackName::ApgdT => Box::new(apgd::Apgd {
                 budget: b,

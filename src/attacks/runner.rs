@@ -30,7 +30,7 @@ pub fn expand(list: &str, settings: &mut AttackSettings) -> Result<Vec<AttackNam
                 }
             }
             "autoattack-standard" => bail!(
-                "autoattack-standard needs FAB-T and Square, which atop does not implement yet; run --attack apgd-ce,apgd-t for its gradient-based part"
+                "autoattack-standard needs FAB-T, which atop does not implement yet; --attack apgd-ce,apgd-t,square runs the other three of its four attacks"
             ),
             other => out.push(other.parse().map_err(anyhow::Error::msg)?),
         }

@@ -25,7 +25,7 @@ pub struct AttackArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Attacks run in sequence on the still-robust points: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t,
-    /// or autoattack-rand (APGD-CE + APGD-DLR, EOT 20); comma-separated.
+    /// square (linf), or autoattack-rand (APGD-CE + APGD-DLR, EOT 20); comma-separated.
     #[arg(long, default_value = "apgd-ce")]
     pub attack: String,
     #[arg(long, default_value = "linf", value_parser = |s: &str| s.parse::<Norm>())]
@@ -57,6 +57,12 @@ pub struct AttackArgs {
     /// APGD-T target classes.
     #[arg(long, default_value_t = 9)]
     pub targets: usize,
+    /// Square: queries per sample.
+    #[arg(long, default_value_t = 5000)]
+    pub queries: usize,
+    /// Square: initial fraction of the image a proposal window covers.
+    #[arg(long, default_value_t = 0.8)]
+    pub p_init: f64,
     /// Gradient samples averaged per step (Expectation over Transformation).
     #[arg(long, default_value_t = 1)]
     pub eot: usize,
@@ -96,6 +102,8 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
     settings.loss = a.loss;
     settings.targets = a.targets;
     settings.eot = a.eot;
+    settings.queries = a.queries;
+    settings.p_init = a.p_init;
     let attacks = runner::expand(&a.attack, &mut settings)?;
     settings.validate()?;
     if a.bpda && a.quantize.is_none() {
