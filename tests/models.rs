@@ -122,7 +122,12 @@ fn write_weights(path: &std::path::Path, tensors: &[(String, Tensor)]) {
 }
 
 fn all_weights(m: &Classifier) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = m.vs.variables().into_iter().collect();
+    // Contiguous copies: on the CPU conv weights are stored channels-last.
+    let mut v: Vec<(String, Tensor)> =
+        m.vs.variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.contiguous()))
+            .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }

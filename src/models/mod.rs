@@ -227,6 +227,9 @@ impl Classifier {
                 Box::new(airnet::AirNet::new(&root, widths, spec.num_classes))
             }
         };
+        if device == Device::Cpu {
+            channels_last_weights(&vs);
+        }
         let mean = Tensor::from_slice(&spec.mean)
             .to_kind(tch::Kind::Float)
             .view([1, 3, 1, 1])
@@ -287,6 +290,21 @@ impl Classifier {
             .map(|t| t.numel() as i64)
             .sum()
     }
+}
+
+/// Stores 4-D weights in channels-last (NHWC) memory order, keeping their logical shape. With
+/// channels-last inputs oneDNN then runs without reordering the weights on every pass (measured
+/// with PyTorch on WRN-28-10, input gradient, batch 8: 0.89 s with NCHW weights, 0.77 s with
+/// NHWC). Values and names are unchanged; checkpoints are written contiguous (NCHW).
+fn channels_last_weights(vs: &nn::VarStore) {
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            if v.dim() == 4 {
+                let nhwc = v.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+                v.set_data(&nhwc);
+            }
+        }
+    });
 }
 
 /// `nn::ConvConfig` for a bias-free conv with He (fan-out) init, as torchvision and RobustBench do.

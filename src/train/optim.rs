@@ -110,8 +110,10 @@ impl Sgd {
             .iter()
             .zip(&self.momentum)
             .filter_map(|((name, _), b)| {
-                b.as_ref()
-                    .map(|b| (format!("momentum.{name}"), b.to_device(tch::Device::Cpu)))
+                b.as_ref().map(|b| {
+                    let b = b.to_device(tch::Device::Cpu).contiguous();
+                    (format!("momentum.{name}"), b)
+                })
             })
             .collect()
     }
