@@ -6,18 +6,23 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// Writes `path` via `<path>.tmp` + fsync + rename, creating the parent folder.
-pub fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
-) -> Result<()> {
+/// Creates `path`'s parent folder and returns `<path>.tmp`.
+fn prepare_tmp(path: &Path) -> Result<std::path::PathBuf> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    Ok(std::path::PathBuf::from(tmp))
+}
+
+/// Writes `path` via `<path>.tmp` + fsync + rename, creating the parent folder.
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
+) -> Result<()> {
+    let tmp = prepare_tmp(path)?;
     let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut out = BufWriter::new(file);
     let result = write(&mut out).and_then(|_| {
@@ -45,13 +50,7 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
 
 /// Writes named tensors as safetensors via `<path>.tmp` + rename.
 pub fn write_safetensors(path: &Path, tensors: &[(String, tch::Tensor)]) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    let tmp = prepare_tmp(path)?;
     let contiguous: Vec<(String, tch::Tensor)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.contiguous()))

@@ -317,12 +317,8 @@ fn models(args: ModelBenchArgs, global: &Global) -> Result<()> {
 /// Runs bench/reference/bench_models.py with the venv's PyTorch on the same settings.
 fn pytorch_timing(arch: &str, args: &ModelBenchArgs, threads: usize) -> Result<ModelTiming> {
     use anyhow::Context;
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/reference/bench_models.py");
-    let python = atop::runtime::venv_python();
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .args(["--arch", arch])
+    let (script, mut cmd) = reference_script("bench_models.py");
+    cmd.args(["--arch", arch])
         .args(["--batch", &args.batch.to_string()])
         .args(["--steps", &args.steps.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
@@ -335,21 +331,8 @@ fn pytorch_timing(arch: &str, args: &ModelBenchArgs, threads: usize) -> Result<M
             } else {
                 "f32"
             },
-        ])
-        .output()
-        .with_context(|| {
-            format!(
-                "cannot run {} (run scripts/setup.sh, or pass --no-reference)",
-                python.display()
-            )
-        })?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+        ]);
+    let out = run_reference(&script, &mut cmd)?;
     let line = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(line.trim())
         .with_context(|| format!("unexpected output from {}: {line}", script.display()))
@@ -477,12 +460,8 @@ fn torchattacks_timing(
     threads: usize,
 ) -> Result<f64> {
     use anyhow::Context;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("bench/reference/attacks_reference.py");
-    let python = atop::runtime::venv_python();
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg("--model")
+    let (script, mut cmd) = reference_script("attacks_reference.py");
+    cmd.arg("--model")
         .arg(ckpt)
         .arg("--data")
         .arg(data)
@@ -491,14 +470,37 @@ fn torchattacks_timing(
         .args(["--eps", &(8.0f64 / 255.0).to_string()])
         .args(["--alpha", &(2.0f64 / 255.0).to_string()])
         .args(["--batch", &batch.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .output()
-        .with_context(|| {
-            format!(
-                "cannot run {} (run scripts/setup.sh, or pass --no-reference)",
-                python.display()
-            )
-        })?;
+        .args(["--threads", &threads.to_string()]);
+    let out = run_reference(&script, &mut cmd)?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{}: unexpected output", script.display()))?;
+    v["img_per_s"]
+        .as_f64()
+        .context("no img_per_s in the reference output")
+}
+
+/// `bench/reference/<name>` and a command running it with the venv's Python.
+fn reference_script(name: &str) -> (std::path::PathBuf, std::process::Command) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("bench/reference")
+        .join(name);
+    let mut cmd = std::process::Command::new(atop::runtime::venv_python());
+    cmd.arg(&script);
+    (script, cmd)
+}
+
+/// Runs a reference script; a failure to start or a non-zero exit is an error naming it.
+fn run_reference(
+    script: &std::path::Path,
+    cmd: &mut std::process::Command,
+) -> Result<std::process::Output> {
+    use anyhow::Context;
+    let out = cmd.output().with_context(|| {
+        format!(
+            "cannot run {} (run scripts/setup.sh, or pass --no-reference)",
+            atop::runtime::venv_python().display()
+        )
+    })?;
     if !out.status.success() {
         anyhow::bail!(
             "{} failed: {}",
@@ -506,9 +508,5 @@ fn torchattacks_timing(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("{}: unexpected output", script.display()))?;
-    v["img_per_s"]
-        .as_f64()
-        .context("no img_per_s in the reference output")
+    Ok(out)
 }

@@ -459,12 +459,7 @@ fn save_checkpoint(
         serde_json::to_value(cfg)?,
     );
     checkpoint::save(model, &sidecar, &dir)?;
-    let state = opt.state();
-    let tmp = dir.join(format!("{OPTIMIZER}.tmp"));
-    Tensor::write_safetensors(&state, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(OPTIMIZER))
-        .with_context(|| format!("cannot write {}", dir.join(OPTIMIZER).display()))?;
+    crate::io::write_safetensors(&dir.join(OPTIMIZER), &opt.state())?;
     let last = LastCheckpoint {
         epoch,
         step,
