@@ -13,3 +13,4 @@ pub mod progress;
 pub mod report;
 pub mod runtime;
 pub mod train;
+pub mod transforms;

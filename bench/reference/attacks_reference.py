@@ -6,9 +6,19 @@ architecture (models.py), reads images and labels from a safetensors file (x: N 
 [0,1], y: N int64), runs one torchattacks attack in batches and prints one JSON line:
   {"attack", "n", "robust_accuracy", "correct": [0/1 per sample], "seconds", "img_per_s"}
 
-Usage: python attacks_reference.py --model CKPT_DIR --data FILE --attack pgd|apgd-ce|apgd-dlr|apgd-t|square
+Usage: python attacks_reference.py --model CKPT_DIR --data FILE
+       --attack pgd|apgd-ce|apgd-dlr|apgd-t|fab-t|square|cw|autoattack-standard
        [--norm Linf|L2] [--eps 0.0313] [--steps 20 (square: queries)] [--alpha 0.0078] [--random-start 0|1]
-       [--batch 256] [--seed 0] [--threads N] [--channels-last 0|1]
+       [--c 1 (cw)] [--square-rescale 0|1] [--batch 256] [--seed 0] [--threads N] [--channels-last 0|1]
+
+autoattack-standard is AutoAttack's standard sequence at the original AutoAttack budgets (APGD-CE
+and APGD-T 100 iterations, FAB-T 100 iterations over 9 targets, Square 5,000 queries without
+the rescaled schedule), built from torchattacks' attacks with MultiAttack: torchattacks'
+own AutoAttack class runs APGD and FAB with 10 iterations, which is not the reference budget.
+
+--impl autoattack runs the original AutoAttack code (github.com/fra31/auto-attack, which has the
+L1 versions torchattacks lacks) instead: it is not installed by the set-up (no network), so put
+a checkout on PYTHONPATH. Attacks: apgd-ce, apgd-t, fab-t, square, autoattack-standard.
 """
 import argparse
 import json
@@ -57,7 +67,39 @@ def load_model(ckpt, channels_last=False):
     return model, meta["num_classes"]
 
 
+def make_autoattack(a, model, classes):
+    """The original AutoAttack's classes, at its own defaults for the standard version."""
+    from autoattack import AutoAttack
+    from autoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+    from autoattack.fab_pt import FABAttack_PT
+    from autoattack.square import SquareAttack
+    dev = "cpu"
+    if a.attack == "apgd-ce":
+        atk = APGDAttack(model, norm=a.norm, eps=a.eps, n_iter=a.steps, n_restarts=1, loss="ce", seed=a.seed,
+                         device=dev, use_largereps=bool(a.large_eps))
+        return atk.perturb
+    if a.attack == "apgd-t":
+        atk = APGDAttack_targeted(model, norm=a.norm, eps=a.eps, n_iter=a.steps, n_restarts=1, seed=a.seed,
+                                  device=dev, n_target_classes=min(9, classes - 1), use_largereps=bool(a.large_eps))
+        return atk.perturb
+    if a.attack == "fab-t":
+        atk = FABAttack_PT(model, norm=a.norm, eps=a.eps, n_iter=a.steps, n_restarts=1, seed=a.seed, device=dev,
+                           n_target_classes=min(9, classes - 1))
+        atk.targeted = True
+        return atk.perturb
+    if a.attack == "square":
+        atk = SquareAttack(model, norm=a.norm, eps=a.eps, n_queries=a.steps, n_restarts=1, p_init=0.8, seed=a.seed,
+                           device=dev, resc_schedule=bool(a.square_rescale))
+        return atk.perturb
+    if a.attack == "autoattack-standard":
+        atk = AutoAttack(model, norm=a.norm, eps=a.eps, version="standard", seed=a.seed, device=dev, verbose=False)
+        return lambda x, y: atk.run_standard_evaluation(x, y, bs=len(x))
+    raise SystemExit(f"--impl autoattack: no attack {a.attack}")
+
+
 def make_attack(a, model, classes):
+    if a.impl == "autoattack":
+        return make_autoattack(a, model, classes)
     if a.attack == "pgd":
         if a.norm == "Linf":
             return torchattacks.PGD(model, eps=a.eps, alpha=a.alpha, steps=a.steps, random_start=bool(a.random_start))
@@ -68,9 +110,25 @@ def make_attack(a, model, classes):
     if a.attack == "apgd-t":
         return torchattacks.APGDT(model, norm=a.norm, eps=a.eps, steps=a.steps, n_restarts=1, seed=a.seed,
                                   eot_iter=1, rho=0.75, n_classes=classes)
+    if a.attack == "fab-t":
+        return torchattacks.FAB(model, norm=a.norm, eps=a.eps, steps=a.steps, n_restarts=1, alpha_max=0.1, eta=1.05,
+                                beta=0.9, seed=a.seed, multi_targeted=True, n_classes=classes)
     if a.attack == "square":
         return torchattacks.Square(model, norm=a.norm, eps=a.eps, n_queries=a.steps, n_restarts=1, p_init=0.8,
-                                   loss="margin", resc_schedule=True, seed=a.seed)
+                                   loss="margin", resc_schedule=bool(a.square_rescale), seed=a.seed)
+    if a.attack == "cw":
+        return torchattacks.CW(model, c=a.c, kappa=0, steps=a.steps, lr=0.01)
+    if a.attack == "autoattack-standard":
+        return torchattacks.MultiAttack([
+            torchattacks.APGD(model, norm=a.norm, eps=a.eps, steps=100, n_restarts=1, seed=a.seed, loss="ce",
+                              eot_iter=1, rho=0.75),
+            torchattacks.APGDT(model, norm=a.norm, eps=a.eps, steps=100, n_restarts=1, seed=a.seed, eot_iter=1,
+                               rho=0.75, n_classes=classes),
+            torchattacks.FAB(model, norm=a.norm, eps=a.eps, steps=100, n_restarts=1, alpha_max=0.1, eta=1.05,
+                             beta=0.9, seed=a.seed, multi_targeted=True, n_classes=classes),
+            torchattacks.Square(model, norm=a.norm, eps=a.eps, n_queries=5000, n_restarts=1, p_init=0.8,
+                                loss="margin", resc_schedule=False, seed=a.seed),
+        ])
     raise SystemExit(f"unknown attack {a.attack}")
 
 
@@ -84,6 +142,10 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--alpha", type=float, default=2 / 255)
     p.add_argument("--random-start", type=int, default=1)
+    p.add_argument("--c", type=float, default=1.0)
+    p.add_argument("--square-rescale", type=int, default=1)
+    p.add_argument("--large-eps", type=int, default=0)
+    p.add_argument("--impl", choices=["torchattacks", "autoattack"], default="torchattacks")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -102,7 +164,13 @@ def main():
         xb, yb = x[i:i + a.batch], y[i:i + a.batch]
         adv = attack(xb, yb)
         with torch.no_grad():
-            correct += (model(adv).argmax(1) == yb).long().tolist()
+            ok = model(adv).argmax(1) == yb
+            if a.attack in ("fab-t", "cw", "autoattack-standard"):
+                # Minimum-norm attacks may return points outside the budget: those do not count.
+                delta = (adv - xb).flatten(1)
+                size = {"Linf": delta.abs().amax(1), "L2": delta.norm(dim=1), "L1": delta.abs().sum(1)}[a.norm]
+                ok |= size > a.eps * (1 + 1e-5) + 1e-6
+            correct += ok.long().tolist()
     secs = time.time() - start
     print(json.dumps({"attack": a.attack, "n": len(x), "robust_accuracy": sum(correct) / max(len(x), 1),
                       "correct": correct, "seconds": secs, "img_per_s": len(x) / secs}))

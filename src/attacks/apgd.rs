@@ -8,12 +8,21 @@
 //! (2) the step was not halved at the last checkpoint and the best loss has not improved.
 //! Losses: CE, DLR, and targeted DLR over the top `targets` non-true classes (APGD-T). As in
 //! AutoAttack, success means misclassification, also for the targeted variant.
+//!
+//! L1 (Croce & Hein 2021, "Mind the box"): no momentum; the step moves the top fraction of
+//! coordinates by |gradient| (20 % at first, then 1/1.5 of the current support) and is
+//! projected onto the L1 ball intersected with the box; the step starts at eps and at
+//! checkpoints every 4 % of the iterations goes back to eps (restarting from the best point)
+//! where the support shrank by 5 %, otherwise divides by 1.5 (never below eps/10). With
+//! `large_eps` (AutoAttack's L1 standard version) the iterations run at 3 eps, 2 eps, then eps
+//! (30/30/40 %), each stage starting from the previous best point; only the last stage counts.
 
 use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
 use super::grad::{GradStats, evaluate};
-use super::{Attack, AttackOutput, Budget, loss, on_remaining};
+use super::norm::sparse_direction;
+use super::{Attack, AttackOutput, Budget, Norm, loss, on_remaining};
 use crate::models::Model;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +41,8 @@ pub struct Apgd {
     pub eot: usize,
     pub rho: f64,
     pub momentum: f64,
+    /// L1 only: run at 3 eps, 2 eps, then eps.
+    pub large_eps: bool,
 }
 
 /// Iteration counts between checkpoints for a budget of `n` iterations.
@@ -53,8 +64,24 @@ fn rows(mask: &Tensor) -> Tensor {
     mask.view([-1, 1, 1, 1])
 }
 
+/// Per-sample number of non-zero entries.
+fn l0(t: &Tensor) -> Tensor {
+    t.flatten(1, -1)
+        .ne(0.0)
+        .sum_dim_intlist(1, false, Kind::Float)
+}
+
+/// One APGD run's outcome.
+struct RunOutput {
+    /// Misclassified points where found, else the highest-loss point.
+    images: Tensor,
+    success: Tensor,
+    /// The highest-loss point (the next stage's start under `large_eps`).
+    best: Tensor,
+}
+
 impl Apgd {
-    fn single_run(
+    fn run_once(
         &self,
         model: &dyn Model,
         x: &Tensor,
@@ -62,7 +89,43 @@ impl Apgd {
         target: Option<&Tensor>,
         stats: &mut GradStats,
     ) -> (Tensor, Tensor) {
-        let Budget { norm, eps } = self.budget;
+        let (norm, eps) = (self.budget.norm, self.budget.eps);
+        if !(self.large_eps && norm == Norm::L1) {
+            let out = self.single_run(model, x, y, target, eps, self.steps, None, stats);
+            return (out.images, out.success);
+        }
+        let first = (0.3 * self.steps as f64).ceil() as usize;
+        let stages = [
+            (3.0 * eps, first),
+            (2.0 * eps, first),
+            (eps, self.steps.saturating_sub(2 * first).max(1)),
+        ];
+        let mut start = norm.random_start(x, stages[0].0);
+        let mut last = None;
+        for (e, steps) in stages {
+            let init = norm.project(&start, x, e);
+            let out = self.single_run(model, x, y, target, e, steps, Some(init), stats);
+            start = out.best.shallow_clone();
+            last = Some(out);
+        }
+        let out = last.expect("three stages");
+        (out.images, out.success)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn single_run(
+        &self,
+        model: &dyn Model,
+        x: &Tensor,
+        y: &Tensor,
+        target: Option<&Tensor>,
+        eps: f64,
+        steps: usize,
+        init: Option<Tensor>,
+        stats: &mut GradStats,
+    ) -> RunOutput {
+        let norm = self.budget.norm;
+        let l1 = norm == Norm::L1;
         let objective = |z: &Tensor| match (self.loss, target) {
             (ApgdLoss::Ce, _) => loss::ce(z, y),
             (ApgdLoss::Dlr, _) => loss::dlr(z, y),
@@ -70,7 +133,22 @@ impl Apgd {
             (ApgdLoss::DlrTargeted { .. }, None) => unreachable!("targets chosen by run()"),
         };
         let n = x.size()[0];
-        let mut x_adv = norm.random_start(x, eps);
+        let dims = x.size()[1..].iter().product::<i64>() as f64;
+        let opts = (Kind::Float, x.device());
+        // L1: the fraction of coordinates a step moves, and the support at the last check
+        // (from a given start, its support; from a random one, 20 % and all coordinates).
+        let (mut x_adv, mut support, mut topk) = match init {
+            Some(p) => {
+                let support = l0(&(&p - x));
+                let topk = &support / dims / 1.5;
+                (p, support, topk)
+            }
+            None => (
+                norm.random_start(x, eps),
+                Tensor::full([n], dims, opts),
+                Tensor::full([n], 0.2, opts),
+            ),
+        };
         let e = evaluate(model, &x_adv, &objective, self.eot, stats);
         let mut grad = e.grad;
         let mut success = e.logits.argmax(-1, false).ne_tensor(y);
@@ -79,23 +157,32 @@ impl Apgd {
         let mut grad_best = grad.copy();
         let mut loss_best = e.loss.copy();
         let mut history = vec![e.loss];
-        let mut step = Tensor::full([n, 1, 1, 1], 2.0 * eps, (Kind::Float, x.device()));
+        let step_max = if l1 { eps } else { 2.0 * eps };
+        let mut step = Tensor::full([n, 1, 1, 1], step_max, opts);
         let mut x_prev = x_adv.copy();
-
-        let intervals = checkpoint_intervals(self.steps);
+        let intervals = if l1 {
+            vec![((0.04 * steps as f64) as usize).max(1); steps]
+        } else {
+            checkpoint_intervals(steps)
+        };
         let mut next_check = intervals.first().copied().unwrap_or(usize::MAX);
         let mut checks_done = 0;
         let mut since_check = 0;
         let mut loss_best_at_check = loss_best.copy();
         let mut halved_at_check = Tensor::zeros([n], (Kind::Bool, x.device()));
         let a = self.momentum;
-        for i in 0..self.steps {
-            let z = norm.project(&(&x_adv + norm.direction(&grad) * &step), x, eps);
-            let next = if i == 0 {
-                z
-            } else {
-                let moved = &x_adv + (&z - &x_adv) * a + (&x_adv - &x_prev) * (1.0 - a);
+        for i in 0..steps {
+            let next = if l1 {
+                let moved = &x_adv + sparse_direction(&grad, &topk) * &step;
                 norm.project(&moved, x, eps)
+            } else {
+                let z = norm.project(&(&x_adv + norm.direction(&grad) * &step), x, eps);
+                if i == 0 {
+                    z
+                } else {
+                    let moved = &x_adv + (&z - &x_adv) * a + (&x_adv - &x_prev) * (1.0 - a);
+                    norm.project(&moved, x, eps)
+                }
             };
             x_prev = std::mem::replace(&mut x_adv, next);
             let e = evaluate(model, &x_adv, &objective, self.eot, stats);
@@ -110,30 +197,47 @@ impl Apgd {
             history.push(e.loss);
             since_check += 1;
             if since_check == next_check {
-                let len = history.len();
-                let mut increases = Tensor::zeros([n], (Kind::Float, x.device()));
-                for j in 0..since_check {
-                    increases += history[len - 1 - j]
-                        .gt_tensor(&history[len - 2 - j])
-                        .to_kind(Kind::Float);
-                }
-                let oscillating = increases.le(since_check as f64 * self.rho);
-                let stalled = halved_at_check
-                    .logical_not()
-                    .logical_and(&loss_best_at_check.ge_tensor(&loss_best));
-                let halve = oscillating.logical_or(&stalled);
-                step = (&step * 0.5).where_self(&rows(&halve), &step);
-                x_adv = x_best.where_self(&rows(&halve), &x_adv);
-                x_prev = x_best.where_self(&rows(&halve), &x_prev);
-                grad = grad_best.where_self(&rows(&halve), &grad);
-                halved_at_check = halve;
-                loss_best_at_check = loss_best.copy();
+                let restart = if l1 {
+                    // Restart from the best point with a full step where the support shrank.
+                    let now = l0(&(&x_best - x));
+                    let shrank = (&now / &support).lt(0.95);
+                    topk = &now / dims / 1.5;
+                    step = Tensor::full_like(&step, eps)
+                        .where_self(&rows(&shrank), &(&step / 1.5))
+                        .clamp(eps / 10.0, eps);
+                    support = now;
+                    shrank
+                } else {
+                    let len = history.len();
+                    let mut increases = Tensor::zeros([n], opts);
+                    for j in 0..since_check {
+                        increases += history[len - 1 - j]
+                            .gt_tensor(&history[len - 2 - j])
+                            .to_kind(Kind::Float);
+                    }
+                    let oscillating = increases.le(since_check as f64 * self.rho);
+                    let stalled = halved_at_check
+                        .logical_not()
+                        .logical_and(&loss_best_at_check.ge_tensor(&loss_best));
+                    let halve = oscillating.logical_or(&stalled);
+                    step = (&step * 0.5).where_self(&rows(&halve), &step);
+                    halved_at_check = halve.shallow_clone();
+                    loss_best_at_check = loss_best.copy();
+                    halve
+                };
+                x_adv = x_best.where_self(&rows(&restart), &x_adv);
+                x_prev = x_best.where_self(&rows(&restart), &x_prev);
+                grad = grad_best.where_self(&rows(&restart), &grad);
                 since_check = 0;
                 checks_done += 1;
                 next_check = intervals.get(checks_done).copied().unwrap_or(usize::MAX);
             }
         }
-        (x_found.where_self(&rows(&success), &x_best), success)
+        RunOutput {
+            images: x_found.where_self(&rows(&success), &x_best),
+            success,
+            best: x_best,
+        }
     }
 }
 
@@ -165,7 +269,7 @@ impl Attack for Apgd {
                     let t = order
                         .index_select(0, idx)
                         .select(1, (r / self.restarts + 1) as i64);
-                    self.single_run(model, xs, ys, Some(&t), &mut stats)
+                    self.run_once(model, xs, ys, Some(&t), &mut stats)
                 })
             }
             other => {
@@ -173,7 +277,7 @@ impl Attack for Apgd {
                     bail!("apgd-dlr needs at least 3 classes (the model has {classes})");
                 }
                 on_remaining(x, y, self.restarts, seed, |_, _, xs, ys| {
-                    self.single_run(model, xs, ys, None, &mut stats)
+                    self.run_once(model, xs, ys, None, &mut stats)
                 })
             }
         };

@@ -6,6 +6,8 @@
 //! runner checks this again before it records a result.
 
 pub mod apgd;
+pub mod cw;
+pub mod fab;
 pub mod fgsm;
 pub mod grad;
 pub mod loss;
@@ -137,7 +139,9 @@ pub enum AttackName {
     ApgdCe,
     ApgdDlr,
     ApgdT,
+    FabT,
     Square,
+    Cw,
 }
 
 impl AttackName {
@@ -147,7 +151,9 @@ impl AttackName {
         ("apgd-ce", AttackName::ApgdCe),
         ("apgd-dlr", AttackName::ApgdDlr),
         ("apgd-t", AttackName::ApgdT),
+        ("fab-t", AttackName::FabT),
         ("square", AttackName::Square),
+        ("cw", AttackName::Cw),
     ];
 }
 
@@ -204,6 +210,42 @@ pub struct AttackSettings {
     /// Square: model queries per sample (default 5,000) and initial window fraction (0.8).
     pub queries: usize,
     pub p_init: f64,
+    /// Square: stretch the window schedule as if the budget were 10,000 queries (the original
+    /// Square code and torchattacks); AutoAttack does not.
+    #[serde(default)]
+    pub square_rescale: bool,
+    /// APGD with the L1 norm: iterate at 3 eps, 2 eps, then eps (AutoAttack's L1 standard).
+    #[serde(default)]
+    pub large_eps: bool,
+    /// C&W: binary-search steps over the constant c, its starting value, and the confidence.
+    #[serde(default = "default_search_steps")]
+    pub search_steps: usize,
+    #[serde(default = "default_initial_const")]
+    pub initial_const: f64,
+    #[serde(default)]
+    pub kappa: f64,
+    /// Settings that differ for one attack of a list (AutoAttack's L1 version runs APGD-CE with
+    /// 5 restarts but FAB-T with 1, APGD-T with 5 targets but FAB-T with 9).
+    #[serde(default)]
+    pub overrides: Vec<AttackOverride>,
+}
+
+/// Per-attack exceptions to [`AttackSettings`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttackOverride {
+    pub attack: AttackName,
+    pub restarts: Option<usize>,
+    pub targets: Option<usize>,
+    pub large_eps: Option<bool>,
+}
+
+fn default_search_steps() -> usize {
+    9
+}
+
+fn default_initial_const() -> f64 {
+    1e-3
 }
 
 impl AttackSettings {
@@ -219,7 +261,25 @@ impl AttackSettings {
             eot: 1,
             queries: 5000,
             p_init: 0.8,
+            square_rescale: false,
+            large_eps: false,
+            search_steps: default_search_steps(),
+            initial_const: default_initial_const(),
+            kappa: 0.0,
+            overrides: Vec::new(),
         }
+    }
+
+    /// These settings with `name`'s overrides applied.
+    pub fn for_attack(&self, name: AttackName) -> AttackSettings {
+        let mut s = self.clone();
+        for o in self.overrides.iter().filter(|o| o.attack == name) {
+            s.restarts = o.restarts.unwrap_or(s.restarts);
+            s.targets = o.targets.unwrap_or(s.targets);
+            s.large_eps = o.large_eps.unwrap_or(s.large_eps);
+        }
+        s.overrides.clear();
+        s
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -243,13 +303,40 @@ impl AttackSettings {
         if !(self.p_init > 0.0 && self.p_init <= 1.0) {
             bail!("p_init = {}: expected a fraction in (0, 1]", self.p_init);
         }
+        if self.search_steps == 0 {
+            bail!("search_steps = 0: C&W needs at least one binary-search step");
+        }
+        if !(self.initial_const.is_finite() && self.initial_const > 0.0) {
+            bail!(
+                "initial_const = {}: expected a positive number (C&W's c)",
+                self.initial_const
+            );
+        }
+        if !(self.kappa.is_finite() && self.kappa >= 0.0) {
+            bail!(
+                "kappa = {}: expected a non-negative confidence margin",
+                self.kappa
+            );
+        }
         if self.targets == 0 {
             bail!("targets = 0: APGD-T needs at least one target class");
+        }
+        if self.large_eps && self.budget.norm != Norm::L1 {
+            bail!(
+                "large_eps is the schedule of APGD with the l1 norm; the norm is {}",
+                self.budget.norm
+            );
+        }
+        for o in &self.overrides {
+            self.for_attack(o.attack).validate()?;
         }
         Ok(())
     }
 
     pub fn build(&self, name: AttackName) -> Result<Box<dyn Attack>> {
+        if !self.overrides.is_empty() {
+            return self.for_attack(name).build(name);
+        }
         self.validate()?;
         let b = self.budget;
         Ok(match name {
@@ -267,11 +354,29 @@ impl AttackSettings {
                 target: None,
                 eot: self.eot,
             }),
+            AttackName::Cw if b.norm != Norm::L2 => bail!(
+                "cw is the L2 attack of Carlini & Wagner (the norm is {}); for linf, pgd with --loss margin uses the same objective",
+                b.norm
+            ),
+            AttackName::Cw => Box::new(cw::CarliniWagner {
+                search_steps: self.search_steps,
+                initial_const: self.initial_const,
+                kappa: self.kappa,
+                ..cw::CarliniWagner::new(b, self.steps.unwrap_or(1000), self.eot)
+            }),
+            AttackName::FabT => Box::new(fab::FabT::new(
+                b,
+                self.steps.unwrap_or(100),
+                self.targets,
+                self.restarts,
+                self.eot,
+            )),
             AttackName::Square => Box::new(square::Square {
                 budget: b,
                 queries: self.queries,
                 p_init: self.p_init,
                 restarts: self.restarts,
+                rescale: self.square_rescale,
             }),
             AttackName::ApgdCe | AttackName::ApgdDlr | AttackName::ApgdT => Box::new(apgd::Apgd {
                 budget: b,
@@ -287,6 +392,7 @@ impl AttackSettings {
                 eot: self.eot,
                 rho: 0.75,
                 momentum: 0.75,
+                large_eps: self.large_eps,
             }),
         })
     }
@@ -319,6 +425,11 @@ mod tests {
             assert_eq!(a.to_string(), *n);
             assert_eq!(n.parse::<AttackName>().unwrap(), *a);
         }
-        assert!("cw".parse::<AttackName>().unwrap_err().contains("apgd-ce"));
+        assert!(
+            "deepfool"
+                .parse::<AttackName>()
+                .unwrap_err()
+                .contains("apgd-ce")
+        );
     }
 }

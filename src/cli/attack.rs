@@ -25,9 +25,11 @@ pub struct AttackArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Attacks run in sequence on the still-robust points: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t,
-    /// square (linf), or autoattack-rand (APGD-CE + APGD-DLR, EOT 20); comma-separated.
+    /// fab-t, square, cw (l2), or the compositions autoattack-standard (APGD-CE, APGD-T, FAB-T,
+    /// Square) and autoattack-rand (APGD-CE + APGD-DLR, EOT 20); comma-separated.
     #[arg(long, default_value = "apgd-ce")]
     pub attack: String,
+    /// Threat model: linf, l2 or l1.
     #[arg(long, default_value = "linf", value_parser = |s: &str| s.parse::<Norm>())]
     pub norm: Norm,
     /// Budget: a number or a fraction such as 8/255.
@@ -40,7 +42,7 @@ pub struct AttackArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    /// Iterations (default: PGD 20, APGD 100).
+    /// Iterations (default: PGD 20, APGD and FAB 100, C&W 1,000 Adam steps per search step).
     #[arg(long)]
     pub steps: Option<usize>,
     /// PGD step size (default eps/4).
@@ -54,7 +56,7 @@ pub struct AttackArgs {
     /// PGD objective.
     #[arg(long, value_enum, default_value = "ce")]
     pub loss: LossKind,
-    /// APGD-T target classes.
+    /// APGD-T and FAB-T target classes.
     #[arg(long, default_value_t = 9)]
     pub targets: usize,
     /// Square: queries per sample.
@@ -63,6 +65,22 @@ pub struct AttackArgs {
     /// Square: initial fraction of the image a proposal window covers.
     #[arg(long, default_value_t = 0.8)]
     pub p_init: f64,
+    /// Square: stretch the window schedule as if the budget were 10,000 queries (the original
+    /// Square code and torchattacks do; AutoAttack does not).
+    #[arg(long)]
+    pub square_rescale: bool,
+    /// APGD with --norm l1: iterate at 3 eps, 2 eps, then eps (AutoAttack's L1 schedule).
+    #[arg(long)]
+    pub large_eps: bool,
+    /// C&W: binary-search steps over the constant c.
+    #[arg(long, default_value_t = 9)]
+    pub search_steps: usize,
+    /// C&W: the first constant c.
+    #[arg(long, default_value_t = 1e-3)]
+    pub initial_const: f64,
+    /// C&W: confidence margin kappa.
+    #[arg(long, default_value_t = 0.0)]
+    pub kappa: f64,
     /// Gradient samples averaged per step (Expectation over Transformation).
     #[arg(long, default_value_t = 1)]
     pub eot: usize,
@@ -104,8 +122,15 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
     settings.eot = a.eot;
     settings.queries = a.queries;
     settings.p_init = a.p_init;
+    settings.square_rescale = a.square_rescale;
+    settings.large_eps = a.large_eps;
+    settings.search_steps = a.search_steps;
+    settings.initial_const = a.initial_const;
+    settings.kappa = a.kappa;
     let attacks = runner::expand(&a.attack, &mut settings)?;
-    settings.validate()?;
+    for name in &attacks {
+        settings.build(*name)?;
+    }
     if a.bpda && a.quantize.is_none() {
         bail!("--bpda needs a non-differentiable stage to approximate (e.g. --quantize 8)");
     }

@@ -50,7 +50,7 @@ pub enum Command {
     /// Evaluate models.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
-    /// Attack a model: FGSM, PGD, APGD-CE/DLR/T, Square, AutoAttack-rand; robust accuracy per attack.
+    /// Attack a model: FGSM, PGD, APGD-CE/DLR/T, FAB-T, Square, C&W, AutoAttack; robust accuracy per attack.
     Attack(Box<attack::AttackArgs>),
     /// Benchmarks (timings measured here, printed side by side).
     #[command(subcommand)]
