@@ -10,6 +10,7 @@ pub mod eval;
 pub mod io;
 pub mod models;
 pub mod progress;
+pub mod purifier;
 pub mod report;
 pub mod runtime;
 pub mod train;

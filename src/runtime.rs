@@ -28,7 +28,10 @@ pub fn init_threads(requested: Option<usize>) -> usize {
 }
 
 /// Arithmetic used for the forward pass: plain f32, or bf16 autocast (weights stay f32; matmuls
-/// and convolutions run in bfloat16, reductions and losses in f32), on the CPU or CUDA.
+/// and convolutions run in bfloat16, reductions and losses in f32), on the CPU or CUDA. `auto`
+/// is bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX) and
+/// f32 elsewhere: on a CPU without them bf16 is emulated and about 10x slower than f32
+/// (measured on an AVX2-only EPYC: 608 s against 60 s for the same training run).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
 )]
@@ -37,6 +40,33 @@ pub enum Precision {
     #[default]
     F32,
     Bf16,
+    Auto,
+}
+
+/// Whether this CPU has native bfloat16 arithmetic (Linux /proc/cpuinfo flags).
+pub fn cpu_has_bf16() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .map(|t| {
+                t.lines().filter(|l| l.starts_with("flags")).any(|l| {
+                    l.split_whitespace()
+                        .any(|f| f == "avx512_bf16" || f == "amx_bf16")
+                })
+            })
+            .unwrap_or(false)
+    })
+}
+
+impl Precision {
+    /// `auto` made concrete for `device`.
+    pub fn resolve(self, device: Device) -> Precision {
+        match self {
+            Precision::Auto if device.is_cuda() || cpu_has_bf16() => Precision::Bf16,
+            Precision::Auto => Precision::F32,
+            p => p,
+        }
+    }
 }
 
 unsafe extern "C" {
@@ -46,7 +76,7 @@ unsafe extern "C" {
 
 /// Runs `f` with autocast for `precision` on `device` (csrc/autocast.cpp).
 pub fn autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -> T) -> T {
-    if precision == Precision::F32 {
+    if precision.resolve(device) == Precision::F32 {
         return f();
     }
     let cuda = device.is_cuda() as std::ffi::c_int;

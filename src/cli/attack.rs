@@ -12,7 +12,9 @@ use atop::data::subset::seeded_subset;
 use atop::models::Model;
 use atop::models::checkpoint;
 use atop::models::pipeline::{Bpda, Pipeline, Quantize};
+use atop::purifier::defended::Purify;
 use atop::report::grid;
+use atop::transforms::TransformKind;
 use clap::Args as ClapArgs;
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -88,7 +90,17 @@ pub struct AttackArgs {
     /// toy defence; combine with --bpda to attack through it).
     #[arg(long)]
     pub quantize: Option<u32>,
-    /// Differentiate through non-differentiable stages as the identity (BPDA).
+    /// Defend the classifier with this purifier checkpoint: the attacked model is
+    /// classifier(purifier(transform(x))), with exact gradients through all of it (use --eot
+    /// for the transform's randomness) or, with --bpda, the identity through transform and purifier.
+    #[arg(long)]
+    pub purifier: Option<PathBuf>,
+    /// The random transform in front of the purifier (default: the one it was trained with).
+    #[arg(long, value_enum)]
+    pub transform: Option<TransformKind>,
+    #[command(flatten)]
+    pub transform_settings: super::purifier::TransformArgs,
+    /// Differentiate through the defence stage (--quantize or --purifier) as the identity (BPDA).
     #[arg(long)]
     pub bpda: bool,
     #[command(flatten)]
@@ -131,8 +143,11 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
     for name in &attacks {
         settings.build(*name)?;
     }
-    if a.bpda && a.quantize.is_none() {
-        bail!("--bpda needs a non-differentiable stage to approximate (e.g. --quantize 8)");
+    if a.bpda && a.quantize.is_none() && a.purifier.is_none() {
+        bail!("--bpda needs a stage to approximate (e.g. --quantize 8, or --purifier CKPT)");
+    }
+    if a.quantize.is_some() && a.purifier.is_some() {
+        bail!("--quantize and --purifier are two different defences: choose one");
     }
 
     let dir = checkpoint::resolve(&a.model)?;
@@ -155,11 +170,37 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
     data = data.select(&indices);
     let (x, y) = data.tensors(&(0..data.len()).collect::<Vec<_>>());
 
-    let stages: Vec<Box<dyn atop::models::pipeline::Stage>> = match (a.quantize, a.bpda) {
-        (Some(levels), false) => vec![Box::new(Quantize { levels })],
-        (Some(levels), true) => vec![Box::new(Bpda::identity(Quantize { levels }))],
-        (None, _) => Vec::new(),
+    let purifier = match &a.purifier {
+        Some(path) => {
+            let (p, sidecar) = atop::purifier::load(path, global.device)?;
+            let mut t = sidecar.transform.clone();
+            if let Some(kind) = a.transform {
+                t.kind = kind;
+            }
+            a.transform_settings.apply(&mut t);
+            t.validate(Some(x.size()[2]))?;
+            p.config.check_side(x.size()[2])?;
+            Some((p, t))
+        }
+        None => None,
     };
+    let mut stages: Vec<Box<dyn atop::models::pipeline::Stage + '_>> = Vec::new();
+    match (a.quantize, &purifier, a.bpda) {
+        (Some(levels), _, false) => stages.push(Box::new(Quantize { levels })),
+        (Some(levels), _, true) => stages.push(Box::new(Bpda::identity(Quantize { levels }))),
+        (None, Some((p, t)), bpda) => {
+            let stage = Purify {
+                purifier: p,
+                transform: t.clone(),
+            };
+            if bpda {
+                stages.push(Box::new(Bpda::identity(stage)));
+            } else {
+                stages.push(Box::new(stage));
+            }
+        }
+        (None, None, _) => {}
+    }
     let pipeline = Pipeline {
         stages,
         model: &classifier,
@@ -284,19 +325,6 @@ fn write_grid(
     let delta = &adv - &clean;
     let scale = delta.abs().amax([1, 2, 3], true).clamp_min(1e-12);
     let amplified = (delta / scale * 0.5 + 0.5).clamp(0.0, 1.0);
-    let to_bytes = |t: &Tensor| -> Result<Vec<Vec<u8>>> {
-        let hwc = (t * 255.0)
-            .round()
-            .clamp(0.0, 255.0)
-            .to_kind(Kind::Uint8)
-            .permute([0, 2, 3, 1])
-            .contiguous();
-        (0..hwc.size()[0])
-            .map(|i| Ok(Vec::<u8>::try_from(hwc.get(i).reshape([-1]))?))
-            .collect()
-    };
-    let (c, v, d) = (to_bytes(&clean)?, to_bytes(&adv)?, to_bytes(&amplified)?);
-    let (h, w) = (x.size()[2] as usize, x.size()[3] as usize);
     let label = |i: usize| {
         let r = &report.records[i];
         let name = |k: i64| {
@@ -313,19 +341,12 @@ fn write_grid(
         .collect::<Vec<_>>()
         .join(" | ");
     tracing::info!("grid columns: {caption}");
-    let rows = [
-        grid::Row {
-            label: "clean".into(),
-            images: c.iter().map(|b| b.as_slice()).collect(),
-        },
-        grid::Row {
-            label: "adversarial".into(),
-            images: v.iter().map(|b| b.as_slice()).collect(),
-        },
-        grid::Row {
-            label: "perturbation".into(),
-            images: d.iter().map(|b| b.as_slice()).collect(),
-        },
-    ];
-    grid::save_png(&grid::labelled_rows(&rows, h, w), path)
+    grid::save_tensor_rows(
+        &[
+            ("clean", clean),
+            ("adversarial", adv),
+            ("perturbation", amplified),
+        ],
+        path,
+    )
 }

@@ -20,6 +20,30 @@ pub enum BenchCommand {
     Models(ModelBenchArgs),
     /// PGD-20 and APGD-CE-100 img/s, side by side with torchattacks on the same weights.
     Attacks(AttackBenchArgs),
+    /// Purifier generator forward+backward img/s, side by side with its PyTorch twin.
+    Purifier(PurifierBenchArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct PurifierBenchArgs {
+    /// Generator widths c (48 is the paper's).
+    #[arg(long, num_args = 1.., default_values = ["48", "16"])]
+    pub width: Vec<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Image side.
+    #[arg(long, default_value_t = 32)]
+    pub size: i64,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Without the contextual-attention branch.
+    #[arg(long)]
+    pub no_attention: bool,
+    /// Skip the PyTorch side.
+    #[arg(long)]
+    pub no_reference: bool,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -95,7 +119,125 @@ pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
         BenchCommand::Data(args) => data(args, global),
         BenchCommand::Models(args) => models(args, global),
         BenchCommand::Attacks(args) => attacks(args, global),
+        BenchCommand::Purifier(args) => purifier(args, global),
     }
+}
+
+/// Seconds for `steps` calls of `f` after `warmup` untimed ones (CUDA synchronised).
+fn timed(device: tch::Device, warmup: usize, steps: usize, f: &mut dyn FnMut()) -> f64 {
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    for _ in 0..warmup {
+        f();
+    }
+    sync();
+    let t = Instant::now();
+    for _ in 0..steps {
+        f();
+    }
+    sync();
+    t.elapsed().as_secs_f64()
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct PurifierRow {
+    width: usize,
+    attention: bool,
+    batch: usize,
+    size: i64,
+    parameters: i64,
+    atop_img_s: f64,
+    pytorch_img_s: Option<f64>,
+    ratio: Option<f64>,
+}
+
+fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
+    use anyhow::Context;
+    use atop::purifier::{GanPurifier, PurifierConfig};
+    use atop::transforms::{TransformConfig, TransformKind};
+    use tch::{Kind, Tensor};
+
+    let threads = atop::runtime::threads();
+    let mut rows = Vec::new();
+    for &width in &args.width {
+        tch::manual_seed(0);
+        let p = GanPurifier::new(
+            PurifierConfig {
+                width,
+                attention: !args.no_attention,
+                ..Default::default()
+            },
+            global.device,
+        )?;
+        let (n, s) = (args.batch as i64, args.size);
+        let x = Tensor::rand([n, 3, s, s], (Kind::Float, global.device)) * 2.0 - 1.0;
+        let mask = TransformConfig::with_kind(TransformKind::Rt1)
+            .sample(&x)
+            .masks
+            .remove(0);
+        let secs = timed(global.device, args.warmup, args.steps, &mut || {
+            let (x1, x2) = p.generator.forward(&x, &mask);
+            ((&x1 - &x).abs().mean(Kind::Float) + (&x2 - &x).abs().mean(Kind::Float)).backward();
+        });
+        let atop_img_s = (args.batch * args.steps) as f64 / secs;
+        let pytorch_img_s = if args.no_reference || global.device != tch::Device::Cpu {
+            None
+        } else {
+            let (script, mut cmd) = reference_script("purifier.py");
+            cmd.arg("bench")
+                .args(["--width", &width.to_string()])
+                .args(["--batch", &args.batch.to_string()])
+                .args(["--size", &s.to_string()])
+                .args(["--steps", &args.steps.to_string()])
+                .args(["--warmup", &args.warmup.to_string()])
+                .args(["--threads", &threads.to_string()]);
+            if args.no_attention {
+                cmd.arg("--no-attention");
+            }
+            let out = run_reference(&script, &mut cmd)?;
+            let line = String::from_utf8_lossy(&out.stdout);
+            let v: serde_json::Value = serde_json::from_str(line.trim())
+                .with_context(|| format!("unexpected output from {}: {line}", script.display()))?;
+            v["train_img_s"].as_f64()
+        };
+        rows.push(PurifierRow {
+            width,
+            attention: !args.no_attention,
+            batch: args.batch,
+            size: s,
+            parameters: p.generator_parameters(),
+            atop_img_s,
+            ratio: pytorch_img_s.map(|r| atop_img_s / r),
+            pytorch_img_s,
+        });
+    }
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "generator forward+backward, device {:?}, threads {threads}, batch {}, {} px, {} timed steps",
+        global.device, args.batch, args.size, args.steps
+    );
+    println!(
+        "{:>6} {:>10} {:>9} {:>12} {:>13} {:>7}",
+        "width", "attention", "params", "atop img/s", "torch img/s", "ratio"
+    );
+    for r in &rows {
+        println!(
+            "{:>6} {:>10} {:>9} {:>12.1} {:>13} {:>7}",
+            r.width,
+            r.attention,
+            r.parameters,
+            r.atop_img_s,
+            r.pytorch_img_s.map_or("-".into(), |v| format!("{v:.1}")),
+            r.ratio.map_or("-".into(), |v| format!("{v:.2}")),
+        );
+    }
+    Ok(())
 }
 
 fn data(args: DataBenchArgs, global: &Global) -> Result<()> {
@@ -235,30 +377,13 @@ fn models(args: ModelBenchArgs, global: &Global) -> Result<()> {
             nesterov: false,
         }
         .build(&model.vs, 0.01)?;
-        let sync = || {
-            if let tch::Device::Cuda(i) = global.device {
-                tch::Cuda::synchronize(i as i64);
-            }
-        };
-        let timed = |f: &mut dyn FnMut()| {
-            for _ in 0..args.warmup {
-                f();
-            }
-            sync();
-            let t = Instant::now();
-            for _ in 0..args.steps {
-                f();
-            }
-            sync();
-            t.elapsed().as_secs_f64()
-        };
-        let p = args.precision;
-        let t_inf = timed(&mut || {
+        let p = args.precision.resolve(global.device);
+        let t_inf = timed(global.device, args.warmup, args.steps, &mut || {
             let _ = tch::no_grad(|| {
                 atop::runtime::autocast(global.device, p, || model.forward_t(&x, false))
             });
         });
-        let t_train = timed(&mut || {
+        let t_train = timed(global.device, args.warmup, args.steps, &mut || {
             let loss = atop::runtime::autocast(global.device, p, || {
                 model.forward_t(&x, true).cross_entropy_for_logits(&y)
             });
@@ -267,7 +392,7 @@ fn models(args: ModelBenchArgs, global: &Global) -> Result<()> {
         let n = (args.batch * args.steps) as f64;
         let ours = ModelTiming {
             arch: name.clone(),
-            precision: format!("{:?}", args.precision).to_lowercase(),
+            precision: format!("{p:?}").to_lowercase(),
             batch: args.batch,
             threads,
             infer_img_s: n / t_inf,
@@ -326,7 +451,7 @@ fn pytorch_timing(arch: &str, args: &ModelBenchArgs, threads: usize) -> Result<M
         .args(args.image_size.map(|s| format!("--image-size={s}")))
         .args([
             "--precision",
-            if args.precision == atop::runtime::Precision::Bf16 {
+            if args.precision.resolve(tch::Device::Cpu) == atop::runtime::Precision::Bf16 {
                 "bf16"
             } else {
                 "f32"

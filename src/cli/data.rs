@@ -47,17 +47,39 @@ impl DataArgs {
     }
 }
 
-/// Data flags of commands that evaluate a model: each defaults to what the model was trained on.
+/// Optional data flags that override a config's (training) or a model's (evaluation) data.
 #[derive(Debug, Clone, ClapArgs)]
-pub struct ModelDataArgs {
-    /// Dataset (default: the one the model was trained on).
+pub struct DataOverrides {
+    /// Dataset (default: the config's, or the one the model was trained on).
     #[arg(long, value_enum)]
     pub dataset: Option<DatasetKind>,
     #[arg(long)]
     pub root: Option<PathBuf>,
-    /// Image size (default: the training run's).
+    /// Image size (default: the config's, or the model's training run's).
     #[arg(long)]
     pub image_size: Option<u32>,
+}
+
+impl DataOverrides {
+    /// Writes the given flags into `cfg`.
+    pub fn apply(&self, cfg: &mut DataConfig) {
+        if let Some(d) = self.dataset {
+            cfg.dataset = d;
+        }
+        if self.root.is_some() {
+            cfg.root = self.root.clone();
+        }
+        if self.image_size.is_some() {
+            cfg.image_size = self.image_size;
+        }
+    }
+}
+
+/// Data flags of commands that evaluate a model: each defaults to what the model was trained on.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct ModelDataArgs {
+    #[command(flatten)]
+    pub data: DataOverrides,
     #[arg(long, value_enum, default_value = "test")]
     pub split: Split,
 }
@@ -73,7 +95,7 @@ impl ModelDataArgs {
             .config
             .get("data")
             .and_then(|d| serde_json::from_value::<DataConfig>(d.clone()).ok());
-        let dataset = match (self.dataset, &sidecar.dataset, &trained) {
+        let dataset = match (self.data.dataset, &sidecar.dataset, &trained) {
             (Some(d), _, _) => d,
             (None, _, Some(t)) => t.dataset,
             (None, Some(name), None) => {
@@ -87,10 +109,12 @@ impl ModelDataArgs {
         Ok(DataConfig {
             dataset,
             root: self
+                .data
                 .root
                 .clone()
                 .or_else(|| trained.as_ref().and_then(|t| t.root.clone())),
             image_size: self
+                .data
                 .image_size
                 .or_else(|| trained.as_ref().and_then(|t| t.image_size)),
             skip_corrupt: false,

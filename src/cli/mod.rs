@@ -6,6 +6,7 @@ mod bench;
 mod data;
 mod eval;
 mod import;
+mod purifier;
 mod train;
 
 use anyhow::Result;
@@ -50,6 +51,11 @@ pub enum Command {
     /// Evaluate models.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Purifier architecture details.
+    #[command(subcommand)]
+    Purifier(purifier::PurifierCommand),
+    /// Transform and purify a dataset split or a folder of images; PSNR/SSIM and accuracy.
+    Purify(Box<purifier::PurifyArgs>),
     /// Attack a model: FGSM, PGD, APGD-CE/DLR/T, FAB-T, Square, C&W, AutoAttack; robust accuracy per attack.
     Attack(Box<attack::AttackArgs>),
     /// Benchmarks (timings measured here, printed side by side).
@@ -85,6 +91,8 @@ pub fn run(args: Args) -> Result<()> {
         Command::Data(cmd) => data::run(cmd, &global),
         Command::Train(cmd) => train::run(cmd, &global),
         Command::Eval(cmd) => eval::run(cmd, &global),
+        Command::Purifier(cmd) => purifier::run(cmd, &global),
+        Command::Purify(args) => purifier::purify(*args, &global),
         Command::Attack(args) => attack::run(*args, &global),
         Command::Import(args) => import::run(args, &global),
         Command::Bench(cmd) => bench::run(cmd, &global),

@@ -1,22 +1,92 @@
-//! `atop train classifier`: settings from a TOML file, a preset or a resumed run, then flags on
-//! top, all merged here into one validated `TrainClassifierConfig`.
+//! `atop train classifier|purifier`: settings from a TOML file, a preset or a resumed run, then
+//! flags on top, all merged here into one validated config.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use atop::data::{DataConfig, DatasetKind};
+use atop::data::DataConfig;
 use atop::models::Arch;
 use atop::train::classifier::{self, TrainClassifierConfig};
 use atop::train::optim::SgdConfig;
+use atop::train::purifier::{self, TrainPurifierConfig};
 use atop::train::schedule::Schedule;
+use atop::transforms::TransformKind;
 use clap::{Args as ClapArgs, Subcommand};
 
 use super::Global;
+use super::data::DataOverrides;
 
 #[derive(Debug, Subcommand)]
 pub enum TrainCommand {
     /// Train a classifier (checkpoint every epoch, resumable).
     Classifier(Box<ClassifierArgs>),
+    /// Pre-train the GAN purifier under a random transform (checkpoint every epoch, resumable).
+    Purifier(Box<PurifierArgs>),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct PurifierArgs {
+    /// TOML settings file (see presets/purifier-*.toml).
+    #[arg(long, conflicts_with_all = ["preset", "resume"])]
+    pub config: Option<PathBuf>,
+    /// Named settings: purifier-demo, purifier-cifar10-cpu, purifier-cifar10-paper.
+    #[arg(long, conflicts_with = "resume")]
+    pub preset: Option<String>,
+    /// Continue the run in this folder from its latest checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Run folder (default: runs/purifier-<dataset>-<transform>-c<width>).
+    #[arg(long, conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataOverrides,
+    /// Generator width c (a multiple of 4; paper: 48).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Discriminator width (DeepFillv2: 64).
+    #[arg(long)]
+    pub disc_width: Option<usize>,
+    /// The contextual-attention branch.
+    #[arg(long)]
+    pub attention: Option<bool>,
+    /// Run the generator at this image side (e.g. 256, as the authors did for CIFAR).
+    #[arg(long)]
+    pub work_size: Option<usize>,
+    /// Random transform to train under: rt1, rt2, rt3 (or none).
+    #[arg(long, value_enum)]
+    pub transform: Option<TransformKind>,
+    #[command(flatten)]
+    pub transform_settings: super::purifier::TransformArgs,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Adam learning rate of both the generator and the discriminator.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub l1_weight: Option<f64>,
+    #[arg(long)]
+    pub gan_weight: Option<f64>,
+    /// Weight of the classifier's CE on purified images (needs --classifier).
+    #[arg(long)]
+    pub ce_weight: Option<f64>,
+    /// Frozen classifier for the CE term and for the per-epoch purified accuracy.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    #[arg(long)]
+    pub ce_after_epochs: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub train_subset: Option<usize>,
+    #[arg(long)]
+    pub eval_subset: Option<usize>,
+    /// Write a sample grid every this many steps.
+    #[arg(long)]
+    pub sample_every: Option<usize>,
+    #[arg(long, value_enum)]
+    pub precision: Option<atop::runtime::Precision>,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -34,12 +104,8 @@ pub struct ClassifierArgs {
     #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
 
-    #[arg(long, value_enum)]
-    pub dataset: Option<DatasetKind>,
-    #[arg(long)]
-    pub root: Option<PathBuf>,
-    #[arg(long)]
-    pub image_size: Option<u32>,
+    #[command(flatten)]
+    pub data: DataOverrides,
     /// wrn-DEPTH-WIDTH, resnet18|34|50[-imagenet].
     #[arg(long)]
     pub arch: Option<Arch>,
@@ -87,7 +153,92 @@ pub struct ClassifierArgs {
 pub fn run(cmd: TrainCommand, global: &Global) -> Result<()> {
     match cmd {
         TrainCommand::Classifier(args) => train_classifier(*args, global),
+        TrainCommand::Purifier(args) => train_purifier(*args, global),
     }
+}
+
+fn set<T: Clone>(field: &mut T, value: &Option<T>) {
+    if let Some(v) = value {
+        *field = v.clone();
+    }
+}
+
+fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, bool)> {
+    let mut cfg = if let Some(run) = &a.resume {
+        purifier::saved_config(run)?
+    } else if let Some(path) = &a.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        TrainPurifierConfig::from_toml(&text, &path.display().to_string())?
+    } else if let Some(name) = &a.preset {
+        TrainPurifierConfig::preset(name)?
+    } else {
+        bail!(
+            "say what to train: --config FILE, --preset NAME (e.g. purifier-demo) or --resume RUN_DIR"
+        );
+    };
+    a.data.apply(&mut cfg.data);
+    set(&mut cfg.purifier.width, &a.width);
+    set(&mut cfg.purifier.disc_width, &a.disc_width);
+    set(&mut cfg.purifier.attention, &a.attention);
+    if a.work_size.is_some() {
+        cfg.purifier.work_size = a.work_size;
+    }
+    set(&mut cfg.transform.kind, &a.transform);
+    a.transform_settings.apply(&mut cfg.transform);
+    set(&mut cfg.epochs, &a.epochs);
+    set(&mut cfg.batch_size, &a.batch_size);
+    set(&mut cfg.generator_optimizer.lr, &a.lr);
+    set(&mut cfg.discriminator_optimizer.lr, &a.lr);
+    set(&mut cfg.l1_weight, &a.l1_weight);
+    set(&mut cfg.gan_weight, &a.gan_weight);
+    set(&mut cfg.ce_weight, &a.ce_weight);
+    if a.classifier.is_some() {
+        cfg.classifier = a.classifier.clone();
+    }
+    set(&mut cfg.ce_after_epochs, &a.ce_after_epochs);
+    set(&mut cfg.seed, &a.seed);
+    if a.train_subset.is_some() {
+        cfg.train_subset = a.train_subset;
+    }
+    set(&mut cfg.eval_subset, &a.eval_subset);
+    set(&mut cfg.sample_every, &a.sample_every);
+    set(&mut cfg.precision, &a.precision);
+    cfg.validate()?;
+    let (run, resume) = match (&a.resume, &a.out) {
+        (Some(run), _) => (run.clone(), true),
+        (None, Some(out)) => (out.clone(), false),
+        (None, None) => (purifier::default_out(&cfg), false),
+    };
+    Ok((cfg, run, resume))
+}
+
+fn train_purifier(args: PurifierArgs, global: &Global) -> Result<()> {
+    let (cfg, run, resume) = purifier_settings(&args)?;
+    let summary = purifier::train(&cfg, &run, global.device, resume)?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    let quality = summary.last.as_ref().map_or(String::new(), |m| {
+        let acc = match (m.purified_acc, m.clean_acc) {
+            (Some(p), Some(c)) => format!(
+                ", accuracy purified {:.2}% / clean {:.2}%",
+                100.0 * p,
+                100.0 * c
+            ),
+            _ => String::new(),
+        };
+        format!("PSNR {:.2} dB, SSIM {:.3}{acc}", m.psnr, m.ssim)
+    });
+    println!(
+        "{}: {} epochs ({:.0} s); {quality}; checkpoint {}",
+        summary.run.display(),
+        summary.epochs,
+        summary.seconds,
+        summary.checkpoint.display(),
+    );
+    Ok(())
 }
 
 /// Base settings (file, preset, resumed run, or defaults for --dataset/--arch) plus overrides.
@@ -101,7 +252,7 @@ fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)
     } else if let Some(name) = &a.preset {
         TrainClassifierConfig::preset(name)?
     } else {
-        let (Some(dataset), Some(arch)) = (a.dataset, a.arch) else {
+        let (Some(dataset), Some(arch)) = (a.data.dataset, a.arch) else {
             bail!(
                 "say what to train: --config FILE, --preset NAME, --resume RUN_DIR, or at least --dataset and --arch"
             );
@@ -125,18 +276,7 @@ fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)
             precision: Default::default(),
         }
     };
-    fn set<T: Clone>(field: &mut T, value: &Option<T>) {
-        if let Some(v) = value {
-            *field = v.clone();
-        }
-    }
-    set(&mut cfg.data.dataset, &a.dataset);
-    if a.root.is_some() {
-        cfg.data.root = a.root.clone();
-    }
-    if a.image_size.is_some() {
-        cfg.data.image_size = a.image_size;
-    }
+    a.data.apply(&mut cfg.data);
     set(&mut cfg.arch, &a.arch);
     set(&mut cfg.epochs, &a.epochs);
     set(&mut cfg.batch_size, &a.batch_size);

@@ -91,26 +91,31 @@ impl Sidecar {
     }
 }
 
-/// Writes `dir/model.safetensors` then `dir/model.json`, each via a temp file and rename.
-pub fn save(model: &Classifier, sidecar: &Sidecar, dir: &Path) -> Result<(), CheckpointError> {
-    let write_err = |path: &Path, reason: String| CheckpointError::Write {
+fn write_err(path: &Path, reason: String) -> CheckpointError {
+    CheckpointError::Write {
         path: path.to_path_buf(),
         reason,
-    };
+    }
+}
+
+/// Writes `dir/model.safetensors` then `dir/model.json`, each via a temp file and rename.
+pub fn save(model: &Classifier, sidecar: &Sidecar, dir: &Path) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e.to_string()))?;
-    let weights = dir.join(WEIGHTS);
-    let tmp = dir.join(format!("{WEIGHTS}.tmp"));
-    let named: BTreeMap<String, Tensor> = model
-        .vs
+    save_vars(&model.vs, &dir.join(WEIGHTS))?;
+    crate::io::write_json(&dir.join(SIDECAR), sidecar)
+        .map_err(|e| write_err(&dir.join(SIDECAR), format!("{e:#}")))
+}
+
+/// Writes every variable of `vs` (CPU, contiguous, sorted by name) to `file` atomically.
+pub fn save_vars(vs: &tch::nn::VarStore, file: &Path) -> Result<(), CheckpointError> {
+    let named: Vec<(String, Tensor)> = vs
         .variables()
+        .into_iter()
+        .collect::<BTreeMap<_, _>>()
         .into_iter()
         .map(|(k, v)| (k, v.to_device(Device::Cpu).contiguous()))
         .collect();
-    let list: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    Tensor::write_safetensors(&list, &tmp).map_err(|e| write_err(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, &weights).map_err(|e| write_err(&weights, e.to_string()))?;
-    crate::io::write_json(&dir.join(SIDECAR), sidecar)
-        .map_err(|e| write_err(&dir.join(SIDECAR), format!("{e:#}")))
+    crate::io::write_safetensors(file, &named).map_err(|e| write_err(file, format!("{e:#}")))
 }
 
 /// Where training left off; written (atomically) only after a checkpoint folder is complete.
@@ -202,8 +207,20 @@ pub fn copy_named(
     tensors: Vec<(String, Tensor)>,
     file: &Path,
 ) -> Result<(), CheckpointError> {
-    let arch = model.spec.arch.to_string();
-    let mut vars = model.vs.variables();
+    copy_into(&model.vs, &model.spec.arch.to_string(), tensors, file)
+}
+
+/// Strictly copies `tensors` (by name) into the variables of `vs`, which hold the network
+/// described by `arch` (named in errors): every missing, unexpected, mis-shaped or non-finite
+/// tensor is an error, and nothing is copied unless everything fits.
+pub fn copy_into(
+    vs: &tch::nn::VarStore,
+    arch: &str,
+    tensors: Vec<(String, Tensor)>,
+    file: &Path,
+) -> Result<(), CheckpointError> {
+    let arch = arch.to_string();
+    let mut vars = vs.variables();
     let given: BTreeMap<String, Tensor> = tensors
         .into_iter()
         .filter(|(k, _)| !IGNORED_SUFFIXES.iter().any(|s| k.ends_with(s)))

@@ -18,6 +18,45 @@ pub struct Row<'a> {
     pub images: Vec<&'a [u8]>,
 }
 
+/// N x 3 x H x W images in [0,1] as N buffers of H x W x 3 bytes (rounded, clipped).
+pub fn to_hwc_bytes(t: &tch::Tensor) -> Result<Vec<Vec<u8>>> {
+    let hwc = (t.to_kind(tch::Kind::Float) * 255.0)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(tch::Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous()
+        .to_device(tch::Device::Cpu);
+    (0..hwc.size()[0])
+        .map(|i| Ok(Vec::<u8>::try_from(hwc.get(i).reshape([-1]))?))
+        .collect()
+}
+
+/// Saves a PNG of labelled rows of images given as N x 3 x H x W tensors in [0,1] (all of one
+/// size), creating the parent folder.
+pub fn save_tensor_rows(rows: &[(&str, tch::Tensor)], path: &Path) -> Result<()> {
+    let Some((_, first)) = rows.first() else {
+        return Ok(());
+    };
+    let (h, w) = (first.size()[2] as usize, first.size()[3] as usize);
+    let bytes: Vec<(String, Vec<Vec<u8>>)> = rows
+        .iter()
+        .map(|(label, t)| Ok(((*label).to_string(), to_hwc_bytes(t)?)))
+        .collect::<Result<_>>()?;
+    let rows: Vec<Row> = bytes
+        .iter()
+        .map(|(label, imgs)| Row {
+            label: label.clone(),
+            images: imgs.iter().map(|b| b.as_slice()).collect(),
+        })
+        .collect();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    save_png(&labelled_rows(&rows, h, w), path)
+}
+
 /// Cell side: small images are enlarged (nearest) to at least 64 px, big ones shrunk to 128 px.
 fn cell_size(h: u32, w: u32) -> (u32, u32) {
     let side = h.max(w);

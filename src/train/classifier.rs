@@ -9,7 +9,6 @@
 //!   metrics.jsonl              one line per epoch
 //!   curves.png                 loss and accuracy per epoch
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::optim::{Sgd, SgdConfig};
+use super::runlog;
 use super::schedule::{Schedule, lr_at};
 use crate::data::augment::Augment;
 use crate::data::loader::{Loader, LoaderConfig};
@@ -31,7 +31,7 @@ use crate::report::plot;
 use crate::runtime::{Precision, autocast};
 
 pub const CONFIG: &str = "config.json";
-pub const METRICS: &str = "metrics.jsonl";
+pub use super::runlog::METRICS;
 pub const CURVES: &str = "curves.png";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
@@ -236,14 +236,7 @@ pub fn train(
     resume: bool,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
-    let has_run = run.join(checkpoint::LAST).exists() || run.join(CONFIG).exists();
-    if has_run && !resume {
-        bail!(
-            "{} already holds a training run: pass --resume {} to continue it, or choose another --out",
-            run.display(),
-            run.display()
-        );
-    }
+    runlog::check_fresh(run, CONFIG, resume)?;
     std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
     crate::io::write_json(&run.join(CONFIG), cfg)?;
 
@@ -288,7 +281,7 @@ pub fn train(
         last = Some(l);
     }
     if resume {
-        keep_metrics_up_to(run, start_epoch)?;
+        runlog::keep_up_to::<EpochMetrics>(run, start_epoch)?;
     }
     let resumed_from_epoch = last.as_ref().map(|l| l.epoch);
 
@@ -391,7 +384,7 @@ pub fn train(
             metrics.img_per_s,
             metrics.seconds
         );
-        append_metrics(run, &metrics)?;
+        runlog::append(run, &metrics)?;
         last = Some(save_checkpoint(
             run,
             cfg,
@@ -437,8 +430,7 @@ fn load_data(cfg: &TrainClassifierConfig) -> Result<(Arc<ImageSet>, Arc<ImageSet
     Ok((Arc::new(train), Arc::new(test)))
 }
 
-/// Writes `checkpoints/epoch-N/` completely, then points `last.json` at it, then removes older
-/// checkpoint folders. A crash at any point leaves the previous complete checkpoint in use.
+/// Writes `checkpoints/epoch-N/` completely, then commits it (`last.json`).
 fn save_checkpoint(
     run: &Path,
     cfg: &TrainClassifierConfig,
@@ -460,61 +452,17 @@ fn save_checkpoint(
     );
     checkpoint::save(model, &sidecar, &dir)?;
     crate::io::write_safetensors(&dir.join(OPTIMIZER), &opt.state())?;
-    let last = LastCheckpoint {
-        epoch,
-        step,
-        dir: rel.clone(),
-    };
-    crate::io::write_json(&run.join(checkpoint::LAST), &last)?;
-    for entry in std::fs::read_dir(run.join("checkpoints"))?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("epoch-") && format!("checkpoints/{name}") != rel {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-    Ok(last)
-}
-
-fn append_metrics(run: &Path, m: &EpochMetrics) -> Result<()> {
-    let path = run.join(METRICS);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(m)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("cannot write {}", path.display()))
+    runlog::commit_checkpoint(run, &rel, epoch, step)
 }
 
 pub fn read_metrics(run: &Path) -> Result<Vec<EpochMetrics>> {
-    let path = run.join(METRICS);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(Vec::new());
-    };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{} line {}: not an epoch record", path.display(), i + 1))
-        })
-        .collect()
+    runlog::read(run)
 }
 
-/// After a crash, metrics may hold an epoch whose checkpoint never completed: drop it.
-fn keep_metrics_up_to(run: &Path, epoch: usize) -> Result<()> {
-    let kept: Vec<EpochMetrics> = read_metrics(run)?
-        .into_iter()
-        .filter(|m| m.epoch <= epoch)
-        .collect();
-    crate::io::write_atomic(&run.join(METRICS), |out| {
-        for m in &kept {
-            writeln!(out, "{}", serde_json::to_string(m)?)?;
-        }
-        Ok(())
-    })
+impl runlog::EpochRecord for EpochMetrics {
+    fn epoch(&self) -> usize {
+        self.epoch
+    }
 }
 
 fn write_curves(run: &Path) -> Result<()> {
@@ -566,7 +514,7 @@ mod tests {
             TrainClassifierConfig::preset("cifar10-cpu")
                 .unwrap()
                 .precision
-                == Precision::Bf16
+                == Precision::Auto
         );
     }
 }

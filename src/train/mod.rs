@@ -1,6 +1,10 @@
-//! Training: an SGD optimizer whose state can be saved, learning-rate schedules, and the
-//! classifier trainer (checkpoints every epoch, resumable, metrics.jsonl, curves).
+//! Training: SGD and Adam optimizers whose state can be saved, learning-rate schedules, the
+//! run-folder conventions (metrics.jsonl, last.json), and the trainers for classifiers and
+//! purifiers (checkpoints every epoch, resumable).
 
+pub mod adam;
 pub mod classifier;
 pub mod optim;
+pub mod purifier;
+pub mod runlog;
 pub mod schedule;

@@ -1,0 +1,490 @@
+//! `atop purifier info` (architecture and parameter counts) and `atop purify` (transform +
+//! purify a dataset split or a folder of images; PSNR/SSIM against the originals and, with a
+//! classifier, accuracy on clean and purified images).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use atop::data::subset::seeded_subset;
+use atop::data::{DataConfig, Split};
+use atop::models::checkpoint;
+use atop::models::{Classifier, Model};
+use atop::purifier::{self, GanPurifier, PurifierConfig};
+use atop::report::grid;
+use atop::transforms::{TransformConfig, TransformKind};
+use clap::{Args as ClapArgs, Subcommand};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::Global;
+use super::data::DataOverrides;
+
+/// Noise and mask settings of the random transforms (the kind is each command's --transform).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct TransformArgs {
+    /// Gaussian noise standard deviation, in [0,1] pixel units (paper: 0.25).
+    #[arg(long)]
+    pub sigma: Option<f64>,
+    /// Fraction of mask blocks that are holes (paper: 0.25).
+    #[arg(long)]
+    pub missing_rate: Option<f64>,
+    /// RT3: number of disjoint masks (paper: 4).
+    #[arg(long)]
+    pub pieces: Option<usize>,
+    /// Blocks per image side (paper: 8).
+    #[arg(long)]
+    pub grid: Option<usize>,
+    /// One mask for the whole batch instead of one per image.
+    #[arg(long)]
+    pub per_batch_mask: Option<bool>,
+}
+
+impl TransformArgs {
+    pub fn apply(&self, cfg: &mut TransformConfig) {
+        if let Some(v) = self.sigma {
+            cfg.sigma = v;
+        }
+        if let Some(v) = self.missing_rate {
+            cfg.missing_rate = v;
+        }
+        if let Some(v) = self.pieces {
+            cfg.pieces = v;
+        }
+        if let Some(v) = self.grid {
+            cfg.grid = v;
+        }
+        if let Some(v) = self.per_batch_mask {
+            cfg.per_batch_mask = v;
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PurifierCommand {
+    /// Parameter counts and output shapes of a purifier architecture or checkpoint.
+    Info(InfoArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct InfoArgs {
+    /// A purifier checkpoint (or training run) to describe instead of an architecture.
+    #[arg(long)]
+    pub purifier: Option<PathBuf>,
+    /// Generator width c.
+    #[arg(long, default_value_t = 48)]
+    pub width: usize,
+    #[arg(long, default_value_t = 64)]
+    pub disc_width: usize,
+    #[arg(long)]
+    pub no_attention: bool,
+    /// Image side for the shapes.
+    #[arg(long, default_value_t = 32)]
+    pub image_size: i64,
+}
+
+#[derive(Serialize)]
+struct Info {
+    purifier: PurifierConfig,
+    generator_parameters: i64,
+    discriminator_parameters: i64,
+    image_size: i64,
+    output_shape: Vec<i64>,
+    discriminator_scores_per_image: i64,
+}
+
+pub fn run(cmd: PurifierCommand, global: &Global) -> Result<()> {
+    match cmd {
+        PurifierCommand::Info(a) => info(a, global),
+    }
+}
+
+fn info(a: InfoArgs, global: &Global) -> Result<()> {
+    let p = match &a.purifier {
+        Some(path) => purifier::load(path, Device::Cpu)?.0,
+        None => GanPurifier::new(
+            PurifierConfig {
+                width: a.width,
+                disc_width: a.disc_width,
+                attention: !a.no_attention,
+                work_size: None,
+            },
+            Device::Cpu,
+        )?,
+    };
+    p.config.check_side(a.image_size)?;
+    let x = Tensor::rand(
+        [1, 3, a.image_size, a.image_size],
+        (Kind::Float, Device::Cpu),
+    );
+    let mask = TransformConfig::default().sample(&x).masks.remove(0);
+    let (_, x2) = tch::no_grad(|| p.generate(&x, &mask));
+    let d = tch::no_grad(|| p.discriminator.forward_t(&x2, &mask, false));
+    let out = Info {
+        purifier: p.config.clone(),
+        generator_parameters: p.generator_parameters(),
+        discriminator_parameters: p.discriminator_parameters(),
+        image_size: a.image_size,
+        output_shape: x2.size(),
+        discriminator_scores_per_image: d.size()[1],
+    };
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{}", p.config.describe());
+        println!(
+            "  generator parameters      {:>10}",
+            out.generator_parameters
+        );
+        println!(
+            "  discriminator parameters  {:>10}",
+            out.discriminator_parameters
+        );
+        println!(
+            "  at {0}x{0}: output {1:?}, {2} patch scores per image",
+            a.image_size, out.output_shape, out.discriminator_scores_per_image
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct PurifyArgs {
+    /// A purifier checkpoint folder or training run.
+    #[arg(long)]
+    pub purifier: PathBuf,
+    /// Transforms, comma-separated (rt1, rt2, rt3, none); default: the one it was trained with.
+    #[arg(long)]
+    pub transform: Option<String>,
+    #[command(flatten)]
+    pub transform_settings: TransformArgs,
+    /// A folder of images (png/jpg) to purify instead of a dataset split; outputs keep the names.
+    #[arg(long, conflicts_with_all = ["dataset", "n"])]
+    pub input: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataOverrides,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    /// A seeded subset of this many images.
+    #[arg(long)]
+    pub n: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also report this classifier's accuracy on clean and purified images.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    #[arg(long, default_value_t = 250)]
+    pub batch_size: usize,
+    /// Output folder (default: runs/purify-<transform>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Results for one transform.
+#[derive(Debug, Serialize)]
+struct PurifyResult {
+    transform: TransformConfig,
+    n: usize,
+    psnr: f64,
+    ssim: f64,
+    /// PSNR of the transformed (noisy, holes filled with grey) input, for comparison.
+    transformed_psnr: f64,
+    clean_accuracy: Option<f64>,
+    purified_accuracy: Option<f64>,
+    images: PathBuf,
+    grid: PathBuf,
+}
+
+#[derive(Serialize)]
+struct PurifyReport {
+    purifier: PathBuf,
+    classifier: Option<PathBuf>,
+    data: String,
+    seconds: f64,
+    results: Vec<PurifyResult>,
+}
+
+pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
+    let started = std::time::Instant::now();
+    let dir = purifier::resolve(&a.purifier)?;
+    let (p, sidecar) = purifier::load(&dir, global.device)?;
+    let kinds: Vec<TransformKind> = match &a.transform {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.parse().map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?,
+        None => vec![sidecar.transform.kind],
+    };
+    if a.batch_size == 0 {
+        bail!("--batch-size 0: expected at least 1");
+    }
+    let classifier = a
+        .classifier
+        .as_ref()
+        .map(|c| checkpoint::load(c, global.device).map(|(m, _)| m))
+        .transpose()?;
+
+    // The images: a dataset split (labels known) or a folder (names kept).
+    let (x, y, names, data_desc) = match &a.input {
+        Some(folder) => {
+            let (x, names) = read_folder(folder)?;
+            (x, None, Some(names), folder.display().to_string())
+        }
+        None => {
+            let mut cfg = sidecar
+                .config
+                .get("data")
+                .and_then(|d| serde_json::from_value::<DataConfig>(d.clone()).ok())
+                .or_else(|| {
+                    sidecar
+                        .dataset
+                        .as_ref()
+                        .and_then(|d| {
+                            serde_json::from_value(serde_json::Value::String(d.clone())).ok()
+                        })
+                        .map(DataConfig::new)
+                })
+                .context(
+                    "the purifier does not say which dataset it was trained on: pass --dataset",
+                )?;
+            a.data.apply(&mut cfg);
+            let set = cfg.load(a.split)?;
+            let idx = match a.n {
+                Some(n) => seeded_subset(set.len(), n, a.seed)?,
+                None => (0..set.len()).collect(),
+            };
+            let (x, y) = set.tensors(&idx);
+            if let Some(c) = &classifier
+                && c.spec.num_classes != set.num_classes()
+            {
+                bail!(
+                    "the classifier has {} classes, {} has {}",
+                    c.spec.num_classes,
+                    set.name,
+                    set.num_classes()
+                );
+            }
+            let desc = format!(
+                "{} {} n={} seed={}",
+                cfg.dataset.as_str(),
+                a.split.as_str(),
+                idx.len(),
+                a.seed
+            );
+            (x, Some(y), None, desc)
+        }
+    };
+    let x = x.to_kind(Kind::Float);
+    let side = x.size()[2];
+    p.config.check_side(side)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        PathBuf::from("runs").join(format!("purify-{}", names.join("+")))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+
+    let mut results = Vec::new();
+    for kind in kinds {
+        let mut t = TransformConfig {
+            kind,
+            ..sidecar.transform.clone()
+        };
+        a.transform_settings.apply(&mut t);
+        t.validate(Some(side))?;
+        // Seeded per transform: the same command draws the same noise and masks.
+        tch::manual_seed(a.seed as i64);
+        let n = x.size()[0];
+        let mut purified = Vec::new();
+        let mut shown = Vec::new();
+        let bar = atop::progress::bar(n as u64, &format!("purify {kind}"));
+        for start in (0..n).step_by(a.batch_size) {
+            let len = (n - start).min(a.batch_size as i64);
+            let xb = x.narrow(0, start, len).to_device(global.device);
+            let drawn = t.sample(&xb);
+            let m = &drawn.masks[0];
+            shown.push((&drawn.noisy * (m.neg() + 1.0) + m * 0.5).to_device(Device::Cpu));
+            purified.push(tch::no_grad(|| p.restore(&drawn)).to_device(Device::Cpu));
+            bar.inc(len as u64);
+        }
+        bar.finish_and_clear();
+        let purified = Tensor::cat(&purified, 0);
+        let shown = Tensor::cat(&shown, 0);
+        let mean = |t: Tensor| t.mean(Kind::Float).double_value(&[]);
+        let psnr = mean(purifier::psnr(&purified, &x));
+        let ssim = mean(purifier::ssim(&purified, &x));
+        let transformed_psnr = mean(purifier::psnr(&shown, &x));
+        let (clean_accuracy, purified_accuracy) = match (&classifier, &y) {
+            (Some(c), Some(y)) => (
+                Some(accuracy(c, &x, y, a.batch_size, global.device)?),
+                Some(accuracy(c, &purified, y, a.batch_size, global.device)?),
+            ),
+            _ => (None, None),
+        };
+        let images = match &names {
+            Some(names) => {
+                let folder = out.join(kind.as_str());
+                write_folder(&folder, &purified, names)?;
+                folder
+            }
+            None => {
+                let file = out.join(format!("purified-{kind}.safetensors"));
+                atop::io::write_safetensors(
+                    &file,
+                    &[
+                        ("images".into(), purified.shallow_clone()),
+                        ("clean".into(), x.shallow_clone()),
+                    ],
+                )?;
+                file
+            }
+        };
+        let grid_path = out.join(format!("grid-{kind}.png"));
+        write_grid(&x, &shown, &purified, &grid_path)?;
+        results.push(PurifyResult {
+            transform: t,
+            n: n as usize,
+            psnr,
+            ssim,
+            transformed_psnr,
+            clean_accuracy,
+            purified_accuracy,
+            images,
+            grid: grid_path,
+        });
+    }
+    let report = PurifyReport {
+        purifier: dir,
+        classifier: a.classifier.clone(),
+        data: data_desc,
+        seconds: started.elapsed().as_secs_f64(),
+        results,
+    };
+    atop::io::write_json(&out.join("purify.json"), &report)?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} on {} ({:.1} s)",
+        report.purifier.display(),
+        report.data,
+        report.seconds
+    );
+    for r in &report.results {
+        let acc = match (r.clean_accuracy, r.purified_accuracy) {
+            (Some(c), Some(p)) => format!(
+                "  accuracy clean {:.2}% -> purified {:.2}% ({:+.2} points)",
+                100.0 * c,
+                100.0 * p,
+                100.0 * (p - c)
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "  {:<22} PSNR {:.2} dB (transformed {:.2}), SSIM {:.3}{acc}",
+            r.transform.describe(),
+            r.psnr,
+            r.transformed_psnr,
+            r.ssim
+        );
+    }
+    println!("wrote {}", out.join("purify.json").display());
+    Ok(())
+}
+
+fn accuracy(c: &Classifier, x: &Tensor, y: &Tensor, batch: usize, device: Device) -> Result<f64> {
+    let n = x.size()[0];
+    let mut hit = 0i64;
+    for start in (0..n).step_by(batch) {
+        let len = (n - start).min(batch as i64);
+        let xb = x.narrow(0, start, len).to_device(device);
+        let yb = y.narrow(0, start, len).to_device(device);
+        hit += tch::no_grad(|| c.logits(&xb))
+            .argmax(-1, false)
+            .eq_tensor(&yb)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+    }
+    Ok(hit as f64 / n.max(1) as f64)
+}
+
+/// Every png/jpg in `folder` (sorted by name), all of one size, as N x 3 x H x W in [0,1].
+fn read_folder(folder: &Path) -> Result<(Tensor, Vec<String>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .with_context(|| format!("cannot read {}", folder.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no .png or .jpg images", folder.display());
+    }
+    let mut size = None;
+    let mut bytes = Vec::new();
+    let mut names = Vec::new();
+    for f in &files {
+        let img = image::open(f)
+            .with_context(|| format!("{}: not a readable image", f.display()))?
+            .to_rgb8();
+        let dims = img.dimensions();
+        match size {
+            None => size = Some(dims),
+            Some(s) if s != dims => bail!(
+                "{}: {}x{} pixels, but {} is {}x{}: all images of a folder must have one size",
+                f.display(),
+                dims.0,
+                dims.1,
+                files[0].display(),
+                s.0,
+                s.1
+            ),
+            _ => {}
+        }
+        bytes.extend_from_slice(img.as_raw());
+        names.push(
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    let (w, h) = size.expect("at least one image");
+    let x = Tensor::from_slice(&bytes)
+        .view([files.len() as i64, h as i64, w as i64, 3])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        / 255.0;
+    Ok((x, names))
+}
+
+/// PNG files named after the inputs (extension replaced by .png).
+fn write_folder(folder: &Path, images: &Tensor, names: &[String]) -> Result<()> {
+    std::fs::create_dir_all(folder)
+        .with_context(|| format!("cannot create {}", folder.display()))?;
+    let (h, w) = (images.size()[2] as u32, images.size()[3] as u32);
+    for (bytes, name) in grid::to_hwc_bytes(images)?.into_iter().zip(names) {
+        let img = image::RgbImage::from_raw(w, h, bytes).expect("buffer matches the image size");
+        let stem = Path::new(name)
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
+        grid::save_png(&img, &folder.join(format!("{stem}.png")))?;
+    }
+    Ok(())
+}
+
+fn write_grid(clean: &Tensor, shown: &Tensor, purified: &Tensor, path: &Path) -> Result<()> {
+    let k = clean.size()[0].min(8);
+    grid::save_tensor_rows(
+        &[
+            ("clean", clean.narrow(0, 0, k)),
+            ("transformed", shown.narrow(0, 0, k)),
+            ("purified", purified.narrow(0, 0, k)),
+        ],
+        path,
+    )
+}

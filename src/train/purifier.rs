@@ -1,0 +1,637 @@
+//! `atop train purifier`: pre-trains the GAN purifier on clean images under a random transform
+//! (paper section 3): per batch one discriminator step (hinge loss on the clean image against
+//! the generator's x2) and one generator step (-mean D(x2) + L1 of x1 and x2 to the clean image,
+//! optionally + CE of a frozen classifier on the purified image, the authors' "-clean" variant).
+//! Adam for both (lr 1e-4, betas 0.5/0.999 by default).
+//!
+//! Run folder (as for classifiers): config.json, metrics.jsonl, checkpoints/epoch-N/ (the
+//! purifier checkpoint plus both optimizer states) behind last.json, samples/*.png. A killed
+//! run resumes from its last epoch and reaches the same weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::adam::{Adam, AdamConfig};
+use super::runlog;
+use crate::data::augment::Augment;
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::subset::seeded_subset;
+use crate::data::{DataConfig, ImageSet, Split};
+use crate::models::checkpoint::{self, LastCheckpoint};
+use crate::models::{Classifier, Model};
+use crate::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
+use crate::report::grid;
+use crate::runtime::{Precision, autocast};
+use crate::transforms::{TransformConfig, assemble};
+
+pub const CONFIG: &str = "config.json";
+const OPT_G: &str = "optimizer-generator.safetensors";
+const OPT_D: &str = "optimizer-discriminator.safetensors";
+
+/// Everything that defines a purifier pre-training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainPurifierConfig {
+    pub data: DataConfig,
+    #[serde(default)]
+    pub purifier: PurifierConfig,
+    #[serde(default)]
+    pub transform: TransformConfig,
+    pub epochs: usize,
+    pub batch_size: usize,
+    #[serde(default)]
+    pub generator_optimizer: AdamConfig,
+    #[serde(default)]
+    pub discriminator_optimizer: AdamConfig,
+    /// Weight of each L1 term (x1 and x2 against the clean image, in [-1,1]).
+    #[serde(default = "one")]
+    pub l1_weight: f64,
+    /// Weight of the generator's GAN term -mean D(x2).
+    #[serde(default = "one")]
+    pub gan_weight: f64,
+    /// Weight of CE(y, f(purified)) with the frozen `classifier` (0 = off).
+    #[serde(default)]
+    pub ce_weight: f64,
+    /// The classifier f for the CE term and for the per-epoch purified accuracy.
+    #[serde(default)]
+    pub classifier: Option<PathBuf>,
+    /// Epochs of plain reconstruction before the CE term starts (the authors used 2).
+    #[serde(default)]
+    pub ce_after_epochs: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Random horizontal flips of the training images.
+    #[serde(default = "yes")]
+    pub flip: bool,
+    #[serde(default)]
+    pub train_subset: Option<usize>,
+    /// Test images (a seeded subset) for the per-epoch PSNR, SSIM and purified accuracy.
+    #[serde(default = "default_eval_subset")]
+    pub eval_subset: usize,
+    /// Write a sample grid every this many steps (0: only at the end of each epoch).
+    #[serde(default)]
+    pub sample_every: usize,
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_eval_subset() -> usize {
+    500
+}
+
+/// Named presets (TOML files in `presets/`, compiled in).
+pub const PRESETS: &[(&str, &str)] = &[
+    (
+        "purifier-demo",
+        include_str!("../../presets/purifier-demo.toml"),
+    ),
+    (
+        "purifier-cifar10-cpu",
+        include_str!("../../presets/purifier-cifar10-cpu.toml"),
+    ),
+    (
+        "purifier-cifar10-paper",
+        include_str!("../../presets/purifier-cifar10-paper.toml"),
+    ),
+];
+
+impl TrainPurifierConfig {
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text)
+            .with_context(|| format!("{origin}: not a valid purifier training config"))
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            bail!("unknown preset '{name}': expected one of {names:?}");
+        };
+        Self::from_toml(text, &format!("preset {name}"))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.purifier.validate()?;
+        self.transform.validate(None)?;
+        self.generator_optimizer.validate("generator_optimizer")?;
+        self.discriminator_optimizer
+            .validate("discriminator_optimizer")?;
+        if self.epochs == 0 {
+            bail!("invalid setting epochs = 0: expected at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("invalid setting batch_size = 0: expected at least 1");
+        }
+        for (name, w) in [
+            ("l1_weight", self.l1_weight),
+            ("gan_weight", self.gan_weight),
+            ("ce_weight", self.ce_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                bail!("invalid setting {name} = {w}: expected a non-negative number");
+            }
+        }
+        if let Some(side) = self.data.image_size {
+            self.purifier.check_side(side as i64)?;
+            self.transform.validate(Some(side as i64))?;
+        }
+        if self.ce_weight > 0.0 && self.classifier.is_none() {
+            bail!(
+                "ce_weight = {} needs a classifier (set classifier = \"CKPT\" or --classifier)",
+                self.ce_weight
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PurifierEpoch {
+    pub epoch: usize,
+    pub d_loss: f64,
+    pub g_gan: f64,
+    pub g_l1: f64,
+    pub g_ce: f64,
+    /// On the evaluation subset: purified against clean.
+    pub psnr: f64,
+    pub ssim: f64,
+    /// Accuracy of the classifier on the purified evaluation images (if one is set), and on
+    /// the clean ones.
+    pub purified_acc: Option<f64>,
+    pub clean_acc: Option<f64>,
+    pub img_per_s: f64,
+    pub seconds: f64,
+}
+
+impl runlog::EpochRecord for PurifierEpoch {
+    fn epoch(&self) -> usize {
+        self.epoch
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct PurifierSummary {
+    pub run: PathBuf,
+    pub epochs: usize,
+    pub resumed_from_epoch: Option<usize>,
+    pub last: Option<PurifierEpoch>,
+    pub seconds: f64,
+    pub checkpoint: PathBuf,
+}
+
+/// Loads a run's saved settings (for `--resume`).
+pub fn saved_config(run: &Path) -> Result<TrainPurifierConfig> {
+    let path = run.join(CONFIG);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: cannot read the run's settings (is this a purifier training run folder?)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a purifier training config", path.display()))
+}
+
+pub fn default_out(cfg: &TrainPurifierConfig) -> PathBuf {
+    PathBuf::from("runs").join(format!(
+        "purifier-{}-{}-c{}",
+        cfg.data.dataset.as_str(),
+        cfg.transform.kind,
+        cfg.purifier.width
+    ))
+}
+
+/// The evaluation images and, with a classifier, its clean accuracy on them.
+struct EvalSet {
+    x: Tensor,
+    y: Tensor,
+}
+
+/// Pre-trains into `run`; with `resume`, continues from the run's latest checkpoint.
+pub fn train(
+    cfg: &TrainPurifierConfig,
+    run: &Path,
+    device: Device,
+    resume: bool,
+) -> Result<PurifierSummary> {
+    cfg.validate()?;
+    runlog::check_fresh(run, CONFIG, resume)?;
+    std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
+    crate::io::write_json(&run.join(CONFIG), cfg)?;
+
+    let mut train_set = cfg.data.load(Split::Train)?;
+    let test_set = cfg.data.load(Split::Test)?;
+    if let Some(n) = cfg.train_subset {
+        train_set = train_set.select(&seeded_subset(train_set.len(), n, cfg.seed)?);
+    }
+    let side = train_set.height as i64;
+    cfg.purifier.check_side(side)?;
+    cfg.transform.validate(Some(side))?;
+    let eval_idx = seeded_subset(
+        test_set.len(),
+        cfg.eval_subset.min(test_set.len()),
+        cfg.seed,
+    )?;
+    let (ex, ey) = test_set.tensors(&eval_idx);
+    let eval = EvalSet {
+        x: ex.to_kind(Kind::Float).to_device(device),
+        y: ey.to_device(device),
+    };
+    let classifier = match &cfg.classifier {
+        Some(path) => {
+            let (mut c, _) = checkpoint::load(path, device)?;
+            if c.spec.num_classes != train_set.num_classes() {
+                bail!(
+                    "classifier {} has {} classes, {} has {}",
+                    path.display(),
+                    c.spec.num_classes,
+                    train_set.name,
+                    train_set.num_classes()
+                );
+            }
+            c.vs.freeze();
+            Some(c)
+        }
+        None => None,
+    };
+
+    tch::manual_seed(cfg.seed as i64);
+    let mut p = GanPurifier::new(cfg.purifier.clone(), device)?;
+    let mut opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
+    let mut opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
+    let train_set = Arc::new(train_set);
+    let augment = if cfg.flip {
+        Augment::CropFlip { pad: 0 }
+    } else {
+        Augment::None
+    };
+    let loader = Loader::new(
+        train_set.clone(),
+        LoaderConfig::train(cfg.batch_size, augment, cfg.seed),
+    );
+    let steps_per_epoch = loader.batches_per_epoch();
+    if steps_per_epoch == 0 {
+        bail!(
+            "batch_size {} is larger than the {} training images",
+            cfg.batch_size,
+            train_set.len()
+        );
+    }
+
+    let mut start_epoch = 0;
+    let mut last: Option<LastCheckpoint> = None;
+    if resume && run.join(checkpoint::LAST).exists() {
+        let l = checkpoint::read_last(run)?;
+        let dir = run.join(&l.dir);
+        p.load_weights(&dir)?;
+        for (opt, file) in [(&mut opt_g, OPT_G), (&mut opt_d, OPT_D)] {
+            opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
+                .with_context(|| format!("{}", dir.join(file).display()))?;
+        }
+        start_epoch = l.epoch;
+        tracing::info!("resuming {} after epoch {}", run.display(), l.epoch);
+        last = Some(l);
+    }
+    if resume {
+        runlog::keep_up_to::<PurifierEpoch>(run, start_epoch)?;
+    }
+    let resumed_from_epoch = last.as_ref().map(|l| l.epoch);
+    let started = Instant::now();
+    let mut last_metrics = None;
+    for epoch in start_epoch..cfg.epochs {
+        let t = Instant::now();
+        // The transforms draw from libtorch's generator: seeding it per epoch makes a resumed
+        // run draw the same masks and noise as an uninterrupted one.
+        tch::manual_seed(
+            (cfg.seed as i64)
+                .wrapping_mul(1_000_003)
+                .wrapping_add(epoch as i64),
+        );
+        let bar = crate::progress::bar(
+            steps_per_epoch as u64,
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+        );
+        let use_ce = cfg.ce_weight > 0.0 && epoch >= cfg.ce_after_epochs;
+        let mut sums = [0.0f64; 4];
+        let mut seen = 0usize;
+        for (i, batch) in loader.epoch(epoch as u64).enumerate() {
+            let step = epoch * steps_per_epoch + i;
+            let x = batch.images.to_device(device);
+            let y = batch.labels.to_device(device);
+            let t_draw = cfg.transform.sample(&x);
+            let k = t_draw.masks.len() as i64;
+            let masks = Tensor::cat(&t_draw.masks, 0);
+            let (noisy, target) = if k == 1 {
+                (t_draw.noisy.shallow_clone(), &x * 2.0 - 1.0)
+            } else {
+                (
+                    t_draw.noisy.repeat([k, 1, 1, 1]),
+                    (&x * 2.0 - 1.0).repeat([k, 1, 1, 1]),
+                )
+            };
+            let (x1, x2) = autocast(device, cfg.precision, || p.generate(&noisy, &masks));
+            let (x1, x2) = (x1.to_kind(Kind::Float), x2.to_kind(Kind::Float));
+
+            // Discriminator: real and fake in one batch, hinge loss.
+            let scores = autocast(device, cfg.precision, || {
+                p.discriminator.forward_t(
+                    &Tensor::cat(&[&target, &x2.detach()], 0),
+                    &Tensor::cat(&[&masks, &masks], 0),
+                    true,
+                )
+            })
+            .to_kind(Kind::Float);
+            let halves = scores.split(scores.size()[0] / 2, 0);
+            let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
+                + (&halves[1] + 1.0).relu().mean(Kind::Float);
+            opt_d.zero_grad();
+            d_loss.backward();
+            opt_d.step();
+
+            // Generator: fool D, match the clean image, (optionally) keep f right.
+            let g_gan = if cfg.gan_weight > 0.0 {
+                -autocast(device, cfg.precision, || {
+                    p.discriminator.forward_t(&x2, &masks, true)
+                })
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+            } else {
+                Tensor::zeros([], (Kind::Float, device))
+            };
+            let g_l1 =
+                (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
+            let g_ce = match (&classifier, use_ce) {
+                (Some(f), true) => {
+                    let outs = ((&x2 + 1.0) * 0.5).clamp(0.0, 1.0).split(x.size()[0], 0);
+                    let purified = assemble(&outs, &t_draw.masks);
+                    autocast(device, cfg.precision, || f.logits(&purified))
+                        .to_kind(Kind::Float)
+                        .cross_entropy_for_logits(&y)
+                }
+                _ => Tensor::zeros([], (Kind::Float, device)),
+            };
+            let g_loss = &g_gan * cfg.gan_weight + &g_l1 * cfg.l1_weight + &g_ce * cfg.ce_weight;
+            let values = [
+                d_loss.double_value(&[]),
+                g_gan.double_value(&[]),
+                g_l1.double_value(&[]),
+                g_ce.double_value(&[]),
+            ];
+            if values.iter().any(|v| !v.is_finite()) {
+                let kept = match &last {
+                    Some(l) => format!(
+                        "the last good checkpoint is {} (epoch {})",
+                        run.join(&l.dir).display(),
+                        l.epoch
+                    ),
+                    None => "no checkpoint was written yet".to_string(),
+                };
+                bail!(
+                    "training diverged at epoch {} step {} (global step {step}): D loss {}, G gan {}, G L1 {}, G CE {}; {kept}. Lower the learning rates or the gan_weight.",
+                    epoch + 1,
+                    i + 1,
+                    values[0],
+                    values[1],
+                    values[2],
+                    values[3]
+                );
+            }
+            opt_g.zero_grad();
+            g_loss.backward();
+            opt_g.step();
+            let n = batch.indices.len();
+            for (s, v) in sums.iter_mut().zip(values) {
+                *s += v * n as f64;
+            }
+            seen += n;
+            bar.inc(1);
+            if i % 10 == 0 {
+                bar.set_message(format!(
+                    "epoch {}/{} D {:.3} L1 {:.3} {:.0} img/s",
+                    epoch + 1,
+                    cfg.epochs,
+                    sums[0] / seen as f64,
+                    sums[2] / seen as f64,
+                    seen as f64 / t.elapsed().as_secs_f64()
+                ));
+            }
+            if cfg.sample_every > 0 && (step + 1).is_multiple_of(cfg.sample_every) {
+                write_samples(
+                    &p,
+                    cfg,
+                    &eval.x,
+                    &run.join(format!("samples/step-{:07}.png", step + 1)),
+                )?;
+            }
+        }
+        bar.finish_and_clear();
+        let train_secs = t.elapsed().as_secs_f64();
+        write_samples(
+            &p,
+            cfg,
+            &eval.x,
+            &run.join(format!("samples/epoch-{:04}.png", epoch + 1)),
+        )?;
+        let q = evaluate(
+            &p,
+            &cfg.transform,
+            classifier.as_ref(),
+            &eval,
+            cfg.precision,
+        )?;
+        let mean = |s: f64| s / seen.max(1) as f64;
+        let metrics = PurifierEpoch {
+            epoch: epoch + 1,
+            d_loss: mean(sums[0]),
+            g_gan: mean(sums[1]),
+            g_l1: mean(sums[2]),
+            g_ce: mean(sums[3]),
+            psnr: q.psnr,
+            ssim: q.ssim,
+            purified_acc: q.purified_acc,
+            clean_acc: q.clean_acc,
+            img_per_s: seen as f64 / train_secs,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            "epoch {}/{} D {:.3} G gan {:.3} L1 {:.3} CE {:.3} | PSNR {:.2} dB SSIM {:.3}{} | {:.0} img/s, {:.0} s",
+            metrics.epoch,
+            cfg.epochs,
+            metrics.d_loss,
+            metrics.g_gan,
+            metrics.g_l1,
+            metrics.g_ce,
+            metrics.psnr,
+            metrics.ssim,
+            match (metrics.purified_acc, metrics.clean_acc) {
+                (Some(p), Some(c)) => format!(
+                    " | accuracy purified {:.2}% clean {:.2}%",
+                    100.0 * p,
+                    100.0 * c
+                ),
+                _ => String::new(),
+            },
+            metrics.img_per_s,
+            metrics.seconds
+        );
+        runlog::append(run, &metrics)?;
+        last = Some(save_checkpoint(
+            run,
+            cfg,
+            &p,
+            &opt_g,
+            &opt_d,
+            &train_set,
+            epoch + 1,
+            (epoch + 1) * steps_per_epoch,
+        )?);
+        last_metrics = Some(metrics);
+    }
+    let last = last.expect("at least one epoch ran or was resumed");
+    Ok(PurifierSummary {
+        run: run.to_path_buf(),
+        epochs: cfg.epochs,
+        resumed_from_epoch,
+        last: last_metrics.or_else(|| {
+            runlog::read::<PurifierEpoch>(run)
+                .ok()
+                .and_then(|m| m.into_iter().last())
+        }),
+        seconds: started.elapsed().as_secs_f64(),
+        checkpoint: run.join(&last.dir),
+    })
+}
+
+/// Purification quality on a fixed set of images.
+#[derive(Debug, Clone, Serialize)]
+pub struct Quality {
+    pub psnr: f64,
+    pub ssim: f64,
+    pub purified_acc: Option<f64>,
+    pub clean_acc: Option<f64>,
+}
+
+/// Mean PSNR/SSIM of purified against clean images, and the classifier's accuracy on both, in
+/// batches of 250 (under no_grad).
+fn evaluate(
+    p: &GanPurifier,
+    transform: &TransformConfig,
+    classifier: Option<&Classifier>,
+    eval: &EvalSet,
+    precision: Precision,
+) -> Result<Quality> {
+    let n = eval.x.size()[0];
+    let (mut psnr, mut ssim, mut hit, mut clean_hit) = (0.0, 0.0, 0i64, 0i64);
+    tch::no_grad(|| {
+        for start in (0..n).step_by(250) {
+            let len = (n - start).min(250);
+            let x = eval.x.narrow(0, start, len);
+            let y = eval.y.narrow(0, start, len);
+            let out =
+                autocast(p.device(), precision, || p.purify(&x, transform)).to_kind(Kind::Float);
+            psnr += purifier::psnr(&out, &x).sum(Kind::Double).double_value(&[]);
+            ssim += purifier::ssim(&out, &x).sum(Kind::Double).double_value(&[]);
+            if let Some(f) = classifier {
+                let correct = |img: &Tensor| {
+                    autocast(p.device(), precision, || f.logits(img))
+                        .argmax(-1, false)
+                        .eq_tensor(&y)
+                        .sum(Kind::Int64)
+                        .int64_value(&[])
+                };
+                hit += correct(&out);
+                clean_hit += correct(&x);
+            }
+        }
+    });
+    let n = n.max(1) as f64;
+    Ok(Quality {
+        psnr: psnr / n,
+        ssim: ssim / n,
+        purified_acc: classifier.map(|_| hit as f64 / n),
+        clean_acc: classifier.map(|_| clean_hit as f64 / n),
+    })
+}
+
+/// Rows: clean, transformed (holes shown grey), coarse x1, fine x2 (the purified image), for 8
+/// evaluation images.
+fn write_samples(
+    p: &GanPurifier,
+    cfg: &TrainPurifierConfig,
+    x: &Tensor,
+    path: &Path,
+) -> Result<()> {
+    // Eight images spread over the (class-ordered) evaluation subset.
+    let n = x.size()[0];
+    let pick: Vec<i64> = (0..n.min(8)).map(|i| i * n / n.min(8)).collect();
+    let x = x.index_select(0, &Tensor::from_slice(&pick).to_device(x.device()));
+    let t = cfg.transform.sample(&x);
+    let (x1, x2) = tch::no_grad(|| p.generate(&t.noisy, &t.masks[0]));
+    let shown = &t.noisy * (t.masks[0].neg() + 1.0) + &t.masks[0] * 0.5;
+    let to01 = |v: &Tensor| ((v.to_kind(Kind::Float) + 1.0) * 0.5).clamp(0.0, 1.0);
+    grid::save_tensor_rows(
+        &[
+            ("clean", x.shallow_clone()),
+            ("transformed", shown),
+            ("coarse x1", to01(&x1)),
+            ("purified x2", to01(&x2)),
+        ],
+        path,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    run: &Path,
+    cfg: &TrainPurifierConfig,
+    p: &GanPurifier,
+    opt_g: &Adam,
+    opt_d: &Adam,
+    data: &ImageSet,
+    epoch: usize,
+    step: usize,
+) -> Result<LastCheckpoint> {
+    let rel = format!("checkpoints/epoch-{epoch:04}");
+    let dir = run.join(&rel);
+    let mut sidecar = PurifierSidecar::new(cfg.purifier.clone(), cfg.transform.clone());
+    sidecar.dataset = Some(cfg.data.dataset.as_str().to_string());
+    sidecar.image_size = Some(data.height as i64);
+    sidecar.epoch = Some(epoch);
+    sidecar.step = Some(step);
+    sidecar.config = serde_json::to_value(cfg)?;
+    p.save(&dir, &sidecar)?;
+    crate::io::write_safetensors(&dir.join(OPT_G), &opt_g.state())?;
+    crate::io::write_safetensors(&dir.join(OPT_D), &opt_d.state())?;
+    runlog::commit_checkpoint(run, &rel, epoch, step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses_and_validates() {
+        for (name, _) in PRESETS {
+            let mut cfg = TrainPurifierConfig::preset(name).unwrap();
+            if cfg.ce_weight > 0.0 {
+                // The classifier is given on the command line.
+                cfg.classifier = Some("classifier".into());
+            }
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("preset {name}: {e}"));
+        }
+    }
+}

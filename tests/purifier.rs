@@ -1,0 +1,449 @@
+//! The GAN purifier on real CIFAR-10: the generator and discriminator compute what their
+//! PyTorch twin computes on the same weights; pre-training learns; a killed run resumes to the
+//! same weights; divergence stops with the last good checkpoint kept; `atop purify` and
+//! `atop attack --purifier` work end to end; bad input is a clear error.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use atop::models::checkpoint;
+use atop::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
+use atop::train::purifier::PurifierEpoch;
+use atop::train::runlog;
+use atop::transforms::{TransformConfig, TransformKind};
+use common::*;
+use tch::{Device, Kind, Tensor};
+
+/// A small, fast pre-training run: width 8 on 1,024 CIFAR-10 images, 3 epochs of 32 steps.
+const CONFIG: &str = r#"
+epochs = 3
+batch_size = 32
+train_subset = 1024
+eval_subset = 128
+seed = 3
+gan_weight = 0.1
+precision = "f32"
+[generator_optimizer]
+lr = 0.002
+beta1 = 0.5
+beta2 = 0.999
+[discriminator_optimizer]
+lr = 0.002
+beta1 = 0.5
+beta2 = 0.999
+[data]
+dataset = "cifar10"
+[purifier]
+width = 8
+disc_width = 8
+[transform]
+kind = "rt2"
+"#;
+
+fn config_file() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = tempfile::tempdir().unwrap().keep().join("purifier.toml");
+        std::fs::write(&path, CONFIG).unwrap();
+        path
+    })
+}
+
+fn train_cmd(out: &Path) -> Command {
+    let mut cmd = atop();
+    cmd.env("ATOP_DATA_DIR", data_dir())
+        .args(["--quiet", "--threads", "2", "train", "purifier", "--config"])
+        .arg(config_file())
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
+/// The uninterrupted reference run, trained once per test binary.
+fn trained() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep().join("a");
+        let out = train_cmd(&dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// A small classifier (WRN-10-1, 3,000 images, 2 epochs) for the purify and attack commands.
+fn classifier() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep().join("classifier");
+        run_json(
+            atop()
+                .env("ATOP_DATA_DIR", data_dir())
+                .args([
+                    "--json",
+                    "--threads",
+                    "2",
+                    "train",
+                    "classifier",
+                    "--dataset",
+                    "cifar10",
+                    "--arch",
+                    "wrn-10-1",
+                    "--epochs",
+                    "2",
+                    "--batch-size",
+                    "100",
+                    "--train-subset",
+                    "3000",
+                    "--test-subset",
+                    "200",
+                    "--out",
+                ])
+                .arg(&dir),
+        );
+        dir
+    })
+}
+
+fn generator_weights(run: &Path) -> Vec<(String, Tensor)> {
+    let dir = purifier::resolve(run).unwrap();
+    let mut w = checkpoint::read_tensors(&dir.join(purifier::GENERATOR)).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn last_epoch(run: &Path) -> Option<usize> {
+    checkpoint::read_last(run).ok().map(|l| l.epoch)
+}
+
+#[test]
+fn generator_and_discriminator_agree_with_pytorch() {
+    tch::manual_seed(11);
+    let tmp = tempfile::tempdir().unwrap();
+    for (attention, side) in [(true, 32), (false, 64)] {
+        let cfg = PurifierConfig {
+            width: 8,
+            disc_width: 8,
+            attention,
+            work_size: None,
+        };
+        let p = GanPurifier::new(cfg.clone(), Device::Cpu).unwrap();
+        // Move the spectral-norm vectors away from their random start, as training would.
+        let x = Tensor::rand([4, 3, side, side], (Kind::Float, Device::Cpu));
+        let mask = TransformConfig::with_kind(TransformKind::Rt1)
+            .sample(&x)
+            .masks
+            .remove(0);
+        for _ in 0..3 {
+            let _ = tch::no_grad(|| p.discriminator.forward_t(&x, &mask, true));
+        }
+        let dir = tmp.path().join(format!("p{side}"));
+        p.save(&dir, &PurifierSidecar::new(cfg, TransformConfig::default()))
+            .unwrap();
+        let image = &x * 2.0 - 1.0;
+        let (x1, x2) = tch::no_grad(|| p.generator.forward(&image, &mask));
+        let d = tch::no_grad(|| p.discriminator.forward_t(&x2, &mask, false));
+        let data = dir.join("in.safetensors");
+        Tensor::write_safetensors(&[("image", &image), ("mask", &mask)], &data).unwrap();
+        let out = dir.join("out.safetensors");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference/purifier.py");
+        let mut cmd = Command::new(atop::runtime::venv_python());
+        cmd.arg(script)
+            .args(["forward", "--width", "8", "--disc-width", "8", "--weights"])
+            .arg(dir.join(purifier::GENERATOR))
+            .arg("--disc")
+            .arg(dir.join(purifier::DISCRIMINATOR))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out);
+        if !attention {
+            cmd.arg("--no-attention");
+        }
+        let res = cmd.output().unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let theirs = Tensor::read_safetensors(&out).unwrap();
+        let get = |name: &str| {
+            theirs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .unwrap()
+        };
+        for (name, ours) in [("x1", &x1), ("x2", &x2), ("d", &d)] {
+            let diff = (ours - get(name)).abs().max().double_value(&[]);
+            eprintln!(
+                "attention {attention}, {side} px, {name}: max |atop - pytorch| = {diff:.2e}"
+            );
+            assert!(diff < 1e-4, "{name} differs from PyTorch by {diff}");
+        }
+    }
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_weights_and_the_purifier_learns() {
+    let a = trained();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    let mut child = train_cmd(&b).spawn().unwrap();
+    let start = Instant::now();
+    while last_epoch(&b).is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint after 5 minutes"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = last_epoch(&b).unwrap();
+    assert!(killed_at < 3, "the run finished before the kill");
+    let json = run_json(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["--json", "train", "purifier", "--resume"])
+            .arg(&b),
+    );
+    assert_eq!(json["resumed_from_epoch"], killed_at);
+    assert_eq!(last_epoch(&b), Some(3));
+    for ((na, ta), (nb, tb)) in generator_weights(a).iter().zip(&generator_weights(&b)) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resuming");
+    }
+
+    // It learns: the purified images get closer to the clean ones than the transformed input
+    // (noise 0.25 and a quarter of the image grey), and closer than after the first epoch.
+    let m: Vec<PurifierEpoch> = runlog::read(a).unwrap();
+    assert_eq!(m.len(), 3);
+    assert!(m[2].g_l1 < m[0].g_l1, "{m:?}");
+    assert!(m[2].psnr > m[0].psnr, "{m:?}");
+    let noisy = run_json(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["--json", "purify", "--n", "128", "--purifier"])
+            .arg(a)
+            .arg("--out")
+            .arg(tmp.path().join("purify")),
+    );
+    let r = &noisy["results"][0];
+    let (psnr, before) = (
+        r["psnr"].as_f64().unwrap(),
+        r["transformed_psnr"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "PSNR per epoch {:?}; purify: {psnr:.2} dB vs transformed {before:.2} dB",
+        m.iter().map(|e| e.psnr).collect::<Vec<_>>()
+    );
+    assert!(
+        psnr > before + 2.0,
+        "purified {psnr} dB, transformed input {before} dB"
+    );
+    assert!(a.join("samples/epoch-0003.png").is_file());
+
+    // A finished run is never overwritten by a fresh one.
+    let out = train_cmd(a).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a training run"));
+
+    // Divergence stops, names the step and keeps the last good checkpoint.
+    let out = atop()
+        .env("ATOP_DATA_DIR", data_dir())
+        .args([
+            "--quiet", "train", "purifier", "--epochs", "4", "--lr", "1e30", "--resume",
+        ])
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("diverged") && err.contains("epoch 4 step") && err.contains("epoch-0003"),
+        "{err}"
+    );
+    assert_eq!(last_epoch(&b), Some(3));
+    for ((_, ta), (_, tb)) in generator_weights(a).iter().zip(&generator_weights(&b)) {
+        assert!(ta.equal(tb), "the kept checkpoint changed");
+    }
+}
+
+#[test]
+fn purify_reports_quality_and_accuracy_for_each_transform() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = run_json(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args([
+                "--json",
+                "purify",
+                "--transform",
+                "rt1,rt2,rt3,none",
+                "--n",
+                "64",
+                "--purifier",
+            ])
+            .arg(trained())
+            .arg("--classifier")
+            .arg(classifier())
+            .arg("--out")
+            .arg(tmp.path().join("p")),
+    );
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    for r in results {
+        let kind = r["transform"]["kind"].as_str().unwrap();
+        assert_eq!(r["n"], 64);
+        for key in ["psnr", "ssim", "clean_accuracy", "purified_accuracy"] {
+            assert!(r[key].as_f64().unwrap().is_finite(), "{kind}: {key}");
+        }
+        assert!(Path::new(r["grid"].as_str().unwrap()).is_file());
+        let images = Tensor::read_safetensors(r["images"].as_str().unwrap()).unwrap();
+        assert_eq!(images[0].1.size(), [64, 3, 32, 32]);
+    }
+    // Same classifier, same images: one clean accuracy.
+    assert_eq!(results[0]["clean_accuracy"], results[3]["clean_accuracy"]);
+
+    // A folder of images: outputs keep their names.
+    let input = tmp.path().join("in");
+    write(&input.join("a.png"), &png_bytes(&pattern(32, 32, 0)));
+    write(&input.join("b.jpg"), &jpeg_bytes(&pattern(32, 32, 40)));
+    let json = run_json(
+        atop()
+            .args(["--json", "purify", "--transform", "rt2", "--purifier"])
+            .arg(trained())
+            .arg("--input")
+            .arg(&input)
+            .arg("--out")
+            .arg(tmp.path().join("q")),
+    );
+    assert_eq!(json["results"][0]["n"], 2);
+    assert!(tmp.path().join("q/rt2/a.png").is_file() && tmp.path().join("q/rt2/b.png").is_file());
+}
+
+#[test]
+fn attacks_differentiate_through_the_purifier_or_around_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let attack = |extra: &[&str], out: &str| {
+        run_json(
+            atop()
+                .env("ATOP_DATA_DIR", data_dir())
+                .args([
+                    "--json", "attack", "--attack", "pgd", "--steps", "5", "--eps", "8/255", "--n",
+                    "24", "--eot", "2", "--model",
+                ])
+                .arg(classifier())
+                .arg("--purifier")
+                .arg(trained())
+                .args(extra)
+                .arg("--out")
+                .arg(tmp.path().join(out)),
+        )
+    };
+    for (extra, out) in [(&[][..], "exact"), (&["--bpda"][..], "bpda")] {
+        let r = attack(extra, out);
+        let defence = r["defence"].as_str().unwrap();
+        assert!(
+            defence.contains("rt2") && defence.contains("gan-purifier(c=8)"),
+            "{defence}"
+        );
+        assert_eq!(defence.starts_with("bpda("), out == "bpda", "{defence}");
+        let step = &r["steps"][0];
+        // Gradients reach the input through transform, generator and classifier.
+        assert_eq!(step["grad"]["zero"], 0, "{step}");
+        assert!(step["warning"].is_null(), "{step}");
+        assert!(r["robust_accuracy"].as_f64().unwrap() <= r["clean_accuracy"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn bad_purifier_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_err = |args: &[&str]| {
+        let out = atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["train", "purifier", "--preset", "purifier-demo"])
+            .args(args)
+            .arg("--out")
+            .arg(tmp.path().join("never"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for (args, expected) in [
+        (&["--width", "30"][..], "multiple of 4"),
+        (&["--sigma=-0.5"][..], "sigma = -0.5"),
+        (&["--missing-rate", "1.5"][..], "strictly between 0 and 1"),
+        (
+            &["--transform", "rt3", "--pieces", "3"][..],
+            "divisor of 64",
+        ),
+        (&["--work-size", "100"][..], "multiple of 8"),
+        (&["--ce-weight", "0.1"][..], "needs a classifier"),
+        (
+            &["--image-size", "36", "--dataset", "imagenette"][..],
+            "not divisible by 8",
+        ),
+    ] {
+        let err = train_err(args);
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected '{expected}' in: {err}"
+        );
+    }
+    // A checkpoint whose description disagrees with its weights (another width).
+    let ckpt = purifier::resolve(trained()).unwrap();
+    let copy = tmp.path().join("wrong-width");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in [purifier::GENERATOR, purifier::DISCRIMINATOR] {
+        std::fs::copy(ckpt.join(f), copy.join(f)).unwrap();
+    }
+    let sidecar = std::fs::read_to_string(ckpt.join(purifier::SIDECAR)).unwrap();
+    std::fs::write(
+        copy.join(purifier::SIDECAR),
+        sidecar.replace("\"width\": 8", "\"width\": 12"),
+    )
+    .unwrap();
+    let out = atop()
+        .args(["purify", "--n", "4", "--purifier"])
+        .arg(&copy)
+        .env("ATOP_DATA_DIR", data_dir())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has shape") && err.contains("c=12"),
+        "{err}"
+    );
+    // Not a purifier at all.
+    let out = atop()
+        .args(["purify", "--purifier"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("purifier.json"));
+    // Images whose side the generator cannot halve three times.
+    let input = tmp.path().join("odd");
+    write(&input.join("x.png"), &png_bytes(&pattern(36, 36, 1)));
+    let out = atop()
+        .args(["purify", "--purifier"])
+        .arg(trained())
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not divisible by 8"));
+}
