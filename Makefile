@@ -8,7 +8,8 @@ setup:
 	./scripts/setup.sh
 
 # The main job (grows with the pipeline): inspect the real CIFAR-10 copy, train the demo
-# classifier (or finish it, if an earlier demo was interrupted), and evaluate it.
+# classifier and the demo purifier (or finish them, if an earlier demo was interrupted),
+# evaluate, purify under RT1/RT2/RT3, and attack the classifier alone and behind the purifier.
 DEMO := out/demo
 demo: setup
 	cargo build --release --quiet
@@ -20,6 +21,13 @@ demo: setup
 	fi
 	./target/release/atop eval clean --model $(DEMO)/classifier
 	./target/release/atop attack --model $(DEMO)/classifier --attack pgd,apgd-ce --eps 2/255 --n 256 --out $(DEMO)/attack
+	if [ -f $(DEMO)/purifier/last.json ]; then \
+		./target/release/atop train purifier --resume $(DEMO)/purifier; \
+	else \
+		./target/release/atop train purifier --preset purifier-demo --out $(DEMO)/purifier; \
+	fi
+	./target/release/atop purify --purifier $(DEMO)/purifier --classifier $(DEMO)/classifier --transform rt1,rt2,rt3 --n 256 --out $(DEMO)/purify
+	./target/release/atop attack --model $(DEMO)/classifier --purifier $(DEMO)/purifier --attack pgd --steps 10 --eot 2 --eps 2/255 --n 64 --out $(DEMO)/attack-defended
 
 # Lint first (fast to fail), then the whole suite.
 test: setup

@@ -8,7 +8,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use atop::models::checkpoint;
 use atop::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
@@ -196,22 +195,7 @@ fn killed_run_resumes_to_the_same_weights_and_the_purifier_learns() {
     let a = trained();
     let tmp = tempfile::tempdir().unwrap();
     let b = tmp.path().join("b");
-    let mut child = train_cmd(&b).spawn().unwrap();
-    let start = Instant::now();
-    while last_epoch(&b).is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "no checkpoint after 5 minutes"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "run ended before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let killed_at = last_epoch(&b).unwrap();
+    let killed_at = kill_after_first_checkpoint(&mut train_cmd(&b), &b);
     assert!(killed_at < 3, "the run finished before the kill");
     let json = run_json(
         atop()

@@ -73,6 +73,25 @@ fn corners(k: i64, side: i64, h: i64, w: i64, dev: tch::Device) -> (Tensor, Tens
     (top, left)
 }
 
+/// Keeps each active sample's candidate where it lowers the margin (one query each);
+/// `current` holds the active samples' best images so far.
+fn accept(
+    model: &dyn Model,
+    y: &Tensor,
+    active: &Tensor,
+    candidate: &Tensor,
+    current: &Tensor,
+    best: &mut Tensor,
+    best_margin: &mut Tensor,
+) {
+    let m = margin(model, candidate, &y.index_select(0, active));
+    let old = best_margin.index_select(0, active);
+    let better = m.lt_tensor(&old);
+    let kept = candidate.where_self(&better.view([-1, 1, 1, 1]), current);
+    *best = best.index_copy(0, active, &kept);
+    *best_margin = best_margin.index_copy(0, active, &m.where_self(&better, &old));
+}
+
 /// Random signs, +-1.
 fn signs(shape: &[i64], dev: tch::Device) -> Tensor {
     Tensor::rand(shape, (Kind::Float, dev))
@@ -213,12 +232,15 @@ impl Square {
             let fresh = &fresh / (l2(&fresh, true) + 1e-12) * mass;
             let proposal = &delta * (union.neg() + 1.0) + fresh;
             let candidate = to_ball(&xa, &proposal);
-            let m = margin(model, &candidate, &y.index_select(0, &active));
-            let old = best_margin.index_select(0, &active);
-            let better = m.lt_tensor(&old);
-            let kept = candidate.where_self(&better.view([-1, 1, 1, 1]), &ba);
-            best = best.index_copy(0, &active, &kept);
-            best_margin = best_margin.index_copy(0, &active, &m.where_self(&better, &old));
+            accept(
+                model,
+                y,
+                &active,
+                &candidate,
+                &ba,
+                &mut best,
+                &mut best_margin,
+            );
         }
         let success = best_margin.lt(0.0);
         (best, success)
@@ -244,12 +266,15 @@ impl Square {
             let ba = best.index_select(0, &active);
             let proposal = (signs(&[k, c, 1, 1], dev) * eps).where_self(&window, &(&ba - &xa));
             let candidate = (&xa + proposal).clamp(0.0, 1.0);
-            let m = margin(model, &candidate, &y.index_select(0, &active));
-            let old = best_margin.index_select(0, &active);
-            let better = m.lt_tensor(&old);
-            let kept = candidate.where_self(&better.view([-1, 1, 1, 1]), &ba);
-            best = best.index_copy(0, &active, &kept);
-            best_margin = best_margin.index_copy(0, &active, &m.where_self(&better, &old));
+            accept(
+                model,
+                y,
+                &active,
+                &candidate,
+                &ba,
+                &mut best,
+                &mut best_margin,
+            );
         }
         let success = best_margin.lt(0.0);
         (best, success)

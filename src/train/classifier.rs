@@ -30,7 +30,7 @@ use crate::models::{Arch, Classifier, ModelSpec, dataset_normalisation};
 use crate::report::plot;
 use crate::runtime::{Precision, autocast};
 
-pub const CONFIG: &str = "config.json";
+pub use super::runlog::CONFIG;
 pub use super::runlog::METRICS;
 pub const CURVES: &str = "curves.png";
 const OPTIMIZER: &str = "optimizer.safetensors";
@@ -109,11 +109,7 @@ impl TrainClassifierConfig {
     }
 
     pub fn preset(name: &str) -> Result<Self> {
-        let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name) else {
-            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-            bail!("unknown preset '{name}': expected one of {names:?}");
-        };
-        Self::from_toml(text, &format!("preset {name}"))
+        runlog::preset(PRESETS, name, "classifier")
     }
 
     /// Checks every number before any work starts; errors name the field.
@@ -216,15 +212,7 @@ pub struct TrainSummary {
 
 /// Loads a run's saved settings (for `--resume`).
 pub fn saved_config(run: &Path) -> Result<TrainClassifierConfig> {
-    let path = run.join(CONFIG);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{}: cannot read the run's settings (is this a training run folder?)",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a classifier training config", path.display()))
+    runlog::saved_config(run, "classifier")
 }
 
 /// Trains into `run`. With `resume`, continues from the run's latest checkpoint; without, the
@@ -315,14 +303,7 @@ pub fn train(
             });
             let value = loss.double_value(&[]);
             if !value.is_finite() {
-                let kept = match &last {
-                    Some(l) => format!(
-                        "the last good checkpoint is {} (epoch {})",
-                        run.join(&l.dir).display(),
-                        l.epoch
-                    ),
-                    None => "no checkpoint was written yet".to_string(),
-                };
+                let kept = runlog::kept_checkpoint(run, last.as_ref());
                 bail!(
                     "training diverged: loss is {value} at epoch {} step {} (global step {step}, lr {lr:.3e}); {kept}. Lower lr or add warm-up.",
                     epoch + 1,

@@ -29,7 +29,7 @@ use crate::report::grid;
 use crate::runtime::{Precision, autocast};
 use crate::transforms::{TransformConfig, assemble};
 
-pub const CONFIG: &str = "config.json";
+pub use super::runlog::CONFIG;
 const OPT_G: &str = "optimizer-generator.safetensors";
 const OPT_D: &str = "optimizer-discriminator.safetensors";
 
@@ -115,11 +115,7 @@ impl TrainPurifierConfig {
     }
 
     pub fn preset(name: &str) -> Result<Self> {
-        let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name) else {
-            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-            bail!("unknown preset '{name}': expected one of {names:?}");
-        };
-        Self::from_toml(text, &format!("preset {name}"))
+        runlog::preset(PRESETS, name, "purifier")
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -194,15 +190,7 @@ pub struct PurifierSummary {
 
 /// Loads a run's saved settings (for `--resume`).
 pub fn saved_config(run: &Path) -> Result<TrainPurifierConfig> {
-    let path = run.join(CONFIG);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{}: cannot read the run's settings (is this a purifier training run folder?)",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a purifier training config", path.display()))
+    runlog::saved_config(run, "purifier")
 }
 
 pub fn default_out(cfg: &TrainPurifierConfig) -> PathBuf {
@@ -345,32 +333,36 @@ pub fn train(
             let (x1, x2) = autocast(device, cfg.precision, || p.generate(&noisy, &masks));
             let (x1, x2) = (x1.to_kind(Kind::Float), x2.to_kind(Kind::Float));
 
-            // Discriminator: real and fake in one batch, hinge loss.
-            let scores = autocast(device, cfg.precision, || {
-                p.discriminator.forward_t(
-                    &Tensor::cat(&[&target, &x2.detach()], 0),
-                    &Tensor::cat(&[&masks, &masks], 0),
-                    true,
-                )
-            })
-            .to_kind(Kind::Float);
-            let halves = scores.split(scores.size()[0] / 2, 0);
-            let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
-                + (&halves[1] + 1.0).relu().mean(Kind::Float);
-            opt_d.zero_grad();
-            d_loss.backward();
-            opt_d.step();
-
-            // Generator: fool D, match the clean image, (optionally) keep f right.
-            let g_gan = if cfg.gan_weight > 0.0 {
-                -autocast(device, cfg.precision, || {
+            // Discriminator: real and fake in one batch, hinge loss (skipped, like the GAN
+            // term, when gan_weight is 0).
+            let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
+                let scores = autocast(device, cfg.precision, || {
+                    p.discriminator.forward_t(
+                        &Tensor::cat(&[&target, &x2.detach()], 0),
+                        &Tensor::cat(&[&masks, &masks], 0),
+                        true,
+                    )
+                })
+                .to_kind(Kind::Float);
+                let halves = scores.split(scores.size()[0] / 2, 0);
+                let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
+                    + (&halves[1] + 1.0).relu().mean(Kind::Float);
+                opt_d.zero_grad();
+                d_loss.backward();
+                opt_d.step();
+                // The generator's GAN term, with D frozen: its backward only reaches x2.
+                p.d_vs.freeze();
+                let g_gan = -autocast(device, cfg.precision, || {
                     p.discriminator.forward_t(&x2, &masks, true)
                 })
                 .to_kind(Kind::Float)
-                .mean(Kind::Float)
+                .mean(Kind::Float);
+                (d_loss, g_gan)
             } else {
-                Tensor::zeros([], (Kind::Float, device))
+                let zero = Tensor::zeros([], (Kind::Float, device));
+                (zero.shallow_clone(), zero)
             };
+            // Generator: fool D, match the clean image, (optionally) keep f right.
             let g_l1 =
                 (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
             let g_ce = match (&classifier, use_ce) {
@@ -391,14 +383,7 @@ pub fn train(
                 g_ce.double_value(&[]),
             ];
             if values.iter().any(|v| !v.is_finite()) {
-                let kept = match &last {
-                    Some(l) => format!(
-                        "the last good checkpoint is {} (epoch {})",
-                        run.join(&l.dir).display(),
-                        l.epoch
-                    ),
-                    None => "no checkpoint was written yet".to_string(),
-                };
+                let kept = runlog::kept_checkpoint(run, last.as_ref());
                 bail!(
                     "training diverged at epoch {} step {} (global step {step}): D loss {}, G gan {}, G L1 {}, G CE {}; {kept}. Lower the learning rates or the gan_weight.",
                     epoch + 1,
@@ -412,6 +397,7 @@ pub fn train(
             opt_g.zero_grad();
             g_loss.backward();
             opt_g.step();
+            p.d_vs.unfreeze();
             let n = batch.indices.len();
             for (s, v) in sums.iter_mut().zip(values) {
                 *s += v * n as f64;

@@ -12,6 +12,8 @@ use serde::de::DeserializeOwned;
 use crate::models::checkpoint::{self, LastCheckpoint};
 
 pub const METRICS: &str = "metrics.jsonl";
+/// The settings a run was started with.
+pub const CONFIG: &str = "config.json";
 
 /// A metrics record that knows its (1-based) epoch.
 pub trait EpochRecord: Serialize + DeserializeOwned {
@@ -95,4 +97,39 @@ pub fn check_fresh(run: &Path, config_file: &str, resume: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The settings a run folder was started with (`config.json`), for `--resume`.
+pub fn saved_config<T: DeserializeOwned>(run: &Path, what: &str) -> Result<T> {
+    let path = run.join(CONFIG);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: cannot read the run's settings (is this a {what} training run folder?)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a {what} training config", path.display()))
+}
+
+/// A named preset from `presets` (name, TOML text), parsed.
+pub fn preset<T: DeserializeOwned>(presets: &[(&str, &str)], name: &str, what: &str) -> Result<T> {
+    let Some((_, text)) = presets.iter().find(|(n, _)| *n == name) else {
+        let names: Vec<&str> = presets.iter().map(|(n, _)| *n).collect();
+        anyhow::bail!("unknown preset '{name}': expected one of {names:?}");
+    };
+    toml::from_str(text)
+        .with_context(|| format!("preset {name}: not a valid {what} training config"))
+}
+
+/// For a divergence error: which checkpoint is kept.
+pub fn kept_checkpoint(run: &Path, last: Option<&LastCheckpoint>) -> String {
+    match last {
+        Some(l) => format!(
+            "the last good checkpoint is {} (epoch {})",
+            run.join(&l.dir).display(),
+            l.epoch
+        ),
+        None => "no checkpoint was written yet".to_string(),
+    }
 }

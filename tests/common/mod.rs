@@ -127,3 +127,30 @@ pub fn run_json(cmd: &mut std::process::Command) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Starts `cmd` (a training run into `run`) and SIGKILLs it as soon as its first checkpoint is
+/// complete (`last.json` readable); returns the epoch it was killed after.
+pub fn kill_after_first_checkpoint(cmd: &mut std::process::Command, run: &Path) -> usize {
+    use std::time::{Duration, Instant};
+    let last_epoch = || {
+        atop::models::checkpoint::read_last(run)
+            .ok()
+            .map(|l| l.epoch)
+    };
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    while last_epoch().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint after 5 minutes"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    last_epoch().unwrap()
+}
