@@ -290,7 +290,13 @@ fn purify_reports_quality_and_accuracy_for_each_transform() {
     for r in results {
         let kind = r["transform"]["kind"].as_str().unwrap();
         assert_eq!(r["n"], 64);
-        for key in ["psnr", "ssim", "clean_accuracy", "purified_accuracy"] {
+        for key in [
+            "psnr",
+            "ssim",
+            "clean_accuracy",
+            "transformed_accuracy",
+            "purified_accuracy",
+        ] {
             assert!(r[key].as_f64().unwrap().is_finite(), "{kind}: {key}");
         }
         assert!(Path::new(r["grid"].as_str().unwrap()).is_file());
@@ -299,6 +305,11 @@ fn purify_reports_quality_and_accuracy_for_each_transform() {
     }
     // Same classifier, same images: one clean accuracy.
     assert_eq!(results[0]["clean_accuracy"], results[3]["clean_accuracy"]);
+    // No transform: the "transformed" images are the clean ones.
+    assert_eq!(
+        results[3]["transformed_accuracy"],
+        results[3]["clean_accuracy"]
+    );
 
     // A folder of images: outputs keep their names.
     let input = tmp.path().join("in");

@@ -189,6 +189,9 @@ struct PurifyResult {
     /// PSNR of the transformed (noisy, holes filled with grey) input, for comparison.
     transformed_psnr: f64,
     clean_accuracy: Option<f64>,
+    /// The classifier on the transformed images without purification (holes grey; RT3: the first
+    /// masked copy), for scale.
+    transformed_accuracy: Option<f64>,
     purified_accuracy: Option<f64>,
     images: PathBuf,
     grid: PathBuf,
@@ -312,12 +315,12 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         let psnr = mean(purifier::psnr(&purified, &x));
         let ssim = mean(purifier::ssim(&purified, &x));
         let transformed_psnr = mean(purifier::psnr(&shown, &x));
-        let (clean_accuracy, purified_accuracy) = match (&classifier, &y) {
-            (Some(c), Some(y)) => (
-                Some(accuracy(c, &x, y, a.batch_size, global.device)?),
-                Some(accuracy(c, &purified, y, a.batch_size, global.device)?),
-            ),
-            _ => (None, None),
+        let (clean_accuracy, transformed_accuracy, purified_accuracy) = match (&classifier, &y) {
+            (Some(c), Some(y)) => {
+                let acc = |images: &Tensor| accuracy(c, images, y, a.batch_size, global.device);
+                (Some(acc(&x)?), Some(acc(&shown)?), Some(acc(&purified)?))
+            }
+            _ => (None, None, None),
         };
         let images = match &names {
             Some(names) => {
@@ -346,6 +349,7 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
             ssim,
             transformed_psnr,
             clean_accuracy,
+            transformed_accuracy,
             purified_accuracy,
             images,
             grid: grid_path,
@@ -370,12 +374,17 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         report.seconds
     );
     for r in &report.results {
-        let acc = match (r.clean_accuracy, r.purified_accuracy) {
-            (Some(c), Some(p)) => format!(
-                "  accuracy clean {:.2}% -> purified {:.2}% ({:+.2} points)",
+        let acc = match (
+            r.clean_accuracy,
+            r.transformed_accuracy,
+            r.purified_accuracy,
+        ) {
+            (Some(c), Some(t), Some(p)) => format!(
+                "  accuracy clean {:.2}% -> purified {:.2}% ({:+.2} points; transformed {:.2}%)",
                 100.0 * c,
                 100.0 * p,
-                100.0 * (p - c)
+                100.0 * (p - c),
+                100.0 * t
             ),
             _ => String::new(),
         };

@@ -1,7 +1,7 @@
 //! `atop train classifier|purifier`: settings from a TOML file, a preset or a resumed run, then
 //! flags on top, all merged here into one validated config.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use atop::data::DataConfig;
@@ -24,20 +24,60 @@ pub enum TrainCommand {
     Purifier(Box<PurifierArgs>),
 }
 
+/// Where a training run's settings start from and which folder it writes; the flags of each
+/// command then override single fields.
 #[derive(Debug, ClapArgs)]
-pub struct PurifierArgs {
-    /// TOML settings file (see presets/purifier-*.toml).
+pub struct RunSource {
+    /// TOML settings file (examples in presets/).
     #[arg(long, conflicts_with_all = ["preset", "resume"])]
     pub config: Option<PathBuf>,
-    /// Named settings: purifier-demo, purifier-cifar10-cpu, purifier-cifar10-paper.
+    /// Named settings, a file of presets/ (classifiers: cifar10-demo, cifar10-small,
+    /// cifar10-cpu, imagenette-cpu; purifiers: purifier-demo, purifier-cifar10-cpu, purifier-cifar10-paper).
     #[arg(long, conflicts_with = "resume")]
     pub preset: Option<String>,
-    /// Continue the run in this folder from its latest checkpoint.
+    /// Continue the run in this folder from its latest checkpoint (flags override its settings).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Run folder (default: runs/purifier-<dataset>-<transform>-c<width>).
+    /// Run folder (default: runs/<classifier|purifier>-<dataset>-...).
     #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
+}
+
+impl RunSource {
+    /// The base settings from a resumed run, a file or a preset; None when none is given.
+    fn base<T>(
+        &self,
+        saved: impl Fn(&Path) -> Result<T>,
+        from_toml: impl Fn(&str, &str) -> Result<T>,
+        preset: impl Fn(&str) -> Result<T>,
+    ) -> Result<Option<T>> {
+        if let Some(run) = &self.resume {
+            saved(run).map(Some)
+        } else if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            from_toml(&text, &path.display().to_string()).map(Some)
+        } else if let Some(name) = &self.preset {
+            preset(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The run folder and whether it is resumed.
+    fn folder(&self, default: impl FnOnce() -> PathBuf) -> (PathBuf, bool) {
+        match (&self.resume, &self.out) {
+            (Some(run), _) => (run.clone(), true),
+            (None, Some(out)) => (out.clone(), false),
+            (None, None) => (default(), false),
+        }
+    }
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct PurifierArgs {
+    #[command(flatten)]
+    pub run: RunSource,
     #[command(flatten)]
     pub data: DataOverrides,
     /// Generator width c (a multiple of 4; paper: 48).
@@ -91,19 +131,8 @@ pub struct PurifierArgs {
 
 #[derive(Debug, ClapArgs)]
 pub struct ClassifierArgs {
-    /// TOML settings file (see presets/ for examples).
-    #[arg(long, conflicts_with_all = ["preset", "resume"])]
-    pub config: Option<PathBuf>,
-    /// Named settings: cifar10-demo, cifar10-cpu, imagenette-cpu (files in presets/).
-    #[arg(long, conflicts_with = "resume")]
-    pub preset: Option<String>,
-    /// Continue the run in this folder from its latest checkpoint (flags below override its settings).
-    #[arg(long)]
-    pub resume: Option<PathBuf>,
-    /// Run folder (default: runs/classifier-<dataset>-<arch>).
-    #[arg(long, conflicts_with = "resume")]
-    pub out: Option<PathBuf>,
-
+    #[command(flatten)]
+    pub run: RunSource,
     #[command(flatten)]
     pub data: DataOverrides,
     /// wrn-DEPTH-WIDTH, resnet18|34|50[-imagenet].
@@ -164,15 +193,12 @@ fn set<T: Clone>(field: &mut T, value: &Option<T>) {
 }
 
 fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, bool)> {
-    let mut cfg = if let Some(run) = &a.resume {
-        purifier::saved_config(run)?
-    } else if let Some(path) = &a.config {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        TrainPurifierConfig::from_toml(&text, &path.display().to_string())?
-    } else if let Some(name) = &a.preset {
-        TrainPurifierConfig::preset(name)?
-    } else {
+    let Some(mut cfg) = a.run.base(
+        purifier::saved_config,
+        TrainPurifierConfig::from_toml,
+        TrainPurifierConfig::preset,
+    )?
+    else {
         bail!(
             "say what to train: --config FILE, --preset NAME (e.g. purifier-demo) or --resume RUN_DIR"
         );
@@ -205,11 +231,7 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
     set(&mut cfg.sample_every, &a.sample_every);
     set(&mut cfg.precision, &a.precision);
     cfg.validate()?;
-    let (run, resume) = match (&a.resume, &a.out) {
-        (Some(run), _) => (run.clone(), true),
-        (None, Some(out)) => (out.clone(), false),
-        (None, None) => (purifier::default_out(&cfg), false),
-    };
+    let (run, resume) = a.run.folder(|| purifier::default_out(&cfg));
     Ok((cfg, run, resume))
 }
 
@@ -243,14 +265,13 @@ fn train_purifier(args: PurifierArgs, global: &Global) -> Result<()> {
 
 /// Base settings (file, preset, resumed run, or defaults for --dataset/--arch) plus overrides.
 fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)> {
-    let mut cfg = if let Some(run) = &a.resume {
-        classifier::saved_config(run)?
-    } else if let Some(path) = &a.config {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        TrainClassifierConfig::from_toml(&text, &path.display().to_string())?
-    } else if let Some(name) = &a.preset {
-        TrainClassifierConfig::preset(name)?
+    let base = a.run.base(
+        classifier::saved_config,
+        TrainClassifierConfig::from_toml,
+        TrainClassifierConfig::preset,
+    )?;
+    let mut cfg = if let Some(cfg) = base {
+        cfg
     } else {
         let (Some(dataset), Some(arch)) = (a.data.dataset, a.arch) else {
             bail!(
@@ -300,11 +321,7 @@ fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)
         cfg.test_subset = a.test_subset;
     }
     cfg.validate()?;
-    let (run, resume) = match (&a.resume, &a.out) {
-        (Some(run), _) => (run.clone(), true),
-        (None, Some(out)) => (out.clone(), false),
-        (None, None) => (classifier::default_out(&cfg), false),
-    };
+    let (run, resume) = a.run.folder(|| classifier::default_out(&cfg));
     Ok((cfg, run, resume))
 }
 

@@ -92,6 +92,10 @@ pub const PRESETS: &[(&str, &str)] = &[
         include_str!("../../presets/cifar10-demo.toml"),
     ),
     (
+        "cifar10-small",
+        include_str!("../../presets/cifar10-small.toml"),
+    ),
+    (
         "cifar10-cpu",
         include_str!("../../presets/cifar10-cpu.toml"),
     ),
