@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use atop::models::checkpoint;
 use atop::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
 use atop::train::purifier::PurifierEpoch;
 use atop::train::runlog;
@@ -112,14 +111,7 @@ fn classifier() -> &'static Path {
 }
 
 fn generator_weights(run: &Path) -> Vec<(String, Tensor)> {
-    let dir = purifier::resolve(run).unwrap();
-    let mut w = checkpoint::read_tensors(&dir.join(purifier::GENERATOR)).unwrap();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
-fn last_epoch(run: &Path) -> Option<usize> {
-    checkpoint::read_last(run).ok().map(|l| l.epoch)
+    sorted_tensors(&purifier::resolve(run).unwrap().join(purifier::GENERATOR))
 }
 
 #[test]

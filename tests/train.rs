@@ -45,14 +45,7 @@ fn train_cmd(out: &Path) -> std::process::Command {
 }
 
 fn weights(run: &Path) -> Vec<(String, tch::Tensor)> {
-    let dir = checkpoint::resolve(run).unwrap();
-    let mut w = checkpoint::read_tensors(&dir.join(checkpoint::WEIGHTS)).unwrap();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
-fn last_epoch(run: &Path) -> Option<usize> {
-    checkpoint::read_last(run).ok().map(|l| l.epoch)
+    sorted_tensors(&checkpoint::resolve(run).unwrap().join(checkpoint::WEIGHTS))
 }
 
 #[test]

@@ -154,3 +154,17 @@ pub fn kill_after_first_checkpoint(cmd: &mut std::process::Command, run: &Path) 
     child.wait().unwrap();
     last_epoch().unwrap()
 }
+
+/// The epoch a run folder's `last.json` points to (None before the first checkpoint).
+pub fn last_epoch(run: &Path) -> Option<usize> {
+    atop::models::checkpoint::read_last(run)
+        .ok()
+        .map(|l| l.epoch)
+}
+
+/// A safetensors file's tensors sorted by name, to compare two runs' weights.
+pub fn sorted_tensors(file: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut w = atop::models::checkpoint::read_tensors(file).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
