@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use atop::data::subset::seeded_subset;
 use atop::data::{DataConfig, Split};
+use atop::eval::clean::count_correct;
+use atop::models::Classifier;
 use atop::models::checkpoint;
-use atop::models::{Classifier, Model};
 use atop::purifier::{self, GanPurifier, PurifierConfig};
 use atop::report::grid;
+use atop::runtime::Precision;
 use atop::transforms::{TransformConfig, TransformKind};
 use clap::{Args as ClapArgs, Subcommand};
 use serde::Serialize;
@@ -285,6 +287,15 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
     });
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
 
+    let accuracy = |c: &Classifier, images: &Tensor, y: &Tensor| {
+        count_correct(c, images, y, a.batch_size, global.device, Precision::F32) as f64
+            / images.size()[0].max(1) as f64
+    };
+    // The same images for every transform: one clean accuracy.
+    let clean_accuracy = match (&classifier, &y) {
+        (Some(c), Some(y)) => Some(accuracy(c, &x, y)),
+        _ => None,
+    };
     let mut results = Vec::new();
     for kind in kinds {
         let mut t = TransformConfig {
@@ -315,12 +326,12 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         let psnr = mean(purifier::psnr(&purified, &x));
         let ssim = mean(purifier::ssim(&purified, &x));
         let transformed_psnr = mean(purifier::psnr(&shown, &x));
-        let (clean_accuracy, transformed_accuracy, purified_accuracy) = match (&classifier, &y) {
-            (Some(c), Some(y)) => {
-                let acc = |images: &Tensor| accuracy(c, images, y, a.batch_size, global.device);
-                (Some(acc(&x)?), Some(acc(&shown)?), Some(acc(&purified)?))
-            }
-            _ => (None, None, None),
+        let (transformed_accuracy, purified_accuracy) = match (&classifier, &y) {
+            (Some(c), Some(y)) => (
+                Some(accuracy(c, &shown, y)),
+                Some(accuracy(c, &purified, y)),
+            ),
+            _ => (None, None),
         };
         let images = match &names {
             Some(names) => {
@@ -398,22 +409,6 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
     }
     println!("wrote {}", out.join("purify.json").display());
     Ok(())
-}
-
-fn accuracy(c: &Classifier, x: &Tensor, y: &Tensor, batch: usize, device: Device) -> Result<f64> {
-    let n = x.size()[0];
-    let mut hit = 0i64;
-    for start in (0..n).step_by(batch) {
-        let len = (n - start).min(batch as i64);
-        let xb = x.narrow(0, start, len).to_device(device);
-        let yb = y.narrow(0, start, len).to_device(device);
-        hit += tch::no_grad(|| c.logits(&xb))
-            .argmax(-1, false)
-            .eq_tensor(&yb)
-            .sum(Kind::Int64)
-            .int64_value(&[]);
-    }
-    Ok(hit as f64 / n.max(1) as f64)
 }
 
 /// Every png/jpg in `folder` (sorted by name), all of one size, as N x 3 x H x W in [0,1].

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use serde::Serialize;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::data::ImageSet;
 use crate::data::loader::{Loader, LoaderConfig};
-use crate::models::Classifier;
+use crate::models::{Classifier, Model};
 use crate::runtime::{Precision, autocast};
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,4 +75,29 @@ pub fn evaluate(
             .collect(),
         confusion,
     })
+}
+
+/// How many of `images` (in [0,1], held in memory) `model` classifies as `labels`, in batches
+/// moved to `device`, without gradients.
+pub fn count_correct(
+    model: &Classifier,
+    images: &Tensor,
+    labels: &Tensor,
+    batch_size: usize,
+    device: Device,
+    precision: Precision,
+) -> i64 {
+    let n = images.size()[0];
+    let mut hit = 0;
+    for start in (0..n).step_by(batch_size.max(1)) {
+        let len = (n - start).min(batch_size.max(1) as i64);
+        let x = images.narrow(0, start, len).to_device(device);
+        let y = labels.narrow(0, start, len).to_device(device);
+        hit += tch::no_grad(|| autocast(device, precision, || model.logits(&x)))
+            .argmax(-1, false)
+            .eq_tensor(&y)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+    }
+    hit
 }

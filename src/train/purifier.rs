@@ -22,6 +22,7 @@ use crate::data::augment::Augment;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
 use crate::data::{DataConfig, ImageSet, Split};
+use crate::eval::clean::count_correct;
 use crate::models::checkpoint::{self, LastCheckpoint};
 use crate::models::{Classifier, Model};
 use crate::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
@@ -202,10 +203,12 @@ pub fn default_out(cfg: &TrainPurifierConfig) -> PathBuf {
     ))
 }
 
-/// The evaluation images and, with a classifier, its clean accuracy on them.
+/// The evaluation images and, with a classifier, its clean accuracy on them (computed once: the
+/// classifier is frozen).
 struct EvalSet {
     x: Tensor,
     y: Tensor,
+    clean_acc: Option<f64>,
 }
 
 /// Pre-trains into `run`; with `resume`, continues from the run's latest checkpoint.
@@ -233,11 +236,6 @@ pub fn train(
         cfg.eval_subset.min(test_set.len()),
         cfg.seed,
     )?;
-    let (ex, ey) = test_set.tensors(&eval_idx);
-    let eval = EvalSet {
-        x: ex.to_kind(Kind::Float).to_device(device),
-        y: ey.to_device(device),
-    };
     let classifier = match &cfg.classifier {
         Some(path) => {
             let (mut c, _) = checkpoint::load(path, device)?;
@@ -256,6 +254,16 @@ pub fn train(
         None => None,
     };
 
+    let (ex, ey) = test_set.tensors(&eval_idx);
+    let (x, y) = (
+        ex.to_kind(Kind::Float).to_device(device),
+        ey.to_device(device),
+    );
+    let clean_acc = classifier.as_ref().map(|f| {
+        count_correct(f, &x, &y, EVAL_BATCH, device, cfg.precision) as f64
+            / eval_idx.len().max(1) as f64
+    });
+    let eval = EvalSet { x, y, clean_acc };
     tch::manual_seed(cfg.seed as i64);
     let mut p = GanPurifier::new(cfg.purifier.clone(), device)?;
     let mut opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
@@ -501,6 +509,8 @@ pub fn train(
     })
 }
 
+const EVAL_BATCH: usize = 250;
+
 /// Purification quality on a fixed set of images.
 #[derive(Debug, Clone, Serialize)]
 pub struct Quality {
@@ -510,8 +520,8 @@ pub struct Quality {
     pub clean_acc: Option<f64>,
 }
 
-/// Mean PSNR/SSIM of purified against clean images, and the classifier's accuracy on both, in
-/// batches of 250 (under no_grad).
+/// Mean PSNR/SSIM of purified against clean images, and the classifier's accuracy on the
+/// purified ones, in batches of [`EVAL_BATCH`] (under no_grad).
 fn evaluate(
     p: &GanPurifier,
     transform: &TransformConfig,
@@ -520,26 +530,18 @@ fn evaluate(
     precision: Precision,
 ) -> Result<Quality> {
     let n = eval.x.size()[0];
-    let (mut psnr, mut ssim, mut hit, mut clean_hit) = (0.0, 0.0, 0i64, 0i64);
+    let (mut psnr, mut ssim, mut hit) = (0.0, 0.0, 0i64);
     tch::no_grad(|| {
-        for start in (0..n).step_by(250) {
-            let len = (n - start).min(250);
+        for start in (0..n).step_by(EVAL_BATCH) {
+            let len = (n - start).min(EVAL_BATCH as i64);
             let x = eval.x.narrow(0, start, len);
-            let y = eval.y.narrow(0, start, len);
             let out =
                 autocast(p.device(), precision, || p.purify(&x, transform)).to_kind(Kind::Float);
             psnr += purifier::psnr(&out, &x).sum(Kind::Double).double_value(&[]);
             ssim += purifier::ssim(&out, &x).sum(Kind::Double).double_value(&[]);
             if let Some(f) = classifier {
-                let correct = |img: &Tensor| {
-                    autocast(p.device(), precision, || f.logits(img))
-                        .argmax(-1, false)
-                        .eq_tensor(&y)
-                        .sum(Kind::Int64)
-                        .int64_value(&[])
-                };
-                hit += correct(&out);
-                clean_hit += correct(&x);
+                let y = eval.y.narrow(0, start, len);
+                hit += count_correct(f, &out, &y, EVAL_BATCH, p.device(), precision);
             }
         }
     });
@@ -548,7 +550,7 @@ fn evaluate(
         psnr: psnr / n,
         ssim: ssim / n,
         purified_acc: classifier.map(|_| hit as f64 / n),
-        clean_acc: classifier.map(|_| clean_hit as f64 / n),
+        clean_acc: eval.clean_acc,
     })
 }
 
