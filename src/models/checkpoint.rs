@@ -144,12 +144,17 @@ pub fn read_last(run: &Path) -> Result<LastCheckpoint, CheckpointError> {
 /// The folder holding `model.json` + `model.safetensors` for a checkpoint argument: that folder
 /// itself, the folder of a given file, or a training run's latest checkpoint (via `last.json`).
 pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
+    resolve_folder(path, SIDECAR)
+}
+
+/// [`resolve`] for any checkpoint kind whose folder is marked by the file `sidecar`.
+pub fn resolve_folder(path: &Path, sidecar: &str) -> Result<PathBuf, CheckpointError> {
     let dir = if path.is_dir() {
         path.to_path_buf()
     } else {
         path.parent().map(Path::to_path_buf).unwrap_or_default()
     };
-    if !dir.join(SIDECAR).exists() && dir.join(LAST).exists() {
+    if !dir.join(sidecar).exists() && dir.join(LAST).exists() {
         return Ok(dir.join(read_last(&dir)?.dir));
     }
     Ok(dir)

@@ -197,18 +197,9 @@ impl GanPurifier {
     /// The purified image in [0,1] for a drawn transform: the generator fills every masked
     /// copy (all copies in one batch) and the outputs are assembled (RT3) or taken whole.
     pub fn restore(&self, t: &Transformed) -> Tensor {
-        let k = t.masks.len() as i64;
-        let n = t.noisy.size()[0];
-        let noisy = if k == 1 {
-            t.noisy.shallow_clone()
-        } else {
-            t.noisy.repeat([k, 1, 1, 1])
-        };
-        let masks = Tensor::cat(&t.masks, 0);
+        let (noisy, masks) = generator_batch(t);
         let (_, x2) = self.generate(&noisy, &masks);
-        let out = ((x2 + 1.0) * 0.5).clamp(0.0, 1.0);
-        let outputs = out.split(n, 0);
-        assemble(&outputs, &t.masks)
+        purified_from(&x2, t)
     }
 
     /// Draws `transform` on `x` (N x 3 x H x W in [0,1]) and purifies it.
@@ -245,17 +236,31 @@ impl GanPurifier {
     }
 }
 
+/// The generator's batch for a drawn transform: the noisy images once per mask (RT3 draws
+/// several) and the masks stacked in the same order.
+pub fn generator_batch(t: &Transformed) -> (Tensor, Tensor) {
+    let k = t.masks.len() as i64;
+    let noisy = if k == 1 {
+        t.noisy.shallow_clone()
+    } else {
+        t.noisy.repeat([k, 1, 1, 1])
+    };
+    (noisy, Tensor::cat(&t.masks, 0))
+}
+
+/// The purified image in [0,1] from the generator's fine output on [`generator_batch`]: each
+/// copy's output taken whole (one mask) or assembled from its hole pixels (RT3).
+pub fn purified_from(x2: &Tensor, t: &Transformed) -> Tensor {
+    let outputs = ((x2 + 1.0) * 0.5)
+        .clamp(0.0, 1.0)
+        .split(t.noisy.size()[0], 0);
+    assemble(&outputs, &t.masks)
+}
+
 /// The checkpoint folder for a purifier argument: the folder itself, the folder of a given
 /// file, or a training run's latest checkpoint (via `last.json`).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    let dir = if path.is_dir() {
-        path.to_path_buf()
-    } else {
-        path.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
-    if !dir.join(SIDECAR).exists() && dir.join(checkpoint::LAST).exists() {
-        return Ok(dir.join(checkpoint::read_last(&dir)?.dir));
-    }
+    let dir = checkpoint::resolve_folder(path, SIDECAR)?;
     if !dir.join(SIDECAR).exists() {
         bail!(
             "{}: no {SIDECAR} here: expected a purifier checkpoint folder or a purifier training run",

@@ -28,7 +28,7 @@ use crate::models::{Classifier, Model};
 use crate::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
 use crate::report::grid;
 use crate::runtime::{Precision, autocast};
-use crate::transforms::{TransformConfig, assemble};
+use crate::transforms::TransformConfig;
 
 pub use super::runlog::CONFIG;
 const OPT_G: &str = "optimizer-generator.safetensors";
@@ -328,16 +328,8 @@ pub fn train(
             let x = batch.images.to_device(device);
             let y = batch.labels.to_device(device);
             let t_draw = cfg.transform.sample(&x);
-            let k = t_draw.masks.len() as i64;
-            let masks = Tensor::cat(&t_draw.masks, 0);
-            let (noisy, target) = if k == 1 {
-                (t_draw.noisy.shallow_clone(), &x * 2.0 - 1.0)
-            } else {
-                (
-                    t_draw.noisy.repeat([k, 1, 1, 1]),
-                    (&x * 2.0 - 1.0).repeat([k, 1, 1, 1]),
-                )
-            };
+            let (noisy, masks) = purifier::generator_batch(&t_draw);
+            let target = (&x * 2.0 - 1.0).repeat([t_draw.masks.len() as i64, 1, 1, 1]);
             let (x1, x2) = autocast(device, cfg.precision, || p.generate(&noisy, &masks));
             let (x1, x2) = (x1.to_kind(Kind::Float), x2.to_kind(Kind::Float));
 
@@ -375,8 +367,7 @@ pub fn train(
                 (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
             let g_ce = match (&classifier, use_ce) {
                 (Some(f), true) => {
-                    let outs = ((&x2 + 1.0) * 0.5).clamp(0.0, 1.0).split(x.size()[0], 0);
-                    let purified = assemble(&outs, &t_draw.masks);
+                    let purified = purifier::purified_from(&x2, &t_draw);
                     autocast(device, cfg.precision, || f.logits(&purified))
                         .to_kind(Kind::Float)
                         .cross_entropy_for_logits(&y)
