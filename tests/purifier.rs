@@ -16,7 +16,9 @@ use atop::transforms::{TransformConfig, TransformKind};
 use common::*;
 use tch::{Device, Kind, Tensor};
 
-/// A small, fast pre-training run: width 8 on 1,024 CIFAR-10 images, 3 epochs of 32 steps.
+/// A small, fast pre-training run: width 8 on 1,024 CIFAR-10 images, 3 epochs of 32 steps,
+/// with a cosine schedule and, in the last epoch, a light KL guidance through the test
+/// classifier (given on the command line), so that resuming must also restore both.
 const CONFIG: &str = r#"
 epochs = 3
 batch_size = 32
@@ -24,13 +26,17 @@ train_subset = 1024
 eval_subset = 128
 seed = 3
 gan_weight = 0.1
+kl_weight = 0.1
+ce_after_epochs = 2
+schedule = "cosine"
+warmup_steps = 8
 precision = "f32"
 [generator_optimizer]
-lr = 0.002
+lr = 0.004
 beta1 = 0.5
 beta2 = 0.999
 [discriminator_optimizer]
-lr = 0.002
+lr = 0.004
 beta1 = 0.5
 beta2 = 0.999
 [data]
@@ -56,6 +62,8 @@ fn train_cmd(out: &Path) -> Command {
     cmd.env("ATOP_DATA_DIR", data_dir())
         .args(["--quiet", "--threads", "2", "train", "purifier", "--config"])
         .arg(config_file())
+        .arg("--classifier")
+        .arg(classifier())
         .arg("--out")
         .arg(out);
     cmd
@@ -208,6 +216,14 @@ fn killed_run_resumes_to_the_same_weights_and_the_purifier_learns() {
     assert_eq!(m.len(), 3);
     assert!(m[2].g_l1 < m[0].g_l1, "{m:?}");
     assert!(m[2].psnr > m[0].psnr, "{m:?}");
+    // The guidance (KL to the classifier's clean prediction) starts after two epochs of plain
+    // reconstruction, and accuracies are logged.
+    assert!(m[0].g_kl == 0.0 && m[1].g_kl == 0.0, "{m:?}");
+    assert!(m[2].g_kl > 0.0 && m[2].g_kl.is_finite(), "{m:?}");
+    assert!(
+        m.iter()
+            .all(|e| e.purified_acc.is_some() && e.clean_acc.is_some())
+    );
     let noisy = run_json(
         atop()
             .env("ATOP_DATA_DIR", data_dir())
@@ -380,6 +396,14 @@ fn bad_purifier_input_is_a_clear_error() {
         ),
         (&["--work-size", "100"][..], "multiple of 8"),
         (&["--ce-weight", "0.1"][..], "needs a classifier"),
+        (
+            &["--kl-weight", "0.1"][..],
+            "kl_weight = 0.1 needs a classifier",
+        ),
+        (
+            &["--warmup-steps", "10", "--schedule", "bogus"][..],
+            "bogus",
+        ),
         (
             &["--image-size", "36", "--dataset", "imagenette"][..],
             "not divisible by 8",

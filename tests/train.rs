@@ -174,4 +174,17 @@ fn bad_settings_name_the_field() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
+    // A run that cannot find its data names the fix and leaves no folder behind, so the
+    // retry with the data in place is not refused as "already holds a training run".
+    let run = tmp.path().join("no-data");
+    let out = atop()
+        .env_remove("ATOP_DATA_DIR")
+        .args(["--quiet", "train", "classifier", "--preset", "cifar10-demo"])
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ATOP_DATA_DIR"));
+    assert!(!run.exists(), "a failed start left {}", run.display());
 }

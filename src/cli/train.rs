@@ -111,11 +111,24 @@ pub struct PurifierArgs {
     /// Weight of the classifier's CE on purified images (needs --classifier).
     #[arg(long)]
     pub ce_weight: Option<f64>,
-    /// Frozen classifier for the CE term and for the per-epoch purified accuracy.
+    /// Weight of KL(f(clean) || f(purified)), the classifier's clean prediction as the target
+    /// (needs --classifier).
+    #[arg(long)]
+    pub kl_weight: Option<f64>,
+    /// Frozen classifier for the CE and KL terms and for the per-epoch purified accuracy.
     #[arg(long)]
     pub classifier: Option<PathBuf>,
+    /// Epochs of plain reconstruction before the CE/KL guidance starts.
     #[arg(long)]
     pub ce_after_epochs: Option<usize>,
+    /// Data-dependent initialisation of the generator (default false: He init only).
+    #[arg(long)]
+    pub data_init: Option<bool>,
+    /// Learning-rate schedule of both optimizers (constant, cosine, one-cycle).
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
     #[arg(long)]
@@ -219,10 +232,14 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
     set(&mut cfg.l1_weight, &a.l1_weight);
     set(&mut cfg.gan_weight, &a.gan_weight);
     set(&mut cfg.ce_weight, &a.ce_weight);
+    set(&mut cfg.kl_weight, &a.kl_weight);
     if a.classifier.is_some() {
         cfg.classifier = a.classifier.clone();
     }
     set(&mut cfg.ce_after_epochs, &a.ce_after_epochs);
+    set(&mut cfg.data_init, &a.data_init);
+    set(&mut cfg.schedule, &a.schedule);
+    set(&mut cfg.warmup_steps, &a.warmup_steps);
     set(&mut cfg.seed, &a.seed);
     if a.train_subset.is_some() {
         cfg.train_subset = a.train_subset;

@@ -29,8 +29,12 @@ fn to_rgb(p: nn::Path, cin: i64) -> nn::Conv2D {
     )
 }
 
-fn run(layers: &[GatedConv], x: Tensor) -> Tensor {
-    layers.iter().fold(x, |x, l| l.forward(&x))
+/// How the forward pass applies each gated layer: plainly, or with the data-dependent
+/// initialisation first ([`Generator::normalise`]).
+type Apply<'a> = &'a mut dyn FnMut(&GatedConv, &Tensor) -> Tensor;
+
+fn run(layers: &[GatedConv], x: Tensor, apply: Apply) -> Tensor {
+    layers.iter().fold(x, |x, l| apply(l, &x))
 }
 
 /// Encoder down to a quarter of the input side: a 5x5 gated conv to c/2 channels, then two
@@ -56,9 +60,9 @@ fn decoder(p: &nn::Path, c: i64) -> [GatedConv; 4] {
     ]
 }
 
-fn decode(layers: &[GatedConv; 4], rgb: &nn::Conv2D, x: Tensor) -> Tensor {
-    let x = layers[1].forward(&layers[0].forward(&upsample2(&x)));
-    let x = layers[3].forward(&layers[2].forward(&upsample2(&x)));
+fn decode(layers: &[GatedConv; 4], rgb: &nn::Conv2D, x: Tensor, apply: Apply) -> Tensor {
+    let x = run(&layers[..2], upsample2(&x), apply);
+    let x = run(&layers[2..], upsample2(&x), apply);
     rgb.forward(&x).tanh()
 }
 
@@ -151,21 +155,39 @@ impl Generator {
     /// `image` in [-1,1] (N x 3 x H x W, any pixels in the hole), `mask` N x 1 x H x W with
     /// 1 = hole. Returns (x1, x2) in [-1,1].
     pub fn forward(&self, image: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+        self.forward_with(image, mask, &mut |l, x| l.forward(x))
+    }
+
+    /// Data-dependent initialisation on a batch of generator inputs: every gated layer, in
+    /// forward order, is rescaled so that its pre-activations on this batch have unit standard
+    /// deviation ([`GatedConv::normalise`]). Returns the outputs of the rescaled generator.
+    pub fn normalise(&self, image: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+        tch::no_grad(|| {
+            self.forward_with(image, mask, &mut |l, x| {
+                l.normalise(x);
+                l.forward(x)
+            })
+        })
+    }
+
+    fn forward_with(&self, image: &Tensor, mask: &Tensor, apply: Apply) -> (Tensor, Tensor) {
         let masked = image * (mask.ones_like() - mask);
         let input = Tensor::cat(&[&masked, &mask.ones_like(), mask], 1);
-        let x1 = decode(&self.coarse_up, &self.coarse_rgb, run(&self.coarse, input));
+        let coarse = run(&self.coarse, input, apply);
+        let x1 = decode(&self.coarse_up, &self.coarse_rgb, coarse, apply);
         // The fine stage sees the coarse result in the hole and the input elsewhere.
         let fine_in = &x1 * mask + &masked;
-        let a = run(&self.dilated, fine_in.shallow_clone());
+        let a = run(&self.dilated, fine_in.shallow_clone(), apply);
         let merged = match &self.attention {
             Some((before, after)) => {
-                let f = run(before, fine_in);
-                let b = run(after, contextual_attention(&f, mask));
+                let f = run(before, fine_in, apply);
+                let b = run(after, contextual_attention(&f, mask), apply);
                 Tensor::cat(&[a, b], 1)
             }
             None => a,
         };
-        let x2 = decode(&self.fine_up, &self.fine_rgb, run(&self.merge, merged));
+        let merged = run(&self.merge, merged, apply);
+        let x2 = decode(&self.fine_up, &self.fine_rgb, merged, apply);
         (x1, x2)
     }
 }

@@ -180,17 +180,32 @@ impl GanPurifier {
     /// the input resolution. With `work_size`, it runs on bilinearly resized images (nearest
     /// for the mask) and its outputs are averaged back down.
     pub fn generate(&self, noisy: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+        self.generate_with(noisy, mask, |g, x, m| g.forward(x, m))
+    }
+
+    /// The generator's data-dependent initialisation ([`Generator::normalise`]) on a batch of
+    /// transformed images, at the working size.
+    pub fn normalise(&self, noisy: &Tensor, mask: &Tensor) {
+        let _ = self.generate_with(noisy, mask, |g, x, m| g.normalise(x, m));
+    }
+
+    fn generate_with(
+        &self,
+        noisy: &Tensor,
+        mask: &Tensor,
+        run: impl Fn(&Generator, &Tensor, &Tensor) -> (Tensor, Tensor),
+    ) -> (Tensor, Tensor) {
         let image = noisy * 2.0 - 1.0;
         let (h, w) = (noisy.size()[2], noisy.size()[3]);
         match self.config.work_size.map(|s| s as i64) {
             Some(s) if s != h || s != w => {
                 let up = image.upsample_bilinear2d([s, s], false, None, None);
                 let m = mask.upsample_nearest2d([s, s], None, None);
-                let (x1, x2) = self.generator.forward(&up, &m);
+                let (x1, x2) = run(&self.generator, &up, &m);
                 let down = |t: Tensor| t.adaptive_avg_pool2d([h, w]);
                 (down(x1), down(x2))
             }
-            _ => self.generator.forward(&image, mask),
+            _ => run(&self.generator, &image, mask),
         }
     }
 
@@ -391,6 +406,36 @@ mod tests {
         let x = Tensor::rand([1, 3, 32, 32], (Kind::Float, Device::Cpu));
         let out = tch::no_grad(|| up.purify(&x, &TransformConfig::default()));
         assert_eq!(out.size(), [1, 3, 32, 32]);
+    }
+
+    #[test]
+    fn data_dependent_init_keeps_the_signal_alive() {
+        // He initialisation alone: the output hardly depends on the input (spread across images
+        // ~1e-6). After the data-dependent rescaling it does, and the rescaled generator still
+        // computes a plain forward pass (same function, new weights).
+        tch::manual_seed(1);
+        let p = GanPurifier::new(
+            PurifierConfig {
+                width: 16,
+                ..Default::default()
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let x = Tensor::rand([16, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let t = TransformConfig::default().sample(&x);
+        let (noisy, masks) = generator_batch(&t);
+        let spread = |p: &GanPurifier| {
+            let (_, x2) = tch::no_grad(|| p.generate(&noisy, &masks));
+            x2.std_dim(0, true, false)
+                .mean(Kind::Float)
+                .double_value(&[])
+        };
+        let before = spread(&p);
+        p.normalise(&noisy, &masks);
+        let after = spread(&p);
+        assert!(before < 1e-4, "He init spread {before}");
+        assert!(after > 1e-2, "after data-dependent init {after}");
     }
 
     #[test]

@@ -77,6 +77,11 @@ impl Adam {
         }
     }
 
+    /// Sets the learning rate of the next steps (schedules; the moments are unaffected).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
     pub fn zero_grad(&mut self) {
         for (_, p) in self.params.iter_mut() {
             p.zero_grad();

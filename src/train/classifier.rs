@@ -229,10 +229,10 @@ pub fn train(
 ) -> Result<TrainSummary> {
     cfg.validate()?;
     runlog::check_fresh(run, CONFIG, resume)?;
+    // The data first: a run that cannot start leaves no folder behind to block the retry.
+    let (train_set, test_set) = load_data(cfg)?;
     std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
     crate::io::write_json(&run.join(CONFIG), cfg)?;
-
-    let (train_set, test_set) = load_data(cfg)?;
     let (mean, std) = dataset_normalisation(cfg.data.dataset);
     let spec = ModelSpec::new(cfg.arch, train_set.num_classes(), mean, std)?;
     tch::manual_seed(cfg.seed as i64);
