@@ -410,40 +410,14 @@ pub fn train(
                 .mean(Kind::Float);
                 (d_loss, g_gan)
             } else {
-                let zero = Tensor::zeros([], (Kind::Float, device));
-                (zero.shallow_clone(), zero)
+                (zero(device), zero(device))
             };
             // Generator: fool D, match the clean image, (optionally) keep f right.
             let g_l1 =
                 (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
-            // Classifier guidance on the purified image: CE against the label and/or KL to the
-            // classifier's own prediction on the clean image.
-            let zero = || Tensor::zeros([], (Kind::Float, device));
             let (g_ce, g_kl) = match (&classifier, guided) {
-                (Some(f), true) => {
-                    let purified = purifier::purified_from(&x2, &t_draw);
-                    let logits = autocast(device, cfg.precision, || f.logits(&purified))
-                        .to_kind(Kind::Float);
-                    let g_ce = if cfg.ce_weight > 0.0 {
-                        logits.cross_entropy_for_logits(&y)
-                    } else {
-                        zero()
-                    };
-                    let g_kl = if cfg.kl_weight > 0.0 {
-                        let teacher = tch::no_grad(|| {
-                            autocast(device, cfg.precision, || f.logits(&x))
-                                .to_kind(Kind::Float)
-                                .log_softmax(-1, Kind::Float)
-                        });
-                        (teacher.exp() * (&teacher - logits.log_softmax(-1, Kind::Float)))
-                            .sum_dim_intlist(-1, false, Kind::Float)
-                            .mean(Kind::Float)
-                    } else {
-                        zero()
-                    };
-                    (g_ce, g_kl)
-                }
-                _ => (zero(), zero()),
+                (Some(f), true) => guidance(f, cfg, &x, &y, &purifier::purified_from(&x2, &t_draw)),
+                _ => (zero(device), zero(device)),
             };
             let g_loss = &g_gan * cfg.gan_weight
                 + &g_l1 * cfg.l1_weight
@@ -576,6 +550,41 @@ pub fn train(
         seconds: started.elapsed().as_secs_f64(),
         checkpoint: run.join(&last.dir),
     })
+}
+
+fn zero(device: Device) -> Tensor {
+    Tensor::zeros([], (Kind::Float, device))
+}
+
+/// The classifier-guidance terms on the purified images (zero where their weight is 0): CE
+/// against the labels, and KL from the frozen classifier's own prediction on the clean images.
+fn guidance(
+    f: &Classifier,
+    cfg: &TrainPurifierConfig,
+    clean: &Tensor,
+    labels: &Tensor,
+    purified: &Tensor,
+) -> (Tensor, Tensor) {
+    let device = clean.device();
+    let logits = autocast(device, cfg.precision, || f.logits(purified)).to_kind(Kind::Float);
+    let ce = if cfg.ce_weight > 0.0 {
+        logits.cross_entropy_for_logits(labels)
+    } else {
+        zero(device)
+    };
+    let kl = if cfg.kl_weight > 0.0 {
+        let teacher = tch::no_grad(|| {
+            autocast(device, cfg.precision, || f.logits(clean))
+                .to_kind(Kind::Float)
+                .log_softmax(-1, Kind::Float)
+        });
+        (teacher.exp() * (&teacher - logits.log_softmax(-1, Kind::Float)))
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .mean(Kind::Float)
+    } else {
+        zero(device)
+    };
+    (ce, kl)
 }
 
 const EVAL_BATCH: usize = 250;
