@@ -73,7 +73,7 @@ pub struct TrainPurifierConfig {
     /// Data-dependent initialisation of the generator (every gated layer rescaled to unit
     /// pre-activation spread on a batch of transformed training images) instead of the
     /// reference implementation's He initialisation alone, under which a fresh generator's
-    /// output is constant to 1e-7. Off by default: at 400 steps it did not raise purified
+    /// output barely depends on its input. Off by default: at 400 steps it did not raise purified
     /// accuracy (docs/purifier.md).
     #[serde(default)]
     pub data_init: bool,
