@@ -126,13 +126,34 @@ fn generator_weights(run: &Path) -> Vec<(String, Tensor)> {
 fn generator_and_discriminator_agree_with_pytorch() {
     tch::manual_seed(11);
     let tmp = tempfile::tempdir().unwrap();
-    for (attention, side) in [(true, 32), (false, 64)] {
-        let cfg = PurifierConfig {
-            width: 8,
-            disc_width: 8,
-            attention,
-            work_size: None,
-        };
+    let authors = PurifierConfig {
+        width: 8,
+        disc_width: 8,
+        ..Default::default()
+    };
+    // The authors' layout with and without attention, and every trainability option at once.
+    let cases = [
+        (authors.clone(), 32),
+        (
+            PurifierConfig {
+                attention: false,
+                ..authors.clone()
+            },
+            64,
+        ),
+        (
+            PurifierConfig {
+                stages: 1,
+                skips: true,
+                group_norm: true,
+                residual: true,
+                ..authors.clone()
+            },
+            32,
+        ),
+    ];
+    for (cfg, side) in cases {
+        let attention = cfg.attention;
         let p = GanPurifier::new(cfg.clone(), Device::Cpu).unwrap();
         // Move the spectral-norm vectors away from their random start, as training would.
         let x = Tensor::rand([4, 3, side, side], (Kind::Float, Device::Cpu));
@@ -143,9 +164,12 @@ fn generator_and_discriminator_agree_with_pytorch() {
         for _ in 0..3 {
             let _ = tch::no_grad(|| p.discriminator.forward_t(&x, &mask, true));
         }
-        let dir = tmp.path().join(format!("p{side}"));
-        p.save(&dir, &PurifierSidecar::new(cfg, TransformConfig::default()))
-            .unwrap();
+        let dir = tmp.path().join(format!("p{side}-{}", cfg.stages));
+        p.save(
+            &dir,
+            &PurifierSidecar::new(cfg.clone(), TransformConfig::default()),
+        )
+        .unwrap();
         let image = &x * 2.0 - 1.0;
         let (x1, x2) = tch::no_grad(|| p.generator.forward(&image, &mask));
         let d = tch::no_grad(|| p.discriminator.forward_t(&x2, &mask, false));
@@ -166,6 +190,14 @@ fn generator_and_discriminator_agree_with_pytorch() {
         if !attention {
             cmd.arg("--no-attention");
         }
+        cmd.args(["--stages", &cfg.stages.to_string()]);
+        for (flag, on) in [
+            ("--skips", cfg.skips),
+            ("--group-norm", cfg.group_norm),
+            ("--residual", cfg.residual),
+        ] {
+            cmd.args([flag, if on { "1" } else { "0" }]);
+        }
         let res = cmd.output().unwrap();
         assert!(
             res.status.success(),
@@ -183,7 +215,8 @@ fn generator_and_discriminator_agree_with_pytorch() {
         for (name, ours) in [("x1", &x1), ("x2", &x2), ("d", &d)] {
             let diff = (ours - get(name)).abs().max().double_value(&[]);
             eprintln!(
-                "attention {attention}, {side} px, {name}: max |atop - pytorch| = {diff:.2e}"
+                "{}, {side} px, {name}: max |atop - pytorch| = {diff:.2e}",
+                cfg.describe()
             );
             assert!(diff < 1e-4, "{name} differs from PyTorch by {diff}");
         }
@@ -337,6 +370,52 @@ fn purify_reports_quality_and_accuracy_for_each_transform() {
 }
 
 #[test]
+fn a_classifier_behind_a_transform_alone_is_evaluated_at_the_working_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eval = |extra: &[&str]| {
+        run_json(
+            atop()
+                .env("ATOP_DATA_DIR", data_dir())
+                .args(["--json", "eval", "clean", "--subset", "500", "--model"])
+                .arg(classifier())
+                .args(extra)
+                .arg("--out")
+                .arg(tmp.path()),
+        )
+    };
+    let clean = eval(&[]);
+    let native = eval(&["--transform", "noise", "--sigma", "0.25"]);
+    let fine = eval(&[
+        "--transform",
+        "noise",
+        "--sigma",
+        "0.25",
+        "--work-size",
+        "128",
+    ]);
+    let acc = |v: &serde_json::Value| v["accuracy"].as_f64().unwrap();
+    eprintln!(
+        "clean {:.3}, noise 0.25 at 32 px {:.3}, at 128 px {:.3}",
+        acc(&clean),
+        acc(&native),
+        acc(&fine)
+    );
+    // Noise drawn at 128 px is averaged over 4x4 pixels on the way back: a quarter of the
+    // spread, so the classifier keeps more of its accuracy.
+    assert!(acc(&native) < acc(&fine) && acc(&fine) <= acc(&clean) + 0.02);
+    assert_eq!(
+        fine["defence"],
+        "noise(sigma=0.25) at 128 px (bilinear up, area down) -> wrn-10-1"
+    );
+    // Each evaluation keeps its own file.
+    for v in [&clean, &native, &fine] {
+        assert!(Path::new(v["json"].as_str().unwrap()).is_file());
+    }
+    assert_ne!(native["json"], fine["json"]);
+    assert_ne!(clean["json"], native["json"]);
+}
+
+#[test]
 fn attacks_differentiate_through_the_purifier_or_around_it() {
     let tmp = tempfile::tempdir().unwrap();
     let attack = |extra: &[&str], out: &str| {
@@ -359,7 +438,7 @@ fn attacks_differentiate_through_the_purifier_or_around_it() {
         let r = attack(extra, out);
         let defence = r["defence"].as_str().unwrap();
         assert!(
-            defence.contains("rt2") && defence.contains("gan-purifier(c=8)"),
+            defence.contains("rt2") && defence.contains("gan-purifier(c=8, at the image's size)"),
             "{defence}"
         );
         assert_eq!(defence.starts_with("bpda("), out == "bpda", "{defence}");
@@ -395,6 +474,12 @@ fn bad_purifier_input_is_a_clear_error() {
             "divisor of 64",
         ),
         (&["--work-size", "100"][..], "multiple of 8"),
+        (&["--work-size", "16"][..], "smaller than the 32x32 images"),
+        (
+            &["--work-size", "36", "--stages", "1"][..],
+            "not divisible by the transform grid 8",
+        ),
+        (&["--stages", "3"][..], "1 or 2"),
         (&["--ce-weight", "0.1"][..], "needs a classifier"),
         (
             &["--kl-weight", "0.1"][..],
@@ -437,6 +522,29 @@ fn bad_purifier_input_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("has shape") && err.contains("c=12"),
+        "{err}"
+    );
+    // A working size other than the one it was trained at; a resumed run that would change it.
+    let out = atop()
+        .args(["purify", "--n", "4", "--work-size", "64", "--purifier"])
+        .arg(trained())
+        .env("ATOP_DATA_DIR", data_dir())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not at the requested work size 64"),
+        "{err}"
+    );
+    let out = atop()
+        .args(["train", "purifier", "--work-size", "64", "--resume"])
+        .arg(trained())
+        .env("ATOP_DATA_DIR", data_dir())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("a resumed run keeps its purifier"),
         "{err}"
     );
     // Not a purifier at all.

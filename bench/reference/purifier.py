@@ -7,10 +7,11 @@ fuse step, a transposed convolution to paste patches), whereas atop batches it a
 products: the agreement test checks that the two formulations give the same numbers.
 
 Usage:
-  python purifier.py forward --width C [--no-attention] --weights G.safetensors --data IN.safetensors
+  python purifier.py forward --width C [LAYOUT] --weights G.safetensors --data IN.safetensors
          --out OUT.safetensors   (IN: image [-1,1], mask; OUT: x1, x2; with --disc D.safetensors also d)
-  python purifier.py bench --width C [--no-attention] --batch 32 --size 32 --steps 5 --warmup 2
-         [--threads N] [--channels-last 0|1]   (prints one JSON line with img/s)
+  python purifier.py bench --width C [LAYOUT] --batch 32 --size 32 [--work-size P] [--sigma S]
+         --steps 5 --warmup 2 [--threads N] [--channels-last 0|1]   (prints one JSON line with img/s)
+  LAYOUT: [--no-attention] [--stages 1|2] [--skips 0|1] [--group-norm 0|1] [--residual 0|1]
 """
 import argparse
 import json
@@ -22,36 +23,55 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class GatedConv(nn.Conv2d):
-    """One conv to 2C channels: act(features) * sigmoid(gate)."""
+class Layout:
+    """The generator's options: the authors' layout by default."""
 
-    def __init__(self, cin, cout, k=3, stride=1, dilation=1, act="elu"):
+    def __init__(self, width, attention=True, stages=2, skips=False, norm=False, residual=False):
+        self.c, self.attention, self.stages = width, attention, stages
+        self.skips, self.norm, self.residual = skips, norm, residual
+
+
+def groups(channels):
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class GatedConv(nn.Conv2d):
+    """One conv to 2C channels: act(features) * sigmoid(gate), features optionally
+    group-normalised first."""
+
+    def __init__(self, cin, cout, k=3, stride=1, dilation=1, act="elu", norm=False):
         super().__init__(cin, 2 * cout, k, stride, dilation * (k - 1) // 2, dilation)
         self.out = cout
         self.act = F.elu if act == "elu" else F.relu
+        self.norm = nn.GroupNorm(groups(cout), cout) if norm else None
 
     def forward(self, x):
         y = super().forward(x)
         feat, gate = torch.split(y, self.out, dim=1)
+        if self.norm is not None:
+            feat = self.norm(feat)
         return self.act(feat) * torch.sigmoid(gate)
 
 
-def encoder(cin, c, hidden):
+def encoder(lay, cin, hidden):
+    c, n = lay.c, lay.norm
     return {
-        "conv1": GatedConv(cin, c // 2, 5),
-        "down1a": GatedConv(c // 2, hidden[0], 3, 2),
-        "down1b": GatedConv(hidden[0], c),
-        "down2a": GatedConv(c, hidden[1], 3, 2),
-        "down2b": GatedConv(hidden[1], 2 * c),
+        "conv1": GatedConv(cin, c // 2, 5, norm=n),
+        "down1a": GatedConv(c // 2, hidden[0], 3, 2, norm=n),
+        "down1b": GatedConv(hidden[0], c, norm=n),
+        "down2a": GatedConv(c, hidden[1], 3, 2 if lay.stages == 2 else 1, norm=n),
+        "down2b": GatedConv(hidden[1], 2 * c, norm=n),
     }
 
 
-def decoder(c):
+def decoder(lay):
+    c, n = lay.c, lay.norm
+    s1, s2 = (c, c // 2) if lay.skips else (0, 0)
     return {
-        "up1a": GatedConv(2 * c, c),
-        "up1b": GatedConv(c, c),
-        "up2a": GatedConv(c, c // 2),
-        "up2b": GatedConv(c // 2, c // 4),
+        "up1a": GatedConv(2 * c + s1, c, norm=n),
+        "up1b": GatedConv(c, c, norm=n),
+        "up2a": GatedConv(c + s2, c // 2, norm=n),
+        "up2b": GatedConv(c // 2, c // 4, norm=n),
         "to_rgb": nn.Conv2d(c // 4, 3, 3, 1, 1),
     }
 
@@ -62,10 +82,27 @@ def run(d, names, x):
     return x
 
 
-def decode(d, x):
-    x = d["up1b"](d["up1a"](F.interpolate(x, scale_factor=2, mode="nearest")))
-    x = d["up2b"](d["up2a"](F.interpolate(x, scale_factor=2, mode="nearest")))
-    return torch.tanh(d["to_rgb"](x))
+def encode(d, names, x, keep):
+    """Runs an encoder and what follows it; keeps the full- and half-resolution features."""
+    if not keep:
+        return run(d, names, x), None
+    full = d[names[0]](x)
+    half = run(d, names[1:3], full)
+    return run(d, names[3:], half), (full, half)
+
+
+def decode(d, lay, x, skips, base):
+    if lay.stages == 2:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+    if skips is not None:
+        x = torch.cat([x, skips[1]], 1)
+    x = d["up1b"](d["up1a"](x))
+    x = F.interpolate(x, scale_factor=2, mode="nearest")
+    if skips is not None:
+        x = torch.cat([x, skips[0]], 1)
+    x = d["up2b"](d["up2a"](x))
+    rgb = d["to_rgb"](x)
+    return (base + rgb).clamp(-1, 1) if lay.residual else torch.tanh(rgb)
 
 
 ENC = ["conv1", "down1a", "down1b", "down2a", "down2b"]
@@ -91,7 +128,8 @@ def contextual_attention(f, mask):
         s = s.view(1, hs, ws, hs, ws).permute(0, 2, 1, 4, 3).reshape(1, 1, l, l)
         s = F.conv2d(s, eye, padding=1)
         s = s.view(1, ws, hs, ws, hs).permute(0, 2, 1, 4, 3).reshape(1, l, hs, ws)
-        m = mask[i:i + 1, :, ::8, ::8]
+        step = mask.shape[2] // hs
+        m = mask[i:i + 1, :, ::step, ::step]
         valid = (F.unfold(m, 3, padding=1).sum(1) == 0).to(f.dtype).view(1, l, 1, 1)
         a = torch.softmax(s * valid * 10, dim=1) * valid
         outs.append(F.conv_transpose2d(a, raw, stride=2, padding=1) / 4)
@@ -99,42 +137,45 @@ def contextual_attention(f, mask):
 
 
 class Generator(nn.Module):
-    def __init__(self, c, attention=True):
+    def __init__(self, lay):
         super().__init__()
-        coarse = encoder(5, c, (c, 2 * c))
+        c, n = lay.c, lay.norm
+        self.lay = lay
+        coarse = encoder(lay, 5, (c, 2 * c))
         for i, d in enumerate([1, 2, 4, 8, 16, 1, 1]):
-            coarse[f"bottleneck{i + 1}"] = GatedConv(2 * c, 2 * c, 3, 1, d)
-        coarse.update(decoder(c))
+            coarse[f"bottleneck{i + 1}"] = GatedConv(2 * c, 2 * c, 3, 1, d, norm=n)
+        coarse.update(decoder(lay))
         self.coarse = nn.ModuleDict(coarse)
-        dilated = encoder(3, c, (c // 2, c))
+        dilated = encoder(lay, 3, (c // 2, c))
         for i, d in enumerate([1, 2, 4, 8, 16]):
-            dilated[f"bottleneck{i + 1}"] = GatedConv(2 * c, 2 * c, 3, 1, d)
+            dilated[f"bottleneck{i + 1}"] = GatedConv(2 * c, 2 * c, 3, 1, d, norm=n)
         fine = {"dilated": nn.ModuleDict(dilated)}
-        self.attention = attention
-        if attention:
-            att = encoder(3, c, (c // 2, 2 * c))
-            att["relu"] = GatedConv(2 * c, 2 * c, act="relu")
-            att["after1"] = GatedConv(2 * c, 2 * c)
-            att["after2"] = GatedConv(2 * c, 2 * c)
+        if lay.attention:
+            att = encoder(lay, 3, (c // 2, 2 * c))
+            att["relu"] = GatedConv(2 * c, 2 * c, act="relu", norm=n)
+            att["after1"] = GatedConv(2 * c, 2 * c, norm=n)
+            att["after2"] = GatedConv(2 * c, 2 * c, norm=n)
             fine["attention"] = nn.ModuleDict(att)
-        fine["merge1"] = GatedConv(4 * c if attention else 2 * c, 2 * c)
-        fine["merge2"] = GatedConv(2 * c, 2 * c)
-        fine.update(decoder(c))
+        fine["merge1"] = GatedConv(4 * c if lay.attention else 2 * c, 2 * c, norm=n)
+        fine["merge2"] = GatedConv(2 * c, 2 * c, norm=n)
+        fine.update(decoder(lay))
         self.fine = nn.ModuleDict(fine)
 
     def forward(self, image, mask):
+        lay = self.lay
         masked = image * (1 - mask)
         x = torch.cat([masked, torch.ones_like(mask), mask], 1)
-        x = run(self.coarse, ENC + [f"bottleneck{i}" for i in range(1, 8)], x)
-        x1 = decode(self.coarse, x)
+        x, skips = encode(self.coarse, ENC + [f"bottleneck{i}" for i in range(1, 8)], x, lay.skips)
+        x1 = decode(self.coarse, lay, x, skips, masked)
         fine_in = x1 * mask + masked
-        a = run(self.fine["dilated"], ENC + [f"bottleneck{i}" for i in range(1, 6)], fine_in)
-        if self.attention:
+        a, skips = encode(self.fine["dilated"], ENC + [f"bottleneck{i}" for i in range(1, 6)],
+                          fine_in, lay.skips)
+        if lay.attention:
             att = self.fine["attention"]
             b = run(att, ENC + ["relu"], fine_in)
             b = att["after2"](att["after1"](contextual_attention(b, mask)))
             a = torch.cat([a, b], 1)
-        x2 = decode(self.fine, self.fine["merge2"](self.fine["merge1"](a)))
+        x2 = decode(self.fine, lay, self.fine["merge2"](self.fine["merge1"](a)), skips, fine_in)
         return x1, x2
 
 
@@ -181,9 +222,14 @@ def load(module, path):
         sys.exit(f"{path} does not fit: missing {missing}, unexpected {unexpected}")
 
 
+def layout(a):
+    return Layout(a.width, not a.no_attention, a.stages, bool(a.skips), bool(a.group_norm),
+                  bool(a.residual))
+
+
 def forward(a):
     from safetensors.torch import load_file, save_file
-    g = Generator(a.width, not a.no_attention).eval()
+    g = Generator(layout(a)).eval()
     load(g, a.weights)
     data = load_file(a.data)
     with torch.no_grad():
@@ -196,21 +242,39 @@ def forward(a):
     save_file(out, a.out)
 
 
+def block_mask(n, side, grid=8, holes=16):
+    """Block masks of the RT2 kind: `holes` of grid x grid blocks per image, 1 = hole."""
+    blocks = torch.rand(n, grid * grid).argsort(1).argsort(1) < holes
+    p = side // grid
+    return (blocks.float().view(n, 1, grid, 1, grid, 1).expand(-1, -1, -1, p, -1, p)
+            .reshape(n, 1, side, side))
+
+
 def bench(a):
+    """One generator training step on the resolution pipeline, as atop's trainer runs it:
+    bilinear resize to the working size, Gaussian noise and an RT2 block mask drawn there, the
+    generator, L1 of both outputs against the resized clean image, and the purified image
+    averaged back to the input size (with an L1 term, so the backward passes through it)."""
     torch.manual_seed(0)
-    g = Generator(a.width, not a.no_attention)
-    x = torch.rand(a.batch, 3, a.size, a.size) * 2 - 1
-    # Block masks of the RT2 kind: 16 of 64 blocks per image.
-    blocks = torch.rand(a.batch, 64).argsort(1).argsort(1) < 16
-    p = a.size // 8
-    mask = blocks.float().view(a.batch, 1, 8, 1, 8, 1).expand(-1, -1, -1, p, -1, p).reshape(a.batch, 1, a.size, a.size)
+    g = Generator(layout(a))
+    x = torch.rand(a.batch, 3, a.size, a.size)
+    work = a.work_size or a.size
     if a.channels_last:
         g = g.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
-        x1, x2 = g(x, mask)
-        ((x1 - x).abs().mean() + (x2 - x).abs().mean()).backward()
+        clean = x if work == a.size else F.interpolate(x, size=(work, work), mode="bilinear",
+                                                       align_corners=False)
+        noisy = (clean + torch.randn_like(clean) * a.sigma).clamp(0, 1)
+        mask = block_mask(a.batch, work, a.grid, a.holes)
+        x1, x2 = g(noisy * 2 - 1, mask)
+        target = clean * 2 - 1
+        purified = ((x2 + 1) * 0.5).clamp(0, 1)
+        if work != a.size:
+            purified = F.adaptive_avg_pool2d(purified, (a.size, a.size))
+        ((x1 - target).abs().mean() + (x2 - target).abs().mean()
+         + (purified - x).abs().mean()).backward()
 
     for _ in range(a.warmup):
         step()
@@ -218,8 +282,8 @@ def bench(a):
     for _ in range(a.steps):
         step()
     secs = time.time() - t
-    print(json.dumps({"width": a.width, "batch": a.batch, "size": a.size, "steps": a.steps,
-                      "train_img_s": a.batch * a.steps / secs}))
+    print(json.dumps({"width": a.width, "batch": a.batch, "size": a.size, "work_size": work,
+                      "steps": a.steps, "train_img_s": a.batch * a.steps / secs}))
 
 
 def main():
@@ -238,6 +302,14 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--channels-last", type=int, default=0)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--skips", type=int, default=0)
+    p.add_argument("--group-norm", type=int, default=0)
+    p.add_argument("--residual", type=int, default=0)
+    p.add_argument("--work-size", type=int, default=0)
+    p.add_argument("--sigma", type=float, default=0.25)
+    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--holes", type=int, default=16)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

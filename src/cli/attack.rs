@@ -100,6 +100,10 @@ pub struct AttackArgs {
     pub transform: Option<TransformKind>,
     #[command(flatten)]
     pub transform_settings: super::purifier::TransformArgs,
+    /// The working size you expect the purifier to run at: an error if it was trained at
+    /// another (the default: the one it was trained at).
+    #[arg(long, requires = "purifier")]
+    pub work_size: Option<usize>,
     /// Differentiate through the defence stage (--quantize or --purifier) as the identity (BPDA).
     #[arg(long)]
     pub bpda: bool,
@@ -178,8 +182,8 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
                 t.kind = kind;
             }
             a.transform_settings.apply(&mut t);
-            t.validate(Some(x.size()[2]))?;
-            p.config.check_side(x.size()[2])?;
+            p.config.expect_work_size(a.work_size, path)?;
+            p.config.check_images(x.size()[2], x.size()[3], &t)?;
             Some((p, t))
         }
         None => None,

@@ -20,27 +20,48 @@ pub enum BenchCommand {
     Models(ModelBenchArgs),
     /// PGD-20 and APGD-CE-100 img/s, side by side with torchattacks on the same weights.
     Attacks(AttackBenchArgs),
-    /// Purifier generator forward+backward img/s, side by side with its PyTorch twin.
-    Purifier(PurifierBenchArgs),
+    /// Purifier training steps on the resolution pipeline (img/s, side by side with its PyTorch
+    /// twin) and the cost of one whole-model attack step through it.
+    Purifier(Box<PurifierBenchArgs>),
 }
 
 #[derive(Debug, ClapArgs)]
 pub struct PurifierBenchArgs {
-    /// Generator widths c (48 is the paper's).
-    #[arg(long, num_args = 1.., default_values = ["48", "16"])]
+    /// Purifier training presets to time (their architecture, working size and RT2 settings);
+    /// without presets, the widths below.
+    #[arg(long, num_args = 1..)]
+    pub preset: Vec<String>,
+    /// Generator widths c (48 is the paper's), each with the architecture flags below.
+    #[arg(long, num_args = 1.., default_values = ["48", "16"], conflicts_with = "preset")]
     pub width: Vec<usize>,
+    #[command(flatten)]
+    pub arch: super::purifier::PurifierArchArgs,
+    #[command(flatten)]
+    pub transform: super::purifier::TransformArgs,
+    /// Images per training step.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// Image side.
+    /// Image side (the classifier's input).
     #[arg(long, default_value_t = 32)]
     pub size: i64,
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Without the contextual-attention branch.
-    #[arg(long)]
-    pub no_attention: bool,
+    /// Alternating rounds of atop and PyTorch timings; the medians are reported (the machine's
+    /// speed drifts, so one measurement of each side is not a comparison).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Images per whole-model attack step (0: skip the attack-step timing).
+    #[arg(long, default_value_t = 4)]
+    pub attack_batch: usize,
+    /// Timed whole-model attack steps (after one untimed).
+    #[arg(long, default_value_t = 3)]
+    pub attack_steps: usize,
+    /// The classifier behind the purifier in the attack step (randomly initialised; the CPU
+    /// presets' classifier by default).
+    #[arg(long, default_value = "airnet-32-64-128")]
+    pub classifier_arch: atop::models::Arch,
     /// Skip the PyTorch side.
     #[arg(long)]
     pub no_reference: bool,
@@ -119,8 +140,14 @@ pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
         BenchCommand::Data(args) => data(args, global),
         BenchCommand::Models(args) => models(args, global),
         BenchCommand::Attacks(args) => attacks(args, global),
-        BenchCommand::Purifier(args) => purifier(args, global),
+        BenchCommand::Purifier(args) => purifier(*args, global),
     }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Seconds for `steps` calls of `f` after `warmup` untimed ones (CUDA synchronised).
@@ -142,76 +169,162 @@ fn timed(device: tch::Device, warmup: usize, steps: usize, f: &mut dyn FnMut()) 
     t.elapsed().as_secs_f64()
 }
 
-#[derive(Serialize, serde::Deserialize)]
+#[derive(Serialize)]
 struct PurifierRow {
-    width: usize,
-    attention: bool,
+    name: String,
+    purifier: String,
+    transform: String,
     batch: usize,
     size: i64,
+    work_size: i64,
     parameters: i64,
     atop_img_s: f64,
     pytorch_img_s: Option<f64>,
+    /// The median over rounds of atop / PyTorch, each round timing both sides back to back.
     ratio: Option<f64>,
+    rounds: usize,
+    /// Seconds per image of one whole-model attack step (forward and input gradient through
+    /// resize, transform, generator, resize and classifier), at `attack_batch`.
+    attack_s_per_img: Option<f64>,
+    attack_batch: usize,
 }
 
 fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
-    use anyhow::Context;
+    use anyhow::{Context, bail};
+    use atop::models::Model;
+    use atop::models::pipeline::Pipeline;
+    use atop::purifier::defended::Purify;
     use atop::purifier::{GanPurifier, PurifierConfig};
+    use atop::train::purifier::TrainPurifierConfig;
     use atop::transforms::{TransformConfig, TransformKind};
     use tch::{Kind, Tensor};
 
-    let threads = atop::runtime::threads();
-    let mut rows = Vec::new();
-    for &width in &args.width {
-        tch::manual_seed(0);
-        let p = GanPurifier::new(
-            PurifierConfig {
+    if args.batch == 0 || args.steps == 0 || args.size <= 0 {
+        bail!("--batch, --steps and --size must be positive");
+    }
+    // (row name, purifier, transform): the presets', or one per width.
+    let mut setups = Vec::new();
+    for name in &args.preset {
+        let cfg = TrainPurifierConfig::preset(name)?;
+        setups.push((name.clone(), cfg.purifier, cfg.transform));
+    }
+    if args.preset.is_empty() {
+        for &width in &args.width {
+            let mut p = PurifierConfig {
                 width,
-                attention: !args.no_attention,
                 ..Default::default()
-            },
-            global.device,
-        )?;
+            };
+            args.arch.apply(&mut p);
+            let mut t = TransformConfig::default();
+            args.transform.apply(&mut t);
+            setups.push((format!("width {width}"), p, t));
+        }
+    }
+    let threads = atop::runtime::threads();
+    let device = global.device;
+    let mut rows = Vec::new();
+    for (name, cfg, mut transform) in setups {
+        // Timed under RT2 (the paper's main setting), with the row's noise and mask settings.
+        transform.kind = TransformKind::Rt2;
+        cfg.validate()?;
+        cfg.check_images(args.size, args.size, &transform)?;
+        tch::manual_seed(0);
+        let p = GanPurifier::new(cfg.clone(), device)?;
         let (n, s) = (args.batch as i64, args.size);
-        let x = Tensor::rand([n, 3, s, s], (Kind::Float, global.device)) * 2.0 - 1.0;
-        let mask = TransformConfig::with_kind(TransformKind::Rt1)
-            .sample(&x)
-            .masks
-            .remove(0);
-        let secs = timed(global.device, args.warmup, args.steps, &mut || {
-            let (x1, x2) = p.generator.forward(&x, &mask);
-            ((&x1 - &x).abs().mean(Kind::Float) + (&x2 - &x).abs().mean(Kind::Float)).backward();
-        });
-        let atop_img_s = (args.batch * args.steps) as f64 / secs;
-        let pytorch_img_s = if args.no_reference || global.device != tch::Device::Cpu {
-            None
-        } else {
+        let x = Tensor::rand([n, 3, s, s], (Kind::Float, device));
+        // One generator training step as the trainer takes it (without the optimizer).
+        let atop_side = || {
+            let secs = timed(device, args.warmup, args.steps, &mut || {
+                let pass = p.pass(&x, &transform);
+                let target = &pass.clean * 2.0 - 1.0;
+                ((&pass.x1 - &target).abs().mean(Kind::Float)
+                    + (&pass.x2 - &target).abs().mean(Kind::Float)
+                    + (&pass.purified - &x).abs().mean(Kind::Float))
+                .backward();
+            });
+            (args.batch * args.steps) as f64 / secs
+        };
+        let work = cfg.work_size.map_or(s, |w| w as i64);
+        let reference = !args.no_reference && device == tch::Device::Cpu;
+        let pytorch_side = || -> Result<f64> {
             let (script, mut cmd) = reference_script("purifier.py");
             cmd.arg("bench")
-                .args(["--width", &width.to_string()])
+                .args(["--width", &cfg.width.to_string()])
+                .args(["--stages", &cfg.stages.to_string()])
+                .args(["--skips", &u8::from(cfg.skips).to_string()])
+                .args(["--group-norm", &u8::from(cfg.group_norm).to_string()])
+                .args(["--residual", &u8::from(cfg.residual).to_string()])
+                .args(["--work-size", &work.to_string()])
+                .args(["--sigma", &transform.sigma.to_string()])
+                .args(["--grid", &transform.grid.to_string()])
+                .args(["--holes", &transform.holes().to_string()])
                 .args(["--batch", &args.batch.to_string()])
                 .args(["--size", &s.to_string()])
                 .args(["--steps", &args.steps.to_string()])
                 .args(["--warmup", &args.warmup.to_string()])
                 .args(["--threads", &threads.to_string()]);
-            if args.no_attention {
+            if !cfg.attention {
                 cmd.arg("--no-attention");
             }
             let out = run_reference(&script, &mut cmd)?;
             let line = String::from_utf8_lossy(&out.stdout);
             let v: serde_json::Value = serde_json::from_str(line.trim())
                 .with_context(|| format!("unexpected output from {}: {line}", script.display()))?;
-            v["train_img_s"].as_f64()
+            v["train_img_s"]
+                .as_f64()
+                .with_context(|| format!("no train_img_s from {}", script.display()))
+        };
+        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.rounds.max(1) {
+            let a = atop_side();
+            ours.push(a);
+            if reference {
+                let t = pytorch_side()?;
+                theirs.push(t);
+                ratios.push(a / t);
+            }
+        }
+        let atop_img_s = median(&ours);
+        let pytorch_img_s = reference.then(|| median(&theirs));
+        let ratio = reference.then(|| median(&ratios));
+        // One whole-model attack step: the input gradient of the classifier's loss through
+        // the defended model, at a small batch.
+        let attack_s_per_img = if args.attack_batch > 0 && args.attack_steps > 0 {
+            let (mean, std) = atop::models::dataset_normalisation(DatasetKind::Cifar10);
+            let spec = atop::models::ModelSpec::new(args.classifier_arch, 10, mean, std)?;
+            let classifier = atop::models::Classifier::new(spec, device);
+            let pipeline = Pipeline {
+                stages: vec![Box::new(Purify {
+                    purifier: &p,
+                    transform: transform.clone(),
+                })],
+                model: &classifier,
+            };
+            let xa = Tensor::rand([args.attack_batch as i64, 3, s, s], (Kind::Float, device));
+            let ya = Tensor::zeros([args.attack_batch as i64], (Kind::Int64, device));
+            let secs = timed(device, 1, args.attack_steps, &mut || {
+                let xa = xa.detach().set_requires_grad(true);
+                let loss = pipeline.logits(&xa).cross_entropy_for_logits(&ya);
+                let _ = Tensor::run_backward(&[loss], &[&xa], false, false);
+            });
+            Some(secs / (args.attack_batch * args.attack_steps) as f64)
+        } else {
+            None
         };
         rows.push(PurifierRow {
-            width,
-            attention: !args.no_attention,
+            name,
+            purifier: cfg.describe(),
+            transform: transform.describe(),
             batch: args.batch,
             size: s,
+            work_size: work,
             parameters: p.generator_parameters(),
             atop_img_s,
-            ratio: pytorch_img_s.map(|r| atop_img_s / r),
             pytorch_img_s,
+            ratio,
+            rounds: args.rounds.max(1),
+            attack_s_per_img,
+            attack_batch: args.attack_batch,
         });
     }
     if global.json {
@@ -219,23 +332,29 @@ fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
         return Ok(());
     }
     println!(
-        "generator forward+backward, device {:?}, threads {threads}, batch {}, {} px, {} timed steps",
-        global.device, args.batch, args.size, args.steps
+        "purifier training step on the resolution pipeline (resize, RT2, generator forward+backward, resize), device {device:?}, threads {threads}, batch {}, {} px images, {} timed steps, medians of {} alternating rounds",
+        args.batch,
+        args.size,
+        args.steps,
+        args.rounds.max(1)
     );
     println!(
-        "{:>6} {:>10} {:>9} {:>12} {:>13} {:>7}",
-        "width", "attention", "params", "atop img/s", "torch img/s", "ratio"
+        "{:<24} {:>5} {:>9} {:>11} {:>12} {:>7} {:>16}",
+        "setting", "work", "params", "atop img/s", "torch img/s", "ratio", "attack s/img"
     );
     for r in &rows {
         println!(
-            "{:>6} {:>10} {:>9} {:>12.1} {:>13} {:>7}",
-            r.width,
-            r.attention,
+            "{:<24} {:>5} {:>9} {:>11.2} {:>12} {:>7} {:>16}",
+            r.name,
+            r.work_size,
             r.parameters,
             r.atop_img_s,
-            r.pytorch_img_s.map_or("-".into(), |v| format!("{v:.1}")),
+            r.pytorch_img_s.map_or("-".into(), |v| format!("{v:.2}")),
             r.ratio.map_or("-".into(), |v| format!("{v:.2}")),
+            r.attack_s_per_img
+                .map_or("-".into(), |v| format!("{v:.4} (b={})", r.attack_batch)),
         );
+        println!("  {} under {}", r.purifier, r.transform);
     }
     Ok(())
 }

@@ -7,8 +7,11 @@ use anyhow::Result;
 use atop::data::Split;
 use atop::data::subset::seeded_subset;
 use atop::eval::clean::evaluate;
+use atop::models::Model;
 use atop::models::checkpoint;
+use atop::models::pipeline::{Pipeline, Stage};
 use atop::report::{grid, plot};
+use atop::transforms::{Resolution, TransformConfig, TransformKind, TransformStage};
 use clap::{Args as ClapArgs, Subcommand};
 use serde::Serialize;
 
@@ -37,6 +40,15 @@ pub struct CleanArgs {
     /// f32, or bf16 autocast.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: atop::runtime::Precision,
+    /// Evaluate the classifier behind this random transform (holes grey, one draw per image,
+    /// seeded by --seed): what the transform alone costs it.
+    #[arg(long, value_enum)]
+    pub transform: Option<TransformKind>,
+    #[command(flatten)]
+    pub transform_settings: super::purifier::TransformArgs,
+    /// Draw the transform at this side (the images are resized up to it and back).
+    #[arg(long, requires = "transform")]
+    pub work_size: Option<usize>,
     /// Folder for eval-clean-<split>.json and confusion-<split>.png (default: the --model folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -45,6 +57,8 @@ pub struct CleanArgs {
 #[derive(Serialize)]
 struct Output {
     model: PathBuf,
+    /// What was evaluated: the classifier, or the transform in front of it.
+    defence: String,
     dataset: String,
     split: Split,
     subset_seed: Option<u64>,
@@ -77,8 +91,33 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
         None => None,
     };
     let names = data.class_names.clone();
+    let stage = match a.transform {
+        Some(kind) => {
+            let mut transform = TransformConfig::with_kind(kind);
+            a.transform_settings.apply(&mut transform);
+            let resolution = Resolution::at(a.work_size);
+            resolution.check(data.height as i64, data.width as i64, 1, "the working size")?;
+            let (wh, ww) = resolution.work_dims(data.height as i64, data.width as i64);
+            transform.validate(Some(wh))?;
+            transform.validate(Some(ww))?;
+            Some(TransformStage {
+                transform,
+                resolution,
+            })
+        }
+        None => None,
+    };
+    let stages: Vec<Box<dyn Stage + '_>> = match stage {
+        Some(s) => vec![Box::new(s)],
+        None => Vec::new(),
+    };
+    let pipeline = Pipeline {
+        stages,
+        model: &model,
+    };
+    tch::manual_seed(a.seed as i64);
     let report = evaluate(
-        &model,
+        &pipeline,
         Arc::new(data),
         a.batch_size,
         global.device,
@@ -91,11 +130,29 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
             dir.clone()
         }
     });
-    let json = out.join(format!("eval-clean-{}.json", a.data.split.as_str()));
-    let png = out.join(format!("confusion-{}.png", a.data.split.as_str()));
+    // A transform gets its own file names: the plain evaluation's stay as they are.
+    let tag = match &pipeline.stages.first() {
+        Some(s) => format!(
+            "{}-{}",
+            a.data.split.as_str(),
+            s.describe()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '-'
+                })
+                .collect::<String>()
+                .trim_matches('-')
+        ),
+        None => a.data.split.as_str().to_string(),
+    };
+    let json = out.join(format!("eval-clean-{tag}.json"));
+    let png = out.join(format!("confusion-{tag}.png"));
     grid::save_png(&plot::confusion_matrix(&report.confusion, &names), &png)?;
     let output = Output {
         model: dir,
+        defence: pipeline.describe(),
         dataset: dataset.as_str().into(),
         split: a.data.split,
         subset_seed: a.subset.map(|_| a.seed),
@@ -111,8 +168,9 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} on {} {} ({} images): accuracy {:.2}%, loss {:.4}",
+        "{} [{}] on {} {} ({} images): accuracy {:.2}%, loss {:.4}",
         output.model.display(),
+        output.defence,
         output.dataset,
         a.data.split.as_str(),
         output.report.images,

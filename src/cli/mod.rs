@@ -74,6 +74,8 @@ pub fn run(args: Args) -> Result<()> {
     atop::progress::set_quiet(quiet);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: a log file or pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_max_level(if quiet {
             tracing::Level::WARN
         } else {

@@ -13,7 +13,7 @@ use atop::models::checkpoint;
 use atop::purifier::{self, GanPurifier, PurifierConfig};
 use atop::report::grid;
 use atop::runtime::Precision;
-use atop::transforms::{TransformConfig, TransformKind};
+use atop::transforms::{Resize, TransformConfig, TransformKind};
 use clap::{Args as ClapArgs, Subcommand};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -61,6 +61,65 @@ impl TransformArgs {
     }
 }
 
+/// The purifier's architecture and working resolution, over a preset's or the defaults (the
+/// authors' layout).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct PurifierArchArgs {
+    /// Generator width c (a multiple of 4; paper: 48).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Discriminator width (DeepFillv2: 64).
+    #[arg(long)]
+    pub disc_width: Option<usize>,
+    /// The contextual-attention branch.
+    #[arg(long)]
+    pub attention: Option<bool>,
+    /// Stride-2 stages of the generator's encoders (DeepFillv2: 2; 1 gives small images a finer
+    /// bottleneck).
+    #[arg(long)]
+    pub stages: Option<usize>,
+    /// U-Net skip connections from each encoder to its decoder.
+    #[arg(long)]
+    pub skips: Option<bool>,
+    /// Group normalisation of every gated layer's features.
+    #[arg(long)]
+    pub group_norm: Option<bool>,
+    /// Global residual path (output = input + correction) instead of tanh.
+    #[arg(long)]
+    pub residual: Option<bool>,
+    /// Draw the transform and run the generator at this side (the authors: 256 for CIFAR).
+    #[arg(long)]
+    pub work_size: Option<usize>,
+    /// Resizing up to the working size.
+    #[arg(long, value_enum)]
+    pub resize_up: Option<Resize>,
+    /// Resizing the purified image back to the classifier's size.
+    #[arg(long, value_enum)]
+    pub resize_down: Option<Resize>,
+}
+
+impl PurifierArchArgs {
+    pub fn apply(&self, cfg: &mut PurifierConfig) {
+        fn set<T: Copy>(field: &mut T, value: Option<T>) {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+        set(&mut cfg.width, self.width);
+        set(&mut cfg.disc_width, self.disc_width);
+        set(&mut cfg.attention, self.attention);
+        set(&mut cfg.stages, self.stages);
+        set(&mut cfg.skips, self.skips);
+        set(&mut cfg.group_norm, self.group_norm);
+        set(&mut cfg.residual, self.residual);
+        if self.work_size.is_some() {
+            cfg.work_size = self.work_size;
+        }
+        set(&mut cfg.resize_up, self.resize_up);
+        set(&mut cfg.resize_down, self.resize_down);
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PurifierCommand {
     /// Parameter counts and output shapes of a purifier architecture or checkpoint.
@@ -70,15 +129,10 @@ pub enum PurifierCommand {
 #[derive(Debug, ClapArgs)]
 pub struct InfoArgs {
     /// A purifier checkpoint (or training run) to describe instead of an architecture.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["width", "disc_width", "attention", "stages", "skips", "group_norm", "residual", "work_size"])]
     pub purifier: Option<PathBuf>,
-    /// Generator width c.
-    #[arg(long, default_value_t = 48)]
-    pub width: usize,
-    #[arg(long, default_value_t = 64)]
-    pub disc_width: usize,
-    #[arg(long)]
-    pub no_attention: bool,
+    #[command(flatten)]
+    pub arch: PurifierArchArgs,
     /// Image side for the shapes.
     #[arg(long, default_value_t = 32)]
     pub image_size: i64,
@@ -90,6 +144,8 @@ struct Info {
     generator_parameters: i64,
     discriminator_parameters: i64,
     image_size: i64,
+    /// The generator's output at the working size.
+    work_shape: Vec<i64>,
     output_shape: Vec<i64>,
     discriminator_scores_per_image: i64,
 }
@@ -103,30 +159,27 @@ pub fn run(cmd: PurifierCommand, global: &Global) -> Result<()> {
 fn info(a: InfoArgs, global: &Global) -> Result<()> {
     let p = match &a.purifier {
         Some(path) => purifier::load(path, Device::Cpu)?.0,
-        None => GanPurifier::new(
-            PurifierConfig {
-                width: a.width,
-                disc_width: a.disc_width,
-                attention: !a.no_attention,
-                work_size: None,
-            },
-            Device::Cpu,
-        )?,
+        None => {
+            let mut cfg = PurifierConfig::default();
+            a.arch.apply(&mut cfg);
+            GanPurifier::new(cfg, Device::Cpu)?
+        }
     };
-    p.config.check_side(a.image_size)?;
+    let rt2 = TransformConfig::default();
+    p.config.check_images(a.image_size, a.image_size, &rt2)?;
     let x = Tensor::rand(
         [1, 3, a.image_size, a.image_size],
         (Kind::Float, Device::Cpu),
     );
-    let mask = TransformConfig::default().sample(&x).masks.remove(0);
-    let (_, x2) = tch::no_grad(|| p.generate(&x, &mask));
-    let d = tch::no_grad(|| p.discriminator.forward_t(&x2, &mask, false));
+    let pass = tch::no_grad(|| p.pass(&x, &rt2));
+    let d = tch::no_grad(|| p.discriminator.forward_t(&pass.x2, &pass.masks, false));
     let out = Info {
         purifier: p.config.clone(),
         generator_parameters: p.generator_parameters(),
         discriminator_parameters: p.discriminator_parameters(),
         image_size: a.image_size,
-        output_shape: x2.size(),
+        work_shape: pass.x2.size(),
+        output_shape: pass.purified.size(),
         discriminator_scores_per_image: d.size()[1],
     };
     if global.json {
@@ -142,8 +195,8 @@ fn info(a: InfoArgs, global: &Global) -> Result<()> {
             out.discriminator_parameters
         );
         println!(
-            "  at {0}x{0}: output {1:?}, {2} patch scores per image",
-            a.image_size, out.output_shape, out.discriminator_scores_per_image
+            "  on {0}x{0} images: generator output {1:?}, purified {2:?}, {3} patch scores per image",
+            a.image_size, out.work_shape, out.output_shape, out.discriminator_scores_per_image
         );
     }
     Ok(())
@@ -159,6 +212,10 @@ pub struct PurifyArgs {
     pub transform: Option<String>,
     #[command(flatten)]
     pub transform_settings: TransformArgs,
+    /// The working size you expect the purifier to run at: an error if it was trained at
+    /// another (the default: the one it was trained at).
+    #[arg(long)]
+    pub work_size: Option<usize>,
     /// A folder of images (png/jpg) to purify instead of a dataset split; outputs keep the names.
     #[arg(long, conflicts_with_all = ["dataset", "n"])]
     pub input: Option<PathBuf>,
@@ -188,7 +245,8 @@ struct PurifyResult {
     n: usize,
     psnr: f64,
     ssim: f64,
-    /// PSNR of the transformed (noisy, holes filled with grey) input, for comparison.
+    /// PSNR of the transformed input (noisy, holes grey, at the classifier's size), for
+    /// comparison.
     transformed_psnr: f64,
     clean_accuracy: Option<f64>,
     /// The classifier on the transformed images without purification (holes grey; RT3: the first
@@ -212,6 +270,7 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
     let started = std::time::Instant::now();
     let dir = purifier::resolve(&a.purifier)?;
     let (p, sidecar) = purifier::load(&dir, global.device)?;
+    p.config.expect_work_size(a.work_size, &dir)?;
     let kinds: Vec<TransformKind> = match &a.transform {
         Some(list) => list
             .split(',')
@@ -279,8 +338,7 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         }
     };
     let x = x.to_kind(Kind::Float);
-    let side = x.size()[2];
-    p.config.check_side(side)?;
+    let (h, w) = (x.size()[2], x.size()[3]);
     let out = a.out.clone().unwrap_or_else(|| {
         let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         PathBuf::from("runs").join(format!("purify-{}", names.join("+")))
@@ -303,7 +361,7 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
             ..sidecar.transform.clone()
         };
         a.transform_settings.apply(&mut t);
-        t.validate(Some(side))?;
+        p.config.check_images(h, w, &t)?;
         // Seeded per transform: the same command draws the same noise and masks.
         tch::manual_seed(a.seed as i64);
         let n = x.size()[0];
@@ -313,10 +371,9 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         for start in (0..n).step_by(a.batch_size) {
             let len = (n - start).min(a.batch_size as i64);
             let xb = x.narrow(0, start, len).to_device(global.device);
-            let drawn = t.sample(&xb);
-            let m = &drawn.masks[0];
-            shown.push((&drawn.noisy * (m.neg() + 1.0) + m * 0.5).to_device(Device::Cpu));
-            purified.push(tch::no_grad(|| p.restore(&drawn)).to_device(Device::Cpu));
+            let pass = tch::no_grad(|| p.pass(&xb, &t));
+            shown.push(pass.shown().to_device(Device::Cpu));
+            purified.push(pass.purified.to_device(Device::Cpu));
             bar.inc(len as u64);
         }
         bar.finish_and_clear();

@@ -80,18 +80,8 @@ pub struct PurifierArgs {
     pub run: RunSource,
     #[command(flatten)]
     pub data: DataOverrides,
-    /// Generator width c (a multiple of 4; paper: 48).
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Discriminator width (DeepFillv2: 64).
-    #[arg(long)]
-    pub disc_width: Option<usize>,
-    /// The contextual-attention branch.
-    #[arg(long)]
-    pub attention: Option<bool>,
-    /// Run the generator at this image side (e.g. 256, as the authors did for CIFAR).
-    #[arg(long)]
-    pub work_size: Option<usize>,
+    #[command(flatten)]
+    pub arch: super::purifier::PurifierArchArgs,
     /// Random transform to train under: rt1, rt2, rt3 (or none).
     #[arg(long, value_enum)]
     pub transform: Option<TransformKind>,
@@ -217,11 +207,14 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
         );
     };
     a.data.apply(&mut cfg.data);
-    set(&mut cfg.purifier.width, &a.width);
-    set(&mut cfg.purifier.disc_width, &a.disc_width);
-    set(&mut cfg.purifier.attention, &a.attention);
-    if a.work_size.is_some() {
-        cfg.purifier.work_size = a.work_size;
+    let saved = cfg.purifier.clone();
+    a.arch.apply(&mut cfg.purifier);
+    if a.run.resume.is_some() && cfg.purifier != saved {
+        bail!(
+            "a resumed run keeps its purifier ({}); the flags ask for {}: start a new run (--out) to change the architecture or the working size",
+            saved.describe(),
+            cfg.purifier.describe()
+        );
     }
     set(&mut cfg.transform.kind, &a.transform);
     a.transform_settings.apply(&mut cfg.transform);

@@ -20,20 +20,21 @@ pub struct CleanReport {
     pub confusion: Vec<Vec<usize>>,
 }
 
-/// Evaluates `model` (eval mode, no gradients) on every image of `data`. `precision` applies
+/// Evaluates `model` (eval mode, no gradients) on every image of `data`; a stochastic model
+/// (a classifier behind a random transform) gets one draw per image. `precision` applies
 /// autocast to the forward pass (bf16 is about 2x faster on CPUs with AVX512-BF16).
 pub fn evaluate(
-    model: &Classifier,
+    model: &dyn Model,
     data: Arc<ImageSet>,
     batch_size: usize,
     device: Device,
     precision: Precision,
 ) -> anyhow::Result<CleanReport> {
-    let k = model.spec.num_classes;
+    let k = model.num_classes();
     if data.num_classes() != k {
         anyhow::bail!(
             "the model has {k} classes ({}), the {} {} split has {}",
-            model.spec.arch,
+            model.describe(),
             data.name,
             data.split.as_str(),
             data.num_classes()
@@ -47,8 +48,8 @@ pub fn evaluate(
             batch.images.to_device(device),
             batch.labels.to_device(device),
         );
-        let logits = tch::no_grad(|| autocast(device, precision, || model.forward_t(&x, false)))
-            .to_kind(Kind::Float);
+        let logits =
+            tch::no_grad(|| autocast(device, precision, || model.logits(&x))).to_kind(Kind::Float);
         loss_sum +=
             logits.cross_entropy_for_logits(&y).double_value(&[]) * batch.indices.len() as f64;
         let pred = Vec::<i64>::try_from(

@@ -1,21 +1,54 @@
 //! The DeepFillv2 generator (Yu et al. 2019) as AToP uses it: a coarse encoder-decoder of gated
 //! convolutions with a dilated bottleneck, then a fine stage with a dilated branch and a
-//! contextual-attention branch. Width `c` (the paper's 48 gives 4,052,478 parameters);
-//! any input side divisible by 8.
+//! contextual-attention branch. Width `c` (the paper's 48 gives 4,052,478 parameters).
 //!
 //! Input: the masked image in [-1,1], a ones channel and the mask (5 channels). Output: the
-//! coarse image x1 and the fine image x2, both tanh in [-1,1].
+//! coarse image x1 and the fine image x2, both in [-1,1].
+//!
+//! [`Layout`] holds the authors' layout by default and four trainability options, each measured
+//! in docs/purifier.md: one stride-2 stage instead of two (a finer bottleneck for small images),
+//! skip connections from each encoder to its decoder (U-Net style, concatenated), group
+//! normalisation of every gated layer's features, and a global residual path (each stage
+//! outputs its input plus a correction, clamped to [-1,1], instead of tanh of the correction).
 
 use tch::Tensor;
 use tch::nn::{self, Module};
 
 use super::layers::{Act, GatedConv, contextual_attention, upsample2};
 
-fn g(p: &nn::Path, name: &str, cin: i64, cout: i64, k: i64, stride: i64, dil: i64) -> GatedConv {
-    GatedConv::new(p / name, cin, cout, k, stride, dil, Act::Elu)
+/// The generator's architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Width c, a positive multiple of 4.
+    pub width: i64,
+    pub attention: bool,
+    /// Stride-2 stages of each encoder: 2 (DeepFillv2) or 1.
+    pub stages: i64,
+    pub skips: bool,
+    pub norm: bool,
+    pub residual: bool,
 }
 
-/// Plain 3x3 convolution to RGB (the only ungated layers), followed by tanh in `forward`.
+impl Layout {
+    /// The authors' layout at width `c`.
+    pub fn deepfill(c: i64) -> Self {
+        Layout {
+            width: c,
+            attention: true,
+            stages: 2,
+            skips: false,
+            norm: false,
+            residual: false,
+        }
+    }
+
+    /// Image sides must be multiples of this: the encoders halve `stages` times and the
+    /// attention's matching halves once more.
+    pub fn side_multiple(&self) -> i64 {
+        1 << (self.stages + 1)
+    }
+}
+
 fn to_rgb(p: nn::Path, cin: i64) -> nn::Conv2D {
     nn::conv2d(
         p,
@@ -37,40 +70,117 @@ fn run(layers: &[GatedConv], x: Tensor, apply: Apply) -> Tensor {
     layers.iter().fold(x, |x, l| apply(l, &x))
 }
 
-/// Encoder down to a quarter of the input side: a 5x5 gated conv to c/2 channels, then two
-/// stride-2 stages ending at c and 2c channels, whose hidden widths differ between the stages of
-/// DeepFillv2 (coarse c and 2c; fine dilated branch c/2 and c; attention branch c/2 and 2c).
-fn encoder(p: &nn::Path, cin: i64, c: i64, hidden: [i64; 2]) -> Vec<GatedConv> {
-    vec![
-        g(p, "conv1", cin, c / 2, 5, 1, 1),
-        g(p, "down1a", c / 2, hidden[0], 3, 2, 1),
-        g(p, "down1b", hidden[0], c, 3, 1, 1),
-        g(p, "down2a", c, hidden[1], 3, 2, 1),
-        g(p, "down2b", hidden[1], 2 * c, 3, 1, 1),
-    ]
+struct Builder<'a> {
+    layout: &'a Layout,
 }
 
-/// Two nearest x2 up-samplings with two gated convs each, ending at c/4 channels.
-fn decoder(p: &nn::Path, c: i64) -> [GatedConv; 4] {
-    [
-        g(p, "up1a", 2 * c, c, 3, 1, 1),
-        g(p, "up1b", c, c, 3, 1, 1),
-        g(p, "up2a", c, c / 2, 3, 1, 1),
-        g(p, "up2b", c / 2, c / 4, 3, 1, 1),
-    ]
+impl Builder<'_> {
+    /// A gated conv with ELU features; `shape` is (kernel, stride, dilation).
+    fn gated(
+        &self,
+        p: &nn::Path,
+        name: &str,
+        cin: i64,
+        cout: i64,
+        shape: (i64, i64, i64),
+    ) -> GatedConv {
+        let (k, stride, dil) = shape;
+        GatedConv::new(
+            p / name,
+            cin,
+            cout,
+            k,
+            stride,
+            dil,
+            Act::Elu,
+            self.layout.norm,
+        )
+    }
+
+    /// Encoder down to the bottleneck: a 5x5 gated conv to c/2 channels (full resolution), then
+    /// two pairs ending at c (half resolution) and 2c channels; the first layer of each pair
+    /// has stride 2, except the second pair's with one stage. Hidden widths differ between the
+    /// stages of DeepFillv2 (coarse c and 2c; fine dilated branch c/2 and c; attention branch c/2
+    /// and 2c).
+    fn encoder(&self, p: &nn::Path, cin: i64, hidden: [i64; 2]) -> Vec<GatedConv> {
+        let c = self.layout.width;
+        let second = if self.layout.stages == 2 { 2 } else { 1 };
+        vec![
+            self.gated(p, "conv1", cin, c / 2, (5, 1, 1)),
+            self.gated(p, "down1a", c / 2, hidden[0], (3, 2, 1)),
+            self.gated(p, "down1b", hidden[0], c, (3, 1, 1)),
+            self.gated(p, "down2a", c, hidden[1], (3, second, 1)),
+            self.gated(p, "down2b", hidden[1], 2 * c, (3, 1, 1)),
+        ]
+    }
+
+    /// Two up-sampling pairs of gated convs ending at c/4 channels, then the RGB conv. With skips
+    /// the first layer of each pair also sees the encoder's features at its resolution.
+    fn decoder(&self, p: &nn::Path) -> Decoder {
+        let c = self.layout.width;
+        let (s1, s2) = if self.layout.skips {
+            (c, c / 2)
+        } else {
+            (0, 0)
+        };
+        Decoder {
+            layers: [
+                self.gated(p, "up1a", 2 * c + s1, c, (3, 1, 1)),
+                self.gated(p, "up1b", c, c, (3, 1, 1)),
+                self.gated(p, "up2a", c + s2, c / 2, (3, 1, 1)),
+                self.gated(p, "up2b", c / 2, c / 4, (3, 1, 1)),
+            ],
+            rgb: to_rgb(p / "to_rgb", c / 4),
+        }
+    }
 }
 
-fn decode(layers: &[GatedConv; 4], rgb: &nn::Conv2D, x: Tensor, apply: Apply) -> Tensor {
-    let x = run(&layers[..2], upsample2(&x), apply);
-    let x = run(&layers[2..], upsample2(&x), apply);
-    rgb.forward(&x).tanh()
+#[derive(Debug)]
+struct Decoder {
+    layers: [GatedConv; 4],
+    rgb: nn::Conv2D,
+}
+
+/// Encoder features kept for the skip connections: full resolution (after conv1) and half
+/// resolution (after down1b).
+type Skips = Option<[Tensor; 2]>;
+
+/// Runs an encoder (and what follows it in `layers`), keeping the skip features if asked.
+fn encode(layers: &[GatedConv], x: Tensor, keep: bool, apply: Apply) -> (Tensor, Skips) {
+    if !keep {
+        return (run(layers, x, apply), None);
+    }
+    let full = apply(&layers[0], &x);
+    let half = run(&layers[1..3], full.shallow_clone(), apply);
+    let out = run(&layers[3..], half.shallow_clone(), apply);
+    (out, Some([full, half]))
+}
+
+/// The residual base a stage's output is added to, or None for tanh.
+type Base<'a> = Option<&'a Tensor>;
+
+impl Decoder {
+    fn decode(&self, x: Tensor, stages: i64, skips: &Skips, base: Base, apply: Apply) -> Tensor {
+        let cat = |x: Tensor, i: usize| match skips {
+            Some(s) => Tensor::cat(&[&x, &s[i]], 1),
+            None => x,
+        };
+        let x = if stages == 2 { upsample2(&x) } else { x };
+        let x = run(&self.layers[..2], cat(x, 1), apply);
+        let x = run(&self.layers[2..], cat(upsample2(&x), 0), apply);
+        let rgb = self.rgb.forward(&x);
+        match base {
+            Some(b) => (b + rgb).clamp(-1.0, 1.0),
+            None => rgb.tanh(),
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct Generator {
+    layout: Layout,
     coarse: Vec<GatedConv>,
-    coarse_up: [GatedConv; 4],
-    coarse_rgb: nn::Conv2D,
+    coarse_up: Decoder,
     /// Fine stage, dilated branch.
     dilated: Vec<GatedConv>,
     /// Fine stage, attention branch: encoder up to the ReLU-gated layer, then the two layers
@@ -78,46 +188,43 @@ pub struct Generator {
     /// merge sees the dilated branch only).
     attention: Option<(Vec<GatedConv>, [GatedConv; 2])>,
     merge: [GatedConv; 2],
-    fine_up: [GatedConv; 4],
-    fine_rgb: nn::Conv2D,
+    fine_up: Decoder,
 }
 
 impl Generator {
-    /// `c` must be a positive multiple of 4 (checked by the purifier settings).
-    pub fn new(p: &nn::Path, c: i64, attention: bool) -> Self {
+    /// The layout's width must be a positive multiple of 4 and its stages 1 or 2 (checked by
+    /// the purifier settings).
+    pub fn new(p: &nn::Path, layout: Layout) -> Self {
+        let c = layout.width;
+        let b = Builder { layout: &layout };
         let cp = p / "coarse";
-        let mut coarse = encoder(&cp, 5, c, [c, 2 * c]);
+        let mut coarse = b.encoder(&cp, 5, [c, 2 * c]);
         for (i, d) in [1, 2, 4, 8, 16, 1, 1].into_iter().enumerate() {
-            coarse.push(g(
+            coarse.push(b.gated(
                 &cp,
                 &format!("bottleneck{}", i + 1),
                 2 * c,
                 2 * c,
-                3,
-                1,
-                d,
+                (3, 1, d),
             ));
         }
-        let coarse_up = decoder(&cp, c);
-        let coarse_rgb = to_rgb(&cp / "to_rgb", c / 4);
+        let coarse_up = b.decoder(&cp);
 
         let fp = p / "fine";
         let dp = &fp / "dilated";
-        let mut dilated = encoder(&dp, 3, c, [c / 2, c]);
+        let mut dilated = b.encoder(&dp, 3, [c / 2, c]);
         for (i, d) in [1, 2, 4, 8, 16].into_iter().enumerate() {
-            dilated.push(g(
+            dilated.push(b.gated(
                 &dp,
                 &format!("bottleneck{}", i + 1),
                 2 * c,
                 2 * c,
-                3,
-                1,
-                d,
+                (3, 1, d),
             ));
         }
-        let attention = attention.then(|| {
+        let attention = layout.attention.then(|| {
             let ap = &fp / "attention";
-            let mut before = encoder(&ap, 3, c, [c / 2, 2 * c]);
+            let mut before = b.encoder(&ap, 3, [c / 2, 2 * c]);
             before.push(GatedConv::new(
                 &ap / "relu",
                 2 * c,
@@ -126,30 +233,33 @@ impl Generator {
                 1,
                 1,
                 Act::Relu,
+                layout.norm,
             ));
             let after = [
-                g(&ap, "after1", 2 * c, 2 * c, 3, 1, 1),
-                g(&ap, "after2", 2 * c, 2 * c, 3, 1, 1),
+                b.gated(&ap, "after1", 2 * c, 2 * c, (3, 1, 1)),
+                b.gated(&ap, "after2", 2 * c, 2 * c, (3, 1, 1)),
             ];
             (before, after)
         });
         let merged_in = if attention.is_some() { 4 * c } else { 2 * c };
         let merge = [
-            g(&fp, "merge1", merged_in, 2 * c, 3, 1, 1),
-            g(&fp, "merge2", 2 * c, 2 * c, 3, 1, 1),
+            b.gated(&fp, "merge1", merged_in, 2 * c, (3, 1, 1)),
+            b.gated(&fp, "merge2", 2 * c, 2 * c, (3, 1, 1)),
         ];
-        let fine_up = decoder(&fp, c);
-        let fine_rgb = to_rgb(&fp / "to_rgb", c / 4);
+        let fine_up = b.decoder(&fp);
         Generator {
+            layout,
             coarse,
             coarse_up,
-            coarse_rgb,
             dilated,
             attention,
             merge,
             fine_up,
-            fine_rgb,
         }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// `image` in [-1,1] (N x 3 x H x W, any pixels in the hole), `mask` N x 1 x H x W with
@@ -171,23 +281,42 @@ impl Generator {
     }
 
     fn forward_with(&self, image: &Tensor, mask: &Tensor, apply: Apply) -> (Tensor, Tensor) {
-        let masked = image * (mask.ones_like() - mask);
-        let input = Tensor::cat(&[&masked, &mask.ones_like(), mask], 1);
-        let coarse = run(&self.coarse, input, apply);
-        let x1 = decode(&self.coarse_up, &self.coarse_rgb, coarse, apply);
+        let Layout {
+            stages,
+            skips,
+            residual,
+            ..
+        } = self.layout;
+        let ones = mask.ones_like();
+        let masked = image * (&ones - mask);
+        let input = Tensor::cat(&[&masked, &ones, mask], 1);
+        let (coarse, coarse_skips) = encode(&self.coarse, input, skips, apply);
+        let x1 = self.coarse_up.decode(
+            coarse,
+            stages,
+            &coarse_skips,
+            residual.then_some(&masked),
+            apply,
+        );
         // The fine stage sees the coarse result in the hole and the input elsewhere.
         let fine_in = &x1 * mask + &masked;
-        let a = run(&self.dilated, fine_in.shallow_clone(), apply);
+        let (a, fine_skips) = encode(&self.dilated, fine_in.shallow_clone(), skips, apply);
         let merged = match &self.attention {
             Some((before, after)) => {
-                let f = run(before, fine_in, apply);
+                let f = run(before, fine_in.shallow_clone(), apply);
                 let b = run(after, contextual_attention(&f, mask), apply);
                 Tensor::cat(&[a, b], 1)
             }
             None => a,
         };
         let merged = run(&self.merge, merged, apply);
-        let x2 = decode(&self.fine_up, &self.fine_rgb, merged, apply);
+        let x2 = self.fine_up.decode(
+            merged,
+            stages,
+            &fine_skips,
+            residual.then_some(&fine_in),
+            apply,
+        );
         (x1, x2)
     }
 }

@@ -14,14 +14,26 @@ pub enum Act {
 /// Gated convolution (Yu et al. 2019): one convolution produces 2C channels, split into
 /// features and a gate; the output is act(features) * sigmoid(gate). Padding keeps the size
 /// (dilation * (k - 1) / 2 on every side), so only the stride changes it.
+/// With `norm`, the feature half is group-normalised before its activation (the gate is left
+/// free to open and close).
 #[derive(Debug)]
 pub struct GatedConv {
     conv: nn::Conv2D,
+    norm: Option<nn::GroupNorm>,
     out: i64,
     act: Act,
 }
 
+/// Groups of the feature normalisation: up to 8, dividing the channels.
+fn groups(channels: i64) -> i64 {
+    [8, 4, 2, 1]
+        .into_iter()
+        .find(|g| channels % g == 0)
+        .unwrap_or(1)
+}
+
 impl GatedConv {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         p: nn::Path,
         cin: i64,
@@ -30,6 +42,7 @@ impl GatedConv {
         stride: i64,
         dilation: i64,
         act: Act,
+        norm: bool,
     ) -> Self {
         let cfg = nn::ConvConfig {
             stride,
@@ -44,8 +57,17 @@ impl GatedConv {
             bs_init: nn::Init::Const(0.0),
             ..Default::default()
         };
+        let norm = norm.then(|| {
+            nn::group_norm(
+                &p / "norm",
+                groups(cout),
+                cout,
+                nn::GroupNormConfig::default(),
+            )
+        });
         GatedConv {
             conv: nn::conv2d(p, cin, 2 * cout, k, cfg),
+            norm,
             out: cout,
             act,
         }
@@ -84,9 +106,13 @@ impl Module for GatedConv {
     fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.conv.forward(x);
         let parts = y.split(self.out, 1);
+        let features = match &self.norm {
+            Some(n) => n.forward(&parts[0]),
+            None => parts[0].shallow_clone(),
+        };
         let features = match self.act {
-            Act::Elu => parts[0].elu(),
-            Act::Relu => parts[0].relu(),
+            Act::Elu => features.elu(),
+            Act::Relu => features.relu(),
         };
         features * parts[1].sigmoid()
     }
@@ -106,6 +132,8 @@ pub fn upsample2(x: &Tensor) -> Tensor {
 /// coherent regions are copied together. An image whose every patch touches the hole gets a
 /// zero output. Differentiable in `features`.
 pub fn contextual_attention(features: &Tensor, mask: &Tensor) -> Tensor {
+    // The mask is sampled at the matching resolution (every 8 pixels after two stride-2 stages
+    // and the halving here; every 4 after one).
     let (n, c, h, w) = features.size4().expect("features are N x C x h x w");
     let (hs, ws) = (h / 2, w / 2);
     let l = hs * ws;
@@ -114,11 +142,13 @@ pub fn contextual_attention(features: &Tensor, mask: &Tensor) -> Tensor {
     // Matching at half resolution: 3x3 patches, each scaled to unit norm.
     let small = features.slice(2, 0, h, 2).slice(3, 0, w, 2);
     let patches = small.im2col([3, 3], [1, 1], [1, 1], [1, 1]); // N x C*9 x L
+    // max(|p|, 1e-4), clamped before the square root: an all-zero patch (common after the
+    // ReLU-gated layer) would otherwise send 0 / 0 = NaN back through sqrt.
     let norms = patches
         .square()
         .sum_dim_intlist(1, true, Kind::Float)
-        .sqrt()
-        .clamp_min(1e-4);
+        .clamp_min(1e-8)
+        .sqrt();
     let kernels = &patches / norms;
     // scores[l, p]: source patch l against target position p (both row-major).
     let scores = kernels.transpose(1, 2).matmul(&patches); // N x L x L
@@ -131,9 +161,12 @@ pub fn contextual_attention(features: &Tensor, mask: &Tensor) -> Tensor {
     .view([n, ws, hs, ws, hs])
     .permute([0, 2, 1, 4, 3])
     .reshape([n, l, l]);
-    // Valid sources: 3x3 neighbourhoods of the mask sampled every 8 pixels that hold no hole.
+    // Valid sources: 3x3 neighbourhoods of the sampled mask that hold no hole.
     let m = mask.to_kind(Kind::Float);
-    let m = m.slice(2, 0, m.size()[2], 8).slice(3, 0, m.size()[3], 8);
+    let step = (m.size()[2] / hs).max(1);
+    let m = m
+        .slice(2, 0, m.size()[2], step)
+        .slice(3, 0, m.size()[3], step);
     let valid = m
         .im2col([3, 3], [1, 1], [1, 1], [1, 1])
         .sum_dim_intlist(1, false, Kind::Float)
@@ -335,5 +368,22 @@ mod tests {
             &Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu)),
         );
         assert!(bool::try_from(out.isfinite().all()).unwrap());
+    }
+
+    #[test]
+    fn contextual_attention_has_finite_gradients_on_all_zero_patches() {
+        // ReLU-gated features are often exactly zero over a whole 3x3 patch; the patch norm's
+        // gradient must stay finite there (it was 0 / 0 = NaN through sqrt, and a training run
+        // diverged at step 88).
+        let f = Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let _ = f.narrow(2, 0, 2).narrow(3, 0, 2).fill_(1.0);
+        let f = f.set_requires_grad(true);
+        let mask = Tensor::zeros([1, 1, 32, 32], (Kind::Float, Device::Cpu));
+        let out = contextual_attention(&f, &mask);
+        let g = Tensor::run_backward(&[out.sum(Kind::Float)], &[&f], false, false);
+        assert!(
+            bool::try_from(g[0].isfinite().all()).unwrap(),
+            "NaN gradient"
+        );
     }
 }

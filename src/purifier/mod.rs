@@ -19,16 +19,18 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::models::checkpoint::{self, CheckpointError};
-use crate::transforms::{TransformConfig, Transformed, assemble};
+use crate::transforms::{Resize, Resolution, TransformConfig, Transformed, assemble};
 use discriminator::Discriminator;
-use generator::Generator;
+use generator::{Generator, Layout};
 
 pub const GENERATOR: &str = "generator.safetensors";
 pub const DISCRIMINATOR: &str = "discriminator.safetensors";
 pub const SIDECAR: &str = "purifier.json";
 const FORMAT: &str = "atop-purifier";
+const FORMAT_VERSION: u32 = 2;
 
-/// The purifier's architecture.
+/// The purifier's architecture and working resolution. The defaults are the authors' layout;
+/// `stages`, `skips`, `group_norm` and `residual` are trainability options (docs/purifier.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PurifierConfig {
@@ -36,20 +38,42 @@ pub struct PurifierConfig {
     pub width: usize,
     /// The contextual-attention branch of the fine stage.
     pub attention: bool,
+    /// Stride-2 stages of the generator's encoders: 2 (DeepFillv2) or 1 (a finer bottleneck
+    /// for small images).
+    pub stages: usize,
+    /// U-Net skip connections from each encoder to its decoder.
+    pub skips: bool,
+    /// Group normalisation of every gated layer's features.
+    pub group_norm: bool,
+    /// Global residual path: each stage outputs its input plus a correction (clamped to
+    /// [-1,1]) instead of tanh of the correction.
+    pub residual: bool,
     /// Discriminator width (DeepFillv2: 64).
     pub disc_width: usize,
-    /// Run the generator at this side (images are resized up and back), as the authors did
-    /// at 256 px for CIFAR; None = the images' own resolution.
+    /// The side the transform is drawn at and the generator runs at: images are resized to it
+    /// first and the purified image back to the classifier's size (the authors: 256 for
+    /// CIFAR). None = the images' own resolution.
     pub work_size: Option<usize>,
+    /// Resizing to the working size (the authors: bilinear).
+    pub resize_up: Resize,
+    /// Resizing the purified image back to the classifier's size.
+    pub resize_down: Resize,
 }
 
 impl Default for PurifierConfig {
     fn default() -> Self {
+        let r = Resolution::default();
         PurifierConfig {
             width: 48,
             attention: true,
+            stages: 2,
+            skips: false,
+            group_norm: false,
+            residual: false,
             disc_width: 64,
             work_size: None,
+            resize_up: r.up,
+            resize_down: r.down,
         }
     }
 }
@@ -62,43 +86,120 @@ impl PurifierConfig {
                 self.width
             );
         }
-        if self.disc_width == 0 {
-            bail!("purifier disc_width = 0: expected at least 1 (DeepFillv2: 64)");
+        if self.width > MAX_WIDTH {
+            bail!(
+                "purifier width = {}: expected at most {MAX_WIDTH} (the paper uses 48)",
+                self.width
+            );
         }
-        if let Some(s) = self.work_size
-            && (s < 8 || !s.is_multiple_of(8))
-        {
-            bail!("purifier work_size = {s}: expected a multiple of 8 (e.g. 256)");
+        if !(1..=2).contains(&self.stages) {
+            bail!(
+                "purifier stages = {}: expected 1 or 2 stride-2 stages (DeepFillv2: 2)",
+                self.stages
+            );
+        }
+        if self.disc_width == 0 || self.disc_width > MAX_WIDTH {
+            bail!(
+                "purifier disc_width = {}: expected 1 to {MAX_WIDTH} (DeepFillv2: 64)",
+                self.disc_width
+            );
+        }
+        if let Some(s) = self.work_size {
+            let m = self.layout().side_multiple() as usize;
+            if s < m || !s.is_multiple_of(m) || s > MAX_WORK_SIZE {
+                bail!(
+                    "purifier work_size = {s}: expected a multiple of {m} (the generator's strides) up to {MAX_WORK_SIZE}, e.g. 256"
+                );
+            }
         }
         Ok(())
     }
 
-    /// Checks that images of side `side` can be purified.
-    pub fn check_side(&self, side: i64) -> Result<()> {
-        if self.work_size.is_none() && (side < 8 || side % 8 != 0) {
-            bail!(
-                "image side {side} is not divisible by 8: the generator halves it twice and its attention once more (resize the images, or set work_size)"
-            );
+    pub fn layout(&self) -> Layout {
+        Layout {
+            width: self.width as i64,
+            attention: self.attention,
+            stages: self.stages as i64,
+            skips: self.skips,
+            norm: self.group_norm,
+            residual: self.residual,
+        }
+    }
+
+    pub fn resolution(&self) -> Resolution {
+        Resolution {
+            work_size: self.work_size,
+            up: self.resize_up,
+            down: self.resize_down,
+        }
+    }
+
+    /// Checks that images of `h` x `w` can be purified under `transform`: the working size is
+    /// not below the images', the generator's strides and the transform's grid divide it.
+    pub fn check_images(&self, h: i64, w: i64, transform: &TransformConfig) -> Result<()> {
+        let r = self.resolution();
+        r.check(
+            h,
+            w,
+            self.layout().side_multiple(),
+            "the generator's strides",
+        )?;
+        let (wh, ww) = r.work_dims(h, w);
+        transform.validate(Some(wh))?;
+        if ww != wh {
+            transform.validate(Some(ww))?;
         }
         Ok(())
+    }
+
+    /// An error when a caller asked for a working size other than the one this purifier was
+    /// trained at (`origin` names the checkpoint).
+    pub fn expect_work_size(&self, requested: Option<usize>, origin: &Path) -> Result<()> {
+        match requested {
+            Some(r) if Some(r) != self.work_size => bail!(
+                "{} was trained at {}, not at the requested work size {r}: its weights are tuned to that resolution (retrain it at {r}, or drop the work-size request)",
+                origin.display(),
+                match self.work_size {
+                    Some(s) => format!("work size {s}"),
+                    None => "the images' own size (no work_size)".into(),
+                }
+            ),
+            _ => Ok(()),
+        }
     }
 
     pub fn describe(&self) -> String {
-        format!(
-            "gan-purifier(c={}{}{})",
-            self.width,
-            if self.attention { "" } else { ", no attention" },
-            self.work_size
-                .map(|s| format!(", at {s} px"))
-                .unwrap_or_default()
-        )
+        let mut parts = vec![format!("c={}", self.width)];
+        if !self.attention {
+            parts.push("no attention".into());
+        }
+        if self.stages != 2 {
+            parts.push(format!("{} stage", self.stages));
+        }
+        for (on, name) in [
+            (self.skips, "skips"),
+            (self.group_norm, "group norm"),
+            (self.residual, "residual"),
+        ] {
+            if on {
+                parts.push(name.into());
+            }
+        }
+        parts.push(self.resolution().describe());
+        format!("gan-purifier({})", parts.join(", "))
     }
 }
+
+/// Bounds that keep a typo from allocating the machine away.
+const MAX_WIDTH: usize = 1024;
+const MAX_WORK_SIZE: usize = 4096;
 
 /// The JSON sidecar of a purifier checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PurifierSidecar {
     pub format: String,
+    /// 2 since the transform is drawn at the working size (version 1 drew it at the image's
+    /// size and only resized for the generator).
     pub format_version: u32,
     pub purifier: PurifierConfig,
     /// The transform it was trained with (the default for purification).
@@ -117,7 +218,7 @@ impl PurifierSidecar {
     pub fn new(purifier: PurifierConfig, transform: TransformConfig) -> Self {
         PurifierSidecar {
             format: FORMAT.into(),
-            format_version: 1,
+            format_version: FORMAT_VERSION,
             purifier,
             transform,
             dataset: None,
@@ -152,7 +253,7 @@ impl GanPurifier {
     pub fn new(config: PurifierConfig, device: Device) -> Result<Self> {
         config.validate()?;
         let g_vs = VarStore::new(device);
-        let generator = Generator::new(&g_vs.root(), config.width as i64, config.attention);
+        let generator = Generator::new(&g_vs.root(), config.layout());
         let d_vs = VarStore::new(device);
         let discriminator = Discriminator::new(&d_vs.root(), config.disc_width as i64);
         Ok(GanPurifier {
@@ -176,50 +277,46 @@ impl GanPurifier {
         count(&self.d_vs)
     }
 
-    /// The generator on `noisy` images in [0,1] with `mask` (1 = hole): (x1, x2) in [-1,1] at
-    /// the input resolution. With `work_size`, it runs on bilinearly resized images (nearest
-    /// for the mask) and its outputs are averaged back down.
+    /// The generator on `noisy` images in [0,1] with `mask` (1 = hole), at their own size:
+    /// (x1, x2) in [-1,1].
     pub fn generate(&self, noisy: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
-        self.generate_with(noisy, mask, |g, x, m| g.forward(x, m))
+        self.generator.forward(&(noisy * 2.0 - 1.0), mask)
     }
 
     /// The generator's data-dependent initialisation ([`Generator::normalise`]) on a batch of
-    /// transformed images, at the working size.
-    pub fn normalise(&self, noisy: &Tensor, mask: &Tensor) {
-        let _ = self.generate_with(noisy, mask, |g, x, m| g.normalise(x, m));
+    /// clean images, transformed at the working size.
+    pub fn normalise(&self, x: &Tensor, transform: &TransformConfig) {
+        let t = transform.sample(&self.config.resolution().to_work(x));
+        let (noisy, masks) = generator_batch(&t);
+        let _ = self.generator.normalise(&(noisy * 2.0 - 1.0), &masks);
     }
 
-    fn generate_with(
-        &self,
-        noisy: &Tensor,
-        mask: &Tensor,
-        run: impl Fn(&Generator, &Tensor, &Tensor) -> (Tensor, Tensor),
-    ) -> (Tensor, Tensor) {
-        let image = noisy * 2.0 - 1.0;
-        let (h, w) = (noisy.size()[2], noisy.size()[3]);
-        match self.config.work_size.map(|s| s as i64) {
-            Some(s) if s != h || s != w => {
-                let up = image.upsample_bilinear2d([s, s], false, None, None);
-                let m = mask.upsample_nearest2d([s, s], None, None);
-                let (x1, x2) = run(&self.generator, &up, &m);
-                let down = |t: Tensor| t.adaptive_avg_pool2d([h, w]);
-                (down(x1), down(x2))
-            }
-            _ => run(&self.generator, &image, mask),
+    /// The whole purification of `x` (N x 3 x H x W in [0,1]), differentiable in `x`: resized
+    /// to the working size, transformed there, purified there (every masked copy in one
+    /// generator batch, assembled for RT3), and resized back to H x W.
+    pub fn pass(&self, x: &Tensor, transform: &TransformConfig) -> Pass {
+        let resolution = self.config.resolution();
+        let clean = resolution.to_work(x);
+        let drawn = transform.sample(&clean);
+        let (noisy, masks) = generator_batch(&drawn);
+        let (x1, x2) = self.generate(&noisy, &masks);
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let purified = resolution.to_image(&purified_from(&x2, &drawn), h, w);
+        Pass {
+            clean,
+            drawn,
+            masks,
+            x1,
+            x2,
+            purified,
+            resolution,
+            size: (h, w),
         }
     }
 
-    /// The purified image in [0,1] for a drawn transform: the generator fills every masked
-    /// copy (all copies in one batch) and the outputs are assembled (RT3) or taken whole.
-    pub fn restore(&self, t: &Transformed) -> Tensor {
-        let (noisy, masks) = generator_batch(t);
-        let (_, x2) = self.generate(&noisy, &masks);
-        purified_from(&x2, t)
-    }
-
-    /// Draws `transform` on `x` (N x 3 x H x W in [0,1]) and purifies it.
+    /// Draws `transform` on `x` (N x 3 x H x W in [0,1]) and purifies it ([`GanPurifier::pass`]).
     pub fn purify(&self, x: &Tensor, transform: &TransformConfig) -> Tensor {
-        self.restore(&transform.sample(x))
+        self.pass(x, transform).purified
     }
 
     /// Writes the checkpoint folder: both weight files, then the sidecar (last, so a folder
@@ -251,6 +348,43 @@ impl GanPurifier {
     }
 }
 
+/// One purification ([`GanPurifier::pass`]): what the trainer, the sample grids and `atop
+/// purify` need besides the purified image.
+pub struct Pass {
+    /// The clean images at the working size, in [0,1].
+    pub clean: Tensor,
+    /// The transform, drawn at the working size.
+    pub drawn: Transformed,
+    /// The generator's masks, stacked like its batch (one copy per mask for RT3).
+    pub masks: Tensor,
+    /// The generator's coarse and fine outputs on that batch, in [-1,1], at the working size.
+    pub x1: Tensor,
+    pub x2: Tensor,
+    /// The purified images in [0,1] at the input size.
+    pub purified: Tensor,
+    resolution: Resolution,
+    size: (i64, i64),
+}
+
+impl Pass {
+    /// Working-size images back at the input size.
+    pub fn at_input_size(&self, t: &Tensor) -> Tensor {
+        self.resolution.to_image(t, self.size.0, self.size.1)
+    }
+
+    /// The transformed images (holes grey; RT3: the first masked copy) at the input size.
+    pub fn shown(&self) -> Tensor {
+        self.at_input_size(&self.drawn.shown())
+    }
+
+    /// The coarse output (RT3: the first copy) in [0,1] at the input size.
+    pub fn coarse(&self) -> Tensor {
+        let n = self.drawn.noisy.size()[0];
+        let x1 = ((self.x1.narrow(0, 0, n) + 1.0) * 0.5).clamp(0.0, 1.0);
+        self.at_input_size(&x1)
+    }
+}
+
 /// The generator's batch for a drawn transform: the noisy images once per mask (RT3 draws
 /// several) and the masks stacked in the same order.
 pub fn generator_batch(t: &Transformed) -> (Tensor, Tensor) {
@@ -260,7 +394,11 @@ pub fn generator_batch(t: &Transformed) -> (Tensor, Tensor) {
     } else {
         t.noisy.repeat([k, 1, 1, 1])
     };
-    (noisy, Tensor::cat(&t.masks, 0))
+    let masks = match t.masks.as_slice() {
+        [one] => one.shallow_clone(),
+        many => Tensor::cat(many, 0),
+    };
+    (noisy, masks)
 }
 
 /// The purified image in [0,1] from the generator's fine output on [`generator_batch`]: each
@@ -296,6 +434,14 @@ pub fn read_sidecar(dir: &Path) -> Result<PurifierSidecar> {
             "{}: format is '{}', expected '{FORMAT}'",
             path.display(),
             s.format
+        );
+    }
+    if s.format_version < FORMAT_VERSION && s.purifier.work_size.is_some() {
+        bail!(
+            "{}: format_version {} with work_size {}: this purifier was trained with the transform drawn at the image's size and only the generator at the working size; atop now draws the transform at the working size, so its numbers would not carry over: retrain it",
+            path.display(),
+            s.format_version,
+            s.purifier.work_size.unwrap_or_default()
         );
     }
     s.purifier
@@ -409,6 +555,142 @@ mod tests {
     }
 
     #[test]
+    fn every_trainability_option_keeps_the_shapes_and_one_stage_keeps_the_parameters() {
+        tch::manual_seed(4);
+        let base = PurifierConfig {
+            width: 8,
+            disc_width: 4,
+            ..Default::default()
+        };
+        let params = GanPurifier::new(base.clone(), Device::Cpu)
+            .unwrap()
+            .generator_parameters();
+        let variants = [
+            PurifierConfig {
+                stages: 1,
+                ..base.clone()
+            },
+            PurifierConfig {
+                skips: true,
+                ..base.clone()
+            },
+            PurifierConfig {
+                group_norm: true,
+                ..base.clone()
+            },
+            PurifierConfig {
+                residual: true,
+                ..base.clone()
+            },
+            PurifierConfig {
+                stages: 1,
+                skips: true,
+                group_norm: true,
+                residual: true,
+                attention: false,
+                ..base.clone()
+            },
+        ];
+        for cfg in variants {
+            let p = GanPurifier::new(cfg.clone(), Device::Cpu).unwrap();
+            if cfg
+                == (PurifierConfig {
+                    stages: 1,
+                    ..base.clone()
+                })
+            {
+                assert_eq!(p.generator_parameters(), params);
+            }
+            for side in [32, 64] {
+                let x = Tensor::rand([2, 3, side, side], (Kind::Float, Device::Cpu));
+                for kind in [TransformKind::Rt2, TransformKind::Rt3, TransformKind::None] {
+                    let t = TransformConfig::with_kind(kind);
+                    let pass = tch::no_grad(|| p.pass(&x, &t));
+                    assert_eq!(
+                        pass.purified.size(),
+                        [2, 3, side, side],
+                        "{}",
+                        cfg.describe()
+                    );
+                    let v = pass.purified.isfinite().all();
+                    assert!(bool::try_from(v).unwrap(), "{}", cfg.describe());
+                }
+            }
+        }
+        // The residual path starts near the identity: the output follows the input.
+        let res = GanPurifier::new(
+            PurifierConfig {
+                residual: true,
+                ..base.clone()
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let x = Tensor::rand([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let none = TransformConfig::with_kind(TransformKind::None);
+        let corr = |p: &GanPurifier| {
+            let y = tch::no_grad(|| p.purify(&x, &none));
+            let (a, b) = (&x - x.mean(Kind::Float), &y - y.mean(Kind::Float));
+            ((&a * &b).mean(Kind::Float) / (a.std(true) * b.std(true) + 1e-12)).double_value(&[])
+        };
+        assert!(corr(&res) > 0.9, "residual: {}", corr(&res));
+    }
+
+    #[test]
+    fn the_transform_is_drawn_at_the_working_size() {
+        // Work size 256 on 32 px images, as the authors ran CIFAR: each mask hole is one block
+        // of the 8x8 grid at 256 px (32 x 32 pixels, 4 x 4 of the original), and the noise left
+        // after averaging back to 32 px has about sigma / 8 of spread.
+        tch::manual_seed(5);
+        let p = GanPurifier::new(
+            PurifierConfig {
+                width: 4,
+                disc_width: 4,
+                attention: false,
+                work_size: Some(256),
+                ..Default::default()
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let x = Tensor::full([8, 3, 32, 32], 0.5, (Kind::Float, Device::Cpu));
+        let rt2 = TransformConfig::default();
+        p.config.check_images(32, 32, &rt2).unwrap();
+        let pass = tch::no_grad(|| p.pass(&x, &rt2));
+        assert_eq!(pass.purified.size(), [8, 3, 32, 32]);
+        assert_eq!(pass.clean.size(), [8, 3, 256, 256]);
+        let m = &pass.drawn.masks[0];
+        assert_eq!(m.size(), [8, 1, 256, 256]);
+        let blocks = m.avg_pool2d([32, 32], [32, 32], [0, 0], false, true, None::<i64>);
+        let whole = blocks.eq(0.0).logical_or(&blocks.eq(1.0)).all();
+        assert!(
+            bool::try_from(whole).unwrap(),
+            "a hole is not one 32 px block"
+        );
+        let holes = blocks.sum(Kind::Float).double_value(&[]);
+        assert_eq!(holes, 8.0 * 16.0);
+        let noise = pass.at_input_size(&pass.drawn.noisy) - &x;
+        let spread = noise.std(true).double_value(&[]);
+        let want = rt2.sigma / 8.0;
+        assert!(
+            (spread - want).abs() < 0.1 * want,
+            "noise spread at 32 px {spread}, expected about {want}"
+        );
+        // Drawn at the image's own size instead, the full sigma is left.
+        let native = GanPurifier::new(
+            PurifierConfig {
+                work_size: None,
+                ..p.config.clone()
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let pass = tch::no_grad(|| native.pass(&x, &rt2));
+        let spread = (&pass.drawn.noisy - &x).std(true).double_value(&[]);
+        assert!((spread - rt2.sigma).abs() < 0.1 * rt2.sigma, "{spread}");
+    }
+
+    #[test]
     fn data_dependent_init_keeps_the_signal_alive() {
         // He initialisation alone: the output hardly depends on the input (spread across images
         // ~1e-6). After the data-dependent rescaling it does, and the rescaled generator still
@@ -432,7 +714,7 @@ mod tests {
                 .double_value(&[])
         };
         let before = spread(&p);
-        p.normalise(&noisy, &masks);
+        p.normalise(&x, &TransformConfig::default());
         let after = spread(&p);
         assert!(before < 1e-4, "He init spread {before}");
         assert!(after > 1e-2, "after data-dependent init {after}");
@@ -455,11 +737,46 @@ mod tests {
             })
             .contains("multiple of 8")
         );
+        let rt2 = TransformConfig::default();
         let e = PurifierConfig::default()
-            .check_side(30)
+            .check_images(30, 30, &rt2)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not divisible by 8"), "{e}");
+        let at = |work_size, stages| PurifierConfig {
+            work_size: Some(work_size),
+            stages,
+            ..Default::default()
+        };
+        // Below the image's size, not a multiple of the strides, not a multiple of the grid.
+        let e = at(16, 2)
+            .check_images(32, 32, &rt2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smaller than the 32x32"), "{e}");
+        assert!(
+            at(36, 2)
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("multiple of 8")
+        );
+        let e = at(36, 1)
+            .check_images(32, 32, &rt2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not divisible by the transform grid 8"), "{e}");
+        assert!(at(256, 2).check_images(32, 32, &rt2).is_ok());
+        assert!(
+            PurifierConfig {
+                stages: 3,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("1 or 2")
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! (paper section 3): per batch one discriminator step (hinge loss on the clean image against
 //! the generator's x2) and one generator step (-mean D(x2) + L1 of x1 and x2 to the clean image,
 //! optionally + CE of a frozen classifier on the purified image, the authors' "-clean" variant).
-//! Adam for both (lr 1e-4, betas 0.5/0.999 by default).
+//! Adam for both (lr 1e-4, betas 0.5/0.999 by default). Everything runs on the purifier's
+//! resolution pipeline ([`GanPurifier::pass`]): images resized to the working size, the
+//! transform drawn and the losses of G and D computed there, the guidance on the purified image
+//! at the classifier's size.
 //!
 //! Run folder (as for classifiers): config.json, metrics.jsonl, checkpoints/epoch-N/ (the
 //! purifier checkpoint plus both optimizer states) behind last.json, samples/*.png. A killed
@@ -164,8 +167,8 @@ impl TrainPurifierConfig {
             }
         }
         if let Some(side) = self.data.image_size {
-            self.purifier.check_side(side as i64)?;
-            self.transform.validate(Some(side as i64))?;
+            let side = side as i64;
+            self.purifier.check_images(side, side, &self.transform)?;
         }
         for (name, w) in [("ce_weight", self.ce_weight), ("kl_weight", self.kl_weight)] {
             if w > 0.0 && self.classifier.is_none() {
@@ -251,9 +254,11 @@ pub fn train(
     if let Some(n) = cfg.train_subset {
         train_set = train_set.select(&seeded_subset(train_set.len(), n, cfg.seed)?);
     }
-    let side = train_set.height as i64;
-    cfg.purifier.check_side(side)?;
-    cfg.transform.validate(Some(side))?;
+    cfg.purifier.check_images(
+        train_set.height as i64,
+        train_set.width as i64,
+        &cfg.transform,
+    )?;
     let eval_idx = seeded_subset(
         test_set.len(),
         cfg.eval_subset.min(test_set.len()),
@@ -298,11 +303,7 @@ pub fn train(
     if cfg.data_init && !from_checkpoint {
         let n = train_set.len().min(CALIBRATION_IMAGES);
         let (cx, _) = train_set.tensors(&seeded_subset(train_set.len(), n, cfg.seed)?);
-        let t = cfg
-            .transform
-            .sample(&cx.to_kind(Kind::Float).to_device(device));
-        let (noisy, masks) = purifier::generator_batch(&t);
-        p.normalise(&noisy, &masks);
+        p.normalise(&cx.to_kind(Kind::Float).to_device(device), &cfg.transform);
     }
     let mut opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
     let mut opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
@@ -378,11 +379,12 @@ pub fn train(
             }
             let x = batch.images.to_device(device);
             let y = batch.labels.to_device(device);
-            let t_draw = cfg.transform.sample(&x);
-            let (noisy, masks) = purifier::generator_batch(&t_draw);
-            let target = (&x * 2.0 - 1.0).repeat([t_draw.masks.len() as i64, 1, 1, 1]);
-            let (x1, x2) = autocast(device, cfg.precision, || p.generate(&noisy, &masks));
-            let (x1, x2) = (x1.to_kind(Kind::Float), x2.to_kind(Kind::Float));
+            // Resized to the working size, transformed and purified there; the
+            // reconstruction is scored at the working size, the guidance at the classifier's.
+            let pass = autocast(device, cfg.precision, || p.pass(&x, &cfg.transform));
+            let masks = &pass.masks;
+            let target = (&pass.clean * 2.0 - 1.0).repeat([pass.drawn.masks.len() as i64, 1, 1, 1]);
+            let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
 
             // Discriminator: real and fake in one batch, hinge loss (skipped, like the GAN
             // term, when gan_weight is 0).
@@ -390,7 +392,7 @@ pub fn train(
                 let scores = autocast(device, cfg.precision, || {
                     p.discriminator.forward_t(
                         &Tensor::cat(&[&target, &x2.detach()], 0),
-                        &Tensor::cat(&[&masks, &masks], 0),
+                        &Tensor::cat(&[masks, masks], 0),
                         true,
                     )
                 })
@@ -404,7 +406,7 @@ pub fn train(
                 // The generator's GAN term, with D frozen: its backward only reaches x2.
                 p.d_vs.freeze();
                 let g_gan = -autocast(device, cfg.precision, || {
-                    p.discriminator.forward_t(&x2, &masks, true)
+                    p.discriminator.forward_t(&x2, masks, true)
                 })
                 .to_kind(Kind::Float)
                 .mean(Kind::Float);
@@ -416,7 +418,7 @@ pub fn train(
             let g_l1 =
                 (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
             let (g_ce, g_kl) = match (&classifier, guided) {
-                (Some(f), true) => guidance(f, cfg, &x, &y, &purifier::purified_from(&x2, &t_draw)),
+                (Some(f), true) => guidance(f, cfg, &x, &y, &pass.purified.to_kind(Kind::Float)),
                 _ => (zero(device), zero(device)),
             };
             let g_loss = &g_gan * cfg.gan_weight
@@ -634,8 +636,8 @@ fn evaluate(
     })
 }
 
-/// Rows: clean, transformed (holes shown grey), coarse x1, fine x2 (the purified image), for 8
-/// evaluation images.
+/// Rows: clean, transformed (holes shown grey), coarse x1, purified, for 8 evaluation images,
+/// all at the classifier's resolution.
 fn write_samples(
     p: &GanPurifier,
     cfg: &TrainPurifierConfig,
@@ -646,16 +648,13 @@ fn write_samples(
     let n = x.size()[0];
     let pick: Vec<i64> = (0..n.min(8)).map(|i| i * n / n.min(8)).collect();
     let x = x.index_select(0, &Tensor::from_slice(&pick).to_device(x.device()));
-    let t = cfg.transform.sample(&x);
-    let (x1, x2) = tch::no_grad(|| p.generate(&t.noisy, &t.masks[0]));
-    let shown = &t.noisy * (t.masks[0].neg() + 1.0) + &t.masks[0] * 0.5;
-    let to01 = |v: &Tensor| ((v.to_kind(Kind::Float) + 1.0) * 0.5).clamp(0.0, 1.0);
+    let pass = tch::no_grad(|| p.pass(&x, &cfg.transform));
     grid::save_tensor_rows(
         &[
             ("clean", x.shallow_clone()),
-            ("transformed", shown),
-            ("coarse x1", to01(&x1)),
-            ("purified x2", to01(&x2)),
+            ("transformed", pass.shown()),
+            ("coarse x1", pass.coarse()),
+            ("purified", pass.purified.shallow_clone()),
         ],
         path,
     )

@@ -3,8 +3,16 @@
 //! one mask) and RT3 (noise, then N disjoint masks that tile the image; the purifier fills each
 //! masked copy and the output is assembled from each copy's hole pixels).
 //!
+//! The transform is drawn at the purifier's working size ([`Resolution`]): the authors resize
+//! CIFAR to 256 px first, so their noise falls on 8x8 copies of every pixel and a mask block is
+//! 32 px wide at 256 (4 px of the original).
+//!
 //! Randomness comes from libtorch's generator, fresh on every call; seeding it (as the attack
 //! runner and the trainers do) makes a run repeatable. Masks are 1 in the holes.
+
+mod resolution;
+
+pub use resolution::{Resize, Resolution, TransformStage};
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,6 +27,9 @@ use tch::{Kind, Tensor};
 pub enum TransformKind {
     /// No transform: the purifier sees the image itself (with an empty mask).
     None,
+    /// Gaussian noise only (no mask): a randomized defence on its own, and the probe of how
+    /// much noise a classifier tolerates.
+    Noise,
     /// One block mask.
     Rt1,
     /// Gaussian noise, then one block mask (the paper's main setting).
@@ -31,6 +42,7 @@ impl TransformKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TransformKind::None => "none",
+            TransformKind::Noise => "noise",
             TransformKind::Rt1 => "rt1",
             TransformKind::Rt2 => "rt2",
             TransformKind::Rt3 => "rt3",
@@ -49,11 +61,12 @@ impl FromStr for TransformKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim().to_ascii_lowercase().as_str() {
             "none" => Ok(TransformKind::None),
+            "noise" => Ok(TransformKind::Noise),
             "rt1" => Ok(TransformKind::Rt1),
             "rt2" => Ok(TransformKind::Rt2),
             "rt3" => Ok(TransformKind::Rt3),
             _ => Err(format!(
-                "unknown transform '{s}': expected rt1, rt2, rt3 or none"
+                "unknown transform '{s}': expected rt1, rt2, rt3, noise or none"
             )),
         }
     }
@@ -64,7 +77,8 @@ impl FromStr for TransformKind {
 #[serde(deny_unknown_fields, default)]
 pub struct TransformConfig {
     pub kind: TransformKind,
-    /// Standard deviation of the Gaussian noise (RT2, RT3), in [0,1] pixel units.
+    /// Standard deviation of the Gaussian noise (RT2, RT3, noise), in [0,1] pixel units, drawn
+    /// independently for every pixel at the working size.
     pub sigma: f64,
     /// Fraction of blocks that are holes (RT1, RT2): floor(r * grid^2) blocks.
     pub missing_rate: f64,
@@ -146,13 +160,15 @@ impl TransformConfig {
                     );
                 }
             }
-            TransformKind::None => {}
+            TransformKind::None | TransformKind::Noise => {}
         }
         if let Some(side) = side
+            && self.has_mask()
             && (side <= 0 || !(side as usize).is_multiple_of(self.grid))
         {
             bail!(
-                "image side {side} is not divisible by the transform grid {} (blocks must be whole pixels)",
+                "working side {side} is not divisible by the transform grid {} (mask blocks must be whole pixels; set work_size to a multiple of {})",
+                self.grid,
                 self.grid
             );
         }
@@ -165,12 +181,21 @@ impl TransformConfig {
     }
 
     pub fn is_stochastic(&self) -> bool {
-        self.kind != TransformKind::None
+        self.kind != TransformKind::None && (self.has_mask() || self.sigma > 0.0)
+    }
+
+    /// Whether the transform draws block masks (RT1/RT2/RT3).
+    pub fn has_mask(&self) -> bool {
+        matches!(
+            self.kind,
+            TransformKind::Rt1 | TransformKind::Rt2 | TransformKind::Rt3
+        )
     }
 
     pub fn describe(&self) -> String {
         match self.kind {
             TransformKind::None => "no transform".into(),
+            TransformKind::Noise => format!("noise(sigma={})", self.sigma),
             TransformKind::Rt1 => format!("rt1(r={})", self.missing_rate),
             TransformKind::Rt2 => format!("rt2(sigma={}, r={})", self.sigma, self.missing_rate),
             TransformKind::Rt3 => format!("rt3(sigma={}, pieces={})", self.sigma, self.pieces),
@@ -181,7 +206,7 @@ impl TransformConfig {
     pub fn sample(&self, x: &Tensor) -> Transformed {
         let (n, _, h, w) = x.size4().expect("images are N x C x H x W");
         let noisy = match self.kind {
-            TransformKind::Rt2 | TransformKind::Rt3 if self.sigma > 0.0 => {
+            TransformKind::Rt2 | TransformKind::Rt3 | TransformKind::Noise if self.sigma > 0.0 => {
                 (x + x.randn_like() * self.sigma).clamp(0.0, 1.0)
             }
             _ => x.shallow_clone(),
@@ -190,7 +215,7 @@ impl TransformConfig {
         let blocks = (self.grid * self.grid) as i64;
         let opts = (Kind::Float, x.device());
         let masks = match self.kind {
-            TransformKind::None => vec![Tensor::zeros([n, 1, h, w], opts)],
+            TransformKind::None | TransformKind::Noise => vec![Tensor::zeros([n, 1, h, w], opts)],
             TransformKind::Rt1 | TransformKind::Rt2 => {
                 // A random permutation of the blocks per row; the first `holes` are holes.
                 let order = Tensor::rand([rows, blocks], opts).argsort(1, false);
@@ -226,6 +251,15 @@ impl TransformConfig {
         } else {
             m.expand([n, 1, h, w], false).contiguous()
         }
+    }
+}
+
+impl Transformed {
+    /// What a classifier without a purifier sees: the noisy image with the (first) mask's holes
+    /// grey.
+    pub fn shown(&self) -> Tensor {
+        let m = &self.masks[0];
+        &self.noisy * (m.ones_like() - m) + m * 0.5
     }
 }
 
