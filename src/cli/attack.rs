@@ -11,10 +11,9 @@ use atop::attacks::{AttackSettings, Budget, Norm, parse_eps};
 use atop::data::subset::seeded_subset;
 use atop::models::Model;
 use atop::models::checkpoint;
-use atop::models::pipeline::{Bpda, Pipeline, Quantize};
-use atop::purifier::defended::Purify;
+use atop::purifier::defended::{Defence, defended};
 use atop::report::grid;
-use atop::transforms::TransformKind;
+use atop::transforms::{TransformConfig, TransformKind};
 use clap::Args as ClapArgs;
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -95,16 +94,18 @@ pub struct AttackArgs {
     /// for the transform's randomness) or, with --bpda, the identity through transform and purifier.
     #[arg(long)]
     pub purifier: Option<PathBuf>,
-    /// The random transform in front of the purifier (default: the one it was trained with).
+    /// The random transform in front of the purifier (default: the one it was trained with),
+    /// or, without --purifier, in front of the classifier alone (holes grey).
     #[arg(long, value_enum)]
     pub transform: Option<TransformKind>,
     #[command(flatten)]
     pub transform_settings: super::purifier::TransformArgs,
-    /// The working size you expect the purifier to run at: an error if it was trained at
-    /// another (the default: the one it was trained at).
-    #[arg(long, requires = "purifier")]
+    /// With --purifier, the working size you expect it to run at (an error if it was trained
+    /// at another); with a transform alone, the side it is drawn at.
+    #[arg(long)]
     pub work_size: Option<usize>,
-    /// Differentiate through the defence stage (--quantize or --purifier) as the identity (BPDA).
+    /// Differentiate through the defence stage (--quantize, --transform or --purifier) as the
+    /// identity (BPDA).
     #[arg(long)]
     pub bpda: bool,
     #[command(flatten)]
@@ -147,13 +148,6 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
     for name in &attacks {
         settings.build(*name)?;
     }
-    if a.bpda && a.quantize.is_none() && a.purifier.is_none() {
-        bail!("--bpda needs a stage to approximate (e.g. --quantize 8, or --purifier CKPT)");
-    }
-    if a.quantize.is_some() && a.purifier.is_some() {
-        bail!("--quantize and --purifier are two different defences: choose one");
-    }
-
     let dir = checkpoint::resolve(&a.model)?;
     let (classifier, sidecar) = checkpoint::load(&dir, global.device)?;
     let data_cfg = a.data.config_for(&sidecar, &dir)?;
@@ -174,41 +168,39 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
     data = data.select(&indices);
     let (x, y) = data.tensors(&(0..data.len()).collect::<Vec<_>>());
 
-    let purifier = match &a.purifier {
-        Some(path) => {
-            let (p, sidecar) = atop::purifier::load(path, global.device)?;
+    let purifier = a
+        .purifier
+        .as_ref()
+        .map(|path| atop::purifier::load(path, global.device))
+        .transpose()?;
+    // The transform: the purifier's training one, or the kind given, with the settings on top.
+    let transform = match (&purifier, a.transform) {
+        (Some((_, sidecar)), kind) => {
             let mut t = sidecar.transform.clone();
-            if let Some(kind) = a.transform {
+            if let Some(kind) = kind {
                 t.kind = kind;
             }
-            a.transform_settings.apply(&mut t);
-            p.config.expect_work_size(a.work_size, path)?;
-            p.config.check_images(x.size()[2], x.size()[3], &t)?;
-            Some((p, t))
+            Some(t)
         }
-        None => None,
+        (None, Some(kind)) => Some(TransformConfig::with_kind(kind)),
+        (None, None) => None,
     };
-    let mut stages: Vec<Box<dyn atop::models::pipeline::Stage + '_>> = Vec::new();
-    match (a.quantize, &purifier, a.bpda) {
-        (Some(levels), _, false) => stages.push(Box::new(Quantize { levels })),
-        (Some(levels), _, true) => stages.push(Box::new(Bpda::identity(Quantize { levels }))),
-        (None, Some((p, t)), bpda) => {
-            let stage = Purify {
-                purifier: p,
-                transform: t.clone(),
-            };
-            if bpda {
-                stages.push(Box::new(Bpda::identity(stage)));
-            } else {
-                stages.push(Box::new(stage));
-            }
-        }
-        (None, None, _) => {}
-    }
-    let pipeline = Pipeline {
-        stages,
-        model: &classifier,
+    let transform = transform.map(|mut t| {
+        a.transform_settings.apply(&mut t);
+        t
+    });
+    let defence = Defence {
+        transform,
+        work_size: a.work_size,
+        quantize: a.quantize,
+        bpda: a.bpda,
     };
+    let pipeline = defended(
+        &classifier,
+        purifier.as_ref().map(|(p, s)| (p, &s.transform)),
+        &defence,
+        (x.size()[2], x.size()[3]),
+    )?;
     let model: &dyn Model = &pipeline;
     if model.is_stochastic() && settings.eot == 1 {
         tracing::warn!("the model is stochastic and --eot is 1: gradients are single samples");

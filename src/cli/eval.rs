@@ -9,9 +9,9 @@ use atop::data::subset::seeded_subset;
 use atop::eval::clean::evaluate;
 use atop::models::Model;
 use atop::models::checkpoint;
-use atop::models::pipeline::{Pipeline, Stage};
+use atop::purifier::defended::{Defence, defended};
 use atop::report::{grid, plot};
-use atop::transforms::{Resolution, TransformConfig, TransformKind, TransformStage};
+use atop::transforms::{TransformConfig, TransformKind};
 use clap::{Args as ClapArgs, Subcommand};
 use serde::Serialize;
 
@@ -91,30 +91,21 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
         None => None,
     };
     let names = data.class_names.clone();
-    let stage = match a.transform {
-        Some(kind) => {
-            let mut transform = TransformConfig::with_kind(kind);
-            a.transform_settings.apply(&mut transform);
-            let resolution = Resolution::at(a.work_size);
-            resolution.check(data.height as i64, data.width as i64, 1, "the working size")?;
-            let (wh, ww) = resolution.work_dims(data.height as i64, data.width as i64);
-            transform.validate(Some(wh))?;
-            transform.validate(Some(ww))?;
-            Some(TransformStage {
-                transform,
-                resolution,
-            })
-        }
-        None => None,
+    let defence = Defence {
+        transform: a.transform.map(|kind| {
+            let mut t = TransformConfig::with_kind(kind);
+            a.transform_settings.apply(&mut t);
+            t
+        }),
+        work_size: a.work_size,
+        ..Default::default()
     };
-    let stages: Vec<Box<dyn Stage + '_>> = match stage {
-        Some(s) => vec![Box::new(s)],
-        None => Vec::new(),
-    };
-    let pipeline = Pipeline {
-        stages,
-        model: &model,
-    };
+    let pipeline = defended(
+        &model,
+        None,
+        &defence,
+        (data.height as i64, data.width as i64),
+    )?;
     tch::manual_seed(a.seed as i64);
     let report = evaluate(
         &pipeline,

@@ -270,7 +270,8 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
     let started = std::time::Instant::now();
     let dir = purifier::resolve(&a.purifier)?;
     let (p, sidecar) = purifier::load(&dir, global.device)?;
-    p.config.expect_work_size(a.work_size, &dir)?;
+    p.config
+        .expect_work_size(a.work_size, &dir.display().to_string())?;
     let kinds: Vec<TransformKind> = match &a.transform {
         Some(list) => list
             .split(',')

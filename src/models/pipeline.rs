@@ -14,6 +14,18 @@ pub trait Stage {
     fn describe(&self) -> String;
 }
 
+impl<S: Stage + ?Sized> Stage for Box<S> {
+    fn apply(&self, images: &Tensor) -> Tensor {
+        (**self).apply(images)
+    }
+    fn is_stochastic(&self) -> bool {
+        (**self).is_stochastic()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 /// A differentiable stand-in for a stage's backward pass.
 pub type Surrogate = Box<dyn Fn(&Tensor) -> Tensor + Send + Sync>;
 

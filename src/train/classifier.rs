@@ -11,21 +11,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use super::learner::{EpochSummary, RunFolder, Step, Task};
 use super::optim::{Sgd, SgdConfig};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
 use crate::data::augment::Augment;
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
 use crate::data::{DataConfig, ImageSet, Split};
 use crate::eval::clean::evaluate;
-use crate::models::checkpoint::{self, LastCheckpoint, Sidecar};
+use crate::models::checkpoint::{self, Sidecar};
 use crate::models::{Arch, Classifier, ModelSpec, dataset_normalisation};
 use crate::report::plot;
 use crate::runtime::{Precision, autocast};
@@ -228,11 +228,8 @@ pub fn train(
     resume: bool,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
-    runlog::check_fresh(run, CONFIG, resume)?;
-    // The data first: a run that cannot start leaves no folder behind to block the retry.
+    let folder = RunFolder::open(run, resume)?;
     let (train_set, test_set) = load_data(cfg)?;
-    std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
-    crate::io::write_json(&run.join(CONFIG), cfg)?;
     let (mean, std) = dataset_normalisation(cfg.data.dataset);
     let spec = ModelSpec::new(cfg.arch, train_set.num_classes(), mean, std)?;
     tch::manual_seed(cfg.seed as i64);
@@ -243,8 +240,7 @@ pub fn train(
         let sample = seeded_subset(train_set.len(), train_set.len().min(5000), cfg.seed)?;
         model.init_from_data(&train_set.tensors(&sample).0);
     }
-    let mut opt = Sgd::new(&model.vs, cfg.sgd.clone());
-
+    let opt = Sgd::new(&model.vs, cfg.sgd.clone());
     let loader = Loader::new(
         train_set.clone(),
         LoaderConfig::train(cfg.batch_size, cfg.augment_for(&train_set), cfg.seed),
@@ -257,144 +253,183 @@ pub fn train(
             train_set.len()
         );
     }
-    let total_steps = cfg.epochs * steps_per_epoch;
-    let warmup_steps = (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize;
+    let mut task = ClassifierTask {
+        cfg,
+        device,
+        model,
+        opt,
+        loader,
+        batches: None,
+        train_set,
+        test_set,
+        warmup_steps: (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize,
+        lr: 0.0,
+    };
+    let fitted = folder.fit(cfg, &mut task)?;
+    Ok(TrainSummary {
+        run: fitted.run,
+        epochs: fitted.epochs,
+        resumed_from_epoch: fitted.resumed_from_epoch,
+        test_acc: fitted.last.map_or(f64::NAN, |m| m.test_acc),
+        seconds: fitted.seconds,
+        checkpoint: fitted.checkpoint,
+    })
+}
 
-    let mut start_epoch = 0;
-    let mut last: Option<LastCheckpoint> = None;
-    if resume && run.join(checkpoint::LAST).exists() {
-        let l = checkpoint::read_last(run)?;
-        let dir = run.join(&l.dir);
-        checkpoint::load_weights(&mut model, &dir.join(checkpoint::WEIGHTS))?;
-        opt.load_state(checkpoint::read_tensors(&dir.join(OPTIMIZER))?)
-            .with_context(|| format!("{}", dir.join(OPTIMIZER).display()))?;
-        start_epoch = l.epoch;
-        tracing::info!("resuming {} after epoch {}", run.display(), l.epoch);
-        last = Some(l);
-    }
-    if resume {
-        runlog::keep_up_to::<EpochMetrics>(run, start_epoch)?;
-    }
-    let resumed_from_epoch = last.as_ref().map(|l| l.epoch);
+crate::losses! {
+    /// A classifier step: the (label-smoothed) cross-entropy and the batch accuracy.
+    pub struct ClassifierLosses { loss, accuracy }
+}
 
-    let started = Instant::now();
-    let mut final_acc = f64::NAN;
-    for epoch in start_epoch..cfg.epochs {
-        let t = Instant::now();
-        let bar = crate::progress::bar(
-            steps_per_epoch as u64,
-            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+/// SGD on a classifier, evaluated on the test split after every epoch.
+struct ClassifierTask<'a> {
+    cfg: &'a TrainClassifierConfig,
+    device: Device,
+    model: Classifier,
+    opt: Sgd,
+    loader: Loader,
+    batches: Option<EpochIter>,
+    train_set: Arc<ImageSet>,
+    test_set: Arc<ImageSet>,
+    warmup_steps: usize,
+    /// The learning rate of the latest step.
+    lr: f64,
+}
+
+impl Task for ClassifierTask<'_> {
+    type Losses = ClassifierLosses;
+    type Record = EpochMetrics;
+
+    fn epochs(&self) -> usize {
+        self.cfg.epochs
+    }
+
+    fn steps_per_epoch(&self) -> usize {
+        self.loader.batches_per_epoch()
+    }
+
+    fn begin_epoch(&mut self, epoch: usize) {
+        self.batches = Some(self.loader.epoch(epoch as u64));
+    }
+
+    fn step(&mut self, step: Step) -> Result<(ClassifierLosses, usize)> {
+        let cfg = self.cfg;
+        let batch = self
+            .batches
+            .as_mut()
+            .and_then(|b| b.next())
+            .context("the batch iterator ended early")?;
+        self.lr = lr_at(
+            cfg.schedule,
+            cfg.lr,
+            step.global,
+            step.total,
+            self.warmup_steps,
         );
-        let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0usize);
-        let mut lr = 0.0;
-        for (i, batch) in loader.epoch(epoch as u64).enumerate() {
-            let step = epoch * steps_per_epoch + i;
-            lr = lr_at(cfg.schedule, cfg.lr, step, total_steps, warmup_steps);
-            let (x, y) = (
-                batch.images.to_device(device),
-                batch.labels.to_device(device),
+        let (x, y) = (
+            batch.images.to_device(self.device),
+            batch.labels.to_device(self.device),
+        );
+        let model = &self.model;
+        let (logits, loss) = autocast(self.device, cfg.precision, || {
+            let logits = model.forward_t(&x, true);
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &y,
+                None,
+                tch::Reduction::Mean,
+                -100,
+                cfg.label_smoothing,
             );
-            let (logits, loss) = autocast(device, cfg.precision, || {
-                let logits = model.forward_t(&x, true);
-                let loss = logits.cross_entropy_loss::<Tensor>(
-                    &y,
-                    None,
-                    tch::Reduction::Mean,
-                    -100,
-                    cfg.label_smoothing,
-                );
-                (logits, loss)
-            });
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                let kept = runlog::kept_checkpoint(run, last.as_ref());
-                bail!(
-                    "training diverged: loss is {value} at epoch {} step {} (global step {step}, lr {lr:.3e}); {kept}. Lower lr or add warm-up.",
-                    epoch + 1,
-                    i + 1
-                );
-            }
-            opt.zero_grad();
+            (logits, loss)
+        });
+        let value = loss.double_value(&[]);
+        if value.is_finite() {
+            self.opt.zero_grad();
             loss.backward();
-            opt.step(lr);
-            let n = batch.indices.len();
-            loss_sum += value * n as f64;
-            correct += logits
-                .argmax(-1, false)
-                .eq_tensor(&y)
-                .sum(Kind::Int64)
-                .int64_value(&[]);
-            seen += n;
-            bar.inc(1);
-            if i % 10 == 0 {
-                bar.set_message(format!(
-                    "epoch {}/{} loss {:.3} acc {:.1}% {:.0} img/s",
-                    epoch + 1,
-                    cfg.epochs,
-                    loss_sum / seen as f64,
-                    100.0 * correct as f64 / seen as f64,
-                    seen as f64 / t.elapsed().as_secs_f64()
-                ));
-            }
+            self.opt.step(self.lr);
         }
-        bar.finish_and_clear();
-        let train_secs = t.elapsed().as_secs_f64();
+        let n = batch.indices.len();
+        let correct = logits
+            .argmax(-1, false)
+            .eq_tensor(&y)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+        Ok((
+            ClassifierLosses {
+                loss: value,
+                accuracy: correct as f64 / n.max(1) as f64,
+            },
+            n,
+        ))
+    }
+
+    fn progress(&self, m: &ClassifierLosses) -> String {
+        format!("loss {:.3} acc {:.1}%", m.loss, 100.0 * m.accuracy)
+    }
+
+    fn end_epoch(
+        &mut self,
+        _run: &Path,
+        e: EpochSummary<ClassifierLosses>,
+    ) -> Result<EpochMetrics> {
         let eval = evaluate(
-            &model,
-            test_set.clone(),
-            cfg.eval_batch_size,
-            device,
-            cfg.precision,
+            &self.model,
+            self.test_set.clone(),
+            self.cfg.eval_batch_size,
+            self.device,
+            self.cfg.precision,
         )?;
-        final_acc = eval.accuracy;
-        let metrics = EpochMetrics {
-            epoch: epoch + 1,
-            lr,
-            train_loss: loss_sum / seen as f64,
-            train_acc: correct as f64 / seen as f64,
+        Ok(EpochMetrics {
+            epoch: e.epoch,
+            lr: self.lr,
+            train_loss: e.losses.loss,
+            train_acc: e.losses.accuracy,
             test_loss: eval.loss,
             test_acc: eval.accuracy,
-            img_per_s: seen as f64 / train_secs,
-            seconds: t.elapsed().as_secs_f64(),
-        };
-        tracing::info!(
-            "epoch {}/{} lr {:.4} train loss {:.3} acc {:.2}% | test loss {:.3} acc {:.2}% | {:.0} img/s, {:.1} s",
-            metrics.epoch,
-            cfg.epochs,
-            metrics.lr,
-            metrics.train_loss,
-            100.0 * metrics.train_acc,
-            metrics.test_loss,
-            100.0 * metrics.test_acc,
-            metrics.img_per_s,
-            metrics.seconds
+            img_per_s: e.img_per_s,
+            seconds: e.started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn describe(&self, m: &EpochMetrics) -> String {
+        format!(
+            "lr {:.4} train loss {:.3} acc {:.2}% | test loss {:.3} acc {:.2}% | {:.0} img/s, {:.1} s",
+            m.lr,
+            m.train_loss,
+            100.0 * m.train_acc,
+            m.test_loss,
+            100.0 * m.test_acc,
+            m.img_per_s,
+            m.seconds
+        )
+    }
+
+    fn save(&self, dir: &Path, epoch: usize, _step: usize) -> Result<()> {
+        let sidecar = Sidecar::new(
+            self.model.spec.clone(),
+            Some(self.cfg.data.dataset.as_str().to_string()),
+            self.train_set.classes.clone(),
+            Some(epoch),
+            serde_json::to_value(self.cfg)?,
         );
-        runlog::append(run, &metrics)?;
-        last = Some(save_checkpoint(
-            run,
-            cfg,
-            &model,
-            &opt,
-            &train_set,
-            epoch + 1,
-            (epoch + 1) * steps_per_epoch,
-        )?);
+        checkpoint::save(&self.model, &sidecar, dir)?;
+        crate::io::write_safetensors(&dir.join(OPTIMIZER), &self.opt.state())
     }
-    if start_epoch >= cfg.epochs {
-        let (model, _) = checkpoint::load(run, device)?;
-        final_acc =
-            evaluate(&model, test_set, cfg.eval_batch_size, device, cfg.precision)?.accuracy;
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        checkpoint::load_weights(&mut self.model, &dir.join(checkpoint::WEIGHTS))?;
+        self.opt
+            .load_state(checkpoint::read_tensors(&dir.join(OPTIMIZER))?)
+            .with_context(|| format!("{}", dir.join(OPTIMIZER).display()))
     }
-    write_curves(run)?;
-    let last = last.expect("at least one epoch ran or was resumed");
-    Ok(TrainSummary {
-        run: run.to_path_buf(),
-        epochs: cfg.epochs,
-        resumed_from_epoch,
-        test_acc: final_acc,
-        seconds: started.elapsed().as_secs_f64(),
-        checkpoint: run.join(&last.dir),
-    })
+
+    fn finish(&mut self, run: &Path) -> Result<()> {
+        write_curves(run)
+    }
+
+    fn divergence_hint(&self) -> &'static str {
+        "Lower lr or add warm-up."
+    }
 }
 
 fn load_data(cfg: &TrainClassifierConfig) -> Result<(Arc<ImageSet>, Arc<ImageSet>)> {
@@ -413,31 +448,6 @@ fn load_data(cfg: &TrainClassifierConfig) -> Result<(Arc<ImageSet>, Arc<ImageSet
         );
     }
     Ok((Arc::new(train), Arc::new(test)))
-}
-
-/// Writes `checkpoints/epoch-N/` completely, then commits it (`last.json`).
-fn save_checkpoint(
-    run: &Path,
-    cfg: &TrainClassifierConfig,
-    model: &Classifier,
-    opt: &Sgd,
-    data: &ImageSet,
-    epoch: usize,
-    step: usize,
-) -> Result<LastCheckpoint> {
-    let rel = format!("checkpoints/epoch-{epoch:04}");
-    let dir = run.join(&rel);
-    let dataset = Some(cfg.data.dataset.as_str().to_string());
-    let sidecar = Sidecar::new(
-        model.spec.clone(),
-        dataset,
-        data.classes.clone(),
-        Some(epoch),
-        serde_json::to_value(cfg)?,
-    );
-    checkpoint::save(model, &sidecar, &dir)?;
-    crate::io::write_safetensors(&dir.join(OPTIMIZER), &opt.state())?;
-    runlog::commit_checkpoint(run, &rel, epoch, step)
 }
 
 pub fn read_metrics(run: &Path) -> Result<Vec<EpochMetrics>> {

@@ -1,9 +1,10 @@
 //! Training: SGD and Adam optimizers whose state can be saved, learning-rate schedules, the
-//! run-folder conventions (metrics.jsonl, last.json), and the trainers for classifiers and
-//! purifiers (checkpoints every epoch, resumable).
+//! run-folder conventions (metrics.jsonl, last.json), one resumable training loop (`learner`)
+//! and the tasks it runs: classifiers and purifiers (checkpoints every epoch, resumable).
 
 pub mod adam;
 pub mod classifier;
+pub mod learner;
 pub mod optim;
 pub mod purifier;
 pub mod runlog;

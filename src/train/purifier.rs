@@ -13,21 +13,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::adam::{Adam, AdamConfig};
+use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
 use crate::data::augment::Augment;
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
-use crate::data::{DataConfig, ImageSet, Split};
+use crate::data::{DataConfig, Split};
 use crate::eval::clean::count_correct;
-use crate::models::checkpoint::{self, LastCheckpoint};
+use crate::models::checkpoint;
 use crate::models::{Classifier, Model};
 use crate::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
 use crate::report::grid;
@@ -248,7 +248,7 @@ pub fn train(
     resume: bool,
 ) -> Result<PurifierSummary> {
     cfg.validate()?;
-    runlog::check_fresh(run, CONFIG, resume)?;
+    let folder = RunFolder::open(run, resume)?;
     let mut train_set = cfg.data.load(Split::Train)?;
     let test_set = cfg.data.load(Split::Test)?;
     if let Some(n) = cfg.train_subset {
@@ -281,12 +281,6 @@ pub fn train(
         }
         None => None,
     };
-
-    // Written once data and classifier have loaded: a run that cannot start leaves no folder
-    // behind to block the retry.
-    std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
-    crate::io::write_json(&run.join(CONFIG), cfg)?;
-
     let (ex, ey) = test_set.tensors(&eval_idx);
     let (x, y) = (
         ex.to_kind(Kind::Float).to_device(device),
@@ -298,15 +292,14 @@ pub fn train(
     });
     let eval = EvalSet { x, y, clean_acc };
     tch::manual_seed(cfg.seed as i64);
-    let mut p = GanPurifier::new(cfg.purifier.clone(), device)?;
-    let from_checkpoint = resume && run.join(checkpoint::LAST).exists();
-    if cfg.data_init && !from_checkpoint {
+    let p = GanPurifier::new(cfg.purifier.clone(), device)?;
+    if cfg.data_init && !folder.has_checkpoint() {
         let n = train_set.len().min(CALIBRATION_IMAGES);
         let (cx, _) = train_set.tensors(&seeded_subset(train_set.len(), n, cfg.seed)?);
         p.normalise(&cx.to_kind(Kind::Float).to_device(device), &cfg.transform);
     }
-    let mut opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
-    let mut opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
+    let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
+    let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
     let train_set = Arc::new(train_set);
     let augment = if cfg.flip {
         Augment::CropFlip { pad: 0 }
@@ -317,205 +310,222 @@ pub fn train(
         train_set.clone(),
         LoaderConfig::train(cfg.batch_size, augment, cfg.seed),
     );
-    let steps_per_epoch = loader.batches_per_epoch();
-    if steps_per_epoch == 0 {
+    if loader.batches_per_epoch() == 0 {
         bail!(
             "batch_size {} is larger than the {} training images",
             cfg.batch_size,
             train_set.len()
         );
     }
+    let mut task = PurifierTask {
+        cfg,
+        device,
+        p,
+        opt_g,
+        opt_d,
+        loader,
+        batches: None,
+        classifier,
+        eval,
+        image_size: train_set.height as i64,
+    };
+    let fitted = folder.fit(cfg, &mut task)?;
+    Ok(PurifierSummary {
+        run: fitted.run,
+        epochs: fitted.epochs,
+        resumed_from_epoch: fitted.resumed_from_epoch,
+        last: fitted.last,
+        seconds: fitted.seconds,
+        checkpoint: fitted.checkpoint,
+    })
+}
 
-    let total_steps = cfg.epochs * steps_per_epoch;
-    let mut start_epoch = 0;
-    let mut last: Option<LastCheckpoint> = None;
-    if from_checkpoint {
-        let l = checkpoint::read_last(run)?;
-        let dir = run.join(&l.dir);
-        p.load_weights(&dir)?;
-        for (opt, file) in [(&mut opt_g, OPT_G), (&mut opt_d, OPT_D)] {
-            opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
-                .with_context(|| format!("{}", dir.join(file).display()))?;
-        }
-        start_epoch = l.epoch;
-        tracing::info!("resuming {} after epoch {}", run.display(), l.epoch);
-        last = Some(l);
+crate::losses! {
+    /// A purifier step: the discriminator's hinge loss and the generator's terms.
+    pub struct PurifierLosses { d_loss, g_gan, g_l1, g_ce, g_kl }
+}
+
+/// Pre-training of the GAN purifier: one D step and one G step per batch.
+struct PurifierTask<'a> {
+    cfg: &'a TrainPurifierConfig,
+    device: Device,
+    p: GanPurifier,
+    opt_g: Adam,
+    opt_d: Adam,
+    loader: Loader,
+    batches: Option<EpochIter>,
+    classifier: Option<Classifier>,
+    eval: EvalSet,
+    image_size: i64,
+}
+
+impl Task for PurifierTask<'_> {
+    type Losses = PurifierLosses;
+    type Record = PurifierEpoch;
+
+    fn epochs(&self) -> usize {
+        self.cfg.epochs
     }
-    if resume {
-        runlog::keep_up_to::<PurifierEpoch>(run, start_epoch)?;
+
+    fn steps_per_epoch(&self) -> usize {
+        self.loader.batches_per_epoch()
     }
-    let resumed_from_epoch = last.as_ref().map(|l| l.epoch);
-    let started = Instant::now();
-    let mut last_metrics = None;
-    for epoch in start_epoch..cfg.epochs {
-        let t = Instant::now();
+
+    fn begin_epoch(&mut self, epoch: usize) {
         // The transforms draw from libtorch's generator: seeding it per epoch makes a resumed
         // run draw the same masks and noise as an uninterrupted one.
         tch::manual_seed(
-            (cfg.seed as i64)
+            (self.cfg.seed as i64)
                 .wrapping_mul(1_000_003)
                 .wrapping_add(epoch as i64),
         );
-        let bar = crate::progress::bar(
-            steps_per_epoch as u64,
-            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
-        );
-        let guided = cfg.ce_weight + cfg.kl_weight > 0.0 && epoch >= cfg.ce_after_epochs;
-        let mut sums = [0.0f64; 5];
-        let mut seen = 0usize;
-        for (i, batch) in loader.epoch(epoch as u64).enumerate() {
-            let step = epoch * steps_per_epoch + i;
-            for (opt, peak) in [
-                (&mut opt_g, cfg.generator_optimizer.lr),
-                (&mut opt_d, cfg.discriminator_optimizer.lr),
-            ] {
-                opt.set_lr(lr_at(
-                    cfg.schedule,
-                    peak,
-                    step,
-                    total_steps,
-                    cfg.warmup_steps,
-                ));
-            }
-            let x = batch.images.to_device(device);
-            let y = batch.labels.to_device(device);
-            // Resized to the working size, transformed and purified there; the
-            // reconstruction is scored at the working size, the guidance at the classifier's.
-            let pass = autocast(device, cfg.precision, || p.pass(&x, &cfg.transform));
-            let masks = &pass.masks;
-            let target = (&pass.clean * 2.0 - 1.0).repeat([pass.drawn.masks.len() as i64, 1, 1, 1]);
-            let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
+        self.batches = Some(self.loader.epoch(epoch as u64));
+    }
 
-            // Discriminator: real and fake in one batch, hinge loss (skipped, like the GAN
-            // term, when gan_weight is 0).
-            let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
-                let scores = autocast(device, cfg.precision, || {
-                    p.discriminator.forward_t(
-                        &Tensor::cat(&[&target, &x2.detach()], 0),
-                        &Tensor::cat(&[masks, masks], 0),
-                        true,
-                    )
-                })
-                .to_kind(Kind::Float);
-                let halves = scores.split(scores.size()[0] / 2, 0);
-                let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
-                    + (&halves[1] + 1.0).relu().mean(Kind::Float);
-                opt_d.zero_grad();
-                d_loss.backward();
-                opt_d.step();
-                // The generator's GAN term, with D frozen: its backward only reaches x2.
-                p.d_vs.freeze();
-                let g_gan = -autocast(device, cfg.precision, || {
-                    p.discriminator.forward_t(&x2, masks, true)
-                })
-                .to_kind(Kind::Float)
-                .mean(Kind::Float);
-                (d_loss, g_gan)
-            } else {
-                (zero(device), zero(device))
-            };
-            // Generator: fool D, match the clean image, (optionally) keep f right.
-            let g_l1 =
-                (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
-            let (g_ce, g_kl) = match (&classifier, guided) {
-                (Some(f), true) => guidance(f, cfg, &x, &y, &pass.purified.to_kind(Kind::Float)),
-                _ => (zero(device), zero(device)),
-            };
-            let g_loss = &g_gan * cfg.gan_weight
-                + &g_l1 * cfg.l1_weight
-                + &g_ce * cfg.ce_weight
-                + &g_kl * cfg.kl_weight;
-            let values = [
-                d_loss.double_value(&[]),
-                g_gan.double_value(&[]),
-                g_l1.double_value(&[]),
-                g_ce.double_value(&[]),
-                g_kl.double_value(&[]),
-            ];
-            if values.iter().any(|v| !v.is_finite()) {
-                let kept = runlog::kept_checkpoint(run, last.as_ref());
-                bail!(
-                    "training diverged at epoch {} step {} (global step {step}): D loss {}, G gan {}, G L1 {}, G CE {}, G KL {}; {kept}. Lower the learning rates or the gan_weight.",
-                    epoch + 1,
-                    i + 1,
-                    values[0],
-                    values[1],
-                    values[2],
-                    values[3],
-                    values[4]
-                );
-            }
-            opt_g.zero_grad();
-            g_loss.backward();
-            opt_g.step();
-            p.d_vs.unfreeze();
-            let n = batch.indices.len();
-            for (s, v) in sums.iter_mut().zip(values) {
-                *s += v * n as f64;
-            }
-            seen += n;
-            bar.inc(1);
-            if i % 10 == 0 {
-                bar.set_message(format!(
-                    "epoch {}/{} D {:.3} L1 {:.3} {:.0} img/s",
-                    epoch + 1,
-                    cfg.epochs,
-                    sums[0] / seen as f64,
-                    sums[2] / seen as f64,
-                    seen as f64 / t.elapsed().as_secs_f64()
-                ));
-            }
-            if cfg.sample_every > 0 && (step + 1).is_multiple_of(cfg.sample_every) {
-                write_samples(
-                    &p,
-                    cfg,
-                    &eval.x,
-                    &run.join(format!("samples/step-{:07}.png", step + 1)),
-                )?;
-            }
+    fn step(&mut self, step: Step) -> Result<(PurifierLosses, usize)> {
+        let (cfg, device, p) = (self.cfg, self.device, &mut self.p);
+        let batch = self
+            .batches
+            .as_mut()
+            .and_then(|b| b.next())
+            .context("the batch iterator ended early")?;
+        for (opt, peak) in [
+            (&mut self.opt_g, cfg.generator_optimizer.lr),
+            (&mut self.opt_d, cfg.discriminator_optimizer.lr),
+        ] {
+            opt.set_lr(lr_at(
+                cfg.schedule,
+                peak,
+                step.global,
+                step.total,
+                cfg.warmup_steps,
+            ));
         }
-        bar.finish_and_clear();
-        let train_secs = t.elapsed().as_secs_f64();
+        let x = batch.images.to_device(device);
+        let y = batch.labels.to_device(device);
+        // Resized to the working size, transformed and purified there; the reconstruction is
+        // scored at the working size, the guidance at the classifier's.
+        let pass = autocast(device, cfg.precision, || p.pass(&x, &cfg.transform));
+        let masks = &pass.masks;
+        let target = (&pass.clean * 2.0 - 1.0).repeat([pass.drawn.masks.len() as i64, 1, 1, 1]);
+        let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
+
+        // Discriminator: real and fake in one batch, hinge loss (skipped, like the GAN term,
+        // when gan_weight is 0).
+        let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
+            let scores = autocast(device, cfg.precision, || {
+                p.discriminator.forward_t(
+                    &Tensor::cat(&[&target, &x2.detach()], 0),
+                    &Tensor::cat(&[masks, masks], 0),
+                    true,
+                )
+            })
+            .to_kind(Kind::Float);
+            let halves = scores.split(scores.size()[0] / 2, 0);
+            let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
+                + (&halves[1] + 1.0).relu().mean(Kind::Float);
+            self.opt_d.zero_grad();
+            d_loss.backward();
+            self.opt_d.step();
+            // The generator's GAN term, with D frozen: its backward only reaches x2.
+            p.d_vs.freeze();
+            let g_gan = -autocast(device, cfg.precision, || {
+                p.discriminator.forward_t(&x2, masks, true)
+            })
+            .to_kind(Kind::Float)
+            .mean(Kind::Float);
+            (d_loss, g_gan)
+        } else {
+            (zero(device), zero(device))
+        };
+        // Generator: fool D, match the clean image, (optionally) keep f right.
+        let g_l1 =
+            (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
+        let guided = step.epoch >= cfg.ce_after_epochs;
+        let (g_ce, g_kl) = match (&self.classifier, guided) {
+            (Some(f), true) => guidance(f, cfg, &x, &y, &pass.purified.to_kind(Kind::Float)),
+            _ => (zero(device), zero(device)),
+        };
+        let g_loss = &g_gan * cfg.gan_weight
+            + &g_l1 * cfg.l1_weight
+            + &g_ce * cfg.ce_weight
+            + &g_kl * cfg.kl_weight;
+        let losses = PurifierLosses {
+            d_loss: d_loss.double_value(&[]),
+            g_gan: g_gan.double_value(&[]),
+            g_l1: g_l1.double_value(&[]),
+            g_ce: g_ce.double_value(&[]),
+            g_kl: g_kl.double_value(&[]),
+        };
+        // A non-finite term stops the run (the loop names it); no G step on it.
+        if losses.terms().iter().all(|(_, v)| v.is_finite()) {
+            self.opt_g.zero_grad();
+            g_loss.backward();
+            self.opt_g.step();
+        }
+        p.d_vs.unfreeze();
+        Ok((losses, batch.indices.len()))
+    }
+
+    fn after_step(&mut self, run: &Path, step: Step) -> Result<()> {
+        let every = self.cfg.sample_every;
+        if every > 0 && (step.global + 1).is_multiple_of(every) {
+            write_samples(
+                &self.p,
+                self.cfg,
+                &self.eval.x,
+                &run.join(format!("samples/step-{:07}.png", step.global + 1)),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn progress(&self, m: &PurifierLosses) -> String {
+        format!("D {:.3} L1 {:.3}", m.d_loss, m.g_l1)
+    }
+
+    fn end_epoch(&mut self, run: &Path, e: EpochSummary<PurifierLosses>) -> Result<PurifierEpoch> {
         write_samples(
-            &p,
-            cfg,
-            &eval.x,
-            &run.join(format!("samples/epoch-{:04}.png", epoch + 1)),
+            &self.p,
+            self.cfg,
+            &self.eval.x,
+            &run.join(format!("samples/epoch-{:04}.png", e.epoch)),
         )?;
         let q = evaluate(
-            &p,
-            &cfg.transform,
-            classifier.as_ref(),
-            &eval,
-            cfg.precision,
+            &self.p,
+            &self.cfg.transform,
+            self.classifier.as_ref(),
+            &self.eval,
+            self.cfg.precision,
         )?;
-        let mean = |s: f64| s / seen.max(1) as f64;
-        let metrics = PurifierEpoch {
-            epoch: epoch + 1,
-            d_loss: mean(sums[0]),
-            g_gan: mean(sums[1]),
-            g_l1: mean(sums[2]),
-            g_ce: mean(sums[3]),
-            g_kl: mean(sums[4]),
+        let l = e.losses;
+        Ok(PurifierEpoch {
+            epoch: e.epoch,
+            d_loss: l.d_loss,
+            g_gan: l.g_gan,
+            g_l1: l.g_l1,
+            g_ce: l.g_ce,
+            g_kl: l.g_kl,
             psnr: q.psnr,
             ssim: q.ssim,
             purified_acc: q.purified_acc,
             clean_acc: q.clean_acc,
-            img_per_s: seen as f64 / train_secs,
-            seconds: t.elapsed().as_secs_f64(),
-        };
-        tracing::info!(
-            "epoch {}/{} D {:.3} G gan {:.3} L1 {:.3} CE {:.3} KL {:.3} | PSNR {:.2} dB SSIM {:.3}{} | {:.0} img/s, {:.0} s",
-            metrics.epoch,
-            cfg.epochs,
-            metrics.d_loss,
-            metrics.g_gan,
-            metrics.g_l1,
-            metrics.g_ce,
-            metrics.g_kl,
-            metrics.psnr,
-            metrics.ssim,
-            match (metrics.purified_acc, metrics.clean_acc) {
+            img_per_s: e.img_per_s,
+            seconds: e.started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn describe(&self, m: &PurifierEpoch) -> String {
+        format!(
+            "D {:.3} G gan {:.3} L1 {:.3} CE {:.3} KL {:.3} | PSNR {:.2} dB SSIM {:.3}{} | {:.0} img/s, {:.0} s",
+            m.d_loss,
+            m.g_gan,
+            m.g_l1,
+            m.g_ce,
+            m.g_kl,
+            m.psnr,
+            m.ssim,
+            match (m.purified_acc, m.clean_acc) {
                 (Some(p), Some(c)) => format!(
                     " | accuracy purified {:.2}% clean {:.2}%",
                     100.0 * p,
@@ -523,35 +533,36 @@ pub fn train(
                 ),
                 _ => String::new(),
             },
-            metrics.img_per_s,
-            metrics.seconds
-        );
-        runlog::append(run, &metrics)?;
-        last = Some(save_checkpoint(
-            run,
-            cfg,
-            &p,
-            &opt_g,
-            &opt_d,
-            &train_set,
-            epoch + 1,
-            (epoch + 1) * steps_per_epoch,
-        )?);
-        last_metrics = Some(metrics);
+            m.img_per_s,
+            m.seconds
+        )
     }
-    let last = last.expect("at least one epoch ran or was resumed");
-    Ok(PurifierSummary {
-        run: run.to_path_buf(),
-        epochs: cfg.epochs,
-        resumed_from_epoch,
-        last: last_metrics.or_else(|| {
-            runlog::read::<PurifierEpoch>(run)
-                .ok()
-                .and_then(|m| m.into_iter().last())
-        }),
-        seconds: started.elapsed().as_secs_f64(),
-        checkpoint: run.join(&last.dir),
-    })
+
+    fn save(&self, dir: &Path, epoch: usize, step: usize) -> Result<()> {
+        let cfg = self.cfg;
+        let mut sidecar = PurifierSidecar::new(cfg.purifier.clone(), cfg.transform.clone());
+        sidecar.dataset = Some(cfg.data.dataset.as_str().to_string());
+        sidecar.image_size = Some(self.image_size);
+        sidecar.epoch = Some(epoch);
+        sidecar.step = Some(step);
+        sidecar.config = serde_json::to_value(cfg)?;
+        self.p.save(dir, &sidecar)?;
+        crate::io::write_safetensors(&dir.join(OPT_G), &self.opt_g.state())?;
+        crate::io::write_safetensors(&dir.join(OPT_D), &self.opt_d.state())
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        self.p.load_weights(dir)?;
+        for (opt, file) in [(&mut self.opt_g, OPT_G), (&mut self.opt_d, OPT_D)] {
+            opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
+                .with_context(|| format!("{}", dir.join(file).display()))?;
+        }
+        Ok(())
+    }
+
+    fn divergence_hint(&self) -> &'static str {
+        "Lower the learning rates or the gan_weight."
+    }
 }
 
 fn zero(device: Device) -> Tensor {
@@ -658,31 +669,6 @@ fn write_samples(
         ],
         path,
     )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn save_checkpoint(
-    run: &Path,
-    cfg: &TrainPurifierConfig,
-    p: &GanPurifier,
-    opt_g: &Adam,
-    opt_d: &Adam,
-    data: &ImageSet,
-    epoch: usize,
-    step: usize,
-) -> Result<LastCheckpoint> {
-    let rel = format!("checkpoints/epoch-{epoch:04}");
-    let dir = run.join(&rel);
-    let mut sidecar = PurifierSidecar::new(cfg.purifier.clone(), cfg.transform.clone());
-    sidecar.dataset = Some(cfg.data.dataset.as_str().to_string());
-    sidecar.image_size = Some(data.height as i64);
-    sidecar.epoch = Some(epoch);
-    sidecar.step = Some(step);
-    sidecar.config = serde_json::to_value(cfg)?;
-    p.save(&dir, &sidecar)?;
-    crate::io::write_safetensors(&dir.join(OPT_G), &opt_g.state())?;
-    crate::io::write_safetensors(&dir.join(OPT_D), &opt_d.state())?;
-    runlog::commit_checkpoint(run, &rel, epoch, step)
 }
 
 #[cfg(test)]
