@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use atop::data::subset::seeded_subset;
-use atop::data::{DataConfig, Split};
+use atop::data::Split;
 use atop::eval::clean::count_correct;
 use atop::models::Classifier;
 use atop::models::checkpoint;
@@ -42,6 +42,15 @@ pub struct TransformArgs {
 }
 
 impl TransformArgs {
+    /// Whether any setting is given.
+    pub fn any(&self) -> bool {
+        self.sigma.is_some()
+            || self.missing_rate.is_some()
+            || self.pieces.is_some()
+            || self.grid.is_some()
+            || self.per_batch_mask.is_some()
+    }
+
     pub fn apply(&self, cfg: &mut TransformConfig) {
         if let Some(v) = self.sigma {
             cfg.sigma = v;
@@ -296,18 +305,7 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         }
         None => {
             let mut cfg = sidecar
-                .config
-                .get("data")
-                .and_then(|d| serde_json::from_value::<DataConfig>(d.clone()).ok())
-                .or_else(|| {
-                    sidecar
-                        .dataset
-                        .as_ref()
-                        .and_then(|d| {
-                            serde_json::from_value(serde_json::Value::String(d.clone())).ok()
-                        })
-                        .map(DataConfig::new)
-                })
+                .data_config()
                 .context(
                     "the purifier does not say which dataset it was trained on: pass --dataset",
                 )?;

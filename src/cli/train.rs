@@ -8,6 +8,7 @@ use atop::data::DataConfig;
 use atop::models::Arch;
 use atop::train::classifier::{self, TrainClassifierConfig};
 use atop::train::optim::SgdConfig;
+use atop::train::atop::{self as atop_train, TrainAtopConfig};
 use atop::train::purifier::{self, TrainPurifierConfig};
 use atop::train::schedule::Schedule;
 use atop::transforms::TransformKind;
@@ -22,6 +23,9 @@ pub enum TrainCommand {
     Classifier(Box<ClassifierArgs>),
     /// Pre-train the GAN purifier under a random transform (checkpoint every epoch, resumable).
     Purifier(Box<PurifierArgs>),
+    /// AToP fine-tuning: the pre-trained purifier trained through the frozen classifier on
+    /// adversarial inputs (Eq. 9; checkpoint every epoch, resumable).
+    Atop(Box<AtopArgs>),
 }
 
 /// Where a training run's settings start from and which folder it writes; the flags of each
@@ -32,7 +36,8 @@ pub struct RunSource {
     #[arg(long, conflicts_with_all = ["preset", "resume"])]
     pub config: Option<PathBuf>,
     /// Named settings, a file of presets/ (classifiers: cifar10-demo, cifar10-small,
-    /// cifar10-cpu, imagenette-cpu; purifiers: purifier-demo, purifier-cifar10-cpu, purifier-cifar10-paper).
+    /// cifar10-cpu, imagenette-cpu; purifiers: purifier-demo, purifier-cifar10-cpu,
+    /// purifier-cifar10-paper; AToP: atop-demo, atop-cifar10-cpu, atop-cifar10-paper).
     #[arg(long, conflicts_with = "resume")]
     pub preset: Option<String>,
     /// Continue the run in this folder from its latest checkpoint (flags override its settings).
@@ -133,6 +138,86 @@ pub struct PurifierArgs {
 }
 
 #[derive(Debug, ClapArgs)]
+pub struct AtopArgs {
+    #[command(flatten)]
+    pub run: RunSource,
+    /// The frozen classifier f.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// The pre-trained purifier g (a checkpoint folder or purifier training run).
+    #[arg(long)]
+    pub purifier: Option<PathBuf>,
+    /// Random transform during fine-tuning (default: the purifier's).
+    #[arg(long, value_enum)]
+    pub transform: Option<TransformKind>,
+    #[command(flatten)]
+    pub transform_settings: super::purifier::TransformArgs,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Weight of CE(y, f(g(t(x')))) (paper: 0.1).
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// What the generator reconstructs: clean (default) or adversarial.
+    #[arg(long, value_enum)]
+    pub reconstruction: Option<atop::train::atop::Reconstruction>,
+    /// Epochs of plain reconstruction before the CE term starts (the authors: 2).
+    #[arg(long)]
+    pub ce_after_epochs: Option<usize>,
+    #[arg(long)]
+    pub l1_weight: Option<f64>,
+    #[arg(long)]
+    pub gan_weight: Option<f64>,
+    /// Adam learning rate of the generator and the discriminator.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// The attack that makes x': fgsm or pgd.
+    #[arg(long, value_enum)]
+    pub adversary: Option<atop::train::atop::AdversaryKind>,
+    /// What it attacks: the classifier alone, or the whole defended model.
+    #[arg(long, value_enum)]
+    pub adversary_target: Option<atop::train::atop::AdversaryTarget>,
+    /// Its Linf budget (e.g. 8/255).
+    #[arg(long, value_parser = atop::attacks::parse_eps)]
+    pub adversary_eps: Option<f64>,
+    /// PGD iterations.
+    #[arg(long)]
+    pub adversary_steps: Option<usize>,
+    /// PGD step size (default 2.5 eps / steps).
+    #[arg(long, value_parser = atop::attacks::parse_eps)]
+    pub adversary_step_size: Option<f64>,
+    /// EOT samples per step against the defended model.
+    #[arg(long)]
+    pub adversary_eot: Option<usize>,
+    /// Per-epoch evaluation: seeded test images.
+    #[arg(long)]
+    pub eval_subset: Option<usize>,
+    /// Per-epoch evaluation: Linf budget.
+    #[arg(long, value_parser = atop::attacks::parse_eps)]
+    pub eval_eps: Option<f64>,
+    /// Per-epoch evaluation: PGD iterations.
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    /// Per-epoch evaluation: EOT samples of the whole-model attack.
+    #[arg(long)]
+    pub eval_eot: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub train_subset: Option<usize>,
+    /// Write a sample grid every this many steps.
+    #[arg(long)]
+    pub sample_every: Option<usize>,
+    #[arg(long, value_enum)]
+    pub precision: Option<atop::runtime::Precision>,
+}
+
+#[derive(Debug, ClapArgs)]
 pub struct ClassifierArgs {
     #[command(flatten)]
     pub run: RunSource,
@@ -186,6 +271,7 @@ pub fn run(cmd: TrainCommand, global: &Global) -> Result<()> {
     match cmd {
         TrainCommand::Classifier(args) => train_classifier(*args, global),
         TrainCommand::Purifier(args) => train_purifier(*args, global),
+        TrainCommand::Atop(args) => train_atop(*args, global),
     }
 }
 
@@ -270,6 +356,101 @@ fn train_purifier(args: PurifierArgs, global: &Global) -> Result<()> {
         summary.seconds,
         summary.checkpoint.display(),
     );
+    Ok(())
+}
+
+fn atop_settings(a: &AtopArgs) -> Result<(TrainAtopConfig, PathBuf, bool)> {
+    let Some(mut cfg) = a.run.base(
+        atop_train::saved_config,
+        TrainAtopConfig::from_toml,
+        TrainAtopConfig::preset,
+    )?
+    else {
+        bail!(
+            "say what to run: --config FILE, --preset NAME (e.g. atop-cifar10-cpu) or --resume RUN_DIR"
+        );
+    };
+    if a.run.resume.is_some() && (a.classifier.is_some() || a.purifier.is_some()) {
+        bail!("a resumed run keeps its classifier and purifier: drop --classifier and --purifier");
+    }
+    if a.classifier.is_some() {
+        cfg.classifier = a.classifier.clone();
+    }
+    if a.purifier.is_some() {
+        cfg.purifier = a.purifier.clone();
+    }
+    if a.transform.is_some() || a.transform_settings.any() {
+        // Over the run's transform, or the purifier's.
+        let mut t = match (&cfg.transform, &cfg.purifier) {
+            (Some(t), _) => t.clone(),
+            (None, Some(p)) => {
+                atop::purifier::read_sidecar(&atop::purifier::resolve(p)?)?.transform
+            }
+            (None, None) => Default::default(),
+        };
+        set(&mut t.kind, &a.transform);
+        a.transform_settings.apply(&mut t);
+        cfg.transform = Some(t);
+    }
+    set(&mut cfg.epochs, &a.epochs);
+    set(&mut cfg.batch_size, &a.batch_size);
+    set(&mut cfg.lambda, &a.lambda);
+    set(&mut cfg.reconstruction, &a.reconstruction);
+    set(&mut cfg.ce_after_epochs, &a.ce_after_epochs);
+    set(&mut cfg.l1_weight, &a.l1_weight);
+    set(&mut cfg.gan_weight, &a.gan_weight);
+    set(&mut cfg.generator_optimizer.lr, &a.lr);
+    set(&mut cfg.discriminator_optimizer.lr, &a.lr);
+    set(&mut cfg.schedule, &a.schedule);
+    set(&mut cfg.warmup_steps, &a.warmup_steps);
+    set(&mut cfg.adversary.attack, &a.adversary);
+    set(&mut cfg.adversary.target, &a.adversary_target);
+    set(&mut cfg.adversary.eps, &a.adversary_eps);
+    set(&mut cfg.adversary.steps, &a.adversary_steps);
+    if a.adversary_step_size.is_some() {
+        cfg.adversary.step_size = a.adversary_step_size;
+    }
+    set(&mut cfg.adversary.eot, &a.adversary_eot);
+    set(&mut cfg.eval.subset, &a.eval_subset);
+    set(&mut cfg.eval.eps, &a.eval_eps);
+    set(&mut cfg.eval.steps, &a.eval_steps);
+    set(&mut cfg.eval.eot, &a.eval_eot);
+    set(&mut cfg.seed, &a.seed);
+    if a.train_subset.is_some() {
+        cfg.train_subset = a.train_subset;
+    }
+    set(&mut cfg.sample_every, &a.sample_every);
+    set(&mut cfg.precision, &a.precision);
+    cfg.validate()?;
+    let (run, resume) = a.run.folder(|| atop_train::default_out(&cfg));
+    Ok((cfg, run, resume))
+}
+
+fn train_atop(args: AtopArgs, global: &Global) -> Result<()> {
+    let (cfg, run, resume) = atop_settings(&args)?;
+    let summary = atop_train::train(&cfg, &run, global.device, resume)?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} epochs ({:.0} s); x' by {}",
+        summary.run.display(),
+        summary.epochs,
+        summary.seconds,
+        summary.adversary
+    );
+    if let Some(m) = &summary.last {
+        println!(
+            "  defended clean {:.2}%, whole-model PGD {:.2}%, classifier-only transfer {:.2}% (classifier alone, clean: {:.2}%)",
+            100.0 * m.defended_clean_acc,
+            100.0 * m.robust_acc,
+            100.0 * m.transfer_acc,
+            100.0 * m.clean_acc
+        );
+    }
+    println!("  evaluation: {}", summary.evaluation);
+    println!("  checkpoint {}", summary.checkpoint.display());
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::ImageSet;
 use crate::data::loader::{Loader, LoaderConfig};
-use crate::models::{Classifier, Model};
+use crate::models::Model;
 use crate::runtime::{Precision, autocast};
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,9 +79,9 @@ pub fn evaluate(
 }
 
 /// How many of `images` (in [0,1], held in memory) `model` classifies as `labels`, in batches
-/// moved to `device`, without gradients.
+/// moved to `device`, without gradients (one draw per image for a stochastic model).
 pub fn count_correct(
-    model: &Classifier,
+    model: &dyn Model,
     images: &Tensor,
     labels: &Tensor,
     batch_size: usize,

@@ -209,11 +209,28 @@ pub struct PurifierSidecar {
     pub epoch: Option<usize>,
     pub step: Option<usize>,
     pub config: serde_json::Value,
+    /// The AToP fine-tuning settings, for a purifier that `atop train atop` produced (its
+    /// `config` stays the pre-training's).
+    #[serde(default)]
+    pub fine_tuning: Option<serde_json::Value>,
     pub atop_version: String,
     pub torch_version: String,
 }
 
 impl PurifierSidecar {
+    /// The data it was trained on: its training config's `data`, or a dataset name alone.
+    pub fn data_config(&self) -> Option<crate::data::DataConfig> {
+        self.config
+            .get("data")
+            .and_then(|d| serde_json::from_value(d.clone()).ok())
+            .or_else(|| {
+                self.dataset
+                    .as_ref()
+                    .and_then(|d| serde_json::from_value(serde_json::Value::String(d.clone())).ok())
+                    .map(crate::data::DataConfig::new)
+            })
+    }
+
     pub fn new(purifier: PurifierConfig, transform: TransformConfig) -> Self {
         PurifierSidecar {
             format: FORMAT.into(),
@@ -225,6 +242,7 @@ impl PurifierSidecar {
             epoch: None,
             step: None,
             config: serde_json::Value::Null,
+            fine_tuning: None,
             atop_version: env!("CARGO_PKG_VERSION").into(),
             torch_version: env!("ATOP_TORCH_VERSION").into(),
         }

@@ -3,6 +3,7 @@
 //! and the tasks it runs: classifiers and purifiers (checkpoints every epoch, resumable).
 
 pub mod adam;
+pub mod atop;
 pub mod classifier;
 pub mod learner;
 pub mod optim;

@@ -1,0 +1,976 @@
+//! `atop train atop`: AToP fine-tuning (Lin et al. 2024, Algorithm 1, Eq. 9). A pre-trained
+//! purifier g is trained through a frozen classifier f on adversarial inputs:
+//!
+//!   L_g = L_df(x') + lambda * CE(y, f(g(t(x')))),   L_df = -gan * mean D(x2') + |r - x1'| + |r - x2'|
+//!
+//! with x' = x + delta adversarial and r the reconstruction target (the clean image, or x' as in
+//! the authors' notebooks), at the purifier's working size. D is updated every step with the
+//! hinge loss; the generator's GAN term sees the live x2' (the released code detached it). How
+//! x' is made is a setting: FGSM or PGD-k against f alone (the authors' code) or against the
+//! whole defended model f(g(t(.))) with exact gradients and EOT (the paper's equation).
+//!
+//! After every epoch, on a fixed seeded subset of test images: the defended model's clean
+//! accuracy, its robust accuracy under a fast whole-model attack (PGD with EOT, exact gradients)
+//! and under the classifier-only transfer attack (PGD on f alone, then the defended model),
+//! labelled as such; `curves.png` plots them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::adam::{Adam, AdamConfig};
+use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
+use super::runlog;
+use super::schedule::{Schedule, lr_at};
+use crate::attacks::grad::{GradStats, evaluate as gradient};
+use crate::attacks::loss::{self, LossKind};
+use crate::attacks::pgd::Pgd;
+use crate::attacks::{Attack, Budget, Norm};
+use crate::data::augment::Augment;
+use crate::data::loader::{EpochIter, Loader, LoaderConfig};
+use crate::data::subset::seeded_subset;
+use crate::data::{DataConfig, Split};
+use crate::eval::clean::count_correct;
+use crate::models::checkpoint;
+use crate::models::{Classifier, Model};
+use crate::purifier::defended::{Defence, defended};
+use crate::purifier::{self, GanPurifier, PurifierSidecar};
+use crate::report::{grid, plot};
+use crate::runtime::{Precision, autocast};
+use crate::transforms::TransformConfig;
+
+const OPT_G: &str = "optimizer-generator.safetensors";
+const OPT_D: &str = "optimizer-discriminator.safetensors";
+
+/// What the generator reconstructs (the released code has both).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Reconstruction {
+    /// The clean image (the authors' logged run; atop's default).
+    #[default]
+    Clean,
+    /// The adversarial input x' itself (the released notebooks; the printed equation).
+    Adversarial,
+}
+
+/// The attack that makes x' for training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AdversaryKind {
+    /// One step of eps (the authors' code).
+    #[default]
+    Fgsm,
+    /// `steps` projected steps of `step_size` from a random start.
+    Pgd,
+}
+
+/// Which model the training attack differentiates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AdversaryTarget {
+    /// The classifier alone, on the clean image (the authors' code).
+    #[default]
+    Classifier,
+    /// The whole defended model f(g(t(.))) with exact gradients and EOT (the paper's Eq. 9).
+    Defended,
+}
+
+/// How x' is made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdversaryConfig {
+    pub attack: AdversaryKind,
+    pub target: AdversaryTarget,
+    /// Linf budget.
+    pub eps: f64,
+    /// PGD iterations (FGSM: one step of eps).
+    pub steps: usize,
+    /// PGD step size (default: 2.5 * eps / steps, Madry et al.).
+    pub step_size: Option<f64>,
+    /// Gradient samples averaged per step against the defended model.
+    pub eot: usize,
+}
+
+impl Default for AdversaryConfig {
+    fn default() -> Self {
+        AdversaryConfig {
+            attack: AdversaryKind::Fgsm,
+            target: AdversaryTarget::Classifier,
+            eps: 8.0 / 255.0,
+            steps: 10,
+            step_size: None,
+            eot: 1,
+        }
+    }
+}
+
+impl AdversaryConfig {
+    pub fn validate(&self) -> Result<()> {
+        Budget::new(Norm::Linf, self.eps).context("adversary.eps")?;
+        if self.attack == AdversaryKind::Pgd && self.steps == 0 {
+            bail!("adversary.steps = 0: PGD needs at least one step");
+        }
+        if self.eot == 0 {
+            bail!("adversary.eot = 0: expected at least 1 gradient sample per step");
+        }
+        if let Some(s) = self.step_size
+            && !(s.is_finite() && s > 0.0)
+        {
+            bail!("adversary.step_size = {s}: expected a positive number");
+        }
+        Ok(())
+    }
+
+    /// (steps, step size, random start) of the attack.
+    fn schedule(&self) -> (usize, f64, bool) {
+        match self.attack {
+            AdversaryKind::Fgsm => (1, self.eps, false),
+            AdversaryKind::Pgd => (
+                self.steps,
+                self.step_size
+                    .unwrap_or(2.5 * self.eps / self.steps.max(1) as f64),
+                true,
+            ),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let (steps, size, _) = self.schedule();
+        let what = match self.attack {
+            AdversaryKind::Fgsm => "FGSM".to_string(),
+            AdversaryKind::Pgd => format!("PGD-{steps} (step {size:.5})"),
+        };
+        match self.target {
+            AdversaryTarget::Classifier => {
+                format!("{what} at Linf {:.5} against the classifier alone", self.eps)
+            }
+            AdversaryTarget::Defended => format!(
+                "{what} at Linf {:.5} against the whole defended model (exact gradients, EOT {})",
+                self.eps, self.eot
+            ),
+        }
+    }
+}
+
+/// The per-epoch evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AtopEvalConfig {
+    /// Seeded test images.
+    pub subset: usize,
+    /// Linf budget of both attacks.
+    pub eps: f64,
+    /// PGD iterations (step eps/4, random start) of both attacks.
+    pub steps: usize,
+    /// EOT samples of the whole-model attack.
+    pub eot: usize,
+    pub batch_size: usize,
+}
+
+impl Default for AtopEvalConfig {
+    fn default() -> Self {
+        AtopEvalConfig {
+            subset: 256,
+            eps: 8.0 / 255.0,
+            steps: 10,
+            eot: 4,
+            batch_size: 64,
+        }
+    }
+}
+
+/// Everything that defines an AToP fine-tuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainAtopConfig {
+    /// The frozen classifier f (a checkpoint folder, file in it, or training run).
+    #[serde(default)]
+    pub classifier: Option<PathBuf>,
+    /// The pre-trained purifier g.
+    #[serde(default)]
+    pub purifier: Option<PathBuf>,
+    /// The training data (default: the purifier's).
+    #[serde(default)]
+    pub data: Option<DataConfig>,
+    /// The random transform t (default: the one the purifier was trained with).
+    #[serde(default)]
+    pub transform: Option<TransformConfig>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Weight of CE(y, f(g(t(x')))) (paper: 0.1; the authors' CIFAR-10 notebooks: 0.05).
+    #[serde(default = "default_lambda")]
+    pub lambda: f64,
+    #[serde(default)]
+    pub reconstruction: Reconstruction,
+    /// Epochs of plain reconstruction on x' before the CE term starts (the authors: 2).
+    #[serde(default)]
+    pub ce_after_epochs: usize,
+    /// Weight of each L1 term.
+    #[serde(default = "one")]
+    pub l1_weight: f64,
+    /// Weight of the generator's GAN term (0 also skips the discriminator).
+    #[serde(default = "one")]
+    pub gan_weight: f64,
+    /// Adam, the paper's lr 1e-4 and betas (0.5, 0.999) by default.
+    #[serde(default)]
+    pub generator_optimizer: AdamConfig,
+    #[serde(default)]
+    pub discriminator_optimizer: AdamConfig,
+    #[serde(default = "constant")]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub adversary: AdversaryConfig,
+    #[serde(default)]
+    pub eval: AtopEvalConfig,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "yes")]
+    pub flip: bool,
+    #[serde(default)]
+    pub train_subset: Option<usize>,
+    /// Write a sample grid every this many steps (0: after each epoch only).
+    #[serde(default)]
+    pub sample_every: usize,
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+fn default_lambda() -> f64 {
+    0.1
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn constant() -> Schedule {
+    Schedule::Constant
+}
+
+/// Named presets (TOML files in `presets/`, compiled in).
+pub const PRESETS: &[(&str, &str)] = &[
+    ("atop-demo", include_str!("../../presets/atop-demo.toml")),
+    (
+        "atop-cifar10-cpu",
+        include_str!("../../presets/atop-cifar10-cpu.toml"),
+    ),
+    (
+        "atop-cifar10-paper",
+        include_str!("../../presets/atop-cifar10-paper.toml"),
+    ),
+];
+
+impl TrainAtopConfig {
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text).with_context(|| format!("{origin}: not a valid AToP training config"))
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        runlog::preset(PRESETS, name, "AToP")
+    }
+
+    /// Checks every setting that needs no file; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.classifier.is_none() {
+            bail!("no classifier: set classifier = \"CKPT\" or pass --classifier");
+        }
+        if self.purifier.is_none() {
+            bail!("no purifier: set purifier = \"CKPT\" or pass --purifier (a pre-trained one)");
+        }
+        if self.epochs == 0 {
+            bail!("invalid setting epochs = 0: expected at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("invalid setting batch_size = 0: expected at least 1");
+        }
+        for (name, w) in [
+            ("lambda", self.lambda),
+            ("l1_weight", self.l1_weight),
+            ("gan_weight", self.gan_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                bail!("invalid setting {name} = {w}: expected a non-negative number");
+            }
+        }
+        self.generator_optimizer.validate("generator_optimizer")?;
+        self.discriminator_optimizer
+            .validate("discriminator_optimizer")?;
+        self.adversary.validate()?;
+        if let Some(t) = &self.transform {
+            t.validate(None)?;
+        }
+        let e = &self.eval;
+        Budget::new(Norm::Linf, e.eps).context("eval.eps")?;
+        for (name, v) in [
+            ("eval.subset", e.subset),
+            ("eval.steps", e.steps),
+            ("eval.eot", e.eot),
+            ("eval.batch_size", e.batch_size),
+        ] {
+            if v == 0 {
+                bail!("invalid setting {name} = 0: expected at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AtopEpoch {
+    pub epoch: usize,
+    pub lr: f64,
+    /// Mean training terms: discriminator hinge loss, generator GAN, L1 and CE terms, and the
+    /// defended model's accuracy on the training x'.
+    pub d_loss: f64,
+    pub g_gan: f64,
+    pub g_l1: f64,
+    pub g_ce: f64,
+    pub train_adv_acc: f64,
+    /// On the evaluation subset: the classifier alone on clean images, the defended model on
+    /// clean images, under the whole-model attack, and under the classifier-only transfer attack.
+    pub clean_acc: f64,
+    pub defended_clean_acc: f64,
+    pub robust_acc: f64,
+    pub transfer_acc: f64,
+    pub img_per_s: f64,
+    pub seconds: f64,
+}
+
+impl runlog::EpochRecord for AtopEpoch {
+    fn epoch(&self) -> usize {
+        self.epoch
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AtopSummary {
+    pub run: PathBuf,
+    pub epochs: usize,
+    pub resumed_from_epoch: Option<usize>,
+    pub adversary: String,
+    pub evaluation: String,
+    pub last: Option<AtopEpoch>,
+    pub seconds: f64,
+    pub checkpoint: PathBuf,
+}
+
+pub fn saved_config(run: &Path) -> Result<TrainAtopConfig> {
+    runlog::saved_config(run, "AToP")
+}
+
+pub fn default_out(cfg: &TrainAtopConfig) -> PathBuf {
+    let name = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .and_then(|p| p.file_name())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    PathBuf::from("runs").join(format!(
+        "atop-{}-{}-{:?}-lambda{}",
+        name(&cfg.purifier),
+        name(&cfg.classifier),
+        cfg.adversary.attack,
+        cfg.lambda
+    ))
+}
+
+crate::losses! {
+    /// An AToP step.
+    pub struct AtopLosses { d_loss, g_gan, g_l1, g_ce, adv_acc }
+}
+
+/// Fine-tunes into `run`; with `resume`, continues from the run's latest checkpoint. Every
+/// input is checked before the first step.
+pub fn train(
+    cfg: &TrainAtopConfig,
+    run: &Path,
+    device: Device,
+    resume: bool,
+) -> Result<AtopSummary> {
+    cfg.validate()?;
+    let folder = RunFolder::open(run, resume)?;
+    let (classifier_path, purifier_path) = (
+        cfg.classifier.clone().unwrap_or_default(),
+        cfg.purifier.clone().unwrap_or_default(),
+    );
+    let (mut f, f_sidecar) = checkpoint::load(&classifier_path, device)?;
+    f.vs.freeze();
+    let pdir = purifier::resolve(&purifier_path)?;
+    let (p, p_sidecar) = purifier::load(&pdir, device)?;
+    if p_sidecar.epoch.unwrap_or(0) == 0 {
+        bail!(
+            "{}: not a pre-trained purifier (its description records no training epoch): pre-train it with atop train purifier first",
+            pdir.display()
+        );
+    }
+    let data = match &cfg.data {
+        Some(d) => d.clone(),
+        None => p_sidecar.data_config().with_context(|| {
+            format!(
+                "{} does not say which data it was trained on: set data in the config",
+                pdir.display()
+            )
+        })?,
+    };
+    // The classifier and the purifier must serve the same data.
+    if let (Some(a), Some(b)) = (&f_sidecar.dataset, &p_sidecar.dataset)
+        && a != b
+    {
+        bail!(
+            "the classifier {} was trained for {a}, the purifier {} for {b}",
+            classifier_path.display(),
+            pdir.display()
+        );
+    }
+    let mut train_set = data.load(Split::Train)?;
+    let test_set = data.load(Split::Test)?;
+    if train_set.num_classes() != f.spec.num_classes {
+        bail!(
+            "the classifier {} has {} classes, {} has {}",
+            classifier_path.display(),
+            f.spec.num_classes,
+            train_set.name,
+            train_set.num_classes()
+        );
+    }
+    let side = train_set.height as i64;
+    if let Some(s) = p_sidecar.image_size
+        && s != side
+    {
+        bail!(
+            "the purifier {} was trained on {s} px images, the data here is {side} px",
+            pdir.display()
+        );
+    }
+    if let Some(n) = cfg.train_subset {
+        train_set = train_set.select(&seeded_subset(train_set.len(), n, cfg.seed)?);
+    }
+    let transform = cfg
+        .transform
+        .clone()
+        .unwrap_or_else(|| p_sidecar.transform.clone());
+    p.config.check_images(side, side, &transform)?;
+    // The effective settings, with every default resolved, are what the run records.
+    let mut cfg = cfg.clone();
+    cfg.data = Some(data);
+    cfg.transform = Some(transform.clone());
+
+    let eval_idx = seeded_subset(test_set.len(), cfg.eval.subset.min(test_set.len()), cfg.seed)?;
+    let (ex, ey) = test_set.tensors(&eval_idx);
+    let eval = EvalSet {
+        x: ex.to_kind(Kind::Float).to_device(device),
+        y: ey.to_device(device),
+    };
+    // Measured, not assumed: the training attack must get gradients from its model.
+    check_adversary(&f, &p, &transform, &cfg.adversary, &eval)?;
+
+    let train_set = Arc::new(train_set);
+    let augment = if cfg.flip {
+        Augment::CropFlip { pad: 0 }
+    } else {
+        Augment::None
+    };
+    let loader = Loader::new(
+        train_set.clone(),
+        LoaderConfig::train(cfg.batch_size, augment, cfg.seed),
+    );
+    if loader.batches_per_epoch() == 0 {
+        bail!(
+            "batch_size {} is larger than the {} training images",
+            cfg.batch_size,
+            train_set.len()
+        );
+    }
+    let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
+    let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
+    let clean_acc =
+        count_correct(&f, &eval.x, &eval.y, cfg.eval.batch_size, device, Precision::F32) as f64
+            / eval_idx.len().max(1) as f64;
+    let mut task = AtopTask {
+        cfg: &cfg,
+        device,
+        f,
+        p,
+        sidecar: p_sidecar,
+        transform,
+        opt_g,
+        opt_d,
+        loader,
+        batches: None,
+        eval,
+        clean_acc,
+        lr: 0.0,
+    };
+    let fitted = folder.fit(&cfg, &mut task)?;
+    Ok(AtopSummary {
+        run: fitted.run,
+        epochs: fitted.epochs,
+        resumed_from_epoch: fitted.resumed_from_epoch,
+        adversary: cfg.adversary.describe(),
+        evaluation: eval_description(&cfg.eval),
+        last: fitted.last,
+        seconds: fitted.seconds,
+        checkpoint: fitted.checkpoint,
+    })
+}
+
+fn eval_description(e: &AtopEvalConfig) -> String {
+    format!(
+        "{} seeded test images; whole-model PGD-{} (step eps/4, random start) x EOT {} with exact gradients at Linf {:.5}; transfer: the same PGD against the classifier alone, scored on the defended model",
+        e.subset, e.steps, e.eot, e.eps
+    )
+}
+
+struct EvalSet {
+    x: Tensor,
+    y: Tensor,
+}
+
+/// One gradient evaluation of the training attack on a few evaluation images: an error if the
+/// gradients are zero or not finite (the attack could not move x').
+fn check_adversary(
+    f: &Classifier,
+    p: &GanPurifier,
+    transform: &TransformConfig,
+    adv: &AdversaryConfig,
+    eval: &EvalSet,
+) -> Result<()> {
+    let n = eval.x.size()[0].min(4);
+    let (x, y) = (eval.x.narrow(0, 0, n), eval.y.narrow(0, 0, n));
+    let defence = Defence {
+        transform: Some(transform.clone()),
+        ..Default::default()
+    };
+    let (h, w) = (x.size()[2], x.size()[3]);
+    let whole = defended(f, Some((p, transform)), &defence, (h, w))?;
+    let model: &dyn Model = match adv.target {
+        AdversaryTarget::Classifier => f,
+        AdversaryTarget::Defended => &whole,
+    };
+    let mut stats = GradStats::default();
+    let _ = gradient(model, &x, &|z| loss::ce(z, &y), 1, &mut stats);
+    if stats.zero + stats.non_finite >= stats.evaluations.max(1) {
+        bail!(
+            "the training attack ({}) cannot run on its model: {} of {} input gradients are zero or not finite",
+            adv.describe(),
+            stats.zero + stats.non_finite,
+            stats.evaluations
+        );
+    }
+    Ok(())
+}
+
+struct AtopTask<'a> {
+    cfg: &'a TrainAtopConfig,
+    device: Device,
+    f: Classifier,
+    p: GanPurifier,
+    /// The pre-trained purifier's description (kept, with the fine-tuning recorded).
+    sidecar: PurifierSidecar,
+    transform: TransformConfig,
+    opt_g: Adam,
+    opt_d: Adam,
+    loader: Loader,
+    batches: Option<EpochIter>,
+    eval: EvalSet,
+    clean_acc: f64,
+    lr: f64,
+}
+
+impl AtopTask<'_> {
+    /// x' for a batch: the configured attack on f alone or on the whole defended model (its
+    /// current generator, fresh transforms), last iterate.
+    fn adversarial(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let adv = &self.cfg.adversary;
+        let (steps, size, random_start) = adv.schedule();
+        let defence = Defence {
+            transform: Some(self.transform.clone()),
+            ..Default::default()
+        };
+        let whole = defended(
+            &self.f,
+            Some((&self.p, &self.transform)),
+            &defence,
+            (x.size()[2], x.size()[3]),
+        )?;
+        let (model, eot): (&dyn Model, usize) = match adv.target {
+            AdversaryTarget::Classifier => (&self.f, 1),
+            AdversaryTarget::Defended => (&whole, adv.eot),
+        };
+        let norm = Norm::Linf;
+        let mut a = if random_start {
+            norm.random_start(x, adv.eps)
+        } else {
+            x.copy()
+        };
+        let mut stats = GradStats::default();
+        for _ in 0..steps {
+            let e = gradient(model, &a, &|z| loss::ce(z, y), eot, &mut stats);
+            a = norm.project(&(&a + norm.direction(&e.grad) * size), x, adv.eps);
+        }
+        Ok(a.detach())
+    }
+
+    /// The defended model's accuracy on `x` (one draw per image).
+    fn defended_acc(&self, x: &Tensor, y: &Tensor) -> Result<f64> {
+        let defence = Defence {
+            transform: Some(self.transform.clone()),
+            ..Default::default()
+        };
+        let whole = defended(
+            &self.f,
+            Some((&self.p, &self.transform)),
+            &defence,
+            (x.size()[2], x.size()[3]),
+        )?;
+        Ok(
+            count_correct(&whole, x, y, self.cfg.eval.batch_size, self.device, Precision::F32)
+                as f64
+                / x.size()[0].max(1) as f64,
+        )
+    }
+
+    /// Defended clean accuracy, whole-model robust accuracy and transfer accuracy on the
+    /// evaluation subset, with seeded randomness (the same draws every epoch).
+    fn evaluate(&self, epoch: usize) -> Result<(f64, f64, f64)> {
+        let e = &self.cfg.eval;
+        let defence = Defence {
+            transform: Some(self.transform.clone()),
+            ..Default::default()
+        };
+        let (x, y) = (&self.eval.x, &self.eval.y);
+        let whole = defended(
+            &self.f,
+            Some((&self.p, &self.transform)),
+            &defence,
+            (x.size()[2], x.size()[3]),
+        )?;
+        let pgd = |eot: usize| Pgd {
+            budget: Budget {
+                norm: Norm::Linf,
+                eps: e.eps,
+            },
+            steps: e.steps,
+            step_size: e.eps / 4.0,
+            random_start: true,
+            restarts: 1,
+            loss: LossKind::Ce,
+            target: None,
+            eot,
+        };
+        let seed = self.cfg.seed.wrapping_mul(7919).wrapping_add(1);
+        let n = x.size()[0];
+        let (mut robust, mut transfer) = (Vec::new(), Vec::new());
+        for start in (0..n).step_by(e.batch_size) {
+            let len = (n - start).min(e.batch_size as i64);
+            let (xb, yb) = (x.narrow(0, start, len), y.narrow(0, start, len));
+            let s = seed.wrapping_add(start as u64);
+            robust.push(pgd(e.eot).run(&whole, &xb, &yb, s)?.x_adv);
+            transfer.push(pgd(1).run(&self.f, &xb, &yb, s)?.x_adv);
+        }
+        tch::manual_seed(seed as i64 ^ 0x5eed);
+        let clean = self.defended_acc(x, y)?;
+        let robust = self.defended_acc(&Tensor::cat(&robust, 0), y)?;
+        let transfer = self.defended_acc(&Tensor::cat(&transfer, 0), y)?;
+        let _ = epoch;
+        Ok((clean, robust, transfer))
+    }
+
+    /// Rows: clean, adversarial (training attack), transformed, purified, at the classifier's
+    /// resolution, for 8 evaluation images.
+    fn write_samples(&self, path: &Path) -> Result<()> {
+        let n = self.eval.x.size()[0];
+        let k = n.min(8);
+        let pick: Vec<i64> = (0..k).map(|i| i * n / k).collect();
+        let idx = Tensor::from_slice(&pick).to_device(self.device);
+        let (x, y) = (
+            self.eval.x.index_select(0, &idx),
+            self.eval.y.index_select(0, &idx),
+        );
+        let adv = self.adversarial(&x, &y)?;
+        let pass = tch::no_grad(|| self.p.pass(&adv, &self.transform));
+        grid::save_tensor_rows(
+            &[
+                ("clean", x.shallow_clone()),
+                ("adversarial", adv.shallow_clone()),
+                ("transformed", pass.shown()),
+                ("purified", pass.purified.shallow_clone()),
+            ],
+            path,
+        )
+    }
+}
+
+impl Task for AtopTask<'_> {
+    type Losses = AtopLosses;
+    type Record = AtopEpoch;
+
+    fn epochs(&self) -> usize {
+        self.cfg.epochs
+    }
+
+    fn steps_per_epoch(&self) -> usize {
+        self.loader.batches_per_epoch()
+    }
+
+    fn begin_epoch(&mut self, epoch: usize) {
+        // Transforms and attack starts draw from libtorch's generator: seeded per epoch, so a
+        // resumed run draws what an uninterrupted one does.
+        tch::manual_seed(
+            (self.cfg.seed as i64)
+                .wrapping_mul(1_000_033)
+                .wrapping_add(epoch as i64),
+        );
+        self.batches = Some(self.loader.epoch(epoch as u64));
+    }
+
+    fn step(&mut self, step: Step) -> Result<(AtopLosses, usize)> {
+        let cfg = self.cfg;
+        let device = self.device;
+        let batch = self
+            .batches
+            .as_mut()
+            .and_then(|b| b.next())
+            .context("the batch iterator ended early")?;
+        self.lr = lr_at(
+            cfg.schedule,
+            cfg.generator_optimizer.lr,
+            step.global,
+            step.total,
+            cfg.warmup_steps,
+        );
+        self.opt_g.set_lr(self.lr);
+        self.opt_d.set_lr(lr_at(
+            cfg.schedule,
+            cfg.discriminator_optimizer.lr,
+            step.global,
+            step.total,
+            cfg.warmup_steps,
+        ));
+        let x = batch.images.to_device(device);
+        let y = batch.labels.to_device(device);
+        let x_adv = self.adversarial(&x, &y)?;
+
+        let p = &mut self.p;
+        let pass = autocast(device, cfg.precision, || p.pass(&x_adv, &self.transform));
+        let masks = &pass.masks;
+        let copies = pass.drawn.masks.len() as i64;
+        let reference = match cfg.reconstruction {
+            Reconstruction::Clean => p.config.resolution().to_work(&x),
+            Reconstruction::Adversarial => pass.clean.shallow_clone(),
+        };
+        let target = (reference * 2.0 - 1.0).repeat([copies, 1, 1, 1]);
+        let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
+        let zero = || Tensor::zeros([], (Kind::Float, device));
+        let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
+            let scores = autocast(device, cfg.precision, || {
+                p.discriminator.forward_t(
+                    &Tensor::cat(&[&target, &x2.detach()], 0),
+                    &Tensor::cat(&[masks, masks], 0),
+                    true,
+                )
+            })
+            .to_kind(Kind::Float);
+            let halves = scores.split(scores.size()[0] / 2, 0);
+            let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
+                + (&halves[1] + 1.0).relu().mean(Kind::Float);
+            self.opt_d.zero_grad();
+            d_loss.backward();
+            self.opt_d.step();
+            // The live x2' (not detached) against a frozen D.
+            p.d_vs.freeze();
+            let g_gan = -autocast(device, cfg.precision, || {
+                p.discriminator.forward_t(&x2, masks, true)
+            })
+            .to_kind(Kind::Float)
+            .mean(Kind::Float);
+            (d_loss, g_gan)
+        } else {
+            (zero(), zero())
+        };
+        let g_l1 =
+            (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
+        // Gradients flow through the frozen classifier (eval mode, no weight gradients) into g.
+        let logits = autocast(device, cfg.precision, || {
+            self.f.logits(&pass.purified.to_kind(Kind::Float))
+        })
+        .to_kind(Kind::Float);
+        let g_ce = if step.epoch >= cfg.ce_after_epochs && cfg.lambda > 0.0 {
+            logits.cross_entropy_for_logits(&y)
+        } else {
+            zero()
+        };
+        let adv_acc = logits
+            .argmax(-1, false)
+            .eq_tensor(&y)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let g_loss = &g_gan * cfg.gan_weight + &g_l1 * cfg.l1_weight + &g_ce * cfg.lambda;
+        let losses = AtopLosses {
+            d_loss: d_loss.double_value(&[]),
+            g_gan: g_gan.double_value(&[]),
+            g_l1: g_l1.double_value(&[]),
+            g_ce: g_ce.double_value(&[]),
+            adv_acc,
+        };
+        if losses.terms().iter().all(|(_, v)| v.is_finite()) {
+            self.opt_g.zero_grad();
+            g_loss.backward();
+            self.opt_g.step();
+        }
+        p.d_vs.unfreeze();
+        Ok((losses, batch.indices.len()))
+    }
+
+    fn after_step(&mut self, run: &Path, step: Step) -> Result<()> {
+        let every = self.cfg.sample_every;
+        if every > 0 && (step.global + 1).is_multiple_of(every) {
+            self.write_samples(&run.join(format!("samples/step-{:07}.png", step.global + 1)))?;
+        }
+        Ok(())
+    }
+
+    fn progress(&self, m: &AtopLosses) -> String {
+        format!(
+            "L1 {:.3} CE {:.3} acc(x') {:.1}%",
+            m.g_l1,
+            m.g_ce,
+            100.0 * m.adv_acc
+        )
+    }
+
+    fn end_epoch(&mut self, run: &Path, e: EpochSummary<AtopLosses>) -> Result<AtopEpoch> {
+        self.write_samples(&run.join(format!("samples/epoch-{:04}.png", e.epoch)))?;
+        let (defended_clean_acc, robust_acc, transfer_acc) = self.evaluate(e.epoch)?;
+        let l = e.losses;
+        Ok(AtopEpoch {
+            epoch: e.epoch,
+            lr: self.lr,
+            d_loss: l.d_loss,
+            g_gan: l.g_gan,
+            g_l1: l.g_l1,
+            g_ce: l.g_ce,
+            train_adv_acc: l.adv_acc,
+            clean_acc: self.clean_acc,
+            defended_clean_acc,
+            robust_acc,
+            transfer_acc,
+            img_per_s: e.img_per_s,
+            seconds: e.started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn describe(&self, m: &AtopEpoch) -> String {
+        format!(
+            "D {:.3} G gan {:.3} L1 {:.3} CE {:.3} acc(x') {:.1}% | defended: clean {:.1}%, whole-model PGD {:.1}%, transfer {:.1}% (classifier alone {:.1}%) | {:.1} img/s, {:.0} s",
+            m.d_loss,
+            m.g_gan,
+            m.g_l1,
+            m.g_ce,
+            100.0 * m.train_adv_acc,
+            100.0 * m.defended_clean_acc,
+            100.0 * m.robust_acc,
+            100.0 * m.transfer_acc,
+            100.0 * m.clean_acc,
+            m.img_per_s,
+            m.seconds
+        )
+    }
+
+    fn save(&self, dir: &Path, epoch: usize, step: usize) -> Result<()> {
+        let mut sidecar = self.sidecar.clone();
+        sidecar.transform = self.transform.clone();
+        sidecar.epoch = Some(sidecar.epoch.unwrap_or(0) + epoch);
+        sidecar.step = Some(sidecar.step.unwrap_or(0) + step);
+        sidecar.fine_tuning = Some(serde_json::to_value(self.cfg)?);
+        self.p.save(dir, &sidecar)?;
+        crate::io::write_safetensors(&dir.join(OPT_G), &self.opt_g.state())?;
+        crate::io::write_safetensors(&dir.join(OPT_D), &self.opt_d.state())
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        self.p.load_weights(dir)?;
+        for (opt, file) in [(&mut self.opt_g, OPT_G), (&mut self.opt_d, OPT_D)] {
+            opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
+                .with_context(|| format!("{}", dir.join(file).display()))?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, run: &Path) -> Result<()> {
+        write_curves(run)
+    }
+
+    fn divergence_hint(&self) -> &'static str {
+        "Lower the learning rates, lambda or the gan_weight."
+    }
+}
+
+/// `curves.png`: the defended model's clean, whole-model robust and transfer accuracy per epoch.
+pub fn write_curves(run: &Path) -> Result<()> {
+    let m: Vec<AtopEpoch> = runlog::read(run)?;
+    let series = |name: &str, f: &dyn Fn(&AtopEpoch) -> f64| plot::Series {
+        name: name.into(),
+        points: m.iter().map(|e| (e.epoch as f64, 100.0 * f(e))).collect(),
+    };
+    let chart = plot::line_chart(
+        "accuracy (%)",
+        "epoch",
+        &[
+            series("defended, clean", &|e| e.defended_clean_acc),
+            series("defended, whole-model PGD+EOT", &|e| e.robust_acc),
+            series("defended, transfer (classifier-only PGD)", &|e| {
+                e.transfer_acc
+            }),
+        ],
+    );
+    grid::save_png(&chart, &run.join("curves.png"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses_and_validates() {
+        for (name, _) in PRESETS {
+            let mut cfg = TrainAtopConfig::preset(name).unwrap();
+            cfg.classifier = Some("c".into());
+            cfg.purifier = Some("p".into());
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("preset {name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn bad_settings_name_the_field() {
+        let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
+        cfg.classifier = Some("c".into());
+        cfg.purifier = Some("p".into());
+        let err = |f: &dyn Fn(&mut TrainAtopConfig)| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(err(&|c| c.lambda = -0.1).contains("lambda = -0.1"));
+        assert!(err(&|c| c.adversary.eot = 0).contains("adversary.eot"));
+        assert!(err(&|c| {
+            c.adversary.attack = AdversaryKind::Pgd;
+            c.adversary.steps = 0
+        })
+        .contains("adversary.steps"));
+        assert!(err(&|c| c.eval.subset = 0).contains("eval.subset"));
+        assert!(err(&|c| c.purifier = None).contains("no purifier"));
+    }
+}
