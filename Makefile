@@ -9,7 +9,8 @@ setup:
 
 # The main job (grows with the pipeline): inspect the real CIFAR-10 copy, train the demo
 # classifier and the demo purifier (or finish them, if an earlier demo was interrupted),
-# evaluate, purify under RT1/RT2/RT3, and attack the classifier alone and behind the purifier.
+# evaluate, purify under RT1/RT2/RT3, attack the classifier alone and behind the purifier, and
+# fine-tune the purifier with AToP.
 DEMO := out/demo
 demo: setup
 	cargo build --release --quiet
@@ -28,6 +29,11 @@ demo: setup
 	fi
 	./target/release/atop purify --purifier $(DEMO)/purifier --classifier $(DEMO)/classifier --transform rt1,rt2,rt3 --n 256 --out $(DEMO)/purify
 	./target/release/atop attack --model $(DEMO)/classifier --purifier $(DEMO)/purifier --attack pgd --steps 10 --eot 2 --eps 2/255 --n 64 --out $(DEMO)/attack-defended
+	if [ -f $(DEMO)/atop/last.json ]; then \
+		./target/release/atop train atop --resume $(DEMO)/atop; \
+	else \
+		./target/release/atop train atop --preset atop-demo --classifier $(DEMO)/classifier --purifier $(DEMO)/purifier --out $(DEMO)/atop; \
+	fi
 
 # Lint first (fast to fail), then the whole suite.
 test: setup

@@ -566,3 +566,163 @@ fn bad_purifier_input_is_a_clear_error() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not divisible by 8"));
 }
+
+fn atop_cmd(out: &Path) -> Command {
+    let mut cmd = atop();
+    cmd.env("ATOP_DATA_DIR", data_dir())
+        .args([
+            "--quiet",
+            "--threads",
+            "2",
+            "train",
+            "atop",
+            "--preset",
+            "atop-demo",
+            "--epochs",
+            "3",
+            "--train-subset",
+            "256",
+            "--eval-subset",
+            "16",
+            "--eval-steps",
+            "2",
+            "--eval-eot",
+            "1",
+            "--adversary",
+            "pgd",
+            "--adversary-target",
+            "defended",
+            "--adversary-steps",
+            "2",
+            "--classifier",
+        ])
+        .arg(classifier())
+        .arg("--purifier")
+        .arg(trained())
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
+#[test]
+fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let out = atop_cmd(&a).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let killed_at = kill_after_first_checkpoint(&mut atop_cmd(&b), &b);
+    assert!(killed_at < 3, "the run finished before the kill");
+    let json = run_json(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["--json", "train", "atop", "--resume"])
+            .arg(&b),
+    );
+    assert_eq!(json["resumed_from_epoch"], killed_at);
+    assert!(
+        json["adversary"]
+            .as_str()
+            .unwrap()
+            .contains("whole defended model"),
+        "{json}"
+    );
+    for ((na, ta), (nb, tb)) in generator_weights(&a).iter().zip(&generator_weights(&b)) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resuming");
+    }
+    // Every epoch records every term and the three accuracies; plots, grids and the
+    // fine-tuning provenance are written.
+    let m: Vec<serde_json::Value> = runlog::read(&a).unwrap();
+    assert_eq!(m.len(), 3);
+    for e in &m {
+        for key in [
+            "d_loss",
+            "g_gan",
+            "g_l1",
+            "g_ce",
+            "train_adv_acc",
+            "clean_acc",
+            "defended_clean_acc",
+            "robust_acc",
+            "transfer_acc",
+            "lr",
+            "img_per_s",
+        ] {
+            assert!(e[key].as_f64().unwrap().is_finite(), "{key} in {e}");
+        }
+        assert!(e["robust_acc"].as_f64() <= e["defended_clean_acc"].as_f64());
+    }
+    assert!(a.join("curves.png").is_file() && a.join("samples/epoch-0003.png").is_file());
+    let sidecar: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(purifier::resolve(&a).unwrap().join(purifier::SIDECAR)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sidecar["fine_tuning"]["lambda"], 0.1);
+    // The fine-tuned purifier is a purifier like any other.
+    let r = run_json(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["--json", "purify", "--n", "16", "--purifier"])
+            .arg(&a)
+            .arg("--out")
+            .arg(tmp.path().join("purify")),
+    );
+    assert_eq!(r["results"][0]["n"], 16);
+
+    // Bad input, refused before any step and without a run folder left behind.
+    let err = |extra: &[&str], purifier: &Path| {
+        let run = tmp.path().join("never");
+        let out = atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["train", "atop", "--preset", "atop-demo", "--classifier"])
+            .arg(classifier())
+            .arg("--purifier")
+            .arg(purifier)
+            .args(extra)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(!run.exists(), "{extra:?} left {}", run.display());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(err(&["--lambda=-1"], trained()).contains("lambda = -1"));
+    assert!(err(&["--adversary-eot", "0"], trained()).contains("adversary.eot"));
+    let ckpt = purifier::resolve(trained()).unwrap();
+    let doctored = |name: &str, from: &str, to: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [purifier::GENERATOR, purifier::DISCRIMINATOR] {
+            std::fs::copy(ckpt.join(f), dir.join(f)).unwrap();
+        }
+        let text = std::fs::read_to_string(ckpt.join(purifier::SIDECAR)).unwrap();
+        assert!(text.contains(from), "{from} not in the sidecar");
+        std::fs::write(dir.join(purifier::SIDECAR), text.replace(from, to)).unwrap();
+        dir
+    };
+    let fresh = doctored("fresh", "\"epoch\": 3", "\"epoch\": null");
+    assert!(err(&[], &fresh).contains("not a pre-trained purifier"));
+    let other = doctored(
+        "other",
+        "\"dataset\": \"cifar10\",",
+        "\"dataset\": \"cifar100\",",
+    );
+    let e = err(&[], &other);
+    assert!(
+        e.contains("trained for cifar10") && e.contains("cifar100"),
+        "{e}"
+    );
+    let out = atop()
+        .args(["train", "atop", "--classifier"])
+        .arg(classifier())
+        .arg("--resume")
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keeps its classifier"));
+}

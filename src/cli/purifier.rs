@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use atop::data::subset::seeded_subset;
 use atop::data::Split;
+use atop::data::subset::seeded_subset;
 use atop::eval::clean::count_correct;
 use atop::models::Classifier;
 use atop::models::checkpoint;
@@ -304,11 +304,9 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
             (x, None, Some(names), folder.display().to_string())
         }
         None => {
-            let mut cfg = sidecar
-                .data_config()
-                .context(
-                    "the purifier does not say which dataset it was trained on: pass --dataset",
-                )?;
+            let mut cfg = sidecar.data_config().context(
+                "the purifier does not say which dataset it was trained on: pass --dataset",
+            )?;
             a.data.apply(&mut cfg);
             let set = cfg.load(a.split)?;
             let idx = match a.n {

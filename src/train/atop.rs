@@ -26,15 +26,16 @@ use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
 use crate::attacks::grad::{GradStats, evaluate as gradient};
-use crate::attacks::loss::{self, LossKind};
-use crate::attacks::pgd::Pgd;
-use crate::attacks::{Attack, Budget, Norm};
+use crate::attacks::loss;
+use crate::attacks::runner::{Runner, RunnerConfig};
+use crate::attacks::{AttackName, AttackSettings, Budget, Norm};
 use crate::data::augment::Augment;
 use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
 use crate::data::{DataConfig, Split};
 use crate::eval::clean::count_correct;
 use crate::models::checkpoint;
+use crate::models::pipeline::Pipeline;
 use crate::models::{Classifier, Model};
 use crate::purifier::defended::{Defence, defended};
 use crate::purifier::{self, GanPurifier, PurifierSidecar};
@@ -145,7 +146,10 @@ impl AdversaryConfig {
         };
         match self.target {
             AdversaryTarget::Classifier => {
-                format!("{what} at Linf {:.5} against the classifier alone", self.eps)
+                format!(
+                    "{what} at Linf {:.5} against the classifier alone",
+                    self.eps
+                )
             }
             AdversaryTarget::Defended => format!(
                 "{what} at Linf {:.5} against the whole defended model (exact gradients, EOT {})",
@@ -403,8 +407,7 @@ pub fn train(
         cfg.classifier.clone().unwrap_or_default(),
         cfg.purifier.clone().unwrap_or_default(),
     );
-    let (mut f, f_sidecar) = checkpoint::load(&classifier_path, device)?;
-    f.vs.freeze();
+    let (f, f_sidecar) = checkpoint::load(&classifier_path, device)?;
     let pdir = purifier::resolve(&purifier_path)?;
     let (p, p_sidecar) = purifier::load(&pdir, device)?;
     if p_sidecar.epoch.unwrap_or(0) == 0 {
@@ -465,11 +468,16 @@ pub fn train(
     cfg.data = Some(data);
     cfg.transform = Some(transform.clone());
 
-    let eval_idx = seeded_subset(test_set.len(), cfg.eval.subset.min(test_set.len()), cfg.seed)?;
+    let eval_idx = seeded_subset(
+        test_set.len(),
+        cfg.eval.subset.min(test_set.len()),
+        cfg.seed,
+    )?;
     let (ex, ey) = test_set.tensors(&eval_idx);
     let eval = EvalSet {
         x: ex.to_kind(Kind::Float).to_device(device),
         y: ey.to_device(device),
+        indices: eval_idx.clone(),
     };
     // Measured, not assumed: the training attack must get gradients from its model.
     check_adversary(&f, &p, &transform, &cfg.adversary, &eval)?;
@@ -491,20 +499,19 @@ pub fn train(
             train_set.len()
         );
     }
-    let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
-    let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
-    let clean_acc =
-        count_correct(&f, &eval.x, &eval.y, cfg.eval.batch_size, device, Precision::F32) as f64
-            / eval_idx.len().max(1) as f64;
-    let mut task = AtopTask {
-        cfg: &cfg,
+    let clean_acc = count_correct(
+        &f,
+        &eval.x,
+        &eval.y,
+        cfg.eval.batch_size,
         device,
-        f,
-        p,
+        Precision::F32,
+    ) as f64
+        / eval_idx.len().max(1) as f64;
+    let mut task = AtopTask {
+        tuner: FineTuner::new(&cfg, f, p, transform),
+        device,
         sidecar: p_sidecar,
-        transform,
-        opt_g,
-        opt_d,
         loader,
         batches: None,
         eval,
@@ -526,7 +533,7 @@ pub fn train(
 
 fn eval_description(e: &AtopEvalConfig) -> String {
     format!(
-        "{} seeded test images; whole-model PGD-{} (step eps/4, random start) x EOT {} with exact gradients at Linf {:.5}; transfer: the same PGD against the classifier alone, scored on the defended model",
+        "{} seeded test images; whole-model PGD-{} (step eps/4, random start) x EOT {} with exact gradients at Linf {:.5}; transfer: the same PGD against the classifier alone, scored on the defended model; robust = the defended model right on the clean and the attacked image",
         e.subset, e.steps, e.eot, e.eps
     )
 }
@@ -534,6 +541,8 @@ fn eval_description(e: &AtopEvalConfig) -> String {
 struct EvalSet {
     x: Tensor,
     y: Tensor,
+    /// Their indices in the test split.
+    indices: Vec<usize>,
 }
 
 /// One gradient evaluation of the training attack on a few evaluation images: an error if the
@@ -570,39 +579,53 @@ fn check_adversary(
     Ok(())
 }
 
-struct AtopTask<'a> {
-    cfg: &'a TrainAtopConfig,
-    device: Device,
-    f: Classifier,
-    p: GanPurifier,
-    /// The pre-trained purifier's description (kept, with the fine-tuning recorded).
-    sidecar: PurifierSidecar,
-    transform: TransformConfig,
-    opt_g: Adam,
-    opt_d: Adam,
-    loader: Loader,
-    batches: Option<EpochIter>,
-    eval: EvalSet,
-    clean_acc: f64,
-    lr: f64,
+/// The fine-tuning itself: the frozen classifier, the purifier and its optimizers, and one step
+/// of Algorithm 1 on a batch.
+pub struct FineTuner<'a> {
+    pub cfg: &'a TrainAtopConfig,
+    pub f: Classifier,
+    pub p: GanPurifier,
+    pub transform: TransformConfig,
+    pub opt_g: Adam,
+    pub opt_d: Adam,
 }
 
-impl AtopTask<'_> {
-    /// x' for a batch: the configured attack on f alone or on the whole defended model (its
-    /// current generator, fresh transforms), last iterate.
-    fn adversarial(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let adv = &self.cfg.adversary;
-        let (steps, size, random_start) = adv.schedule();
+impl<'a> FineTuner<'a> {
+    /// Freezes `f` (no gradient into its weights; it always runs in evaluation mode).
+    pub fn new(
+        cfg: &'a TrainAtopConfig,
+        mut f: Classifier,
+        p: GanPurifier,
+        transform: TransformConfig,
+    ) -> Self {
+        f.vs.freeze();
+        let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
+        let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
+        FineTuner {
+            cfg,
+            f,
+            p,
+            transform,
+            opt_g,
+            opt_d,
+        }
+    }
+
+    /// The defended model f(down(g(t(up(.))))) on the current generator, for images of h x w.
+    pub fn defended(&self, (h, w): (i64, i64)) -> Result<Pipeline<'_>> {
         let defence = Defence {
             transform: Some(self.transform.clone()),
             ..Default::default()
         };
-        let whole = defended(
-            &self.f,
-            Some((&self.p, &self.transform)),
-            &defence,
-            (x.size()[2], x.size()[3]),
-        )?;
+        defended(&self.f, Some((&self.p, &self.transform)), &defence, (h, w))
+    }
+
+    /// x' for a batch: the configured attack on f alone or on the whole defended model (its
+    /// current generator, fresh transforms), last iterate.
+    pub fn adversarial(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let adv = &self.cfg.adversary;
+        let (steps, size, random_start) = adv.schedule();
+        let whole = self.defended((x.size()[2], x.size()[3]))?;
         let (model, eot): (&dyn Model, usize) = match adv.target {
             AdversaryTarget::Classifier => (&self.f, 1),
             AdversaryTarget::Defended => (&whole, adv.eot),
@@ -621,152 +644,28 @@ impl AtopTask<'_> {
         Ok(a.detach())
     }
 
-    /// The defended model's accuracy on `x` (one draw per image).
-    fn defended_acc(&self, x: &Tensor, y: &Tensor) -> Result<f64> {
-        let defence = Defence {
-            transform: Some(self.transform.clone()),
-            ..Default::default()
-        };
-        let whole = defended(
-            &self.f,
-            Some((&self.p, &self.transform)),
-            &defence,
-            (x.size()[2], x.size()[3]),
-        )?;
-        Ok(
-            count_correct(&whole, x, y, self.cfg.eval.batch_size, self.device, Precision::F32)
-                as f64
-                / x.size()[0].max(1) as f64,
-        )
-    }
-
-    /// Defended clean accuracy, whole-model robust accuracy and transfer accuracy on the
-    /// evaluation subset, with seeded randomness (the same draws every epoch).
-    fn evaluate(&self, epoch: usize) -> Result<(f64, f64, f64)> {
-        let e = &self.cfg.eval;
-        let defence = Defence {
-            transform: Some(self.transform.clone()),
-            ..Default::default()
-        };
-        let (x, y) = (&self.eval.x, &self.eval.y);
-        let whole = defended(
-            &self.f,
-            Some((&self.p, &self.transform)),
-            &defence,
-            (x.size()[2], x.size()[3]),
-        )?;
-        let pgd = |eot: usize| Pgd {
-            budget: Budget {
-                norm: Norm::Linf,
-                eps: e.eps,
-            },
-            steps: e.steps,
-            step_size: e.eps / 4.0,
-            random_start: true,
-            restarts: 1,
-            loss: LossKind::Ce,
-            target: None,
-            eot,
-        };
-        let seed = self.cfg.seed.wrapping_mul(7919).wrapping_add(1);
-        let n = x.size()[0];
-        let (mut robust, mut transfer) = (Vec::new(), Vec::new());
-        for start in (0..n).step_by(e.batch_size) {
-            let len = (n - start).min(e.batch_size as i64);
-            let (xb, yb) = (x.narrow(0, start, len), y.narrow(0, start, len));
-            let s = seed.wrapping_add(start as u64);
-            robust.push(pgd(e.eot).run(&whole, &xb, &yb, s)?.x_adv);
-            transfer.push(pgd(1).run(&self.f, &xb, &yb, s)?.x_adv);
-        }
-        tch::manual_seed(seed as i64 ^ 0x5eed);
-        let clean = self.defended_acc(x, y)?;
-        let robust = self.defended_acc(&Tensor::cat(&robust, 0), y)?;
-        let transfer = self.defended_acc(&Tensor::cat(&transfer, 0), y)?;
-        let _ = epoch;
-        Ok((clean, robust, transfer))
-    }
-
-    /// Rows: clean, adversarial (training attack), transformed, purified, at the classifier's
-    /// resolution, for 8 evaluation images.
-    fn write_samples(&self, path: &Path) -> Result<()> {
-        let n = self.eval.x.size()[0];
-        let k = n.min(8);
-        let pick: Vec<i64> = (0..k).map(|i| i * n / k).collect();
-        let idx = Tensor::from_slice(&pick).to_device(self.device);
-        let (x, y) = (
-            self.eval.x.index_select(0, &idx),
-            self.eval.y.index_select(0, &idx),
-        );
-        let adv = self.adversarial(&x, &y)?;
-        let pass = tch::no_grad(|| self.p.pass(&adv, &self.transform));
-        grid::save_tensor_rows(
-            &[
-                ("clean", x.shallow_clone()),
-                ("adversarial", adv.shallow_clone()),
-                ("transformed", pass.shown()),
-                ("purified", pass.purified.shallow_clone()),
-            ],
-            path,
-        )
-    }
-}
-
-impl Task for AtopTask<'_> {
-    type Losses = AtopLosses;
-    type Record = AtopEpoch;
-
-    fn epochs(&self) -> usize {
-        self.cfg.epochs
-    }
-
-    fn steps_per_epoch(&self) -> usize {
-        self.loader.batches_per_epoch()
-    }
-
-    fn begin_epoch(&mut self, epoch: usize) {
-        // Transforms and attack starts draw from libtorch's generator: seeded per epoch, so a
-        // resumed run draws what an uninterrupted one does.
-        tch::manual_seed(
-            (self.cfg.seed as i64)
-                .wrapping_mul(1_000_033)
-                .wrapping_add(epoch as i64),
-        );
-        self.batches = Some(self.loader.epoch(epoch as u64));
-    }
-
-    fn step(&mut self, step: Step) -> Result<(AtopLosses, usize)> {
+    /// One step of Algorithm 1 on clean images `x` with labels `y`: x' is made, D takes a hinge
+    /// step, G a step on Eq. 9 (the CE term only from `ce_after_epochs` on). `lr_g`/`lr_d` are
+    /// this step's learning rates. A step whose loss terms are not finite leaves G unchanged.
+    pub fn step(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        epoch: usize,
+        lr: (f64, f64),
+    ) -> Result<AtopLosses> {
         let cfg = self.cfg;
-        let device = self.device;
-        let batch = self
-            .batches
-            .as_mut()
-            .and_then(|b| b.next())
-            .context("the batch iterator ended early")?;
-        self.lr = lr_at(
-            cfg.schedule,
-            cfg.generator_optimizer.lr,
-            step.global,
-            step.total,
-            cfg.warmup_steps,
-        );
-        self.opt_g.set_lr(self.lr);
-        self.opt_d.set_lr(lr_at(
-            cfg.schedule,
-            cfg.discriminator_optimizer.lr,
-            step.global,
-            step.total,
-            cfg.warmup_steps,
-        ));
-        let x = batch.images.to_device(device);
-        let y = batch.labels.to_device(device);
-        let x_adv = self.adversarial(&x, &y)?;
-
+        let device = x.device();
+        self.opt_g.set_lr(lr.0);
+        self.opt_d.set_lr(lr.1);
+        let x_adv = self.adversarial(x, y)?;
         let p = &mut self.p;
-        let pass = autocast(device, cfg.precision, || p.pass(&x_adv, &self.transform));
+        let transform = &self.transform;
+        let pass = autocast(device, cfg.precision, || p.pass(&x_adv, transform));
         let masks = &pass.masks;
         let copies = pass.drawn.masks.len() as i64;
         let reference = match cfg.reconstruction {
-            Reconstruction::Clean => p.config.resolution().to_work(&x),
+            Reconstruction::Clean => p.config.resolution().to_work(x),
             Reconstruction::Adversarial => pass.clean.shallow_clone(),
         };
         let target = (reference * 2.0 - 1.0).repeat([copies, 1, 1, 1]);
@@ -801,18 +700,19 @@ impl Task for AtopTask<'_> {
         let g_l1 =
             (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
         // Gradients flow through the frozen classifier (eval mode, no weight gradients) into g.
+        let f = &self.f;
         let logits = autocast(device, cfg.precision, || {
-            self.f.logits(&pass.purified.to_kind(Kind::Float))
+            f.logits(&pass.purified.to_kind(Kind::Float))
         })
         .to_kind(Kind::Float);
-        let g_ce = if step.epoch >= cfg.ce_after_epochs && cfg.lambda > 0.0 {
-            logits.cross_entropy_for_logits(&y)
+        let g_ce = if epoch >= cfg.ce_after_epochs && cfg.lambda > 0.0 {
+            logits.cross_entropy_for_logits(y)
         } else {
             zero()
         };
         let adv_acc = logits
             .argmax(-1, false)
-            .eq_tensor(&y)
+            .eq_tensor(y)
             .to_kind(Kind::Float)
             .mean(Kind::Float)
             .double_value(&[]);
@@ -830,11 +730,152 @@ impl Task for AtopTask<'_> {
             self.opt_g.step();
         }
         p.d_vs.unfreeze();
+        Ok(losses)
+    }
+}
+
+struct AtopTask<'a> {
+    tuner: FineTuner<'a>,
+    device: Device,
+    /// The pre-trained purifier's description (kept, with the fine-tuning recorded).
+    sidecar: PurifierSidecar,
+    loader: Loader,
+    batches: Option<EpochIter>,
+    eval: EvalSet,
+    clean_acc: f64,
+    lr: f64,
+}
+
+impl AtopTask<'_> {
+    /// Defended clean accuracy, whole-model robust accuracy and transfer accuracy on the
+    /// evaluation subset, with seeded randomness (the same draws every epoch). As in `atop
+    /// attack`, a point counts as robust only if the defended model also classified its clean
+    /// image correctly.
+    fn evaluate(&self) -> Result<(f64, f64, f64)> {
+        let t = &self.tuner;
+        let e = &t.cfg.eval;
+        let (x, y) = (&self.eval.x, &self.eval.y);
+        let whole = t.defended((x.size()[2], x.size()[3]))?;
+        let mut settings = AttackSettings::new(Budget::new(Norm::Linf, e.eps)?);
+        settings.steps = Some(e.steps);
+        let run = |model: &dyn Model, eot: usize| {
+            let mut settings = settings.clone();
+            settings.eot = eot;
+            Runner {
+                model,
+                config: RunnerConfig {
+                    attacks: vec![AttackName::Pgd],
+                    settings,
+                    batch_size: e.batch_size,
+                    seed: t.cfg.seed,
+                    model: model.describe(),
+                    data: "AToP evaluation subset".into(),
+                },
+                state_dir: None,
+            }
+            .run(x, y, &self.eval.indices)
+        };
+        let whole_report = run(&whole, e.eot)?;
+        let transfer = run(&t.f, 1)?;
+        // The transferred images on the defended model, where it classified the clean image
+        // correctly (one draw each, seeded).
+        tch::manual_seed(t.cfg.seed as i64 ^ 0x5eed);
+        let on_adv = tch::no_grad(|| whole.logits(&transfer.x_adv))
+            .argmax(-1, false)
+            .eq_tensor(y);
+        let on_adv = Vec::<bool>::try_from(on_adv.to_device(Device::Cpu))?;
+        let kept = whole_report
+            .records
+            .iter()
+            .zip(&on_adv)
+            .filter(|(r, ok)| r.clean_pred == r.label && **ok)
+            .count();
+        let n = self.eval.indices.len().max(1) as f64;
+        Ok((
+            whole_report.clean_accuracy,
+            whole_report.robust_accuracy,
+            kept as f64 / n,
+        ))
+    }
+
+    /// Rows: clean, adversarial (training attack), transformed, purified, at the classifier's
+    /// resolution, for 8 evaluation images.
+    fn write_samples(&self, path: &Path) -> Result<()> {
+        let n = self.eval.x.size()[0];
+        let k = n.min(8);
+        let pick: Vec<i64> = (0..k).map(|i| i * n / k).collect();
+        let idx = Tensor::from_slice(&pick).to_device(self.device);
+        let (x, y) = (
+            self.eval.x.index_select(0, &idx),
+            self.eval.y.index_select(0, &idx),
+        );
+        let adv = self.tuner.adversarial(&x, &y)?;
+        let pass = tch::no_grad(|| self.tuner.p.pass(&adv, &self.tuner.transform));
+        grid::save_tensor_rows(
+            &[
+                ("clean", x.shallow_clone()),
+                ("adversarial", adv.shallow_clone()),
+                ("transformed", pass.shown()),
+                ("purified", pass.purified.shallow_clone()),
+            ],
+            path,
+        )
+    }
+}
+
+impl Task for AtopTask<'_> {
+    type Losses = AtopLosses;
+    type Record = AtopEpoch;
+
+    fn epochs(&self) -> usize {
+        self.tuner.cfg.epochs
+    }
+
+    fn steps_per_epoch(&self) -> usize {
+        self.loader.batches_per_epoch()
+    }
+
+    fn begin_epoch(&mut self, epoch: usize) {
+        // Transforms and attack starts draw from libtorch's generator: seeded per epoch, so a
+        // resumed run draws what an uninterrupted one does.
+        tch::manual_seed(
+            (self.tuner.cfg.seed as i64)
+                .wrapping_mul(1_000_033)
+                .wrapping_add(epoch as i64),
+        );
+        self.batches = Some(self.loader.epoch(epoch as u64));
+    }
+
+    fn step(&mut self, step: Step) -> Result<(AtopLosses, usize)> {
+        let cfg = self.tuner.cfg;
+        let batch = self
+            .batches
+            .as_mut()
+            .and_then(|b| b.next())
+            .context("the batch iterator ended early")?;
+        let lr = |peak: f64| {
+            lr_at(
+                cfg.schedule,
+                peak,
+                step.global,
+                step.total,
+                cfg.warmup_steps,
+            )
+        };
+        self.lr = lr(cfg.generator_optimizer.lr);
+        let x = batch.images.to_device(self.device);
+        let y = batch.labels.to_device(self.device);
+        let losses = self.tuner.step(
+            &x,
+            &y,
+            step.epoch,
+            (self.lr, lr(cfg.discriminator_optimizer.lr)),
+        )?;
         Ok((losses, batch.indices.len()))
     }
 
     fn after_step(&mut self, run: &Path, step: Step) -> Result<()> {
-        let every = self.cfg.sample_every;
+        let every = self.tuner.cfg.sample_every;
         if every > 0 && (step.global + 1).is_multiple_of(every) {
             self.write_samples(&run.join(format!("samples/step-{:07}.png", step.global + 1)))?;
         }
@@ -852,7 +893,7 @@ impl Task for AtopTask<'_> {
 
     fn end_epoch(&mut self, run: &Path, e: EpochSummary<AtopLosses>) -> Result<AtopEpoch> {
         self.write_samples(&run.join(format!("samples/epoch-{:04}.png", e.epoch)))?;
-        let (defended_clean_acc, robust_acc, transfer_acc) = self.evaluate(e.epoch)?;
+        let (defended_clean_acc, robust_acc, transfer_acc) = self.evaluate()?;
         let l = e.losses;
         Ok(AtopEpoch {
             epoch: e.epoch,
@@ -889,19 +930,21 @@ impl Task for AtopTask<'_> {
     }
 
     fn save(&self, dir: &Path, epoch: usize, step: usize) -> Result<()> {
+        let t = &self.tuner;
         let mut sidecar = self.sidecar.clone();
-        sidecar.transform = self.transform.clone();
+        sidecar.transform = t.transform.clone();
         sidecar.epoch = Some(sidecar.epoch.unwrap_or(0) + epoch);
         sidecar.step = Some(sidecar.step.unwrap_or(0) + step);
-        sidecar.fine_tuning = Some(serde_json::to_value(self.cfg)?);
-        self.p.save(dir, &sidecar)?;
-        crate::io::write_safetensors(&dir.join(OPT_G), &self.opt_g.state())?;
-        crate::io::write_safetensors(&dir.join(OPT_D), &self.opt_d.state())
+        sidecar.fine_tuning = Some(serde_json::to_value(t.cfg)?);
+        t.p.save(dir, &sidecar)?;
+        crate::io::write_safetensors(&dir.join(OPT_G), &t.opt_g.state())?;
+        crate::io::write_safetensors(&dir.join(OPT_D), &t.opt_d.state())
     }
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
-        self.p.load_weights(dir)?;
-        for (opt, file) in [(&mut self.opt_g, OPT_G), (&mut self.opt_d, OPT_D)] {
+        let t = &mut self.tuner;
+        t.p.load_weights(dir)?;
+        for (opt, file) in [(&mut t.opt_g, OPT_G), (&mut t.opt_d, OPT_D)] {
             opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
                 .with_context(|| format!("{}", dir.join(file).display()))?;
         }
@@ -953,6 +996,75 @@ mod tests {
         }
     }
 
+    fn snapshot(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.detach().copy()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn the_classifier_stays_frozen_and_its_gradient_reaches_the_purifier() {
+        use crate::models::{Arch, ModelSpec, dataset_normalisation};
+        use crate::purifier::PurifierConfig;
+        tch::manual_seed(7);
+        let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
+        // Only the CE term through f: if g changes, the gradient went through the classifier.
+        cfg.l1_weight = 0.0;
+        cfg.gan_weight = 0.0;
+        cfg.lambda = 1.0;
+        cfg.adversary = AdversaryConfig {
+            attack: AdversaryKind::Pgd,
+            target: AdversaryTarget::Defended,
+            steps: 2,
+            ..Default::default()
+        };
+        let (mean, std) = dataset_normalisation(crate::data::DatasetKind::Cifar10);
+        let arch: Arch = "wrn-10-1".parse().unwrap();
+        let f = Classifier::new(ModelSpec::new(arch, 10, mean, std).unwrap(), Device::Cpu);
+        let p = GanPurifier::new(
+            PurifierConfig {
+                width: 4,
+                disc_width: 4,
+                attention: false,
+                skips: true,
+                ..Default::default()
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let (f0, g0) = (snapshot(&f.vs), snapshot(&p.g_vs));
+        // Batch-norm statistics are variables too: a training-mode pass would move them.
+        assert!(f0.iter().any(|(k, _)| k.contains("running_mean")));
+        let mut tuner = FineTuner::new(&cfg, f, p, TransformConfig::default());
+        let x = Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+        for _ in 0..2 {
+            let l = tuner.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
+            assert!(l.g_ce > 0.0 && l.g_ce.is_finite(), "{l:?}");
+        }
+        for ((k, a), (_, b)) in f0.iter().zip(snapshot(&tuner.f.vs).iter()) {
+            assert!(a.equal(b), "classifier variable {k} changed");
+        }
+        let moved = g0
+            .iter()
+            .zip(snapshot(&tuner.p.g_vs).iter())
+            .filter(|((_, a), (_, b))| !a.equal(b))
+            .count();
+        assert!(
+            moved > 0,
+            "no generator weight moved: the CE gradient did not reach g"
+        );
+        // x' stays within the budget and the image range.
+        let adv = tuner.adversarial(&x, &y).unwrap();
+        let d = (&adv - &x).abs().max().double_value(&[]);
+        assert!(d <= cfg.adversary.eps + 1e-6, "{d}");
+        assert!(adv.min().double_value(&[]) >= 0.0 && adv.max().double_value(&[]) <= 1.0);
+    }
+
     #[test]
     fn bad_settings_name_the_field() {
         let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
@@ -965,11 +1077,13 @@ mod tests {
         };
         assert!(err(&|c| c.lambda = -0.1).contains("lambda = -0.1"));
         assert!(err(&|c| c.adversary.eot = 0).contains("adversary.eot"));
-        assert!(err(&|c| {
-            c.adversary.attack = AdversaryKind::Pgd;
-            c.adversary.steps = 0
-        })
-        .contains("adversary.steps"));
+        assert!(
+            err(&|c| {
+                c.adversary.attack = AdversaryKind::Pgd;
+                c.adversary.steps = 0
+            })
+            .contains("adversary.steps")
+        );
         assert!(err(&|c| c.eval.subset = 0).contains("eval.subset"));
         assert!(err(&|c| c.purifier = None).contains("no purifier"));
     }
