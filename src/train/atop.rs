@@ -23,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::adam::{Adam, AdamConfig};
 use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
+use super::purifier::{adversarial_terms, restore_state, save_state};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
 use crate::attacks::grad::{GradStats, evaluate as gradient};
@@ -42,9 +43,6 @@ use crate::purifier::{self, GanPurifier, PurifierSidecar};
 use crate::report::{grid, plot};
 use crate::runtime::{Precision, autocast};
 use crate::transforms::TransformConfig;
-
-const OPT_G: &str = "optimizer-generator.safetensors";
-const OPT_D: &str = "optimizer-discriminator.safetensors";
 
 /// What the generator reconstructs (the released code has both).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -672,28 +670,7 @@ impl<'a> FineTuner<'a> {
         let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
         let zero = || Tensor::zeros([], (Kind::Float, device));
         let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
-            let scores = autocast(device, cfg.precision, || {
-                p.discriminator.forward_t(
-                    &Tensor::cat(&[&target, &x2.detach()], 0),
-                    &Tensor::cat(&[masks, masks], 0),
-                    true,
-                )
-            })
-            .to_kind(Kind::Float);
-            let halves = scores.split(scores.size()[0] / 2, 0);
-            let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
-                + (&halves[1] + 1.0).relu().mean(Kind::Float);
-            self.opt_d.zero_grad();
-            d_loss.backward();
-            self.opt_d.step();
-            // The live x2' (not detached) against a frozen D.
-            p.d_vs.freeze();
-            let g_gan = -autocast(device, cfg.precision, || {
-                p.discriminator.forward_t(&x2, masks, true)
-            })
-            .to_kind(Kind::Float)
-            .mean(Kind::Float);
-            (d_loss, g_gan)
+            adversarial_terms(p, &mut self.opt_d, &target, &x2, masks, cfg.precision)
         } else {
             (zero(), zero())
         };
@@ -936,19 +913,12 @@ impl Task for AtopTask<'_> {
         sidecar.epoch = Some(sidecar.epoch.unwrap_or(0) + epoch);
         sidecar.step = Some(sidecar.step.unwrap_or(0) + step);
         sidecar.fine_tuning = Some(serde_json::to_value(t.cfg)?);
-        t.p.save(dir, &sidecar)?;
-        crate::io::write_safetensors(&dir.join(OPT_G), &t.opt_g.state())?;
-        crate::io::write_safetensors(&dir.join(OPT_D), &t.opt_d.state())
+        save_state(dir, &t.p, &sidecar, &t.opt_g, &t.opt_d)
     }
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
         let t = &mut self.tuner;
-        t.p.load_weights(dir)?;
-        for (opt, file) in [(&mut t.opt_g, OPT_G), (&mut t.opt_d, OPT_D)] {
-            opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
-                .with_context(|| format!("{}", dir.join(file).display()))?;
-        }
-        Ok(())
+        restore_state(dir, &mut t.p, &mut t.opt_g, &mut t.opt_d)
     }
 
     fn finish(&mut self, run: &Path) -> Result<()> {

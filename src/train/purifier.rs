@@ -410,31 +410,8 @@ impl Task for PurifierTask<'_> {
         let target = (&pass.clean * 2.0 - 1.0).repeat([pass.drawn.masks.len() as i64, 1, 1, 1]);
         let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
 
-        // Discriminator: real and fake in one batch, hinge loss (skipped, like the GAN term,
-        // when gan_weight is 0).
         let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
-            let scores = autocast(device, cfg.precision, || {
-                p.discriminator.forward_t(
-                    &Tensor::cat(&[&target, &x2.detach()], 0),
-                    &Tensor::cat(&[masks, masks], 0),
-                    true,
-                )
-            })
-            .to_kind(Kind::Float);
-            let halves = scores.split(scores.size()[0] / 2, 0);
-            let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
-                + (&halves[1] + 1.0).relu().mean(Kind::Float);
-            self.opt_d.zero_grad();
-            d_loss.backward();
-            self.opt_d.step();
-            // The generator's GAN term, with D frozen: its backward only reaches x2.
-            p.d_vs.freeze();
-            let g_gan = -autocast(device, cfg.precision, || {
-                p.discriminator.forward_t(&x2, masks, true)
-            })
-            .to_kind(Kind::Float)
-            .mean(Kind::Float);
-            (d_loss, g_gan)
+            adversarial_terms(p, &mut self.opt_d, &target, &x2, masks, cfg.precision)
         } else {
             (zero(device), zero(device))
         };
@@ -546,23 +523,79 @@ impl Task for PurifierTask<'_> {
         sidecar.epoch = Some(epoch);
         sidecar.step = Some(step);
         sidecar.config = serde_json::to_value(cfg)?;
-        self.p.save(dir, &sidecar)?;
-        crate::io::write_safetensors(&dir.join(OPT_G), &self.opt_g.state())?;
-        crate::io::write_safetensors(&dir.join(OPT_D), &self.opt_d.state())
+        save_state(dir, &self.p, &sidecar, &self.opt_g, &self.opt_d)
     }
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
-        self.p.load_weights(dir)?;
-        for (opt, file) in [(&mut self.opt_g, OPT_G), (&mut self.opt_d, OPT_D)] {
-            opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
-                .with_context(|| format!("{}", dir.join(file).display()))?;
-        }
-        Ok(())
+        restore_state(dir, &mut self.p, &mut self.opt_g, &mut self.opt_d)
     }
 
     fn divergence_hint(&self) -> &'static str {
         "Lower the learning rates or the gan_weight."
     }
+}
+
+/// The discriminator's hinge step (real `target` and fake `x2` in one batch of 2N) and the
+/// generator's GAN term -mean D(x2) on the live x2 with D frozen, so that its backward only
+/// reaches the generator (the caller unfreezes D after the generator's step).
+pub(crate) fn adversarial_terms(
+    p: &mut GanPurifier,
+    opt_d: &mut Adam,
+    target: &Tensor,
+    x2: &Tensor,
+    masks: &Tensor,
+    precision: Precision,
+) -> (Tensor, Tensor) {
+    let device = p.device();
+    let scores = autocast(device, precision, || {
+        p.discriminator.forward_t(
+            &Tensor::cat(&[target, &x2.detach()], 0),
+            &Tensor::cat(&[masks, masks], 0),
+            true,
+        )
+    })
+    .to_kind(Kind::Float);
+    let halves = scores.split(scores.size()[0] / 2, 0);
+    let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
+        + (&halves[1] + 1.0).relu().mean(Kind::Float);
+    opt_d.zero_grad();
+    d_loss.backward();
+    opt_d.step();
+    p.d_vs.freeze();
+    let g_gan = -autocast(device, precision, || {
+        p.discriminator.forward_t(x2, masks, true)
+    })
+    .to_kind(Kind::Float)
+    .mean(Kind::Float);
+    (d_loss, g_gan)
+}
+
+/// A purifier training checkpoint: the purifier (weights and `sidecar`) and both Adam states.
+pub(crate) fn save_state(
+    dir: &Path,
+    p: &GanPurifier,
+    sidecar: &PurifierSidecar,
+    opt_g: &Adam,
+    opt_d: &Adam,
+) -> Result<()> {
+    p.save(dir, sidecar)?;
+    crate::io::write_safetensors(&dir.join(OPT_G), &opt_g.state())?;
+    crate::io::write_safetensors(&dir.join(OPT_D), &opt_d.state())
+}
+
+/// Loads what [`save_state`] wrote.
+pub(crate) fn restore_state(
+    dir: &Path,
+    p: &mut GanPurifier,
+    opt_g: &mut Adam,
+    opt_d: &mut Adam,
+) -> Result<()> {
+    p.load_weights(dir)?;
+    for (opt, file) in [(opt_g, OPT_G), (opt_d, OPT_D)] {
+        opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
+            .with_context(|| format!("{}", dir.join(file).display()))?;
+    }
+    Ok(())
 }
 
 fn zero(device: Device) -> Tensor {
