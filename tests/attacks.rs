@@ -707,3 +707,194 @@ fn robust_on(
     .unwrap()
     .robust_accuracy
 }
+
+fn robust_cmd(out: &Path, extra: &[&str]) -> Command {
+    let mut c = atop();
+    c.env("ATOP_DATA_DIR", data_dir())
+        .args(["--json", "--threads", "1", "eval", "robust", "--model"])
+        .arg(model_dir())
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    c
+}
+
+/// A classifier behind Gaussian noise: a random defence. Every attack scored by R draws.
+const NOISE_EVAL: &[&str] = &[
+    "--transform",
+    "noise",
+    "--sigma",
+    "0.02",
+    "--attack",
+    "fgsm,pgd,transfer",
+    "--eps",
+    "4/255",
+    "--steps",
+    "8",
+    "--eot",
+    "2",
+    "--n",
+    "64",
+    "--batch-size",
+    "16",
+    "--draws",
+    "5",
+];
+
+#[test]
+fn eval_robust_scores_a_random_defence_over_r_draws_and_resumes_after_a_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let full = run_json(&mut robust_cmd(&a, NOISE_EVAL));
+    assert_eq!(full["n"], 64);
+    assert_eq!(full["stochastic"], true, "noise must be measured as random");
+    let score = |s: &serde_json::Value, k: &str| s[k]["value"].as_f64().unwrap();
+    let mut all = vec![&full["clean"], &full["worst_case"]];
+    all.extend(
+        full["attacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| &a["scores"]),
+    );
+    for s in &all {
+        // Worst of R never exceeds one draw; each interval holds its value.
+        assert!(score(s, "worst_of_r") <= score(s, "single") + 1e-12, "{s}");
+        for k in ["single", "majority", "worst_of_r"] {
+            assert!(s[k]["lo"].as_f64().unwrap() <= score(s, k) + 1e-12);
+            assert!(s[k]["hi"].as_f64().unwrap() >= score(s, k) - 1e-12);
+        }
+    }
+    // The attacks hurt, and the worst case per point is below every attack.
+    let clean = score(&full["clean"], "single");
+    for at in full["attacks"].as_array().unwrap() {
+        let s = score(&at["scores"], "single");
+        assert!(
+            s < clean,
+            "{} did not lower accuracy: {s} vs {clean}",
+            at["attack"]
+        );
+        assert!(score(&full["worst_case"], "worst_of_r") <= score(&at["scores"], "worst_of_r"));
+    }
+    assert_eq!(full["attacks"][2]["attack"], "transfer-pgd");
+    assert_eq!(full["attacks"][2]["target"], "transfer");
+    let checks = full["checks"].as_array().unwrap();
+    let status = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {checks:?}"))["status"]
+            .clone()
+    };
+    assert_eq!(status("randomness"), "PASS");
+    assert_eq!(status("eot on a random model"), "PASS");
+    assert_eq!(status("input gradients"), "PASS");
+    // Every record holds R = 5 predictions per image set.
+    let rec = &full["records"][0];
+    assert_eq!(rec["clean"]["preds"].as_array().unwrap().len(), 5);
+    assert_eq!(rec["attacks"].as_array().unwrap().len(), 3);
+    let csv = std::fs::read_to_string(a.join("records.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 64 * 4);
+    let report = std::fs::read_to_string(a.join("report.md")).unwrap();
+    assert!(report.contains("transfer attack") && report.contains("worst of R"));
+    assert!(a.join("grid.png").exists());
+
+    // Killed after a few batches, then resumed: the same records and scores.
+    let mut child = robust_cmd(&b, NOISE_EVAL)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let batches = |d: &Path| {
+        std::fs::read_dir(d.join("batches"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    while batches(&b) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(300), "no progress");
+        assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!b.join("results.json").exists());
+    let resumed = run_json(&mut robust_cmd(&b, NOISE_EVAL));
+    for k in [
+        "records",
+        "clean",
+        "attacks",
+        "worst_case",
+        "checks",
+        "indices",
+    ] {
+        if k == "attacks" {
+            for (x, y) in full[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(resumed[k].as_array().unwrap())
+            {
+                assert_eq!(x["scores"], y["scores"]);
+                assert_eq!(x["grad"], y["grad"]);
+            }
+        } else {
+            assert_eq!(full[k], resumed[k], "{k} differs after resuming");
+        }
+    }
+    // Other settings in the same folder, and a folder holding something else, are refused.
+    let out = robust_cmd(&b, &["--attack", "pgd", "--n", "64"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("different settings"),
+        "{err}"
+    );
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
+    let out = robust_cmd(&foreign, &["--n", "8"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not empty"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+}
+
+#[test]
+fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("plain");
+    let r = run_json(&mut robust_cmd(
+        &out,
+        &[
+            "--attack", "pgd", "--n", "48", "--steps", "10", "--draws", "3",
+        ],
+    ));
+    assert_eq!(r["stochastic"], false);
+    let pgd = &r["attacks"][0]["scores"];
+    // One draw is every draw: the three scores coincide.
+    assert_eq!(pgd["single"]["k"], pgd["worst_of_r"]["k"]);
+    assert_eq!(pgd["majority"]["k"], pgd["worst_of_r"]["k"]);
+    assert!(pgd["single"]["value"].as_f64().unwrap() < 0.1, "{pgd}");
+    for (args, expect) in [
+        (&["--draws", "0"][..], "draws = 0"),
+        (&["--attack", "pgd,pgd"][..], "listed twice"),
+        (&["--attack", "nope"][..], "nope"),
+        (&["--steps", "0"][..], "steps = 0"),
+        (&["--batch-size", "0"][..], "batch_size = 0"),
+    ] {
+        let dir = tmp.path().join("bad");
+        let o = robust_cmd(&dir, args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(expect),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !dir.join("state.json").exists(),
+            "{args:?} left a state behind"
+        );
+    }
+}

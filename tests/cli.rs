@@ -134,3 +134,49 @@ fn bench_models_reports_both_sides_and_their_ratio() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown architecture 'vgg11'"));
 }
+
+#[test]
+fn bench_atop_times_the_step_on_both_sides() {
+    let rows = run_json(atop().args([
+        "--json",
+        "--threads",
+        "1",
+        "bench",
+        "atop",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+        "--adversary",
+        "fgsm",
+        "--adversary-target",
+        "classifier",
+    ]));
+    let row = &rows[0];
+    assert_eq!(row["preset"], "atop-cifar10-cpu");
+    assert_eq!(row["batch"], 2);
+    assert!(
+        row["adversary"]
+            .as_str()
+            .unwrap()
+            .contains("against the classifier alone"),
+        "{row}"
+    );
+    let (a, t) = (
+        row["atop_steps_s"].as_f64().unwrap(),
+        row["pytorch_steps_s"].as_f64().unwrap(),
+    );
+    assert!(a > 0.0 && t > 0.0);
+    // One round: the ratio is that round's.
+    assert!((row["ratio"].as_f64().unwrap() - a / t).abs() < 1e-9);
+    let out = atop()
+        .args(["bench", "atop", "--batch", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch"));
+}

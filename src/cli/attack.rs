@@ -22,27 +22,70 @@ use super::Global;
 
 #[derive(Debug, ClapArgs)]
 pub struct AttackArgs {
-    /// A checkpoint folder, one of its files, or a training run folder.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Attacks run in sequence on the still-robust points: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t,
     /// fab-t, square, cw (l2), or the compositions autoattack-standard (APGD-CE, APGD-T, FAB-T,
     /// Square) and autoattack-rand (APGD-CE + APGD-DLR, EOT 20); comma-separated.
     #[arg(long, default_value = "apgd-ce")]
     pub attack: String,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Output folder (default: runs/attack-<attacks>-<norm>-<eps>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// The attacked model and its data: a classifier, optionally behind a defence, on a seeded
+/// subset of a split (shared by `attack` and `eval robust`).
+#[derive(Debug, ClapArgs)]
+pub struct TargetArgs {
+    /// A checkpoint folder, one of its files, or a training run folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Put an input quantisation to this many levels in front of the model (a non-differentiable
+    /// toy defence; combine with --bpda to attack through it).
+    #[arg(long)]
+    pub quantize: Option<u32>,
+    /// Defend the classifier with this purifier checkpoint: the attacked model is
+    /// classifier(purifier(transform(x))), with exact gradients through all of it (use --eot
+    /// for the transform's randomness) or, with --bpda, the identity through transform and purifier.
+    #[arg(long)]
+    pub purifier: Option<PathBuf>,
+    /// The random transform in front of the purifier (default: the one it was trained with),
+    /// or, without --purifier, in front of the classifier alone (holes grey).
+    #[arg(long, value_enum)]
+    pub transform: Option<TransformKind>,
+    #[command(flatten)]
+    pub transform_settings: super::purifier::TransformArgs,
+    /// With --purifier, the working size you expect it to run at (an error if it was trained
+    /// at another); with a transform alone, the side it is drawn at.
+    #[arg(long)]
+    pub work_size: Option<usize>,
+    /// Differentiate through the defence stage (--quantize, --transform or --purifier) as the
+    /// identity (BPDA).
+    #[arg(long)]
+    pub bpda: bool,
+    #[command(flatten)]
+    pub data: super::data::ModelDataArgs,
+    /// A seeded subset of this many images (default: the whole split).
+    #[arg(long)]
+    pub n: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// The attacks' budgets and hyper-parameters (shared by `attack` and `eval robust`).
+#[derive(Debug, ClapArgs)]
+pub struct SettingsArgs {
     /// Threat model: linf, l2 or l1.
     #[arg(long, default_value = "linf", value_parser = |s: &str| s.parse::<Norm>())]
     pub norm: Norm,
     /// Budget: a number or a fraction such as 8/255.
     #[arg(long, default_value = "8/255", value_parser = parse_eps)]
     pub eps: f64,
-    /// Attack a seeded subset of this many images (default: the whole split).
-    #[arg(long)]
-    pub n: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, default_value_t = 256)]
-    pub batch_size: usize,
     /// Iterations (default: PGD 20, APGD and FAB 100, C&W 1,000 Adam steps per search step).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -85,34 +128,124 @@ pub struct AttackArgs {
     /// Gradient samples averaged per step (Expectation over Transformation).
     #[arg(long, default_value_t = 1)]
     pub eot: usize,
-    /// Put an input quantisation to this many levels in front of the model (a non-differentiable
-    /// toy defence; combine with --bpda to attack through it).
-    #[arg(long)]
-    pub quantize: Option<u32>,
-    /// Defend the classifier with this purifier checkpoint: the attacked model is
-    /// classifier(purifier(transform(x))), with exact gradients through all of it (use --eot
-    /// for the transform's randomness) or, with --bpda, the identity through transform and purifier.
-    #[arg(long)]
-    pub purifier: Option<PathBuf>,
-    /// The random transform in front of the purifier (default: the one it was trained with),
-    /// or, without --purifier, in front of the classifier alone (holes grey).
-    #[arg(long, value_enum)]
-    pub transform: Option<TransformKind>,
-    #[command(flatten)]
-    pub transform_settings: super::purifier::TransformArgs,
-    /// With --purifier, the working size you expect it to run at (an error if it was trained
-    /// at another); with a transform alone, the side it is drawn at.
-    #[arg(long)]
-    pub work_size: Option<usize>,
-    /// Differentiate through the defence stage (--quantize, --transform or --purifier) as the
-    /// identity (BPDA).
-    #[arg(long)]
-    pub bpda: bool,
-    #[command(flatten)]
-    pub data: super::data::ModelDataArgs,
-    /// Output folder (default: runs/attack-<attacks>-<norm>-<eps>).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
+}
+
+impl SettingsArgs {
+    pub fn settings(&self) -> Result<AttackSettings> {
+        let mut s = AttackSettings::new(Budget::new(self.norm, self.eps)?);
+        s.steps = self.steps;
+        s.step_size = self.step_size;
+        s.restarts = self.restarts;
+        s.random_start = self.random_start;
+        s.loss = self.loss;
+        s.targets = self.targets;
+        s.eot = self.eot;
+        s.queries = self.queries;
+        s.p_init = self.p_init;
+        s.square_rescale = self.square_rescale;
+        s.large_eps = self.large_eps;
+        s.search_steps = self.search_steps;
+        s.initial_const = self.initial_const;
+        s.kappa = self.kappa;
+        Ok(s)
+    }
+}
+
+/// What [`TargetArgs`] load: the classifier, the purifier, the defence settings and the data.
+pub struct Target {
+    pub dir: PathBuf,
+    pub classifier: atop::models::Classifier,
+    pub purifier: Option<(atop::purifier::GanPurifier, atop::purifier::PurifierSidecar)>,
+    pub defence: Defence,
+    pub dataset: String,
+    /// "cifar10 test n=512 seed=0".
+    pub data: String,
+    pub class_names: Vec<String>,
+    pub x: Tensor,
+    pub y: Tensor,
+    pub indices: Vec<usize>,
+}
+
+impl Target {
+    /// The defended model on the loaded images' size.
+    pub fn model(&self) -> Result<atop::models::pipeline::Pipeline<'_>> {
+        defended(
+            &self.classifier,
+            self.purifier.as_ref().map(|(p, s)| (p, &s.transform)),
+            &self.defence,
+            (self.x.size()[2], self.x.size()[3]),
+        )
+    }
+}
+
+impl TargetArgs {
+    pub fn load(&self, device: tch::Device) -> Result<Target> {
+        let a = self;
+        let dir = checkpoint::resolve(&a.model)?;
+        let (classifier, sidecar) = checkpoint::load(&dir, device)?;
+        let data_cfg = a.data.config_for(&sidecar, &dir)?;
+        let mut data = data_cfg.load(a.data.split)?;
+        if data.num_classes() != classifier.spec.num_classes {
+            bail!(
+                "the model has {} classes, the {} {} split has {}",
+                classifier.spec.num_classes,
+                data.name,
+                a.data.split.as_str(),
+                data.num_classes()
+            );
+        }
+        let indices = match a.n {
+            Some(n) => seeded_subset(data.len(), n, a.seed)?,
+            None => (0..data.len()).collect(),
+        };
+        data = data.select(&indices);
+        let (x, y) = data.tensors(&(0..data.len()).collect::<Vec<_>>());
+        let purifier = a
+            .purifier
+            .as_ref()
+            .map(|path| atop::purifier::load(path, device))
+            .transpose()?;
+        // The transform: the purifier's training one, or the kind given, with the settings on top.
+        let transform = match (&purifier, a.transform) {
+            (Some((_, sidecar)), kind) => {
+                let mut t = sidecar.transform.clone();
+                if let Some(kind) = kind {
+                    t.kind = kind;
+                }
+                Some(t)
+            }
+            (None, Some(kind)) => Some(TransformConfig::with_kind(kind)),
+            (None, None) => None,
+        };
+        let transform = transform.map(|mut t| {
+            a.transform_settings.apply(&mut t);
+            t
+        });
+        let defence = Defence {
+            transform,
+            work_size: a.work_size,
+            quantize: a.quantize,
+            bpda: a.bpda,
+        };
+        Ok(Target {
+            dir,
+            classifier,
+            purifier,
+            defence,
+            dataset: data_cfg.dataset.as_str().into(),
+            data: format!(
+                "{} {} n={} seed={}",
+                data_cfg.dataset.as_str(),
+                a.data.split.as_str(),
+                indices.len(),
+                a.seed
+            ),
+            class_names: data.class_names.clone(),
+            x,
+            y,
+            indices,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -128,79 +261,14 @@ struct Output<'a> {
 }
 
 pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
-    let budget = Budget::new(a.norm, a.eps)?;
-    let mut settings = AttackSettings::new(budget);
-    settings.steps = a.steps;
-    settings.step_size = a.step_size;
-    settings.restarts = a.restarts;
-    settings.random_start = a.random_start;
-    settings.loss = a.loss;
-    settings.targets = a.targets;
-    settings.eot = a.eot;
-    settings.queries = a.queries;
-    settings.p_init = a.p_init;
-    settings.square_rescale = a.square_rescale;
-    settings.large_eps = a.large_eps;
-    settings.search_steps = a.search_steps;
-    settings.initial_const = a.initial_const;
-    settings.kappa = a.kappa;
+    let mut settings = a.settings.settings()?;
     let attacks = runner::expand(&a.attack, &mut settings)?;
     for name in &attacks {
         settings.build(*name)?;
     }
-    let dir = checkpoint::resolve(&a.model)?;
-    let (classifier, sidecar) = checkpoint::load(&dir, global.device)?;
-    let data_cfg = a.data.config_for(&sidecar, &dir)?;
-    let mut data = data_cfg.load(a.data.split)?;
-    if data.num_classes() != classifier.spec.num_classes {
-        bail!(
-            "the model has {} classes, the {} {} split has {}",
-            classifier.spec.num_classes,
-            data.name,
-            a.data.split.as_str(),
-            data.num_classes()
-        );
-    }
-    let indices = match a.n {
-        Some(n) => seeded_subset(data.len(), n, a.seed)?,
-        None => (0..data.len()).collect(),
-    };
-    data = data.select(&indices);
-    let (x, y) = data.tensors(&(0..data.len()).collect::<Vec<_>>());
-
-    let purifier = a
-        .purifier
-        .as_ref()
-        .map(|path| atop::purifier::load(path, global.device))
-        .transpose()?;
-    // The transform: the purifier's training one, or the kind given, with the settings on top.
-    let transform = match (&purifier, a.transform) {
-        (Some((_, sidecar)), kind) => {
-            let mut t = sidecar.transform.clone();
-            if let Some(kind) = kind {
-                t.kind = kind;
-            }
-            Some(t)
-        }
-        (None, Some(kind)) => Some(TransformConfig::with_kind(kind)),
-        (None, None) => None,
-    };
-    let transform = transform.map(|mut t| {
-        a.transform_settings.apply(&mut t);
-        t
-    });
-    let defence = Defence {
-        transform,
-        work_size: a.work_size,
-        quantize: a.quantize,
-        bpda: a.bpda,
-    };
-    let pipeline = defended(
-        &classifier,
-        purifier.as_ref().map(|(p, s)| (p, &s.transform)),
-        &defence,
-        (x.size()[2], x.size()[3]),
-    )?;
+    let target = a.target.load(global.device)?;
+    let (x, y, indices) = (&target.x, &target.y, &target.indices);
+    let pipeline = target.model()?;
     let model: &dyn Model = &pipeline;
     if model.is_stochastic() && settings.eot == 1 {
         tracing::warn!("the model is stochastic and --eot is 1: gradients are single samples");
@@ -211,30 +279,24 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
         PathBuf::from("runs").join(format!(
             "attack-{}-{}-{:.5}",
             names.join("+"),
-            a.norm,
-            a.eps
+            a.settings.norm,
+            a.settings.eps
         ))
     });
     let config = RunnerConfig {
         attacks,
         settings,
         batch_size: a.batch_size,
-        seed: a.seed,
-        model: format!("{} [{}]", dir.display(), model.describe()),
-        data: format!(
-            "{} {} n={} seed={}",
-            data_cfg.dataset.as_str(),
-            a.data.split.as_str(),
-            indices.len(),
-            a.seed
-        ),
+        seed: a.target.seed,
+        model: format!("{} [{}]", target.dir.display(), model.describe()),
+        data: target.data.clone(),
     };
     let runner = Runner {
         model,
         config,
         state_dir: Some(out.clone()),
     };
-    let report = runner.run(&x, &y, &indices)?;
+    let report = runner.run(x, y, indices)?;
 
     let results = out.join("results.json");
     let images = out.join("adversarial.safetensors");
@@ -249,11 +311,11 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
             ("labels".into(), y.shallow_clone()),
         ],
     )?;
-    write_grid(&x, &report, &grid_path, &data.class_names)?;
+    write_grid(x, &report, &grid_path, &target.class_names)?;
     let output = Output {
-        model: dir,
+        model: target.dir.clone(),
         defence: model.describe(),
-        dataset: data_cfg.dataset.as_str().into(),
+        dataset: target.dataset.clone(),
         report: &report,
         results: results.clone(),
         images,
@@ -269,8 +331,8 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
         output.model.display(),
         output.defence,
         report.n,
-        a.norm,
-        a.eps,
+        a.settings.norm,
+        a.settings.eps,
         100.0 * report.clean_accuracy
     );
     for s in &report.steps {

@@ -176,24 +176,8 @@ pub struct AtopArgs {
     pub schedule: Option<Schedule>,
     #[arg(long)]
     pub warmup_steps: Option<usize>,
-    /// The attack that makes x': fgsm or pgd.
-    #[arg(long, value_enum)]
-    pub adversary: Option<atop::train::atop::AdversaryKind>,
-    /// What it attacks: the classifier alone, or the whole defended model.
-    #[arg(long, value_enum)]
-    pub adversary_target: Option<atop::train::atop::AdversaryTarget>,
-    /// Its Linf budget (e.g. 8/255).
-    #[arg(long, value_parser = atop::attacks::parse_eps)]
-    pub adversary_eps: Option<f64>,
-    /// PGD iterations.
-    #[arg(long)]
-    pub adversary_steps: Option<usize>,
-    /// PGD step size (default 2.5 eps / steps).
-    #[arg(long, value_parser = atop::attacks::parse_eps)]
-    pub adversary_step_size: Option<f64>,
-    /// EOT samples per step against the defended model.
-    #[arg(long)]
-    pub adversary_eot: Option<usize>,
+    #[command(flatten)]
+    pub adversary: AdversaryArgs,
     /// Per-epoch evaluation: seeded test images.
     #[arg(long)]
     pub eval_subset: Option<usize>,
@@ -215,6 +199,42 @@ pub struct AtopArgs {
     pub sample_every: Option<usize>,
     #[arg(long, value_enum)]
     pub precision: Option<atop::runtime::Precision>,
+}
+
+/// How x' is made in AToP fine-tuning (shared by `train atop` and `bench atop`).
+#[derive(Debug, Default, ClapArgs)]
+pub struct AdversaryArgs {
+    /// The attack that makes x': fgsm or pgd.
+    #[arg(long, value_enum)]
+    pub adversary: Option<atop::train::atop::AdversaryKind>,
+    /// What it attacks: the classifier alone, or the whole defended model.
+    #[arg(long, value_enum)]
+    pub adversary_target: Option<atop::train::atop::AdversaryTarget>,
+    /// Its Linf budget (e.g. 8/255).
+    #[arg(long, value_parser = atop::attacks::parse_eps)]
+    pub adversary_eps: Option<f64>,
+    /// PGD iterations.
+    #[arg(long)]
+    pub adversary_steps: Option<usize>,
+    /// PGD step size (default 2.5 eps / steps).
+    #[arg(long, value_parser = atop::attacks::parse_eps)]
+    pub adversary_step_size: Option<f64>,
+    /// EOT samples per step against the defended model.
+    #[arg(long)]
+    pub adversary_eot: Option<usize>,
+}
+
+impl AdversaryArgs {
+    pub fn apply(&self, adv: &mut atop::train::atop::AdversaryConfig) {
+        set(&mut adv.attack, &self.adversary);
+        set(&mut adv.target, &self.adversary_target);
+        set(&mut adv.eps, &self.adversary_eps);
+        set(&mut adv.steps, &self.adversary_steps);
+        if self.adversary_step_size.is_some() {
+            adv.step_size = self.adversary_step_size;
+        }
+        set(&mut adv.eot, &self.adversary_eot);
+    }
 }
 
 #[derive(Debug, ClapArgs)]
@@ -403,14 +423,7 @@ fn atop_settings(a: &AtopArgs) -> Result<(TrainAtopConfig, PathBuf, bool)> {
     set(&mut cfg.discriminator_optimizer.lr, &a.lr);
     set(&mut cfg.schedule, &a.schedule);
     set(&mut cfg.warmup_steps, &a.warmup_steps);
-    set(&mut cfg.adversary.attack, &a.adversary);
-    set(&mut cfg.adversary.target, &a.adversary_target);
-    set(&mut cfg.adversary.eps, &a.adversary_eps);
-    set(&mut cfg.adversary.steps, &a.adversary_steps);
-    if a.adversary_step_size.is_some() {
-        cfg.adversary.step_size = a.adversary_step_size;
-    }
-    set(&mut cfg.adversary.eot, &a.adversary_eot);
+    a.adversary.apply(&mut cfg.adversary);
     set(&mut cfg.eval.subset, &a.eval_subset);
     set(&mut cfg.eval.eps, &a.eval_eps);
     set(&mut cfg.eval.steps, &a.eval_steps);

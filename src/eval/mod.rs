@@ -1,3 +1,6 @@
-//! Evaluation: clean accuracy now; robust accuracy under attack comes with the attack suite.
+//! Evaluation: clean accuracy, and robust accuracy of any model (stochastic ones scored over R
+//! draws, with exact intervals).
 
 pub mod clean;
+pub mod robust;
+pub mod stats;

@@ -124,7 +124,7 @@ impl AdversaryConfig {
     }
 
     /// (steps, step size, random start) of the attack.
-    fn schedule(&self) -> (usize, f64, bool) {
+    pub fn schedule(&self) -> (usize, f64, bool) {
         match self.attack {
             AdversaryKind::Fgsm => (1, self.eps, false),
             AdversaryKind::Pgd => (

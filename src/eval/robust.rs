@@ -1,0 +1,811 @@
+//! Robust accuracy of any [`Model`], stochastic ones included, scored so that it survives
+//! scrutiny: every attack runs on every point (not only on the points one clean draw got
+//! right), and every clean or adversarial image is then classified by R independent draws of
+//! the model. From those draws come three scores, each with a 95 % Clopper-Pearson interval:
+//! single draw (mean and std over the R draws), majority vote, and worst of R (a point counts
+//! only if all R draws are right). The worst case per point is taken over all attacks, with
+//! the clean image counted as one of them. Sanity checks measure instead of trusting
+//! declarations (randomness, gradients, attack orderings). Progress is saved after every
+//! batch: an interrupted evaluation resumes without redoing finished work.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::stats::Proportion;
+use crate::attacks::runner::check_budget;
+use crate::attacks::{AttackName, AttackSettings, GradStats};
+use crate::models::Model;
+
+/// Which model an attack differentiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// The whole evaluated model (adaptive, exact gradients, EOT from the settings).
+    Whole,
+    /// The undefended classifier; the images are then scored on the whole model: a transfer
+    /// attack, never a robustness claim on its own.
+    Transfer,
+}
+
+/// One attack of an evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttackSpec {
+    pub attack: AttackName,
+    pub target: Target,
+}
+
+impl AttackSpec {
+    pub fn label(&self) -> String {
+        match self.target {
+            Target::Whole => self.attack.to_string(),
+            Target::Transfer => format!("transfer-{}", self.attack),
+        }
+    }
+
+    /// Black-box (queries only).
+    fn black_box(&self) -> bool {
+        self.attack == AttackName::Square
+    }
+}
+
+/// Parses `pgd,apgd-ce,transfer,...`: attack names, AutoAttack compositions, and `transfer`
+/// (PGD on the classifier alone). Compositions may raise the settings' EOT (`autoattack-rand`).
+pub fn parse_attacks(list: &str, settings: &mut AttackSettings) -> Result<Vec<AttackSpec>> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if part.eq_ignore_ascii_case("transfer") {
+            out.push(AttackSpec {
+                attack: AttackName::Pgd,
+                target: Target::Transfer,
+            });
+            continue;
+        }
+        for attack in crate::attacks::runner::expand(part, settings)? {
+            out.push(AttackSpec {
+                attack,
+                target: Target::Whole,
+            });
+        }
+    }
+    if out.is_empty() {
+        bail!("--attack: no attack given");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for a in &out {
+        if !seen.insert(a.label()) {
+            bail!("--attack: {} is listed twice", a.label());
+        }
+    }
+    Ok(out)
+}
+
+/// Everything that defines an evaluation (a resumed one must match it exactly).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RobustConfig {
+    pub attacks: Vec<AttackSpec>,
+    pub settings: AttackSettings,
+    /// R: independent draws of the model per scored image.
+    pub draws: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Identifies the model (its files' content hash where known) and the data.
+    pub model: String,
+    pub data: String,
+}
+
+impl RobustConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.settings.validate()?;
+        if self.draws == 0 {
+            bail!("draws = 0: expected R >= 1 draws of the model per image");
+        }
+        if self.batch_size == 0 {
+            bail!("batch_size = 0: expected at least 1");
+        }
+        if self.attacks.is_empty() {
+            bail!("no attack given");
+        }
+        for a in &self.attacks {
+            self.settings.for_attack(a.attack).build(a.attack)?;
+        }
+        Ok(())
+    }
+}
+
+/// The three scores of a set of points, each with its interval.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Scores {
+    /// Single draw: mean over the R draws of the accuracy of one draw, its std over draws, and
+    /// the interval of the mean as a proportion of n (the draws are not independent trials).
+    pub single: Proportion,
+    pub single_std: f64,
+    /// Majority (plurality) vote of the R predictions.
+    pub majority: Proportion,
+    /// All R draws right.
+    pub worst_of_r: Proportion,
+}
+
+impl Scores {
+    /// From per-point, per-draw correctness (`correct[i][r]`) and plurality correctness.
+    fn from(correct: &[Vec<bool>], majority: &[bool]) -> Scores {
+        let n = correct.len();
+        let r = correct.first().map_or(0, Vec::len);
+        let per_draw: Vec<f64> = (0..r)
+            .map(|d| correct.iter().filter(|c| c[d]).count() as f64 / n.max(1) as f64)
+            .collect();
+        let mean = per_draw.iter().sum::<f64>() / r.max(1) as f64;
+        let var = per_draw.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (r.max(2) - 1) as f64;
+        let mut single = Proportion::new((mean * n as f64).round() as usize, n);
+        single.value = mean;
+        Scores {
+            single,
+            single_std: var.sqrt(),
+            majority: Proportion::new(majority.iter().filter(|&&m| m).count(), n),
+            worst_of_r: Proportion::new(correct.iter().filter(|c| c.iter().all(|&b| b)).count(), n),
+        }
+    }
+}
+
+/// What R draws of the model said about one image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Draws {
+    /// The R predicted labels.
+    pub preds: Vec<i64>,
+}
+
+impl Draws {
+    fn correct(&self, label: i64) -> Vec<bool> {
+        self.preds.iter().map(|&p| p == label).collect()
+    }
+
+    /// The most frequent label (the smallest of tied ones), for records.
+    pub fn plurality(&self) -> i64 {
+        let mut counts: std::collections::BTreeMap<i64, usize> = Default::default();
+        for &p in &self.preds {
+            *counts.entry(p).or_default() += 1;
+        }
+        let best = counts.values().copied().max().unwrap_or(0);
+        counts
+            .into_iter()
+            .find(|&(_, c)| c == best)
+            .map_or(-1, |(l, _)| l)
+    }
+
+    /// Majority-vote correctness; a tie with another label counts as wrong.
+    fn majority_correct(&self, label: i64) -> bool {
+        let mine = self.preds.iter().filter(|&&p| p == label).count();
+        let mut counts: std::collections::HashMap<i64, usize> = Default::default();
+        for &p in self.preds.iter().filter(|&&p| p != label) {
+            *counts.entry(p).or_default() += 1;
+        }
+        mine > 0 && counts.values().all(|&c| c < mine)
+    }
+}
+
+/// One attack's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttackResult {
+    pub attack: String,
+    pub target: Target,
+    pub scores: Scores,
+    pub seconds: f64,
+    pub grad: GradStats,
+    /// Model calls per point spent by the attack (forward+backward counted once), as declared
+    /// by its budget: the same for every point.
+    pub gradient_evaluations_per_point: Option<usize>,
+}
+
+/// One sanity check.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Check {
+    pub name: String,
+    /// PASS, WARN or INFO.
+    pub status: String,
+    pub detail: String,
+}
+
+impl Check {
+    fn new(name: &str, pass: bool, detail: String) -> Check {
+        Check {
+            name: name.into(),
+            status: if pass { "PASS" } else { "WARN" }.into(),
+            detail,
+        }
+    }
+}
+
+/// Per point: its draws on the clean image and on each attack's image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PointRecord {
+    pub index: usize,
+    pub label: i64,
+    pub clean: Draws,
+    /// In the order of the config's attacks.
+    pub attacks: Vec<Draws>,
+    /// Linf/L2/L1 norm (the budget's) of each attack's perturbation.
+    pub perturbation_norms: Vec<f64>,
+}
+
+/// The finished evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RobustEvaluation {
+    pub config: RobustConfig,
+    pub n: usize,
+    pub indices: Vec<usize>,
+    /// Two calls on the same images differed (measured, not declared).
+    pub stochastic: bool,
+    /// The largest |logit difference| between two calls on the same clean images.
+    pub max_logit_change: f64,
+    pub clean: Scores,
+    pub attacks: Vec<AttackResult>,
+    /// Per point, the worst case over the clean image and every attack (transfer included).
+    pub worst_case: Scores,
+    pub checks: Vec<Check>,
+    pub records: Vec<PointRecord>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    config: RobustConfig,
+    indices: Vec<usize>,
+    stochastic: bool,
+    max_logit_change: f64,
+    clean: Vec<Option<Draws>>,
+    /// [attack][point]
+    done: Vec<Vec<Option<Draws>>>,
+    norms: Vec<Vec<f64>>,
+    grad: Vec<GradStats>,
+    seconds: Vec<f64>,
+    /// Batch files (attack, first point), in order.
+    batches: Vec<String>,
+}
+
+const STATE: &str = "state.json";
+const BATCHES: &str = "batches";
+
+/// Evaluates `model` on `x` (N x C x H x W in [0,1]) with labels `y`. `base` is the classifier
+/// alone, needed by transfer attacks. With `state_dir`, progress is saved after every batch and
+/// an earlier run with the same config is resumed. Returns the evaluation and the adversarial
+/// images of every attack (in config order).
+pub fn evaluate(
+    model: &dyn Model,
+    base: Option<&dyn Model>,
+    x: &Tensor,
+    y: &Tensor,
+    indices: &[usize],
+    config: &RobustConfig,
+    state_dir: Option<&Path>,
+) -> Result<(RobustEvaluation, Vec<Tensor>)> {
+    config.validate()?;
+    let n = x.size()[0] as usize;
+    if indices.len() != n || y.size() != [n as i64] {
+        bail!(
+            "{n} images, {} labels and {} indices",
+            y.numel(),
+            indices.len()
+        );
+    }
+    if n == 0 {
+        bail!("no images to evaluate");
+    }
+    let k = model.num_classes() as i64;
+    let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
+    if lo < 0 || hi >= k {
+        bail!(
+            "labels range over [{lo}, {hi}] but the model has {k} classes (expected 0..{})",
+            k - 1
+        );
+    }
+    if config.attacks.iter().any(|a| a.target == Target::Transfer) && base.is_none() {
+        bail!("a transfer attack needs the undefended classifier");
+    }
+    let started = Instant::now();
+    let device = model.device();
+    let labels = Vec::<i64>::try_from(y.to_device(Device::Cpu))?;
+    let mut state = match load_state(state_dir, config, indices)? {
+        Some(s) => s,
+        None => {
+            let (stochastic, change) =
+                measure_randomness(model, x, config.batch_size, config.seed)?;
+            State {
+                config: config.clone(),
+                indices: indices.to_vec(),
+                stochastic,
+                max_logit_change: change,
+                clean: vec![None; n],
+                done: vec![vec![None; n]; config.attacks.len()],
+                norms: vec![vec![0.0; n]; config.attacks.len()],
+                grad: vec![GradStats::default(); config.attacks.len()],
+                seconds: vec![0.0; config.attacks.len()],
+                batches: Vec::new(),
+            }
+        }
+    };
+    if state.stochastic && config.settings.eot == 1 {
+        tracing::warn!(
+            "the model is random (two calls differ by up to {:.3e} in a logit) and EOT is 1: each attack step sees one draw",
+            state.max_logit_change
+        );
+    }
+    let batches: Vec<(usize, usize)> = (0..n)
+        .step_by(config.batch_size)
+        .map(|s| (s, (n - s).min(config.batch_size)))
+        .collect();
+    let slice = |t: &Tensor, s: usize, len: usize| t.narrow(0, s as i64, len as i64);
+    // The clean draws.
+    for &(s, len) in &batches {
+        if state.clean[s].is_some() {
+            continue;
+        }
+        let xb = slice(x, s, len).to_device(device).to_kind(Kind::Float);
+        let draws = draw(model, &xb, config.draws, config.seed, usize::MAX, s)?;
+        for (j, d) in draws.into_iter().enumerate() {
+            state.clean[s + j] = Some(d);
+        }
+        save_state(state_dir, &state)?;
+    }
+    // Adversarial images: start from clean, replay finished batches.
+    let x_adv: Vec<Tensor> = config
+        .attacks
+        .iter()
+        .map(|_| x.to_device(Device::Cpu).to_kind(Kind::Float).copy())
+        .collect();
+    for b in &state.batches {
+        let (ai, s, images) = read_batch(state_dir, b)?;
+        let len = images.size()[0] as usize;
+        let xb = slice(x, s, len).to_device(Device::Cpu).to_kind(Kind::Float);
+        // Resumed images are re-checked: a tampered or truncated file must not enter a report.
+        check_budget(
+            &images,
+            &xb,
+            &config.settings.budget,
+            &format!("{} (resumed from {b})", config.attacks[ai].label()),
+        )?;
+        x_adv[ai].narrow(0, s as i64, len as i64).copy_(&images);
+    }
+    for (ai, spec) in config.attacks.iter().enumerate() {
+        let settings = config.settings.for_attack(spec.attack);
+        let (attacked, eot): (&dyn Model, usize) = match spec.target {
+            Target::Whole => (model, settings.eot),
+            Target::Transfer => (base.expect("checked above"), 1),
+        };
+        let mut settings = settings;
+        settings.eot = eot;
+        let attack = settings.build(spec.attack)?;
+        let todo: Vec<&(usize, usize)> = batches
+            .iter()
+            .filter(|(s, _)| state.done[ai][*s].is_none())
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        let bar = crate::progress::bar(
+            todo.iter().map(|(_, l)| *l as u64).sum(),
+            &format!("{} ({}/{})", spec.label(), ai + 1, config.attacks.len()),
+        );
+        for &&(s, len) in &todo {
+            let t = Instant::now();
+            let xb = slice(x, s, len).to_device(device).to_kind(Kind::Float);
+            let yb = slice(y, s, len).to_device(device);
+            let seed = config.seed ^ ((ai as u64 + 1) << 40) ^ (s as u64).wrapping_mul(0x9E37_79B9);
+            // Attacks that draw nothing themselves (FGSM) still meet a random model: fix its
+            // draws too, so a resumed run attacks exactly as an uninterrupted one.
+            tch::manual_seed(seed as i64);
+            let out = attack.run(attacked, &xb, &yb, seed)?;
+            let adv = out.x_adv.detach().to_kind(Kind::Float);
+            check_budget(&adv, &xb, &attack.budget(), &spec.label())?;
+            let draws = draw(model, &adv, config.draws, config.seed, ai, s)?;
+            let norms = Vec::<f64>::try_from(
+                attack
+                    .budget()
+                    .norm
+                    .measure(&(&adv - &xb))
+                    .to_device(Device::Cpu)
+                    .to_kind(Kind::Double),
+            )?;
+            let adv_cpu = adv.to_device(Device::Cpu);
+            let file = format!("{ai:02}-{:06}.safetensors", s);
+            if let Some(dir) = state_dir {
+                crate::io::write_safetensors(
+                    &dir.join(BATCHES).join(&file),
+                    &[("images".into(), adv_cpu.shallow_clone())],
+                )?;
+            }
+            x_adv[ai].narrow(0, s as i64, len as i64).copy_(&adv_cpu);
+            for (j, d) in draws.into_iter().enumerate() {
+                state.done[ai][s + j] = Some(d);
+                state.norms[ai][s + j] = norms[j];
+            }
+            state.grad[ai].add(out.grad);
+            state.seconds[ai] += t.elapsed().as_secs_f64();
+            state.batches.push(file);
+            save_state(state_dir, &state)?;
+            bar.inc(len as u64);
+        }
+        bar.finish_and_clear();
+    }
+    let evaluation = finish(&state, &labels, model, started.elapsed().as_secs_f64())?;
+    Ok((evaluation, x_adv))
+}
+
+/// R seeded draws of `model` on a batch: the predictions per image. The seed depends on the
+/// evaluation seed, the image set (`slot`: clean or an attack) and the batch, so a resumed run
+/// draws the same.
+fn draw(
+    model: &dyn Model,
+    x: &Tensor,
+    r: usize,
+    seed: u64,
+    slot: usize,
+    start: usize,
+) -> Result<Vec<Draws>> {
+    let n = x.size()[0] as usize;
+    let mut preds = vec![Vec::with_capacity(r); n];
+    for d in 0..r {
+        let s = seed
+            .wrapping_mul(0x2545_F491_4F6C_DD1D)
+            .wrapping_add((slot as u64).wrapping_mul(1_000_003))
+            .wrapping_add((start as u64) << 20)
+            .wrapping_add(d as u64);
+        tch::manual_seed(s as i64);
+        let logits = tch::no_grad(|| model.logits(x));
+        let p = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
+        for (i, v) in p.into_iter().enumerate() {
+            preds[i].push(v);
+        }
+    }
+    Ok(preds.into_iter().map(|preds| Draws { preds }).collect())
+}
+
+/// Two calls on the same clean images (up to one batch): whether they differ, and by how much.
+fn measure_randomness(
+    model: &dyn Model,
+    x: &Tensor,
+    batch: usize,
+    seed: u64,
+) -> Result<(bool, f64)> {
+    tch::manual_seed(seed as i64);
+    let len = (x.size()[0] as usize).min(batch).min(64) as i64;
+    let xb = x
+        .narrow(0, 0, len)
+        .to_device(model.device())
+        .to_kind(Kind::Float);
+    let (a, b) = tch::no_grad(|| (model.logits(&xb), model.logits(&xb)));
+    let change = (a - b).abs().max().to_kind(Kind::Double).double_value(&[]);
+    if !change.is_finite() {
+        bail!("the model's logits on clean images are not finite");
+    }
+    Ok((change > 1e-6, change))
+}
+
+fn finish(
+    state: &State,
+    labels: &[i64],
+    model: &dyn Model,
+    seconds: f64,
+) -> Result<RobustEvaluation> {
+    let cfg = &state.config;
+    let n = labels.len();
+    let take = |v: &Option<Draws>| v.clone().context("an unfinished batch");
+    let clean: Vec<Draws> = state.clean.iter().map(take).collect::<Result<_>>()?;
+    let per_attack: Vec<Vec<Draws>> = state
+        .done
+        .iter()
+        .map(|a| a.iter().map(take).collect::<Result<Vec<_>>>())
+        .collect::<Result<_>>()?;
+    let score = |draws: &[Draws]| {
+        let correct: Vec<Vec<bool>> = draws
+            .iter()
+            .zip(labels)
+            .map(|(d, &l)| d.correct(l))
+            .collect();
+        let majority: Vec<bool> = draws
+            .iter()
+            .zip(labels)
+            .map(|(d, &l)| d.majority_correct(l))
+            .collect();
+        (correct, majority)
+    };
+    let (clean_correct, clean_majority) = score(&clean);
+    let mut worst_correct = clean_correct.clone();
+    let mut worst_majority = clean_majority.clone();
+    let mut attacks = Vec::new();
+    for (ai, spec) in cfg.attacks.iter().enumerate() {
+        let (c, m) = score(&per_attack[ai]);
+        for i in 0..n {
+            for (w, v) in worst_correct[i].iter_mut().zip(&c[i]) {
+                *w &= *v;
+            }
+            worst_majority[i] &= m[i];
+        }
+        let settings = cfg.settings.for_attack(spec.attack);
+        attacks.push(AttackResult {
+            attack: spec.label(),
+            target: spec.target,
+            scores: Scores::from(&c, &m),
+            seconds: state.seconds[ai],
+            grad: state.grad[ai],
+            gradient_evaluations_per_point: gradient_budget(spec, &settings),
+        });
+    }
+    let clean_scores = Scores::from(&clean_correct, &clean_majority);
+    let worst_case = Scores::from(&worst_correct, &worst_majority);
+    let records = (0..n)
+        .map(|i| PointRecord {
+            index: state.indices[i],
+            label: labels[i],
+            clean: clean[i].clone(),
+            attacks: per_attack.iter().map(|a| a[i].clone()).collect(),
+            perturbation_norms: state.norms.iter().map(|a| a[i]).collect(),
+        })
+        .collect();
+    let mut evaluation = RobustEvaluation {
+        config: cfg.clone(),
+        n,
+        indices: state.indices.clone(),
+        stochastic: state.stochastic,
+        max_logit_change: state.max_logit_change,
+        clean: clean_scores,
+        attacks,
+        worst_case,
+        checks: Vec::new(),
+        records,
+        seconds,
+    };
+    evaluation.checks = checks(&evaluation, model);
+    Ok(evaluation)
+}
+
+/// Gradient evaluations per point an attack spends at most (steps x EOT x restarts), where
+/// the attack has such a budget.
+fn gradient_budget(spec: &AttackSpec, s: &AttackSettings) -> Option<usize> {
+    let eot = if spec.target == Target::Transfer {
+        1
+    } else {
+        s.eot
+    };
+    let steps = match spec.attack {
+        AttackName::Fgsm => 1,
+        AttackName::Pgd => s.steps.unwrap_or(20),
+        AttackName::ApgdCe | AttackName::ApgdDlr => s.steps.unwrap_or(100),
+        AttackName::ApgdT => s.steps.unwrap_or(100) * s.targets,
+        _ => return None,
+    };
+    Some(steps * eot * s.restarts)
+}
+
+/// The sanity checks that need no further attack runs.
+fn checks(e: &RobustEvaluation, model: &dyn Model) -> Vec<Check> {
+    let mut out = Vec::new();
+    let declared = model.is_stochastic();
+    out.push(Check {
+        name: "randomness".into(),
+        status: if declared == e.stochastic { "PASS" } else { "WARN" }.into(),
+        detail: format!(
+            "two calls on the same clean images differ by up to {:.3e} in a logit: the model is {} (it declares itself {})",
+            e.max_logit_change,
+            if e.stochastic { "random" } else { "deterministic" },
+            if declared { "random" } else { "deterministic" }
+        ),
+    });
+    if e.stochastic {
+        let eot = e.config.settings.eot;
+        out.push(Check::new(
+            "eot on a random model",
+            eot > 1,
+            format!("the white-box attacks average {eot} gradient sample(s) per step"),
+        ));
+    }
+    let (mut evals, mut bad) = (0u64, 0u64);
+    for a in e.attacks.iter().filter(|a| a.target == Target::Whole) {
+        evals += a.grad.evaluations;
+        bad += a.grad.zero + a.grad.non_finite;
+    }
+    if evals > 0 {
+        let share = bad as f64 / evals as f64;
+        out.push(Check::new(
+            "input gradients",
+            share <= 0.01,
+            format!(
+                "{bad} of {evals} gradient evaluations ({:.1} %) were zero or not finite{}",
+                100.0 * share,
+                if share > 0.01 {
+                    ": gradient masking; attack the offending stage with BPDA"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    // Orderings that hold for a sound evaluation: a weaker attack must not beat a stronger one
+    // by more than the noise of n points (2 standard errors of a proportion near the values).
+    let n = e.n as f64;
+    let tol = |p: f64| 2.0 * (p * (1.0 - p) / n).sqrt() + 0.5 / n;
+    let adaptive: Vec<&AttackResult> = e
+        .attacks
+        .iter()
+        .filter(|a| a.target == Target::Whole && a.attack != "square" && a.attack != "fgsm")
+        .collect();
+    let best_adaptive = adaptive
+        .iter()
+        .map(|a| a.scores.single.value)
+        .fold(f64::INFINITY, f64::min);
+    let mut ordering = |name: &str, weaker: &AttackResult, what: &str| {
+        let (w, s) = (weaker.scores.single.value, best_adaptive);
+        out.push(Check::new(
+            name,
+            w + tol(s) >= s,
+            format!(
+                "{} (single draw) {:.2} % vs the strongest iterative white-box attack {:.2} %: {what}",
+                weaker.attack,
+                100.0 * w,
+                100.0 * s
+            ),
+        ));
+    };
+    if best_adaptive.is_finite() {
+        for a in &e.attacks {
+            let spec = e.config.attacks.iter().find(|s| s.label() == a.attack);
+            match spec {
+                Some(s) if s.target == Target::Transfer => ordering(
+                    "transfer not stronger than adaptive",
+                    a,
+                    "a stronger transfer attack means the adaptive attacks do not find the model's own gradients",
+                ),
+                Some(s) if s.black_box() => ordering(
+                    "black-box not stronger than white-box",
+                    a,
+                    "a stronger black-box attack is the classic sign of gradient masking",
+                ),
+                Some(s) if s.attack == AttackName::Fgsm => ordering(
+                    "single-step not stronger than iterative",
+                    a,
+                    "a stronger single step means the iterative attacks are stuck",
+                ),
+                _ => {}
+            }
+        }
+    }
+    if e.stochastic {
+        let w = &e.worst_case;
+        out.push(Check {
+            name: "scores of a random model".into(),
+            status: "INFO".into(),
+            detail: format!(
+                "worst case per point: single draw {:.2} %, majority {:.2} %, worst of R {:.2} %: a defence that is only robust on average is not robust on every draw",
+                100.0 * w.single.value,
+                100.0 * w.majority.value,
+                100.0 * w.worst_of_r.value
+            ),
+        });
+    }
+    out
+}
+
+fn load_state(
+    dir: Option<&Path>,
+    config: &RobustConfig,
+    indices: &[usize],
+) -> Result<Option<State>> {
+    let Some(dir) = dir else {
+        return Ok(None);
+    };
+    let path = dir.join(STATE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let state: State = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a robust-evaluation state file", path.display()))?;
+    if &state.config != config || state.indices != indices {
+        bail!(
+            "{} holds an evaluation with different settings (attacks, budgets, draws, seed, model or data); resume it with the same settings or choose another --out",
+            path.display()
+        );
+    }
+    let n = indices.len();
+    if state.clean.len() != n
+        || state.done.len() != config.attacks.len()
+        || state.done.iter().any(|a| a.len() != n)
+    {
+        bail!("{}: inconsistent state (sizes)", path.display());
+    }
+    tracing::info!("resuming the evaluation in {}", dir.display());
+    Ok(Some(state))
+}
+
+fn save_state(dir: Option<&Path>, state: &State) -> Result<()> {
+    match dir {
+        Some(d) => crate::io::write_json(&d.join(STATE), state),
+        None => Ok(()),
+    }
+}
+
+/// (attack index, first point, images) of a batch file named `AA-SSSSSS.safetensors`.
+fn read_batch(dir: Option<&Path>, file: &str) -> Result<(usize, usize, Tensor)> {
+    let dir = dir.context("batch files without a state folder")?;
+    let path: PathBuf = dir.join(BATCHES).join(file);
+    let stem = file.trim_end_matches(".safetensors");
+    let (a, s) = stem
+        .split_once('-')
+        .with_context(|| format!("{}: unexpected batch file name", path.display()))?;
+    let (a, s): (usize, usize) = (
+        a.parse()
+            .with_context(|| format!("{}: unexpected batch file name", path.display()))?,
+        s.parse()
+            .with_context(|| format!("{}: unexpected batch file name", path.display()))?,
+    );
+    let t = crate::models::checkpoint::read_tensors(&path)?;
+    let images = t
+        .into_iter()
+        .find(|(n, _)| n == "images")
+        .map(|(_, v)| v)
+        .with_context(|| format!("{}: no tensor 'images'", path.display()))?;
+    Ok((a, s, images.to_kind(Kind::Float)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn majority_needs_a_strict_plurality_of_the_truth() {
+        let d = |p: &[i64]| Draws { preds: p.to_vec() };
+        assert!(d(&[1, 1, 2]).majority_correct(1));
+        assert!(!d(&[1, 2, 2]).majority_correct(1));
+        // A tie is not a win.
+        assert!(!d(&[1, 2]).majority_correct(1));
+        // A plurality below one half still wins.
+        assert!(d(&[1, 1, 2, 3, 4]).majority_correct(1));
+        assert_eq!(d(&[3, 2, 2, 3]).plurality(), 2);
+    }
+
+    #[test]
+    fn scores_follow_their_definitions() {
+        // 4 points x 3 draws.
+        let correct = vec![
+            vec![true, true, true],
+            vec![true, false, true],
+            vec![false, false, true],
+            vec![false, false, false],
+        ];
+        let majority = vec![true, true, false, false];
+        let s = Scores::from(&correct, &majority);
+        assert_eq!(s.worst_of_r.k, 1);
+        assert_eq!(s.majority.k, 2);
+        // Per draw: 2/4, 1/4, 3/4.
+        assert!((s.single.value - 0.5).abs() < 1e-12);
+        assert!((s.single_std - 0.25).abs() < 1e-12);
+        assert!(s.worst_of_r.value <= s.single.value);
+        assert!(s.single.lo < s.single.value && s.single.value < s.single.hi);
+    }
+
+    #[test]
+    fn attack_lists_parse_with_transfer_and_refuse_repeats() {
+        let mut s = AttackSettings::new(
+            crate::attacks::Budget::new(crate::attacks::Norm::Linf, 0.03).unwrap(),
+        );
+        let a = parse_attacks("pgd, transfer ,apgd-dlr", &mut s).unwrap();
+        let labels: Vec<String> = a.iter().map(AttackSpec::label).collect();
+        assert_eq!(labels, ["pgd", "transfer-pgd", "apgd-dlr"]);
+        assert!(
+            parse_attacks("pgd,pgd", &mut s)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+        assert!(parse_attacks("pgd,nope", &mut s).is_err());
+        assert!(parse_attacks(" , ", &mut s).is_err());
+        let mut s2 = s.clone();
+        let rand = parse_attacks("autoattack-rand", &mut s2).unwrap();
+        assert_eq!(rand.len(), 2);
+        assert_eq!(s2.eot, 20);
+    }
+}

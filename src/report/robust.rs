@@ -1,0 +1,181 @@
+//! The robust evaluation as a report a reader understands without the code (Markdown) and as
+//! per-point records (CSV).
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::attacks::Norm;
+use crate::eval::robust::{RobustEvaluation, Scores, Target};
+
+/// Where the numbers came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Provenance {
+    pub atop_version: String,
+    pub torch_version: String,
+    pub device: String,
+    pub threads: usize,
+    /// The checkpoint and the defence in front of it.
+    pub model: String,
+    pub defence: String,
+    pub data: String,
+    pub started: String,
+}
+
+fn row(name: &str, s: &Scores) -> String {
+    format!(
+        "| {name} | {:.2} % ± {:.2} [{:.2}, {:.2}] | {} | {} |",
+        100.0 * s.single.value,
+        100.0 * s.single_std,
+        100.0 * s.single.lo,
+        100.0 * s.single.hi,
+        s.majority.show(),
+        s.worst_of_r.show()
+    )
+}
+
+/// The budget line: norm, eps (also as k/255 for Linf), iterations, EOT, restarts.
+pub fn budget(e: &RobustEvaluation) -> String {
+    let s = &e.config.settings;
+    let eps = s.budget.eps;
+    let eps = if s.budget.norm == Norm::Linf {
+        format!("{eps:.5} ({:.2}/255)", eps * 255.0)
+    } else {
+        format!("{eps:.5}")
+    };
+    format!(
+        "{} eps {eps}; iterations {} (PGD default 20, APGD 100); step size {}; EOT {} gradient samples per step on the whole model; {} restart(s); {} queries for Square; R = {} draws per scored image",
+        s.budget.norm,
+        s.steps.map_or("default".into(), |v| v.to_string()),
+        s.step_size
+            .map_or("default (PGD eps/4)".into(), |v| format!("{v:.5}")),
+        s.eot,
+        s.restarts,
+        s.queries,
+        e.config.draws
+    )
+}
+
+pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Robust evaluation\n");
+    let _ = writeln!(s, "- model: `{}`", p.model);
+    let _ = writeln!(s, "- defence: {}", p.defence);
+    let _ = writeln!(
+        s,
+        "- data: {} ({} points; indices in results.json)",
+        p.data, e.n
+    );
+    let _ = writeln!(s, "- budget: {}", budget(e));
+    let _ = writeln!(
+        s,
+        "- randomness (measured): {} (two calls on the same images differ by up to {:.3e} in a logit)",
+        if e.stochastic {
+            "random"
+        } else {
+            "deterministic"
+        },
+        e.max_logit_change
+    );
+    let _ = writeln!(
+        s,
+        "- atop {}, torch {}, {} with {} threads; started {}; {:.0} s\n",
+        p.atop_version, p.torch_version, p.device, p.threads, p.started, e.seconds
+    );
+    let _ = writeln!(s, "## Accuracy\n");
+    let _ = writeln!(
+        s,
+        "Every image, clean or adversarial, is classified by R = {} independent draws of the model. \
+         Single draw: the mean over draws of one draw's accuracy, ± its std over draws, with the \
+         Clopper-Pearson interval of the mean as a proportion of n. Majority: the most frequent \
+         prediction is right (a tie is wrong). Worst of R: all R draws are right. Intervals are \
+         95 % Clopper-Pearson over the n points. Every attack runs on every point.\n",
+        e.config.draws
+    );
+    let _ = writeln!(s, "| images | single draw | majority of R | worst of R |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    let _ = writeln!(s, "{}", row("clean", &e.clean));
+    for a in &e.attacks {
+        let name = match a.target {
+            Target::Whole => format!("{} (whole model)", a.attack),
+            Target::Transfer => format!("{} (transfer attack: classifier only)", a.attack),
+        };
+        let _ = writeln!(s, "{}", row(&name, &a.scores));
+    }
+    let _ = writeln!(
+        s,
+        "{}\n",
+        row(
+            "**worst case per point (clean and all attacks)**",
+            &e.worst_case
+        )
+    );
+    let _ = writeln!(s, "## Attacks\n");
+    let _ = writeln!(
+        s,
+        "| attack | target | gradient evaluations per point (budget) | zero / non-finite gradients | seconds |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for a in &e.attacks {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} / {} of {} | {:.1} |",
+            a.attack,
+            match a.target {
+                Target::Whole if a.attack == "square" => "whole model, queries only",
+                Target::Whole => "whole model, exact gradients",
+                Target::Transfer => "classifier alone (transfer)",
+            },
+            a.gradient_evaluations_per_point
+                .map_or("-".into(), |v| v.to_string()),
+            a.grad.zero,
+            a.grad.non_finite,
+            a.grad.evaluations,
+            a.seconds
+        );
+    }
+    let _ = writeln!(s, "\n## Sanity checks\n");
+    let _ = writeln!(s, "| check | status | numbers |");
+    let _ = writeln!(s, "|---|---|---|");
+    for c in &e.checks {
+        let _ = writeln!(s, "| {} | {} | {} |", c.name, c.status, c.detail);
+    }
+    let _ = writeln!(
+        s,
+        "\nThe grid (`grid.png`) shows, for the points the strongest attack broke first: clean, \
+         adversarial, and where a purifier is present the transformed and purified images, then \
+         the perturbation amplified to the full range."
+    );
+    s
+}
+
+/// One row per point and image set (clean, then each attack): the R predictions joined by `;`.
+pub fn csv(e: &RobustEvaluation) -> String {
+    let mut s = String::from("index,label,images,preds,correct_draws,draws,perturbation_norm\n");
+    for r in &e.records {
+        let mut line = |name: &str, preds: &[i64], norm: f64| {
+            let correct = preds.iter().filter(|&&p| p == r.label).count();
+            let joined: Vec<String> = preds.iter().map(i64::to_string).collect();
+            let _ = writeln!(
+                s,
+                "{},{},{},{},{},{},{:.6}",
+                r.index,
+                r.label,
+                name,
+                joined.join(";"),
+                correct,
+                preds.len(),
+                norm
+            );
+        };
+        line("clean", &r.clean.preds, 0.0);
+        for (a, (d, n)) in e
+            .attacks
+            .iter()
+            .zip(r.attacks.iter().zip(&r.perturbation_norms))
+        {
+            line(&a.attack, &d.preds, *n);
+        }
+    }
+    s
+}
