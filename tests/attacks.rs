@@ -739,6 +739,8 @@ const NOISE_EVAL: &[&str] = &[
     "16",
     "--draws",
     "5",
+    "--check-points",
+    "16",
 ];
 
 #[test]
@@ -789,6 +791,20 @@ fn eval_robust_scores_a_random_defence_over_r_draws_and_resumes_after_a_kill() {
     assert_eq!(status("randomness"), "PASS");
     assert_eq!(status("eot on a random model"), "PASS");
     assert_eq!(status("input gradients"), "PASS");
+    assert_eq!(status("unbounded eps reaches chance"), "PASS");
+    for name in [
+        "robust accuracy non-increasing in eps",
+        "doubling iterations",
+        "EOT saturation",
+        "attack on one fixed draw succeeds",
+    ] {
+        let _ = status(name);
+    }
+    let curves = &full["curves"];
+    assert_eq!(curves["points"], 16);
+    assert_eq!(curves["eps"].as_array().unwrap().len(), 5);
+    assert_eq!(curves["eot"][1][0], 4.0);
+    assert!(a.join("checks.png").exists());
     // Every record holds R = 5 predictions per image set.
     let rec = &full["records"][0];
     assert_eq!(rec["clean"]["preds"].as_array().unwrap().len(), 5);
@@ -869,10 +885,25 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
     let r = run_json(&mut robust_cmd(
         &out,
         &[
-            "--attack", "pgd", "--n", "48", "--steps", "10", "--draws", "3",
+            "--attack",
+            "pgd,fgsm,transfer",
+            "--n",
+            "48",
+            "--steps",
+            "10",
+            "--draws",
+            "3",
+            "--check-points",
+            "24",
         ],
     ));
     assert_eq!(r["stochastic"], false);
+    // The undefended classifier: every check passes (randomness, gradients, orderings, eps
+    // grid, unbounded eps, doubled iterations).
+    for c in r["checks"].as_array().unwrap() {
+        assert_eq!(c["status"], "PASS", "{c}");
+    }
+    assert!(r["checks"].as_array().unwrap().len() >= 6);
     let pgd = &r["attacks"][0]["scores"];
     // One draw is every draw: the three scores coincide.
     assert_eq!(pgd["single"]["k"], pgd["worst_of_r"]["k"]);

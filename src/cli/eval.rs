@@ -41,6 +41,10 @@ pub struct RobustArgs {
     /// R: independent draws of the model per scored image.
     #[arg(long, default_value_t = 10)]
     pub draws: usize,
+    /// Points (the first evaluated ones) for the checks that run PGD themselves: eps grid and
+    /// unbounded eps, doubled iterations, doubled EOT, one fixed draw (0: skip them).
+    #[arg(long, default_value_t = 128)]
+    pub check_points: usize,
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
     /// Output folder (default: runs/eval-robust-<attacks>-<norm>-<eps>); rerunning the same
@@ -241,6 +245,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         draws: a.draws,
         batch_size: a.batch_size,
         seed: a.target.seed,
+        check_points: a.check_points,
         model: format!(
             "{} [{}]",
             target.dir.display(),
@@ -296,6 +301,9 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     write_text("records.csv", csv(&evaluation))?;
     write_text("report.md", markdown(&evaluation, &provenance))?;
     robust_grid(&target, &evaluation, &x_adv, &out.join("grid.png"))?;
+    if let Some(img) = atop::report::robust::curves_png(&evaluation) {
+        atop::report::grid::save_png(&img, &out.join("checks.png"))?;
+    }
     if global.json {
         println!(
             "{}",
@@ -339,7 +347,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         println!("  [{}] {}: {}", c.status, c.name, c.detail);
     }
     println!(
-        "wrote {}, report.md, records.csv and grid.png",
+        "wrote {}, report.md, records.csv, grid.png and checks.png",
         results.display()
     );
     Ok(())

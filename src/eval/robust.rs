@@ -93,6 +93,10 @@ pub struct RobustConfig {
     pub draws: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// Points (the first of the evaluated ones) for the checks that need their own PGD runs:
+    /// an eps grid and unbounded eps, doubled iterations, doubled EOT, one fixed draw. 0: none.
+    #[serde(default)]
+    pub check_points: usize,
     /// Identifies the model (its files' content hash where known) and the data.
     pub model: String,
     pub data: String,
@@ -246,8 +250,24 @@ pub struct RobustEvaluation {
     /// Per point, the worst case over the clean image and every attack (transfer included).
     pub worst_case: Scores,
     pub checks: Vec<Check>,
+    /// The check runs' curves: single-draw accuracy under PGD on the check points.
+    pub curves: CheckCurves,
     pub records: Vec<PointRecord>,
     pub seconds: f64,
+}
+
+/// Single-draw accuracy under whole-model PGD on the check points, as the budget varies.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CheckCurves {
+    pub points: usize,
+    /// (eps, accuracy); the last entry is the unbounded budget.
+    pub eps: Vec<(f64, f64)>,
+    /// (iterations, accuracy).
+    pub iterations: Vec<(f64, f64)>,
+    /// (EOT samples, accuracy).
+    pub eot: Vec<(f64, f64)>,
+    /// Accuracy when the model's randomness is fixed to one draw (attacked and scored on it).
+    pub fixed_draw: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -264,6 +284,9 @@ struct State {
     seconds: Vec<f64>,
     /// Batch files (attack, first point), in order.
     batches: Vec<String>,
+    /// Finished check runs: name -> single-draw accuracy.
+    #[serde(default)]
+    check_runs: std::collections::BTreeMap<String, f64>,
 }
 
 const STATE: &str = "state.json";
@@ -324,6 +347,7 @@ pub fn evaluate(
                 grad: vec![GradStats::default(); config.attacks.len()],
                 seconds: vec![0.0; config.attacks.len()],
                 batches: Vec::new(),
+                check_runs: Default::default(),
             }
         }
     };
@@ -430,7 +454,14 @@ pub fn evaluate(
         }
         bar.finish_and_clear();
     }
-    let evaluation = finish(&state, &labels, model, started.elapsed().as_secs_f64())?;
+    let curves = check_runs(model, x, y, config, &mut state, state_dir)?;
+    let evaluation = finish(
+        &state,
+        &labels,
+        model,
+        curves,
+        started.elapsed().as_secs_f64(),
+    )?;
     Ok((evaluation, x_adv))
 }
 
@@ -484,10 +515,162 @@ fn measure_randomness(
     Ok((change > 1e-6, change))
 }
 
+/// The model with its randomness fixed: every call draws the same transform (reseeded).
+struct FixedDraw<'a> {
+    inner: &'a dyn Model,
+    seed: i64,
+}
+
+impl Model for FixedDraw<'_> {
+    fn logits(&self, images: &Tensor) -> Tensor {
+        tch::manual_seed(self.seed);
+        self.inner.logits(images)
+    }
+    fn num_classes(&self) -> usize {
+        self.inner.num_classes()
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+    fn describe(&self) -> String {
+        format!("{} (one fixed draw)", self.inner.describe())
+    }
+}
+
+/// Single-draw accuracy (mean over `draws` draws) of `model` on PGD images made with
+/// `settings` against `attacked`, on `x`.
+fn pgd_accuracy(
+    attacked: &dyn Model,
+    scored: &dyn Model,
+    x: &Tensor,
+    y: &Tensor,
+    settings: &AttackSettings,
+    config: &RobustConfig,
+    draws: usize,
+) -> Result<f64> {
+    let attack = settings.build(AttackName::Pgd)?;
+    let device = scored.device();
+    let n = x.size()[0];
+    let (mut hits, mut total) = (0usize, 0usize);
+    for s in (0..n).step_by(config.batch_size) {
+        let len = (n - s).min(config.batch_size as i64);
+        let xb = x.narrow(0, s, len).to_device(device).to_kind(Kind::Float);
+        let yb = y.narrow(0, s, len).to_device(device);
+        let seed = config.seed ^ (0xC4EC_u64 << 32) ^ s as u64;
+        tch::manual_seed(seed as i64);
+        let adv = attack.run(attacked, &xb, &yb, seed)?.x_adv.detach();
+        let labels = Vec::<i64>::try_from(yb.to_device(Device::Cpu))?;
+        let preds = draw(scored, &adv, draws, config.seed, usize::MAX - 1, s as usize)?;
+        for (p, &l) in preds.iter().zip(&labels) {
+            hits += p.preds.iter().filter(|&&q| q == l).count();
+            total += p.preds.len();
+        }
+    }
+    Ok(hits as f64 / total.max(1) as f64)
+}
+
+/// The checks that need their own PGD runs, on the first `check_points` points; each finished
+/// run is saved in the state, so a resumed evaluation skips it.
+fn check_runs(
+    model: &dyn Model,
+    x: &Tensor,
+    y: &Tensor,
+    config: &RobustConfig,
+    state: &mut State,
+    state_dir: Option<&Path>,
+) -> Result<CheckCurves> {
+    let m = config.check_points.min(x.size()[0] as usize);
+    if m == 0 {
+        return Ok(CheckCurves::default());
+    }
+    let (x, y) = (x.narrow(0, 0, m as i64), y.narrow(0, 0, m as i64));
+    let base = config.settings.for_attack(AttackName::Pgd);
+    let eps = base.budget.eps;
+    let steps = base.steps.unwrap_or(20);
+    let eot = base.eot;
+    let draws = config.draws;
+    let mut runs: Vec<(String, AttackSettings, bool)> = Vec::new();
+    for f in [0.25, 0.5, 1.0, 2.0] {
+        let mut s = base.clone();
+        s.budget.eps = eps * f;
+        s.step_size = None;
+        runs.push((format!("eps {:.6}", eps * f), s, false));
+    }
+    let mut unbounded = base.clone();
+    // Linf 1 reaches every image; L2 and L1 reach it at the image's norm.
+    unbounded.budget.eps = match base.budget.norm {
+        crate::attacks::Norm::Linf => 1.0,
+        _ => (x.numel() / m) as f64,
+    };
+    unbounded.step_size = None;
+    runs.push(("eps unbounded".into(), unbounded, false));
+    let mut twice = base.clone();
+    twice.steps = Some(2 * steps);
+    runs.push((format!("iterations {}", 2 * steps), twice, false));
+    if state.stochastic {
+        let mut more = base.clone();
+        more.eot = 2 * eot;
+        runs.push((format!("eot {}", 2 * eot), more, false));
+        let mut one = base.clone();
+        one.eot = 1;
+        runs.push(("fixed draw".into(), one, true));
+    }
+    let bar = crate::progress::bar(runs.len() as u64, "check runs");
+    for (name, settings, fixed) in &runs {
+        if state.check_runs.contains_key(name) {
+            bar.inc(1);
+            continue;
+        }
+        let acc = if *fixed {
+            let f = FixedDraw {
+                inner: model,
+                seed: (config.seed ^ 0x0F1D) as i64,
+            };
+            pgd_accuracy(&f, &f, &x, &y, settings, config, 1)?
+        } else {
+            pgd_accuracy(model, model, &x, &y, settings, config, draws)?
+        };
+        tracing::info!(
+            "check run {name}: single-draw accuracy {:.2} %",
+            100.0 * acc
+        );
+        state.check_runs.insert(name.clone(), acc);
+        save_state(state_dir, state)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let get = |name: &str| state.check_runs.get(name).copied();
+    let mut curves = CheckCurves {
+        points: m,
+        ..Default::default()
+    };
+    for (name, s, _) in &runs {
+        let Some(acc) = get(name) else { continue };
+        if name.starts_with("eps") {
+            curves.eps.push((s.budget.eps, acc));
+        }
+    }
+    // The base point of the iteration and EOT curves is the eps x 1 run.
+    let at_eps = get(&format!("eps {eps:.6}"));
+    if let Some(a) = at_eps {
+        curves.iterations.push((steps as f64, a));
+        curves.eot.push((eot as f64, a));
+    }
+    if let Some(a) = get(&format!("iterations {}", 2 * steps)) {
+        curves.iterations.push((2.0 * steps as f64, a));
+    }
+    if let Some(a) = get(&format!("eot {}", 2 * eot)) {
+        curves.eot.push((2.0 * eot as f64, a));
+    }
+    curves.fixed_draw = get("fixed draw");
+    Ok(curves)
+}
+
 fn finish(
     state: &State,
     labels: &[i64],
     model: &dyn Model,
+    curves: CheckCurves,
     seconds: f64,
 ) -> Result<RobustEvaluation> {
     let cfg = &state.config;
@@ -555,6 +738,7 @@ fn finish(
         attacks,
         worst_case,
         checks: Vec::new(),
+        curves,
         records,
         seconds,
     };
@@ -672,6 +856,7 @@ fn checks(e: &RobustEvaluation, model: &dyn Model) -> Vec<Check> {
             }
         }
     }
+    out.extend(curve_checks(&e.curves, model.num_classes()));
     if e.stochastic {
         let w = &e.worst_case;
         out.push(Check {
@@ -684,6 +869,77 @@ fn checks(e: &RobustEvaluation, model: &dyn Model) -> Vec<Check> {
                 100.0 * w.worst_of_r.value
             ),
         });
+    }
+    out
+}
+
+/// The checks on the check runs' curves (each needs its runs; none without them).
+fn curve_checks(c: &CheckCurves, classes: usize) -> Vec<Check> {
+    let mut out = Vec::new();
+    let m = c.points as f64;
+    if m == 0.0 {
+        return out;
+    }
+    let tol = |p: f64| 2.0 * (p * (1.0 - p) / m).sqrt() + 0.5 / m;
+    let pct = |v: &[(f64, f64)], unit: &str| {
+        v.iter()
+            .map(|(x, a)| format!("{x:.4}{unit}: {:.2} %", 100.0 * a))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if c.eps.len() >= 2 {
+        let (bounded, unbounded) = c.eps.split_at(c.eps.len() - 1);
+        let monotone = bounded.windows(2).all(|w| w[1].1 <= w[0].1 + tol(w[0].1));
+        out.push(Check::new(
+            "robust accuracy non-increasing in eps",
+            monotone,
+            format!("PGD on {} points: {}", c.points, pct(bounded, "")),
+        ));
+        let chance = 1.0 / classes.max(1) as f64;
+        let last = unbounded[0].1;
+        out.push(Check::new(
+            "unbounded eps reaches chance",
+            last <= chance + tol(chance),
+            format!(
+                "eps {:.1}: {:.2} % (chance {:.2} %); WARN above chance: the attack cannot even use an unbounded budget",
+                unbounded[0].0,
+                100.0 * last,
+                100.0 * chance
+            ),
+        ));
+    }
+    if let [(s1, a1), (s2, a2)] = c.iterations[..] {
+        out.push(Check::new(
+            "doubling iterations",
+            (a2 - a1).abs() <= 0.01,
+            format!(
+                "{s1:.0} iterations: {:.2} %, {s2:.0}: {:.2} % (WARN when more than 1 point apart: the attack had not converged)",
+                100.0 * a1,
+                100.0 * a2
+            ),
+        ));
+    }
+    if let [(k1, a1), (k2, a2)] = c.eot[..] {
+        out.push(Check::new(
+            "EOT saturation",
+            (a2 - a1).abs() <= 0.01,
+            format!(
+                "EOT {k1:.0}: {:.2} %, EOT {k2:.0}: {:.2} % (WARN when more than 1 point apart: more samples per step still help the attacker)",
+                100.0 * a1,
+                100.0 * a2
+            ),
+        ));
+    }
+    if let (Some(f), Some(&(_, a))) = (c.fixed_draw, c.iterations.first()) {
+        out.push(Check::new(
+            "attack on one fixed draw succeeds",
+            f <= a + tol(a),
+            format!(
+                "with the randomness fixed to one draw (attacked and scored on it): {:.2} %, vs {:.2} % on the random model; WARN when higher: the gradients themselves are broken",
+                100.0 * f,
+                100.0 * a
+            ),
+        ));
     }
     out
 }

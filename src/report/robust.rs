@@ -140,6 +140,34 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
     for c in &e.checks {
         let _ = writeln!(s, "| {} | {} | {} |", c.name, c.status, c.detail);
     }
+    let c = &e.curves;
+    if c.points > 0 {
+        let _ = writeln!(
+            s,
+            "\n## Check runs\n\nWhole-model PGD on the first {} points, single-draw accuracy (mean over R draws); plotted in `checks.png`.\n",
+            c.points
+        );
+        let _ = writeln!(s, "| run | accuracy |");
+        let _ = writeln!(s, "|---|---|");
+        let last = c.eps.len().saturating_sub(1);
+        for (i, (eps, a)) in c.eps.iter().enumerate() {
+            let what = if i == last { "unbounded eps" } else { "eps" };
+            let _ = writeln!(s, "| {what} {eps:.5} | {:.2} % |", 100.0 * a);
+        }
+        for (k, a) in &c.iterations {
+            let _ = writeln!(s, "| {k:.0} iterations | {:.2} % |", 100.0 * a);
+        }
+        for (k, a) in &c.eot {
+            let _ = writeln!(s, "| EOT {k:.0} | {:.2} % |", 100.0 * a);
+        }
+        if let Some(f) = c.fixed_draw {
+            let _ = writeln!(
+                s,
+                "| one fixed draw (attacked and scored) | {:.2} % |",
+                100.0 * f
+            );
+        }
+    }
     let _ = writeln!(
         s,
         "\nThe grid (`grid.png`) shows, for the points the strongest attack broke first: clean, \
@@ -178,4 +206,44 @@ pub fn csv(e: &RobustEvaluation) -> String {
         }
     }
     s
+}
+
+/// Accuracy vs eps, vs iterations and vs EOT samples of the check runs, side by side.
+pub fn curves_png(e: &RobustEvaluation) -> Option<image::RgbImage> {
+    use super::plot::{Series, hconcat, line_chart};
+    let c = &e.curves;
+    if c.points == 0 || c.eps.len() < 2 {
+        return None;
+    }
+    let pct = |v: &[(f64, f64)]| v.iter().map(|&(x, a)| (x, 100.0 * a)).collect::<Vec<_>>();
+    let bounded = &c.eps[..c.eps.len() - 1];
+    let mut charts = vec![line_chart(
+        "PGD accuracy (%) vs eps",
+        "eps",
+        &[Series {
+            name: "single draw".into(),
+            points: pct(bounded),
+        }],
+    )];
+    if c.iterations.len() >= 2 {
+        charts.push(line_chart(
+            "PGD accuracy (%) vs iterations",
+            "iterations",
+            &[Series {
+                name: "single draw".into(),
+                points: pct(&c.iterations),
+            }],
+        ));
+    }
+    if c.eot.len() >= 2 {
+        charts.push(line_chart(
+            "PGD accuracy (%) vs EOT samples",
+            "EOT samples per step",
+            &[Series {
+                name: "single draw".into(),
+                points: pct(&c.eot),
+            }],
+        ));
+    }
+    Some(hconcat(&charts))
 }
