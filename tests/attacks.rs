@@ -904,6 +904,54 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
         assert_eq!(c["status"], "PASS", "{c}");
     }
     assert!(r["checks"].as_array().unwrap().len() >= 6);
+    // Behind quantisation (zero gradients): the gradient and black-box checks warn, and BPDA
+    // through the quantiser breaks what exact-gradient PGD cannot.
+    let q = run_json(&mut robust_cmd(
+        &tmp.path().join("quantized"),
+        &[
+            "--quantize",
+            "16",
+            "--attack",
+            "pgd,square,bpda",
+            // Without a random start, zero gradients leave PGD where it began (this small
+            // classifier is so sensitive to noise that a random start alone breaks it).
+            "--random-start",
+            "false",
+            "--queries",
+            "100",
+            "--n",
+            "32",
+            "--steps",
+            "10",
+            "--draws",
+            "1",
+            "--check-points",
+            "0",
+        ],
+    ));
+    let status = |name: &str| {
+        q["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}"))["status"]
+            .clone()
+    };
+    assert_eq!(status("input gradients"), "WARN");
+    assert_eq!(
+        status("black-box not stronger than white-box"),
+        "WARN",
+        "{}",
+        q["checks"]
+    );
+    let acc = |i: usize| {
+        q["attacks"][i]["scores"]["single"]["value"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(q["attacks"][2]["attack"], "bpda-pgd");
+    assert!(acc(2) < acc(0), "BPDA {} vs PGD {}", acc(2), acc(0));
     let pgd = &r["attacks"][0]["scores"];
     // One draw is every draw: the three scores coincide.
     assert_eq!(pgd["single"]["k"], pgd["worst_of_r"]["k"]);

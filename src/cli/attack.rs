@@ -169,10 +169,22 @@ pub struct Target {
 impl Target {
     /// The defended model on the loaded images' size.
     pub fn model(&self) -> Result<atop::models::pipeline::Pipeline<'_>> {
+        self.model_with(&self.defence)
+    }
+
+    /// The same model with the identity backward through its defence stages (BPDA).
+    pub fn bpda_model(&self) -> Result<atop::models::pipeline::Pipeline<'_>> {
+        self.model_with(&Defence {
+            bpda: true,
+            ..self.defence.clone()
+        })
+    }
+
+    fn model_with(&self, defence: &Defence) -> Result<atop::models::pipeline::Pipeline<'_>> {
         defended(
             &self.classifier,
             self.purifier.as_ref().map(|(p, s)| (p, &s.transform)),
-            &self.defence,
+            defence,
             (self.x.size()[2], self.x.size()[3]),
         )
     }

@@ -33,7 +33,8 @@ pub struct RobustArgs {
     pub target: super::attack::TargetArgs,
     /// Attacks, each run on every point: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, square,
     /// the compositions autoattack-standard and autoattack-rand, and transfer (PGD on the
-    /// classifier alone, scored on the whole model); comma-separated.
+    /// classifier alone, scored on the whole model) and bpda (PGD with the identity backward
+    /// through the defence, scored on the whole model); comma-separated.
     #[arg(long, default_value = "pgd,transfer")]
     pub attack: String,
     #[command(flatten)]
@@ -257,9 +258,23 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     std::fs::create_dir_all(&out)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     let started = utc_now();
+    // Built only when asked for: without a defence stage it is an error naming the options.
+    let wants_bpda = config
+        .attacks
+        .iter()
+        .any(|s| s.target == atop::eval::robust::Target::Bpda);
+    let bpda = if wants_bpda {
+        Some(target.bpda_model()?)
+    } else {
+        None
+    };
+    let surrogates = atop::eval::robust::Surrogates {
+        classifier: Some(&target.classifier),
+        bpda: bpda.as_ref().map(|m| m as &dyn atop::models::Model),
+    };
     let (evaluation, x_adv) = evaluate(
         &pipeline,
-        Some(&target.classifier),
+        surrogates,
         &target.x,
         &target.y,
         &target.indices,
@@ -339,6 +354,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         let name = match r.target {
             atop::eval::robust::Target::Whole => r.attack.clone(),
             atop::eval::robust::Target::Transfer => format!("{} (transfer)", r.attack),
+            atop::eval::robust::Target::Bpda => format!("{} (BPDA)", r.attack),
         };
         line(&name, &r.scores);
     }

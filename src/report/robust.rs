@@ -99,6 +99,7 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
         let name = match a.target {
             Target::Whole => format!("{} (whole model)", a.attack),
             Target::Transfer => format!("{} (transfer attack: classifier only)", a.attack),
+            Target::Bpda => format!("{} (BPDA: identity backward through the defence)", a.attack),
         };
         let _ = writeln!(s, "{}", row(&name, &a.scores));
     }
@@ -125,6 +126,7 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
                 Target::Whole if a.attack == "square" => "whole model, queries only",
                 Target::Whole => "whole model, exact gradients",
                 Target::Transfer => "classifier alone (transfer)",
+                Target::Bpda => "whole model, identity backward through the defence",
             },
             a.gradient_evaluations_per_point
                 .map_or("-".into(), |v| v.to_string()),
