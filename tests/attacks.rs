@@ -726,7 +726,7 @@ const NOISE_EVAL: &[&str] = &[
     "--sigma",
     "0.02",
     "--attack",
-    "fgsm,pgd,transfer",
+    "fgsm,pgd,selective-eot,transfer",
     "--eps",
     "4/255",
     "--steps",
@@ -778,8 +778,9 @@ fn eval_robust_scores_a_random_defence_over_r_draws_and_resumes_after_a_kill() {
         );
         assert!(score(&full["worst_case"], "worst_of_r") <= score(&at["scores"], "worst_of_r"));
     }
-    assert_eq!(full["attacks"][2]["attack"], "transfer-pgd");
-    assert_eq!(full["attacks"][2]["target"], "transfer");
+    assert_eq!(full["attacks"][2]["attack"], "selective-eot");
+    assert_eq!(full["attacks"][3]["attack"], "transfer-pgd");
+    assert_eq!(full["attacks"][3]["target"], "transfer");
     let checks = full["checks"].as_array().unwrap();
     let status = |name: &str| {
         checks
@@ -808,9 +809,9 @@ fn eval_robust_scores_a_random_defence_over_r_draws_and_resumes_after_a_kill() {
     // Every record holds R = 5 predictions per image set.
     let rec = &full["records"][0];
     assert_eq!(rec["clean"]["preds"].as_array().unwrap().len(), 5);
-    assert_eq!(rec["attacks"].as_array().unwrap().len(), 3);
+    assert_eq!(rec["attacks"].as_array().unwrap().len(), 4);
     let csv = std::fs::read_to_string(a.join("records.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 64 * 4);
+    assert_eq!(csv.lines().count(), 1 + 64 * 5);
     let report = std::fs::read_to_string(a.join("report.md")).unwrap();
     assert!(report.contains("transfer attack") && report.contains("worst of R"));
     assert!(a.join("grid.png").exists());
@@ -976,4 +977,90 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
             "{args:?} left a state behind"
         );
     }
+}
+
+#[test]
+fn eval_robust_shards_merge_to_the_unsharded_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--transform",
+        "noise",
+        "--sigma",
+        "0.02",
+        "--attack",
+        "pgd,transfer",
+        "--steps",
+        "4",
+        "--eot",
+        "2",
+        "--n",
+        "48",
+        "--batch-size",
+        "16",
+        "--draws",
+        "3",
+        "--check-points",
+        "8",
+    ];
+    let whole = run_json(&mut robust_cmd(&tmp.path().join("whole"), &args));
+    let shard = |i: usize| {
+        let dir = tmp.path().join(format!("shard{i}"));
+        let mut a = args.to_vec();
+        let spec = format!("{i}/2");
+        a.extend(["--shard", &spec]);
+        let r = run_json(&mut robust_cmd(&dir, &a));
+        assert_eq!(r["shard"]["index"], i);
+        dir
+    };
+    let (s0, s1) = (shard(0), shard(1));
+    let merge = |dirs: &[&Path], out: &Path| {
+        let mut c = atop();
+        c.args(["--json", "eval", "merge"])
+            .args(dirs)
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    // Shards given in any order.
+    let merged = run_json(&mut merge(&[&s1, &s0], &tmp.path().join("merged")));
+    assert!(merged["shard"].is_null());
+    for k in [
+        "records",
+        "clean",
+        "worst_case",
+        "checks",
+        "curves",
+        "indices",
+        "n",
+    ] {
+        assert_eq!(
+            whole[k], merged[k],
+            "{k} differs between merged shards and the whole run"
+        );
+    }
+    for (x, y) in whole["attacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(merged["attacks"].as_array().unwrap())
+    {
+        assert_eq!(x["scores"], y["scores"]);
+        assert_eq!(x["grad"], y["grad"]);
+    }
+    assert!(tmp.path().join("merged/report.md").exists());
+    // A missing shard, a bad shard spec, an occupied output folder: clear errors.
+    let out = merge(&[&s0], &tmp.path().join("m2")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("expected shards"),
+        "{err}"
+    );
+    let out = merge(&[&s0, &s1], &tmp.path().join("merged"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    let mut a = args.to_vec();
+    a.extend(["--shard", "3/2"]);
+    let out = robust_cmd(&tmp.path().join("bad"), &a).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shard '3/2'"));
 }

@@ -14,6 +14,7 @@ pub mod loss;
 pub mod norm;
 pub mod pgd;
 pub mod runner;
+pub mod selective;
 pub mod square;
 
 use std::fmt;
@@ -142,6 +143,7 @@ pub enum AttackName {
     FabT,
     Square,
     Cw,
+    SelectiveEot,
 }
 
 impl AttackName {
@@ -154,6 +156,7 @@ impl AttackName {
         ("fab-t", AttackName::FabT),
         ("square", AttackName::Square),
         ("cw", AttackName::Cw),
+        ("selective-eot", AttackName::SelectiveEot),
     ];
 }
 
@@ -371,6 +374,13 @@ impl AttackSettings {
                 self.restarts,
                 self.eot,
             )),
+            AttackName::SelectiveEot => Box::new(selective::SelectiveEot {
+                budget: b,
+                steps: self.steps.unwrap_or(20),
+                step_size: self.step_size.unwrap_or(b.eps / 4.0),
+                random_start: self.random_start,
+                eot: self.eot,
+            }),
             AttackName::Square => Box::new(square::Square {
                 budget: b,
                 queries: self.queries,

@@ -25,6 +25,19 @@ pub enum EvalCommand {
     /// attack on every point, each image scored by R draws (single draw, majority, worst of R,
     /// with intervals), sanity checks, report.md, results.json, records.csv; resumable.
     Robust(Box<RobustArgs>),
+    /// Merges the shards of one `eval robust` run (`--shard i/n`, any order) into the report
+    /// the unsharded run gives.
+    Merge(MergeArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct MergeArgs {
+    /// The shards' output folders.
+    #[arg(required = true, num_args = 1..)]
+    pub shards: Vec<PathBuf>,
+    /// Folder for the merged results (must not exist, or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -48,8 +61,12 @@ pub struct RobustArgs {
     pub check_points: usize,
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
-    /// Output folder (default: runs/eval-robust-<attacks>-<norm>-<eps>); rerunning the same
-    /// command resumes it.
+    /// Evaluate one deterministic slice: batch b of the seeded points belongs to shard
+    /// b mod n (0-based i of n, e.g. `--shard $SLURM_ARRAY_TASK_ID/4`); `atop eval merge` joins them.
+    #[arg(long)]
+    pub shard: Option<atop::eval::robust::Shard>,
+    /// Output folder (default: runs/eval-robust-<attacks>-<norm>-<eps>[-shard-i-of-n]);
+    /// rerunning the same command resumes it.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -105,6 +122,7 @@ pub fn run(cmd: EvalCommand, global: &Global) -> Result<()> {
     match cmd {
         EvalCommand::Clean(args) => clean(*args, global),
         EvalCommand::Robust(args) => robust(*args, global),
+        EvalCommand::Merge(args) => merge(args, global),
     }
 }
 
@@ -216,7 +234,7 @@ const ROBUST_N: usize = 512;
 
 fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     use atop::eval::robust::{RobustConfig, evaluate, parse_attacks};
-    use atop::report::robust::{Provenance, csv, markdown};
+    use atop::report::robust::Provenance;
 
     let mut settings = a.settings.settings()?;
     let attacks = parse_attacks(&a.attack, &mut settings)?;
@@ -224,10 +242,14 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| {
         let names: Vec<String> = attacks.iter().map(|s| s.label()).collect();
         PathBuf::from("runs").join(format!(
-            "eval-robust-{}-{}-{:.5}",
+            "eval-robust-{}-{}-{:.5}{}",
             names.join("+"),
             a.settings.norm,
-            a.settings.eps
+            a.settings.eps,
+            a.shard.map_or(String::new(), |s| format!(
+                "-shard-{}-of-{}",
+                s.index, s.count
+            ))
         ))
     });
     // Never write into a folder that holds something else than this evaluation.
@@ -279,6 +301,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         &target.y,
         &target.indices,
         &config,
+        a.shard,
         Some(&out),
     )?;
     let engine = atop::runtime::engine_info();
@@ -292,20 +315,33 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         data: target.data.clone(),
         started,
     };
-    #[derive(Serialize)]
-    struct Results<'a> {
-        provenance: &'a Provenance,
-        #[serde(flatten)]
-        evaluation: &'a atop::eval::robust::RobustEvaluation,
-    }
+    write_robust(&out, &evaluation, &provenance, global)?;
+    robust_grid(&target, &evaluation, &x_adv, &out.join("grid.png"))?;
+    Ok(())
+}
+
+/// results.json (provenance + evaluation), as written by `eval robust` and read by `eval merge`.
+#[derive(Serialize, serde::Deserialize)]
+struct RobustResults {
+    provenance: atop::report::robust::Provenance,
+    #[serde(flatten)]
+    evaluation: atop::eval::robust::RobustEvaluation,
+}
+
+/// Writes results.json, records.csv, report.md and checks.png, and prints the summary.
+fn write_robust(
+    out: &std::path::Path,
+    evaluation: &atop::eval::robust::RobustEvaluation,
+    provenance: &atop::report::robust::Provenance,
+    global: &Global,
+) -> Result<()> {
+    use atop::report::robust::{csv, markdown};
     let results = out.join("results.json");
-    atop::io::write_json(
-        &results,
-        &Results {
-            provenance: &provenance,
-            evaluation: &evaluation,
-        },
-    )?;
+    let both = RobustResults {
+        provenance: provenance.clone(),
+        evaluation: evaluation.clone(),
+    };
+    atop::io::write_json(&results, &both)?;
     let write_text = |name: &str, text: String| {
         atop::io::write_atomic(&out.join(name), |w| {
             use std::io::Write;
@@ -313,28 +349,24 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("cannot write {name}: {e}"))
         })
     };
-    write_text("records.csv", csv(&evaluation))?;
-    write_text("report.md", markdown(&evaluation, &provenance))?;
-    robust_grid(&target, &evaluation, &x_adv, &out.join("grid.png"))?;
-    if let Some(img) = atop::report::robust::curves_png(&evaluation) {
+    write_text("records.csv", csv(evaluation))?;
+    write_text("report.md", markdown(evaluation, provenance))?;
+    if let Some(img) = atop::report::robust::curves_png(evaluation) {
         atop::report::grid::save_png(&img, &out.join("checks.png"))?;
     }
     if global.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&Results {
-                provenance: &provenance,
-                evaluation: &evaluation,
-            })?
-        );
+        println!("{}", serde_json::to_string_pretty(&both)?);
         return Ok(());
     }
     println!(
-        "{} [{}] on {} points; {}",
+        "{} [{}] on {} points{}; {}",
         provenance.model,
         provenance.defence,
         evaluation.n,
-        atop::report::robust::budget(&evaluation)
+        evaluation
+            .shard
+            .map_or(String::new(), |s| format!(" (shard {s})")),
+        atop::report::robust::budget(evaluation)
     );
     println!(
         "{:<34} {:>24} {:>24} {:>24}",
@@ -362,11 +394,38 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     for c in &evaluation.checks {
         println!("  [{}] {}: {}", c.status, c.name, c.detail);
     }
-    println!(
-        "wrote {}, report.md, records.csv, grid.png and checks.png",
-        results.display()
-    );
+    println!("wrote {} and the report beside it", results.display());
     Ok(())
+}
+
+fn merge(a: MergeArgs, global: &Global) -> Result<()> {
+    use anyhow::Context;
+    if a.out.exists() && std::fs::read_dir(&a.out)?.next().is_some() {
+        anyhow::bail!(
+            "{} is not empty: choose a new folder for the merged results",
+            a.out.display()
+        );
+    }
+    let mut parts = Vec::new();
+    let mut provenance = None;
+    for dir in &a.shards {
+        let path = dir.join("results.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {}: not a finished eval robust shard",
+                path.display()
+            )
+        })?;
+        let r: RobustResults = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not the results of atop eval robust", path.display()))?;
+        provenance.get_or_insert(r.provenance);
+        parts.push(r.evaluation);
+    }
+    let merged = atop::eval::robust::merge(parts)?;
+    let provenance = provenance.context("no shard given")?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    write_robust(&a.out, &merged, &provenance, global)
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days; no date crate for one field).

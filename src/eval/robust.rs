@@ -43,6 +43,43 @@ pub struct Surrogates<'a> {
     pub bpda: Option<&'a dyn Model>,
 }
 
+/// A deterministic slice of an evaluation: the batches b (in order of the seeded points) with
+/// b mod count == index. Every batch is attacked and drawn exactly as in the whole run, so merged
+/// shards give the whole run's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("shard '{s}': expected i/n with 0 <= i < n (e.g. 0/4)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (usize, usize) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl Shard {
+    fn owns(self, batch: usize) -> bool {
+        batch % self.count == self.index
+    }
+}
+
 /// One attack of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttackSpec {
@@ -245,6 +282,8 @@ impl Check {
 /// Per point: its draws on the clean image and on each attack's image.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PointRecord {
+    /// Position among the evaluated points, and index in the dataset split.
+    pub position: usize,
     pub index: usize,
     pub label: i64,
     pub clean: Draws,
@@ -258,8 +297,15 @@ pub struct PointRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RobustEvaluation {
     pub config: RobustConfig,
+    /// Set for one shard of an evaluation (its records and scores cover its points only).
+    pub shard: Option<Shard>,
+    /// Points scored here.
     pub n: usize,
+    /// All evaluated points' dataset indices (every shard's).
     pub indices: Vec<usize>,
+    /// What the model declares (compared with the measurement) and its number of classes.
+    pub declared_stochastic: bool,
+    pub classes: usize,
     /// Two calls on the same images differed (measured, not declared).
     pub stochastic: bool,
     /// The largest |logit difference| between two calls on the same clean images.
@@ -292,6 +338,8 @@ pub struct CheckCurves {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     config: RobustConfig,
+    #[serde(default)]
+    shard: Option<Shard>,
     indices: Vec<usize>,
     stochastic: bool,
     max_logit_change: f64,
@@ -322,6 +370,7 @@ pub fn evaluate(
     y: &Tensor,
     indices: &[usize],
     config: &RobustConfig,
+    shard: Option<Shard>,
     state_dir: Option<&Path>,
 ) -> Result<(RobustEvaluation, Vec<Tensor>)> {
     config.validate()?;
@@ -358,13 +407,14 @@ pub fn evaluate(
     let started = Instant::now();
     let device = model.device();
     let labels = Vec::<i64>::try_from(y.to_device(Device::Cpu))?;
-    let mut state = match load_state(state_dir, config, indices)? {
+    let mut state = match load_state(state_dir, config, shard, indices)? {
         Some(s) => s,
         None => {
             let (stochastic, change) =
                 measure_randomness(model, x, config.batch_size, config.seed)?;
             State {
                 config: config.clone(),
+                shard,
                 indices: indices.to_vec(),
                 stochastic,
                 max_logit_change: change,
@@ -386,8 +436,18 @@ pub fn evaluate(
     }
     let batches: Vec<(usize, usize)> = (0..n)
         .step_by(config.batch_size)
-        .map(|s| (s, (n - s).min(config.batch_size)))
+        .enumerate()
+        .filter(|(b, _)| shard.is_none_or(|sh| sh.owns(*b)))
+        .map(|(_, s)| (s, (n - s).min(config.batch_size)))
         .collect();
+    if batches.is_empty() {
+        bail!(
+            "shard {} holds no batch: {n} points in batches of {} make only {} batches",
+            shard.map_or(String::new(), |s| s.to_string()),
+            config.batch_size,
+            n.div_ceil(config.batch_size)
+        );
+    }
     let slice = |t: &Tensor, s: usize, len: usize| t.narrow(0, s as i64, len as i64);
     // The clean draws.
     for &(s, len) in &batches {
@@ -482,10 +542,17 @@ pub fn evaluate(
         }
         bar.finish_and_clear();
     }
-    let curves = check_runs(model, x, y, config, &mut state, state_dir)?;
+    // The check runs belong to the first shard (on the first points of the whole set).
+    let curves = if shard.is_none_or(|s| s.index == 0) {
+        check_runs(model, x, y, config, &mut state, state_dir)?
+    } else {
+        CheckCurves::default()
+    };
+    let owned: Vec<usize> = batches.iter().flat_map(|&(s, len)| s..s + len).collect();
     let evaluation = finish(
         &state,
         &labels,
+        &owned,
         model,
         curves,
         started.elapsed().as_secs_f64(),
@@ -697,81 +764,188 @@ fn check_runs(
 fn finish(
     state: &State,
     labels: &[i64],
+    owned: &[usize],
     model: &dyn Model,
     curves: CheckCurves,
     seconds: f64,
 ) -> Result<RobustEvaluation> {
-    let cfg = &state.config;
-    let n = labels.len();
     let take = |v: &Option<Draws>| v.clone().context("an unfinished batch");
-    let clean: Vec<Draws> = state.clean.iter().map(take).collect::<Result<_>>()?;
-    let per_attack: Vec<Vec<Draws>> = state
-        .done
+    let records = owned
         .iter()
-        .map(|a| a.iter().map(take).collect::<Result<Vec<_>>>())
-        .collect::<Result<_>>()?;
-    let score = |draws: &[Draws]| {
-        let correct: Vec<Vec<bool>> = draws
+        .map(|&i| {
+            Ok(PointRecord {
+                position: i,
+                index: state.indices[i],
+                label: labels[i],
+                clean: take(&state.clean[i])?,
+                attacks: state
+                    .done
+                    .iter()
+                    .map(|a| take(&a[i]))
+                    .collect::<Result<_>>()?,
+                perturbation_norms: state.norms.iter().map(|a| a[i]).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let per_attack = state
+        .grad
+        .iter()
+        .copied()
+        .zip(state.seconds.iter().copied())
+        .collect();
+    Ok(assemble(Parts {
+        config: state.config.clone(),
+        shard: state.shard,
+        indices: state.indices.clone(),
+        stochastic: state.stochastic,
+        max_logit_change: state.max_logit_change,
+        declared_stochastic: model.is_stochastic(),
+        classes: model.num_classes(),
+        records,
+        per_attack,
+        curves,
+        seconds,
+    }))
+}
+
+/// What an evaluation (or the merge of its shards) is computed from.
+struct Parts {
+    config: RobustConfig,
+    shard: Option<Shard>,
+    indices: Vec<usize>,
+    stochastic: bool,
+    max_logit_change: f64,
+    declared_stochastic: bool,
+    classes: usize,
+    records: Vec<PointRecord>,
+    /// Per attack: gradient statistics and seconds.
+    per_attack: Vec<(GradStats, f64)>,
+    curves: CheckCurves,
+    seconds: f64,
+}
+
+/// Scores, worst case and checks from per-point records.
+fn assemble(p: Parts) -> RobustEvaluation {
+    let cfg = &p.config;
+    let score = |draws: &dyn Fn(&PointRecord) -> &Draws| {
+        let correct: Vec<Vec<bool>> = p
+            .records
             .iter()
-            .zip(labels)
-            .map(|(d, &l)| d.correct(l))
+            .map(|r| draws(r).correct(r.label))
             .collect();
-        let majority: Vec<bool> = draws
+        let majority: Vec<bool> = p
+            .records
             .iter()
-            .zip(labels)
-            .map(|(d, &l)| d.majority_correct(l))
+            .map(|r| draws(r).majority_correct(r.label))
             .collect();
         (correct, majority)
     };
-    let (clean_correct, clean_majority) = score(&clean);
+    let (clean_correct, clean_majority) = score(&|r| &r.clean);
     let mut worst_correct = clean_correct.clone();
     let mut worst_majority = clean_majority.clone();
     let mut attacks = Vec::new();
     for (ai, spec) in cfg.attacks.iter().enumerate() {
-        let (c, m) = score(&per_attack[ai]);
-        for i in 0..n {
+        let (c, m) = score(&|r| &r.attacks[ai]);
+        for i in 0..p.records.len() {
             for (w, v) in worst_correct[i].iter_mut().zip(&c[i]) {
                 *w &= *v;
             }
             worst_majority[i] &= m[i];
         }
         let settings = cfg.settings.for_attack(spec.attack);
+        let (grad, seconds) = p.per_attack[ai];
         attacks.push(AttackResult {
             attack: spec.label(),
             target: spec.target,
             scores: Scores::from(&c, &m),
-            seconds: state.seconds[ai],
-            grad: state.grad[ai],
+            seconds,
+            grad,
             gradient_evaluations_per_point: gradient_budget(spec, &settings),
         });
     }
-    let clean_scores = Scores::from(&clean_correct, &clean_majority);
-    let worst_case = Scores::from(&worst_correct, &worst_majority);
-    let records = (0..n)
-        .map(|i| PointRecord {
-            index: state.indices[i],
-            label: labels[i],
-            clean: clean[i].clone(),
-            attacks: per_attack.iter().map(|a| a[i].clone()).collect(),
-            perturbation_norms: state.norms.iter().map(|a| a[i]).collect(),
-        })
-        .collect();
     let mut evaluation = RobustEvaluation {
-        config: cfg.clone(),
-        n,
-        indices: state.indices.clone(),
-        stochastic: state.stochastic,
-        max_logit_change: state.max_logit_change,
-        clean: clean_scores,
+        config: p.config.clone(),
+        shard: p.shard,
+        n: p.records.len(),
+        indices: p.indices,
+        declared_stochastic: p.declared_stochastic,
+        classes: p.classes,
+        stochastic: p.stochastic,
+        max_logit_change: p.max_logit_change,
+        clean: Scores::from(&clean_correct, &clean_majority),
         attacks,
-        worst_case,
+        worst_case: Scores::from(&worst_correct, &worst_majority),
         checks: Vec::new(),
-        curves,
-        records,
-        seconds,
+        curves: p.curves,
+        records: p.records,
+        seconds: p.seconds,
     };
-    evaluation.checks = checks(&evaluation, model);
-    Ok(evaluation)
+    evaluation.checks = checks(&evaluation);
+    evaluation
+}
+
+/// The whole evaluation from all its shards (any order): the same records, scores and checks
+/// as an unsharded run; gradient statistics and seconds are summed.
+pub fn merge(mut shards: Vec<RobustEvaluation>) -> Result<RobustEvaluation> {
+    let Some(first) = shards.first() else {
+        bail!("nothing to merge");
+    };
+    let count = match first.shard {
+        Some(s) => s.count,
+        None => bail!("not a shard: an evaluation run without --shard needs no merge"),
+    };
+    for e in &shards {
+        if e.config != first.config || e.indices != first.indices {
+            bail!(
+                "shards of different evaluations (settings, model, data or points differ): {} vs {}",
+                e.config.model,
+                first.config.model
+            );
+        }
+        if e.stochastic != first.stochastic || e.classes != first.classes {
+            bail!("shards of different models (measured randomness or classes differ)");
+        }
+        match e.shard {
+            Some(s) if s.count == count => {}
+            _ => bail!("shards split {count} ways and otherwise mixed"),
+        }
+    }
+    shards.sort_by_key(|e| e.shard.map_or(0, |s| s.index));
+    let got: Vec<usize> = shards
+        .iter()
+        .filter_map(|e| e.shard.map(|s| s.index))
+        .collect();
+    if got != (0..count).collect::<Vec<_>>() {
+        bail!("expected shards 0..{count} once each, got {got:?}");
+    }
+    let n = shards[0].indices.len();
+    let mut records: Vec<PointRecord> = shards.iter().flat_map(|e| e.records.clone()).collect();
+    records.sort_by_key(|r| r.position);
+    if records.len() != n || records.iter().enumerate().any(|(i, r)| r.position != i) {
+        bail!("the shards' points do not cover the {n} evaluated points exactly once");
+    }
+    let attacks = shards[0].config.attacks.len();
+    let mut per_attack = vec![(GradStats::default(), 0.0); attacks];
+    for e in &shards {
+        for (ai, a) in e.attacks.iter().enumerate() {
+            per_attack[ai].0.add(a.grad);
+            per_attack[ai].1 += a.seconds;
+        }
+    }
+    let first = &shards[0];
+    Ok(assemble(Parts {
+        config: first.config.clone(),
+        shard: None,
+        indices: first.indices.clone(),
+        stochastic: first.stochastic,
+        max_logit_change: first.max_logit_change,
+        declared_stochastic: first.declared_stochastic,
+        classes: first.classes,
+        records,
+        per_attack,
+        curves: first.curves.clone(),
+        seconds: shards.iter().map(|e| e.seconds).sum(),
+    }))
 }
 
 /// Gradient evaluations per point an attack spends at most (steps x EOT x restarts), where
@@ -784,7 +958,7 @@ fn gradient_budget(spec: &AttackSpec, s: &AttackSettings) -> Option<usize> {
     };
     let steps = match spec.attack {
         AttackName::Fgsm => 1,
-        AttackName::Pgd => s.steps.unwrap_or(20),
+        AttackName::Pgd | AttackName::SelectiveEot => s.steps.unwrap_or(20),
         AttackName::ApgdCe | AttackName::ApgdDlr => s.steps.unwrap_or(100),
         AttackName::ApgdT => s.steps.unwrap_or(100) * s.targets,
         _ => return None,
@@ -793,9 +967,9 @@ fn gradient_budget(spec: &AttackSpec, s: &AttackSettings) -> Option<usize> {
 }
 
 /// The sanity checks that need no further attack runs.
-fn checks(e: &RobustEvaluation, model: &dyn Model) -> Vec<Check> {
+fn checks(e: &RobustEvaluation) -> Vec<Check> {
     let mut out = Vec::new();
-    let declared = model.is_stochastic();
+    let declared = e.declared_stochastic;
     out.push(Check {
         name: "randomness".into(),
         status: if declared == e.stochastic { "PASS" } else { "WARN" }.into(),
@@ -902,7 +1076,7 @@ fn checks(e: &RobustEvaluation, model: &dyn Model) -> Vec<Check> {
             ));
         }
     }
-    out.extend(curve_checks(&e.curves, model.num_classes()));
+    out.extend(curve_checks(&e.curves, e.classes));
     if e.stochastic {
         let w = &e.worst_case;
         out.push(Check {
@@ -993,6 +1167,7 @@ fn curve_checks(c: &CheckCurves, classes: usize) -> Vec<Check> {
 fn load_state(
     dir: Option<&Path>,
     config: &RobustConfig,
+    shard: Option<Shard>,
     indices: &[usize],
 ) -> Result<Option<State>> {
     let Some(dir) = dir else {
@@ -1006,9 +1181,9 @@ fn load_state(
         .with_context(|| format!("cannot read {}", path.display()))?;
     let state: State = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a robust-evaluation state file", path.display()))?;
-    if &state.config != config || state.indices != indices {
+    if &state.config != config || state.indices != indices || state.shard != shard {
         bail!(
-            "{} holds an evaluation with different settings (attacks, budgets, draws, seed, model or data); resume it with the same settings or choose another --out",
+            "{} holds an evaluation with different settings (attacks, budgets, draws, seed, model, data or shard); resume it with the same settings or choose another --out",
             path.display()
         );
     }

@@ -9,7 +9,7 @@ use crate::attacks::Norm;
 use crate::eval::robust::{RobustEvaluation, Scores, Target};
 
 /// Where the numbers came from.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Provenance {
     pub atop_version: String,
     pub torch_version: String,
@@ -66,6 +66,13 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
         "- data: {} ({} points; indices in results.json)",
         p.data, e.n
     );
+    if let Some(sh) = e.shard {
+        let _ = writeln!(
+            s,
+            "- shard {sh}: this report covers its {} points only; `atop eval merge` joins the shards",
+            e.n
+        );
+    }
     let _ = writeln!(s, "- budget: {}", budget(e));
     let _ = writeln!(
         s,

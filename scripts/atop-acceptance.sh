@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The AToP acceptance measurement of docs/atop.md: the classifier behind the pre-trained
+# purifier and behind each fine-tuned one, attacked by whole-model PGD with exact gradients and
+# EOT (default 50 steps x EOT 10, step eps/4, random start) on 512 seeded CIFAR-10 test images,
+# at Linf 8/255 and 4/255, each adversarial image scored by R = 10 draws of the defended model
+# (atop eval robust). Prints one table row per purifier and budget. An evaluation whose folder
+# already holds finished results is read, not rerun; an interrupted one resumes.
+#
+#   scripts/atop-acceptance.sh CLASSIFIER OUT_DIR PURIFIER [PURIFIER ...]
+#
+# e.g. scripts/atop-acceptance.sh runs/cifar10-small runs/acceptance runs/purifier-cpu runs/atop-fastat
+# Environment: STEPS (50), EOT (10), N (512), DRAWS (10), EPS ("8/255 4/255").
+set -euo pipefail
+[ $# -ge 3 ] || { sed -n 2,12p "$0" >&2; exit 2; }
+classifier=$1 out=$2
+shift 2
+atop=${ATOP:-target/release/atop}
+[ -x "$atop" ] || { echo "no $atop: run cargo build --release first (or set ATOP)" >&2; exit 1; }
+steps=${STEPS:-50} eot=${EOT:-10} n=${N:-512} draws=${DRAWS:-10}
+mkdir -p "$out"
+for purifier in "$@"; do
+  for eps in ${EPS:-8/255 4/255}; do
+    dir="$out/$(basename "$purifier")-eps${eps%/255}"
+    if [ ! -f "$dir/results.json" ]; then
+      "$atop" --quiet eval robust --model "$classifier" --purifier "$purifier" \
+        --attack pgd --steps "$steps" --eot "$eot" --eps "$eps" --n "$n" --draws "$draws" \
+        --check-points 0 --batch-size 128 --out "$dir" > /dev/null
+    fi
+  done
+done
+# Robust: right on the clean and on the attacked image (the worst case per point), as AutoAttack
+# counts it; single draw = the mean over the R draws.
+echo "| purifier | eps | defended clean (single draw) | robust, single draw | robust, majority of $draws | robust, worst of $draws | minutes |"
+echo "|---|---|---|---|---|---|---|"
+for purifier in "$@"; do
+  for eps in ${EPS:-8/255 4/255}; do
+    dir="$out/$(basename "$purifier")-eps${eps%/255}"
+    python3 - "$dir/results.json" "$purifier" "$eps" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+def show(p):
+    return f"{100 * p['value']:.2f} % [{100 * p['lo']:.1f}, {100 * p['hi']:.1f}]"
+a = r["worst_case"]
+print(f"| {sys.argv[2]} | {sys.argv[3]} | {show(r['clean']['single'])} | {show(a['single'])} "
+      f"| {show(a['majority'])} | {show(a['worst_of_r'])} | {r['seconds'] / 60:.1f} |")
+EOF
+  done
+done

@@ -1,0 +1,111 @@
+//! Selective EOT, in the spirit of DiffHammer (Wang et al., NeurIPS 2024): against a random
+//! model, plain EOT averages the gradients of all K draws, and draws on which the attack has
+//! no chance pull the step away from the draws it is about to fool. Here each step draws K
+//! samples, ranks them per image by their loss, and follows only the gradients of the top half,
+//! the draws that share the vulnerability being exploited. The image returned per sample is the
+//! iterate that fooled the largest share of its K draws, the quantity an N-evaluation scores,
+//! rather than the first iterate one lucky draw misclassified.
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::grad::GradStats;
+use super::loss;
+use super::{Attack, AttackOutput, Budget};
+use crate::models::Model;
+
+pub struct SelectiveEot {
+    pub budget: Budget,
+    pub steps: usize,
+    pub step_size: f64,
+    pub random_start: bool,
+    /// K: draws per step (the gradient evaluations per step, as for plain EOT).
+    pub eot: usize,
+}
+
+impl SelectiveEot {
+    /// Draws kept per step: the top half, at least one.
+    fn keep(&self) -> i64 {
+        self.eot.div_ceil(2).max(1) as i64
+    }
+}
+
+impl Attack for SelectiveEot {
+    fn name(&self) -> String {
+        format!("selective-eot-{}x{}", self.steps, self.eot)
+    }
+
+    fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    fn run(&self, model: &dyn Model, x: &Tensor, y: &Tensor, seed: u64) -> Result<AttackOutput> {
+        let Budget { norm, eps } = self.budget;
+        tch::manual_seed(seed as i64);
+        let n = x.size()[0];
+        let k = self.eot.max(1) as i64;
+        let mut stats = GradStats::default();
+        let mut adv = if self.random_start {
+            norm.random_start(x, eps)
+        } else {
+            x.copy()
+        };
+        let mut best = adv.copy();
+        let mut best_rate = Tensor::full([n], -1.0, (Kind::Float, x.device()));
+        // The share of K draws that misclassify `a`, and (with gradients) the per-draw losses
+        // and input gradients.
+        let probe = |a: &Tensor, with_grad: bool, stats: &mut GradStats| {
+            let mut losses = Vec::new();
+            let mut grads = Vec::new();
+            let mut wrong = Tensor::zeros([n], (Kind::Float, x.device()));
+            for _ in 0..k {
+                let xg = a.detach().set_requires_grad(with_grad);
+                let logits = if with_grad {
+                    model.logits(&xg)
+                } else {
+                    tch::no_grad(|| model.logits(&xg))
+                };
+                wrong += logits.argmax(-1, false).ne_tensor(y).to_kind(Kind::Float);
+                if with_grad {
+                    let l = loss::ce(&logits, y);
+                    let g = Tensor::run_backward(&[l.sum(Kind::Float)], &[&xg], false, false)
+                        .pop()
+                        .expect("one input, one gradient");
+                    let peak = g.reshape([n, -1]).abs().amax([1], false);
+                    let finite = peak.isfinite().sum(Kind::Int64).int64_value(&[]) as u64;
+                    stats.evaluations += n as u64;
+                    stats.zero += peak.eq(0.0).sum(Kind::Int64).int64_value(&[]) as u64;
+                    stats.non_finite += n as u64 - finite;
+                    losses.push(l.detach().to_kind(Kind::Float).nan_to_num(0.0, 0.0, 0.0));
+                    grads.push(g.nan_to_num(0.0, 0.0, 0.0));
+                }
+            }
+            (wrong / k as f64, losses, grads)
+        };
+        let mut keep_best = |a: &Tensor, rate: &Tensor, best: &mut Tensor| {
+            let better = rate.gt_tensor(&best_rate);
+            *best = a.where_self(&better.view([-1, 1, 1, 1]), best);
+            best_rate = rate.maximum(&best_rate);
+        };
+        for _ in 0..self.steps {
+            let (rate, losses, grads) = probe(&adv, true, &mut stats);
+            keep_best(&adv, &rate, &mut best);
+            // Per image, the K losses ranked; the draws at or above the keep-th largest count.
+            let l = Tensor::stack(&losses, 0); // K x N
+            let threshold = l
+                .topk(self.keep(), 0, true, true)
+                .0
+                .select(0, self.keep() - 1);
+            let mask = l.ge_tensor(&threshold.unsqueeze(0)).to_kind(Kind::Float); // K x N
+            let g = Tensor::stack(&grads, 0); // K x N x C x H x W
+            let chosen = (g * mask.view([k, n, 1, 1, 1])).sum_dim_intlist(0, false, Kind::Float);
+            adv = norm.project(&(&adv + norm.direction(&chosen) * self.step_size), x, eps);
+        }
+        let (rate, _, _) = probe(&adv, false, &mut stats);
+        keep_best(&adv, &rate, &mut best);
+        Ok(AttackOutput {
+            x_adv: best.detach(),
+            grad: stats,
+        })
+    }
+}
