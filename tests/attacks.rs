@@ -730,25 +730,25 @@ const NOISE_EVAL: &[&str] = &[
     "--eps",
     "4/255",
     "--steps",
-    "8",
+    "5",
     "--eot",
     "2",
     "--n",
-    "64",
+    "48",
     "--batch-size",
     "16",
     "--draws",
     "5",
     "--check-points",
-    "16",
+    "8",
 ];
 
 #[test]
-fn eval_robust_scores_a_random_defence_over_r_draws_and_resumes_after_a_kill() {
+fn eval_robust_scores_a_random_defence_over_r_draws_resumes_after_a_kill_and_shards() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let full = run_json(&mut robust_cmd(&a, NOISE_EVAL));
-    assert_eq!(full["n"], 64);
+    assert_eq!(full["n"], 48);
     assert_eq!(full["stochastic"], true, "noise must be measured as random");
     let score = |s: &serde_json::Value, k: &str| s[k]["value"].as_f64().unwrap();
     let mut all = vec![&full["clean"], &full["worst_case"]];
@@ -802,7 +802,7 @@ fn eval_robust_scores_a_random_defence_over_r_draws_and_resumes_after_a_kill() {
         let _ = status(name);
     }
     let curves = &full["curves"];
-    assert_eq!(curves["points"], 16);
+    assert_eq!(curves["points"], 8);
     assert_eq!(curves["eps"].as_array().unwrap().len(), 5);
     assert_eq!(curves["eot"][1][0], 4.0);
     assert!(a.join("checks.png").exists());
@@ -811,7 +811,7 @@ fn eval_robust_scores_a_random_defence_over_r_draws_and_resumes_after_a_kill() {
     assert_eq!(rec["clean"]["preds"].as_array().unwrap().len(), 5);
     assert_eq!(rec["attacks"].as_array().unwrap().len(), 4);
     let csv = std::fs::read_to_string(a.join("records.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 64 * 5);
+    assert_eq!(csv.lines().count(), 1 + 48 * 5);
     let report = std::fs::read_to_string(a.join("report.md")).unwrap();
     assert!(report.contains("transfer attack") && report.contains("worst of R"));
     assert!(a.join("grid.png").exists());
@@ -858,6 +858,66 @@ fn eval_robust_scores_a_random_defence_over_r_draws_and_resumes_after_a_kill() {
             assert_eq!(full[k], resumed[k], "{k} differs after resuming");
         }
     }
+    // The same evaluation in 2 shards, merged in reverse order: the whole run's results.
+    let shard = |i: usize| {
+        let dir = tmp.path().join(format!("shard{i}"));
+        let mut a = NOISE_EVAL.to_vec();
+        let spec = format!("{i}/2");
+        a.extend(["--shard", &spec]);
+        let r = run_json(&mut robust_cmd(&dir, &a));
+        assert_eq!(r["shard"]["index"], i);
+        dir
+    };
+    let (s0, s1) = (shard(0), shard(1));
+    let merge = |dirs: &[&Path], out: &Path| {
+        let mut c = atop();
+        c.args(["--json", "eval", "merge"])
+            .args(dirs)
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let merged = run_json(&mut merge(&[&s1, &s0], &tmp.path().join("merged")));
+    assert!(merged["shard"].is_null());
+    for k in [
+        "records",
+        "clean",
+        "worst_case",
+        "checks",
+        "curves",
+        "indices",
+        "n",
+    ] {
+        assert_eq!(
+            full[k], merged[k],
+            "{k} differs between merged shards and the whole run"
+        );
+    }
+    for (x, y) in full["attacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(merged["attacks"].as_array().unwrap())
+    {
+        assert_eq!(x["scores"], y["scores"]);
+        assert_eq!(x["grad"], y["grad"]);
+    }
+    assert!(tmp.path().join("merged/report.md").exists());
+    // A missing shard, an occupied output folder, a bad shard spec: clear errors.
+    let out = merge(&[&s0], &tmp.path().join("m2")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("expected shards"),
+        "{err}"
+    );
+    let out = merge(&[&s0, &s1], &tmp.path().join("merged"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    let mut bad = NOISE_EVAL.to_vec();
+    bad.extend(["--shard", "3/2"]);
+    let out = robust_cmd(&tmp.path().join("bad"), &bad).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shard '3/2'"));
     // Other settings in the same folder, and a folder holding something else, are refused.
     let out = robust_cmd(&b, &["--attack", "pgd", "--n", "64"])
         .output()
@@ -895,7 +955,7 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
             "--draws",
             "3",
             "--check-points",
-            "24",
+            "16",
         ],
     ));
     assert_eq!(r["stochastic"], false);
@@ -977,90 +1037,4 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
             "{args:?} left a state behind"
         );
     }
-}
-
-#[test]
-fn eval_robust_shards_merge_to_the_unsharded_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let args = [
-        "--transform",
-        "noise",
-        "--sigma",
-        "0.02",
-        "--attack",
-        "pgd,transfer",
-        "--steps",
-        "4",
-        "--eot",
-        "2",
-        "--n",
-        "48",
-        "--batch-size",
-        "16",
-        "--draws",
-        "3",
-        "--check-points",
-        "8",
-    ];
-    let whole = run_json(&mut robust_cmd(&tmp.path().join("whole"), &args));
-    let shard = |i: usize| {
-        let dir = tmp.path().join(format!("shard{i}"));
-        let mut a = args.to_vec();
-        let spec = format!("{i}/2");
-        a.extend(["--shard", &spec]);
-        let r = run_json(&mut robust_cmd(&dir, &a));
-        assert_eq!(r["shard"]["index"], i);
-        dir
-    };
-    let (s0, s1) = (shard(0), shard(1));
-    let merge = |dirs: &[&Path], out: &Path| {
-        let mut c = atop();
-        c.args(["--json", "eval", "merge"])
-            .args(dirs)
-            .arg("--out")
-            .arg(out);
-        c
-    };
-    // Shards given in any order.
-    let merged = run_json(&mut merge(&[&s1, &s0], &tmp.path().join("merged")));
-    assert!(merged["shard"].is_null());
-    for k in [
-        "records",
-        "clean",
-        "worst_case",
-        "checks",
-        "curves",
-        "indices",
-        "n",
-    ] {
-        assert_eq!(
-            whole[k], merged[k],
-            "{k} differs between merged shards and the whole run"
-        );
-    }
-    for (x, y) in whole["attacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(merged["attacks"].as_array().unwrap())
-    {
-        assert_eq!(x["scores"], y["scores"]);
-        assert_eq!(x["grad"], y["grad"]);
-    }
-    assert!(tmp.path().join("merged/report.md").exists());
-    // A missing shard, a bad shard spec, an occupied output folder: clear errors.
-    let out = merge(&[&s0], &tmp.path().join("m2")).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("expected shards"),
-        "{err}"
-    );
-    let out = merge(&[&s0, &s1], &tmp.path().join("merged"))
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
-    let mut a = args.to_vec();
-    a.extend(["--shard", "3/2"]);
-    let out = robust_cmd(&tmp.path().join("bad"), &a).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("shard '3/2'"));
 }

@@ -297,9 +297,11 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     let (evaluation, x_adv) = evaluate(
         &pipeline,
         surrogates,
-        &target.x,
-        &target.y,
-        &target.indices,
+        atop::eval::robust::Points {
+            x: &target.x,
+            y: &target.y,
+            indices: &target.indices,
+        },
         &config,
         a.shard,
         Some(&out),

@@ -359,21 +359,27 @@ struct State {
 const STATE: &str = "state.json";
 const BATCHES: &str = "batches";
 
-/// Evaluates `model` on `x` (N x C x H x W in [0,1]) with labels `y`; transfer and BPDA
-/// attacks differentiate the `surrogates`. With `state_dir`, progress is saved after every batch and
+/// The evaluated points: images N x C x H x W in [0,1], labels, dataset indices.
+#[derive(Clone, Copy)]
+pub struct Points<'a> {
+    pub x: &'a Tensor,
+    pub y: &'a Tensor,
+    pub indices: &'a [usize],
+}
+
+/// Evaluates `model` on the `points`; transfer and BPDA attacks differentiate the `surrogates`. With `state_dir`, progress is saved after every batch and
 /// an earlier run with the same config is resumed. Returns the evaluation and the adversarial
 /// images of every attack (in config order).
 pub fn evaluate(
     model: &dyn Model,
     surrogates: Surrogates<'_>,
-    x: &Tensor,
-    y: &Tensor,
-    indices: &[usize],
+    points: Points<'_>,
     config: &RobustConfig,
     shard: Option<Shard>,
     state_dir: Option<&Path>,
 ) -> Result<(RobustEvaluation, Vec<Tensor>)> {
     config.validate()?;
+    let Points { x, y, indices } = points;
     let n = x.size()[0] as usize;
     if indices.len() != n || y.size() != [n as i64] {
         bail!(
