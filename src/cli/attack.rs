@@ -25,7 +25,7 @@ pub struct AttackArgs {
     #[command(flatten)]
     pub target: TargetArgs,
     /// Attacks run in sequence on the still-robust points: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t,
-    /// fab-t, square, cw (l2), or the compositions autoattack-standard (APGD-CE, APGD-T, FAB-T,
+    /// fab-t, square, cw (l2), selective-eot, or the compositions autoattack-standard (APGD-CE, APGD-T, FAB-T,
     /// Square) and autoattack-rand (APGD-CE + APGD-DLR, EOT 20); comma-separated.
     #[arg(long, default_value = "apgd-ce")]
     pub attack: String,

@@ -45,7 +45,7 @@ pub struct RobustArgs {
     #[command(flatten)]
     pub target: super::attack::TargetArgs,
     /// Attacks, each run on every point: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, square,
-    /// the compositions autoattack-standard and autoattack-rand, and transfer (PGD on the
+    /// selective-eot, the compositions autoattack-standard and autoattack-rand, and transfer (PGD on the
     /// classifier alone, scored on the whole model) and bpda (PGD with the identity backward
     /// through the defence, scored on the whole model); comma-separated.
     #[arg(long, default_value = "pgd,transfer")]
