@@ -1,4 +1,5 @@
-//! Writing result files so that a crash never leaves a half-written one behind.
+//! Writing result files so that a crash never leaves a half-written one behind, and reading
+//! the state files back.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -62,4 +63,17 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, tch::Tensor)]) -> Resu
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+}
+
+/// Reads `path` as JSON of type T if the file exists (None otherwise); `what` names the expected
+/// content in the error.
+pub fn read_json_opt<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Option<T>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .with_context(|| format!("{}: not {what}", path.display()))
 }

@@ -1020,6 +1020,7 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
     assert!(pgd["single"]["value"].as_f64().unwrap() < 0.1, "{pgd}");
     for (args, expect) in [
         (&["--draws", "0"][..], "draws = 0"),
+        (&["--draws", "1000000000"][..], "R <= 1000"),
         (&["--attack", "pgd,pgd"][..], "listed twice"),
         (&["--attack", "nope"][..], "nope"),
         (&["--steps", "0"][..], "steps = 0"),

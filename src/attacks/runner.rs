@@ -380,13 +380,9 @@ impl Runner<'_> {
             return Ok(None);
         };
         let path = dir.join(STATE);
-        if !path.exists() {
+        let Some(state) = crate::io::read_json_opt::<State>(&path, "an attack state file")? else {
             return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let state: State = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not an attack state file", path.display()))?;
+        };
         if state.config != self.config {
             bail!(
                 "{} holds an attack run with different settings (attacks, budget, seed, model or data); resume it with the same settings or choose another --out",

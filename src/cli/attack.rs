@@ -392,9 +392,7 @@ fn write_grid(
     let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
     let clean = x.index_select(0, &pos).to_kind(Kind::Float);
     let adv = report.x_adv.index_select(0, &pos);
-    let delta = &adv - &clean;
-    let scale = delta.abs().amax([1, 2, 3], true).clamp_min(1e-12);
-    let amplified = (delta / scale * 0.5 + 0.5).clamp(0.0, 1.0);
+    let amplified = atop::report::grid::amplified(&(&adv - &clean));
     let label = |i: usize| {
         let r = &report.records[i];
         let name = |k: i64| {

@@ -277,6 +277,9 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         data: target.data.clone(),
     };
     config.validate()?;
+    if target.indices.is_empty() {
+        anyhow::bail!("--n 0: no images to evaluate");
+    }
     std::fs::create_dir_all(&out)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     let started = utc_now();
@@ -487,9 +490,7 @@ fn robust_grid(
     let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
     let clean = target.x.index_select(0, &pos).to_kind(Kind::Float);
     let adv = x_adv[ai].index_select(0, &pos);
-    let delta = &adv - &clean;
-    let scale = delta.abs().amax([1, 2, 3], true).clamp_min(1e-12);
-    let amplified = (delta / scale * 0.5 + 0.5).clamp(0.0, 1.0);
+    let amplified = atop::report::grid::amplified(&(&adv - &clean));
     let mut rows = vec![("clean", clean), ("adversarial", adv.shallow_clone())];
     if let (Some((p, _)), Some(t)) = (&target.purifier, &target.defence.transform) {
         tch::manual_seed(e.config.seed as i64);

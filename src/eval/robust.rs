@@ -139,6 +139,9 @@ pub fn parse_attacks(list: &str, settings: &mut AttackSettings) -> Result<Vec<At
     Ok(out)
 }
 
+/// R beyond this buys nothing measurable at n <= 10,000 and only costs time and memory.
+pub const MAX_DRAWS: usize = 1000;
+
 /// Everything that defines an evaluation (a resumed one must match it exactly).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,8 +164,11 @@ pub struct RobustConfig {
 impl RobustConfig {
     pub fn validate(&self) -> Result<()> {
         self.settings.validate()?;
-        if self.draws == 0 {
-            bail!("draws = 0: expected R >= 1 draws of the model per image");
+        if !(1..=MAX_DRAWS).contains(&self.draws) {
+            bail!(
+                "draws = {}: expected 1 <= R <= {MAX_DRAWS} draws of the model per image",
+                self.draws
+            );
         }
         if self.batch_size == 0 {
             bail!("batch_size = 0: expected at least 1");
@@ -578,7 +584,7 @@ fn draw(
     start: usize,
 ) -> Result<Vec<Draws>> {
     let n = x.size()[0] as usize;
-    let mut preds = vec![Vec::with_capacity(r); n];
+    let mut preds = vec![Vec::new(); n];
     for d in 0..r {
         let s = seed
             .wrapping_mul(0x2545_F491_4F6C_DD1D)
@@ -1180,13 +1186,10 @@ fn load_state(
         return Ok(None);
     };
     let path = dir.join(STATE);
-    if !path.exists() {
+    let Some(state) = crate::io::read_json_opt::<State>(&path, "a robust-evaluation state file")?
+    else {
         return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let state: State = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a robust-evaluation state file", path.display()))?;
+    };
     if &state.config != config || state.indices != indices || state.shard != shard {
         bail!(
             "{} holds an evaluation with different settings (attacks, budgets, draws, seed, model, data or shard); resume it with the same settings or choose another --out",

@@ -144,3 +144,10 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
             .with_context(|| format!("cannot encode PNG {}", path.display()))
     })
 }
+
+/// A perturbation (N x C x H x W) scaled per image so its largest entry reaches the full range,
+/// around mid-grey: what the grids show as "perturbation".
+pub fn amplified(delta: &tch::Tensor) -> tch::Tensor {
+    let scale = delta.abs().amax([1, 2, 3], true).clamp_min(1e-12);
+    (delta / scale * 0.5 + 0.5).clamp(0.0, 1.0)
+}
