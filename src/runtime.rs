@@ -8,6 +8,23 @@ use serde::Serialize;
 use tch::Device;
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
+static EOT_BATCH: AtomicUsize = AtomicUsize::new(DEFAULT_EOT_BATCH);
+
+/// Images in one stacked EOT pass unless `--eot-batch` says otherwise: 1,024 CIFAR images with
+/// their gradients take well under 1 GiB through the CPU classifier and purifier.
+pub const DEFAULT_EOT_BATCH: usize = 1024;
+
+/// At most this many images go through the model in one forward/backward when EOT draws of a
+/// batch are stacked (a batch of n runs max(1, eot_batch / n) draws per pass): the memory knob
+/// of EOT, as the batch size is of the attack.
+pub fn eot_batch() -> usize {
+    EOT_BATCH.load(Ordering::Relaxed)
+}
+
+/// Sets [`eot_batch`] (at least 1).
+pub fn set_eot_batch(images: usize) {
+    EOT_BATCH.store(images.max(1), Ordering::Relaxed);
+}
 
 /// Threads for CPU work (libtorch intra-op, decoding, data workers): `--threads`, else all cores.
 pub fn threads() -> usize {

@@ -1018,6 +1018,38 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
     assert_eq!(pgd["single"]["k"], pgd["worst_of_r"]["k"]);
     assert_eq!(pgd["majority"]["k"], pgd["worst_of_r"]["k"]);
     assert!(pgd["single"]["value"].as_f64().unwrap() < 0.1, "{pgd}");
+    // A plan from a file: per-attack budgets, declared per point; without a defence the
+    // transfer attack is left out; on points the classifier already gets wrong, the targeted
+    // and DLR losses no longer count as masked gradients.
+    let plan = tmp.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "description = \"test plan\"\nattacks = [\"apgd-dlr\", \"apgd-cw\", \"apgd-t\", \"fab-t\", \"transfer\"]\n\
+         n = 24\ndraws = 1\ncheck_points = 0\neot = 4\ntargets = 2\nqueries = 10\n\
+         [steps]\napgd-dlr = 5\napgd-cw = 5\napgd-t = 3\nfab-t = 3\n",
+    )
+    .unwrap();
+    let p = run_json(&mut robust_cmd(
+        &tmp.path().join("planned"),
+        &["--config", plan.to_str().unwrap(), "--batch-size", "24"],
+    ));
+    assert_eq!(p["config"]["plan"], "test plan");
+    assert_eq!(p["n"], 24);
+    let names: Vec<&str> = p["attacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["attack"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["apgd-dlr", "apgd-cw", "apgd-t", "fab-t"]);
+    // A deterministic model gets one EOT draw, whatever the plan says.
+    assert_eq!(p["attacks"][1]["eot"], 1);
+    assert_eq!(p["attacks"][1]["gradient_evaluations_per_point"], 5);
+    assert_eq!(p["attacks"][2]["gradient_evaluations_per_point"], 6);
+    assert_eq!(p["attacks"][2]["budget"], "3 iterations, 2 targets x EOT 1");
+    let checks = p["checks"].as_array().unwrap();
+    let grads = checks.iter().find(|c| c["name"] == "input gradients").unwrap();
+    assert_eq!(grads["status"], "PASS", "{grads}");
     for (args, expect) in [
         (&["--draws", "0"][..], "draws = 0"),
         (&["--draws", "1000000000"][..], "R <= 1000"),
@@ -1025,6 +1057,10 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
         (&["--attack", "nope"][..], "nope"),
         (&["--steps", "0"][..], "steps = 0"),
         (&["--batch-size", "0"][..], "batch_size = 0"),
+        (&["--preset", "nope"][..], "eval-robust-cpu"),
+        (&["--preset", "eval-robust-cpu", "--eot", "3"][..], "cannot be used with"),
+        (&["--config", "/nonexistent/plan.toml"][..], "/nonexistent/plan.toml"),
+        (&["--eot-batch", "0"][..], "--eot-batch 0"),
     ] {
         let dir = tmp.path().join("bad");
         let o = robust_cmd(&dir, args).output().unwrap();

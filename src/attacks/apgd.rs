@@ -6,7 +6,7 @@
 //! shrink by 3 % of the budget down to 6 %. At a checkpoint a sample's step is halved if
 //! (1) the loss increased in at most rho = 75 % of the steps since the last checkpoint, or
 //! (2) the step was not halved at the last checkpoint and the best loss has not improved.
-//! Losses: CE, DLR, and targeted DLR over the top `targets` non-true classes (APGD-T). As in
+//! Losses: CE, DLR, the C&W margin, and targeted DLR over the top `targets` non-true classes (APGD-T). As in
 //! AutoAttack, success means misclassification, also for the targeted variant.
 //!
 //! L1 (Croce & Hein 2021, "Mind the box"): no momentum; the step moves the top fraction of
@@ -29,7 +29,11 @@ use crate::models::Model;
 pub enum ApgdLoss {
     Ce,
     Dlr,
-    DlrTargeted { targets: usize },
+    /// The C&W margin max_{j!=y} z_j - z_y (Carlini & Wagner's f6), unscaled.
+    Margin,
+    DlrTargeted {
+        targets: usize,
+    },
 }
 
 pub struct Apgd {
@@ -129,6 +133,7 @@ impl Apgd {
         let objective = |z: &Tensor| match (self.loss, target) {
             (ApgdLoss::Ce, _) => loss::ce(z, y),
             (ApgdLoss::Dlr, _) => loss::dlr(z, y),
+            (ApgdLoss::Margin, _) => loss::margin(z, y),
             (ApgdLoss::DlrTargeted { .. }, Some(t)) => loss::dlr_targeted(z, y, t),
             (ApgdLoss::DlrTargeted { .. }, None) => unreachable!("targets chosen by run()"),
         };
@@ -149,7 +154,7 @@ impl Apgd {
                 Tensor::full([n], 0.2, opts),
             ),
         };
-        let e = evaluate(model, &x_adv, &objective, self.eot, stats);
+        let e = evaluate(model, &x_adv, y, &objective, self.eot, stats);
         let mut grad = e.grad;
         let mut success = e.logits.argmax(-1, false).ne_tensor(y);
         let mut x_found = x_adv.copy();
@@ -185,7 +190,7 @@ impl Apgd {
                 }
             };
             x_prev = std::mem::replace(&mut x_adv, next);
-            let e = evaluate(model, &x_adv, &objective, self.eot, stats);
+            let e = evaluate(model, &x_adv, y, &objective, self.eot, stats);
             let hit = e.logits.argmax(-1, false).ne_tensor(y);
             x_found = x_adv.where_self(&rows(&hit), &x_found);
             success = success.logical_or(&hit);
@@ -246,6 +251,7 @@ impl Attack for Apgd {
         match self.loss {
             ApgdLoss::Ce => "apgd-ce".into(),
             ApgdLoss::Dlr => "apgd-dlr".into(),
+            ApgdLoss::Margin => "apgd-cw".into(),
             ApgdLoss::DlrTargeted { .. } => "apgd-t".into(),
         }
     }
@@ -263,12 +269,11 @@ impl Attack for Apgd {
                     );
                 }
                 let targets = targets.min(classes - 1);
-                // Targets: the 2nd, 3rd, ... highest clean logits.
-                let order = tch::no_grad(|| model.logits(x)).argsort(1, true);
+                let order = super::target_order(model, x, y);
                 on_remaining(x, y, targets * self.restarts, seed, |r, idx, xs, ys| {
                     let t = order
                         .index_select(0, idx)
-                        .select(1, (r / self.restarts + 1) as i64);
+                        .select(1, (r / self.restarts) as i64);
                     self.run_once(model, xs, ys, Some(&t), &mut stats)
                 })
             }

@@ -91,7 +91,7 @@ impl Attack for CarliniWagner {
                 let ci = c.shallow_clone();
                 let kappa = self.kappa;
                 let objective = |z: &Tensor| (-loss::margin(z, y)).clamp_min(-kappa) * &ci;
-                let e = evaluate(model, &xa, &objective, self.eot, &mut stats);
+                let e = evaluate(model, &xa, y, &objective, self.eot, &mut stats);
                 let dist = sq_dist(&xa, x);
                 // Success: another class beats y by more than kappa.
                 let hit = loss::margin(&e.logits, y).gt(self.kappa);

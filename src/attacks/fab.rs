@@ -148,7 +148,7 @@ impl FabT {
                 - z.gather(1, &y.unsqueeze(1), false).squeeze_dim(1)
         };
         for _ in 0..self.steps {
-            let e = evaluate(model, &x1, &objective, self.eot, stats);
+            let e = evaluate(model, &x1, y, &objective, self.eot, stats);
             let w = e.grad;
             // The linearised boundary g(x1) + <w, z - x1> = 0, reached from x1 and from x.
             let r1 = -&e.loss;
@@ -192,12 +192,11 @@ impl Attack for FabT {
         }
         let targets = self.targets.min(classes - 1);
         let mut stats = GradStats::default();
-        // Targets: the 2nd, 3rd, ... highest clean logits, as in AutoAttack.
-        let order = tch::no_grad(|| model.logits(x)).argsort(1, true);
+        let order = super::target_order(model, x, y);
         let (x_adv, _) = on_remaining(x, y, targets * self.restarts, seed, |r, idx, xs, ys| {
             let t = order
                 .index_select(0, idx)
-                .select(1, (r / self.restarts + 1) as i64);
+                .select(1, (r / self.restarts) as i64);
             self.single_run(model, xs, ys, &t, r % self.restarts > 0, &mut stats)
         });
         Ok(AttackOutput { x_adv, grad: stats })

@@ -23,7 +23,7 @@ impl Attack for Fgsm {
     fn run(&self, model: &dyn Model, x: &Tensor, y: &Tensor, _seed: u64) -> Result<AttackOutput> {
         let Budget { norm, eps } = self.budget;
         let mut stats = GradStats::default();
-        let e = evaluate(model, x, &|z| loss::ce(z, y), self.eot, &mut stats);
+        let e = evaluate(model, x, y, &|z| loss::ce(z, y), self.eot, &mut stats);
         let x_adv = norm.project(&(x + norm.direction(&e.grad) * eps), x, eps);
         Ok(AttackOutput { x_adv, grad: stats })
     }

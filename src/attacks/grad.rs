@@ -45,25 +45,80 @@ pub struct Evaluation {
     pub logits: Tensor,
 }
 
+/// How `eot` draws of a batch of `n` images are split into passes: all in one stacked
+/// forward/backward when the model draws its randomness per image and the stack fits
+/// [`runtime::eot_batch`](crate::runtime::eot_batch), else in chunks, or one draw per pass for
+/// a model whose draw is shared by the batch. The sizes sum to `eot` (at least 1).
+pub fn eot_passes(model: &dyn Model, n: usize, eot: usize) -> Vec<usize> {
+    let eot = eot.max(1);
+    let per_pass = if model.draws_per_sample() {
+        (crate::runtime::eot_batch() / n.max(1)).clamp(1, eot)
+    } else {
+        1
+    };
+    let mut left = eot;
+    let mut passes = Vec::with_capacity(eot.div_ceil(per_pass));
+    while left > 0 {
+        let c = per_pass.min(left);
+        passes.push(c);
+        left -= c;
+    }
+    passes
+}
+
+/// `x` (N x ...) repeated `copies` times along the batch: copy j of image i at row j N + i.
+pub fn stacked(x: &Tensor, copies: usize) -> Tensor {
+    if copies == 1 {
+        return x.shallow_clone();
+    }
+    let mut reps = vec![1i64; x.dim()];
+    reps[0] = copies as i64;
+    x.repeat(reps.as_slice())
+}
+
+/// `y` (the true labels) decides which points the gradient tally covers: those the averaged
+/// logits still classify correctly, or whose logits are not finite. At a point already broken
+/// a flat loss is no sign of masking (DLR is constant once the true class ranks third, and
+/// `eval robust` attacks every point, misclassified ones included).
 pub fn evaluate(
     model: &dyn Model,
     x: &Tensor,
+    y: &Tensor,
     objective: &dyn Fn(&Tensor) -> Tensor,
     eot: usize,
     stats: &mut GradStats,
 ) -> Evaluation {
     let eot = eot.max(1);
+    let n = x.size()[0];
     let mut loss_sum: Option<Tensor> = None;
     let mut grad_sum: Option<Tensor> = None;
     let mut logit_sum: Option<Tensor> = None;
-    for _ in 0..eot {
+    for copies in eot_passes(model, n as usize, eot) {
+        // The copies hang off one leaf, so its gradient is already their sum.
         let xg = x.detach().set_requires_grad(true);
-        let logits = model.logits(&xg);
-        let loss = objective(&logits);
-        let g = Tensor::run_backward(&[loss.sum(Kind::Float)], &[&xg], false, false)
+        let logits = model.logits(&stacked(&xg, copies));
+        // The objective knows this batch's labels (N of them): it scores each copy in turn.
+        let losses: Vec<Tensor> = (0..copies as i64)
+            .map(|j| objective(&logits.narrow(0, j * n, n)))
+            .collect();
+        let total = losses
+            .iter()
+            .map(|l| l.sum(Kind::Float))
+            .reduce(|a, b| a + b)
+            .expect("at least one copy");
+        let g = Tensor::run_backward(&[total], &[&xg], false, false)
             .pop()
             .expect("one input, one gradient");
-        let (loss, logits) = (loss.detach(), logits.detach().to_kind(Kind::Float));
+        let loss = losses
+            .into_iter()
+            .map(|l| l.detach())
+            .reduce(|a, b| a + b)
+            .expect("at least one copy");
+        let logits = logits
+            .detach()
+            .to_kind(Kind::Float)
+            .view([copies as i64, n, -1])
+            .sum_dim_intlist(0, false, Kind::Float);
         grad_sum = Some(match grad_sum {
             Some(s) => s + g,
             None => g,
@@ -90,13 +145,17 @@ pub fn evaluate(
     }
     // One reduction answers both questions: the largest |g| is 0 for a zero gradient and
     // NaN/inf when any entry is.
-    let n = grad.size()[0];
     let peak = grad.reshape([n, -1]).abs().amax([1], false);
-    let zero = peak.eq(0.0).sum(Kind::Int64).int64_value(&[]) as u64;
-    let finite = peak.isfinite().sum(Kind::Int64).int64_value(&[]) as u64;
-    stats.evaluations += n as u64;
-    stats.zero += zero;
-    stats.non_finite += n as u64 - finite;
+    let finite = peak.isfinite();
+    let counted = logits
+        .argmax(-1, false)
+        .eq_tensor(y)
+        .logical_or(&logits.isfinite().all_dim(1, false).logical_not());
+    let count = |t: &Tensor| t.logical_and(&counted).sum(Kind::Int64).int64_value(&[]) as u64;
+    stats.evaluations += count(&counted);
+    stats.zero += count(&peak.eq(0.0));
+    stats.non_finite += count(&finite.logical_not());
+    let finite = finite.sum(Kind::Int64).int64_value(&[]) as u64;
     if finite < n as u64 {
         grad = grad.nan_to_num(0.0, 0.0, 0.0);
     }
@@ -125,6 +184,9 @@ mod tests {
         }
         fn device(&self) -> Device {
             Device::Cpu
+        }
+        fn draws_per_sample(&self) -> bool {
+            true
         }
         fn describe(&self) -> String {
             "tiny".into()
@@ -155,7 +217,7 @@ mod tests {
         ];
         for (name, f) in &losses {
             let mut stats = GradStats::default();
-            let e = evaluate(&model, &x, f.as_ref(), 1, &mut stats);
+            let e = evaluate(&model, &x, &y, f.as_ref(), 1, &mut stats);
             let h = 1e-6;
             let flat = x.reshape([-1]);
             let g = e.grad.reshape([-1]);
@@ -204,6 +266,7 @@ mod tests {
         let e = evaluate(
             &model,
             &x,
+            &y,
             &|z| super::super::loss::ce(z, &y),
             1,
             &mut stats,
@@ -220,10 +283,140 @@ mod tests {
             model: &model,
         };
         let x = Tensor::rand([3, 3, 2, 2], (Kind::Double, Device::Cpu));
-        let y = Tensor::from_slice(&[0i64, 1, 2]);
+        // Labels the model gets right: a zero gradient there is masking.
+        let y = tch::no_grad(|| q.logits(&x)).argmax(-1, false);
         let mut stats = GradStats::default();
-        let _ = evaluate(&q, &x, &|z| super::super::loss::ce(z, &y), 2, &mut stats);
+        let _ = evaluate(
+            &q,
+            &x,
+            &y,
+            &|z| super::super::loss::ce(z, &y),
+            2,
+            &mut stats,
+        );
         assert_eq!((stats.evaluations, stats.zero), (3, 3));
         assert_eq!(stats.masked_fraction(), 1.0);
+        // Wrong labels: those points are already broken and not tallied.
+        let wrong = (&y + 1).remainder(4);
+        let mut stats = GradStats::default();
+        let _ = evaluate(
+            &q,
+            &x,
+            &wrong,
+            &|z| super::super::loss::ce(z, &wrong),
+            2,
+            &mut stats,
+        );
+        assert_eq!((stats.evaluations, stats.zero), (0, 0));
+    }
+
+    /// `tiny` on the square of a noisy input: the input gradient depends on the noise drawn.
+    struct Noisy(Tiny, f64, bool);
+
+    impl Model for Noisy {
+        fn logits(&self, x: &Tensor) -> Tensor {
+            // Per image (or, with .2, one draw for the whole batch).
+            let noise = if self.2 {
+                x.randn_like() * self.1
+            } else {
+                Tensor::randn([1], (Kind::Double, Device::Cpu)) * self.1
+            };
+            let z = x + noise;
+            self.0.logits(&(&z * &z))
+        }
+        fn num_classes(&self) -> usize {
+            4
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn is_stochastic(&self) -> bool {
+            true
+        }
+        fn draws_per_sample(&self) -> bool {
+            self.2
+        }
+        fn describe(&self) -> String {
+            "noisy".into()
+        }
+    }
+
+    #[test]
+    fn eot_draws_are_stacked_up_to_the_pass_limit() {
+        let limit = crate::runtime::eot_batch();
+        let m = tiny();
+        assert_eq!(eot_passes(&m, limit, 3), vec![1, 1, 1]);
+        assert_eq!(eot_passes(&m, limit / 4, 10), vec![4, 4, 2]);
+        assert_eq!(eot_passes(&m, 1, 1), vec![1]);
+        assert_eq!(eot_passes(&m, 2, 0), vec![1]);
+        let shared = Noisy(tiny(), 0.1, false);
+        assert_eq!(eot_passes(&shared, 2, 3), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn stacked_eot_equals_one_pass_on_a_deterministic_model() {
+        let model = tiny();
+        let x = Tensor::rand([3, 3, 2, 2], (Kind::Double, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2]);
+        let ce = |z: &Tensor| super::super::loss::ce(z, &y);
+        let mut stats = GradStats::default();
+        let one = evaluate(&model, &x, &y, &ce, 1, &mut stats);
+        let many = evaluate(&model, &x, &y, &ce, 7, &mut stats);
+        for (a, b) in [
+            (&one.grad, &many.grad),
+            (&one.loss, &many.loss),
+            (&one.logits, &many.logits.to_kind(Kind::Float)),
+        ] {
+            let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(d < 1e-6, "stacked EOT differs from one pass by {d}");
+        }
+        // Each call tallies the points it classifies correctly, once per call.
+        let right = one
+            .logits
+            .argmax(-1, false)
+            .eq_tensor(&y)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+        assert_eq!(stats.evaluations, 2 * right as u64);
+    }
+
+    #[test]
+    fn stacked_eot_draws_are_independent() {
+        // Over seeds, the spread of a K-draw average gradient shrinks like 1/sqrt(K) when the
+        // draws are independent (256 stacked draws: 1/16); K copies sharing one draw would
+        // spread as much as a single draw.
+        let x = Tensor::rand([2, 3, 2, 2], (Kind::Double, Device::Cpu)) + 0.5;
+        let y = Tensor::from_slice(&[0i64, 1]);
+        let spread = |k: usize| {
+            let model = Noisy(tiny(), 0.3, true);
+            let grads: Vec<Tensor> = (0..8)
+                .map(|s| {
+                    tch::manual_seed(s);
+                    let mut stats = GradStats::default();
+                    evaluate(
+                        &model,
+                        &x,
+                        &y,
+                        &|z| super::super::loss::ce(z, &y),
+                        k,
+                        &mut stats,
+                    )
+                    .grad
+                })
+                .collect();
+            Tensor::stack(&grads, 0)
+                .std_dim(0, true, false)
+                .mean(Kind::Double)
+                .double_value(&[])
+        };
+        let (single, stacked) = (spread(1), spread(256));
+        assert_eq!(eot_passes(&Noisy(tiny(), 0.3, true), 2, 256), vec![256]);
+        assert!(
+            stacked < single / 5.0,
+            "256 stacked draws spread {stacked}, one draw {single}: the copies are not independent"
+        );
     }
 }

@@ -131,6 +131,17 @@ pub(crate) fn on_remaining(
     (best, done)
 }
 
+/// Target classes of the targeted attacks (APGD-T, FAB-T): the other classes by decreasing
+/// clean logit, the true one last. On a correctly classified point these are AutoAttack's
+/// 2nd, 3rd, ... highest logits; on a misclassified one (every point is attacked in `eval
+/// robust`, and a random model may err on one draw) the true class is never a target, whose
+/// targeted loss would be constant and its gradient zero.
+pub(crate) fn target_order(model: &dyn Model, x: &Tensor, y: &Tensor) -> Tensor {
+    let logits = tch::no_grad(|| model.logits(x)).to_kind(tch::Kind::Float);
+    let masked = logits.scatter_value(1, &y.unsqueeze(1), f64::NEG_INFINITY);
+    masked.argsort(1, true)
+}
+
 /// Attack names accepted on the command line and in configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -139,6 +150,7 @@ pub enum AttackName {
     Pgd,
     ApgdCe,
     ApgdDlr,
+    ApgdCw,
     ApgdT,
     FabT,
     Square,
@@ -152,6 +164,7 @@ impl AttackName {
         ("pgd", AttackName::Pgd),
         ("apgd-ce", AttackName::ApgdCe),
         ("apgd-dlr", AttackName::ApgdDlr),
+        ("apgd-cw", AttackName::ApgdCw),
         ("apgd-t", AttackName::ApgdT),
         ("fab-t", AttackName::FabT),
         ("square", AttackName::Square),
@@ -241,6 +254,29 @@ pub struct AttackOverride {
     pub restarts: Option<usize>,
     pub targets: Option<usize>,
     pub large_eps: Option<bool>,
+    /// Iterations, EOT draws and Square queries of this attack (the presets of `eval robust`
+    /// give PGD 200 steps and APGD 100).
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub eot: Option<usize>,
+    #[serde(default)]
+    pub queries: Option<usize>,
+}
+
+impl AttackOverride {
+    /// No exception yet for `attack`.
+    pub fn none(attack: AttackName) -> Self {
+        AttackOverride {
+            attack,
+            restarts: None,
+            targets: None,
+            large_eps: None,
+            steps: None,
+            eot: None,
+            queries: None,
+        }
+    }
 }
 
 fn default_search_steps() -> usize {
@@ -280,6 +316,9 @@ impl AttackSettings {
             s.restarts = o.restarts.unwrap_or(s.restarts);
             s.targets = o.targets.unwrap_or(s.targets);
             s.large_eps = o.large_eps.unwrap_or(s.large_eps);
+            s.steps = o.steps.or(s.steps);
+            s.eot = o.eot.unwrap_or(s.eot);
+            s.queries = o.queries.unwrap_or(s.queries);
         }
         s.overrides.clear();
         s
@@ -388,22 +427,25 @@ impl AttackSettings {
                 restarts: self.restarts,
                 rescale: self.square_rescale,
             }),
-            AttackName::ApgdCe | AttackName::ApgdDlr | AttackName::ApgdT => Box::new(apgd::Apgd {
-                budget: b,
-                steps: self.steps.unwrap_or(100),
-                restarts: self.restarts,
-                loss: match name {
-                    AttackName::ApgdCe => apgd::ApgdLoss::Ce,
-                    AttackName::ApgdDlr => apgd::ApgdLoss::Dlr,
-                    _ => apgd::ApgdLoss::DlrTargeted {
-                        targets: self.targets,
+            AttackName::ApgdCe | AttackName::ApgdDlr | AttackName::ApgdCw | AttackName::ApgdT => {
+                Box::new(apgd::Apgd {
+                    budget: b,
+                    steps: self.steps.unwrap_or(100),
+                    restarts: self.restarts,
+                    loss: match name {
+                        AttackName::ApgdCe => apgd::ApgdLoss::Ce,
+                        AttackName::ApgdDlr => apgd::ApgdLoss::Dlr,
+                        AttackName::ApgdCw => apgd::ApgdLoss::Margin,
+                        _ => apgd::ApgdLoss::DlrTargeted {
+                            targets: self.targets,
+                        },
                     },
-                },
-                eot: self.eot,
-                rho: 0.75,
-                momentum: 0.75,
-                large_eps: self.large_eps,
-            }),
+                    eot: self.eot,
+                    rho: 0.75,
+                    momentum: 0.75,
+                    large_eps: self.large_eps,
+                })
+            }
         })
     }
 }

@@ -55,7 +55,7 @@ impl Pgd {
         let mut found = x.copy();
         let mut done = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));
         for _ in 0..self.steps {
-            let e = evaluate(model, &adv, &objective, self.eot, stats);
+            let e = evaluate(model, &adv, y, &objective, self.eot, stats);
             let hit = success(&e.logits).logical_and(&done.logical_not());
             found = adv.where_self(&hit.view([-1, 1, 1, 1]), &found);
             done = done.logical_or(&hit);

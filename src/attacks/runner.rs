@@ -36,10 +36,10 @@ pub fn expand(list: &str, settings: &mut AttackSettings) -> Result<Vec<AttackNam
                     // AutoAttack's L1 version: APGD on the 3/2/1 eps schedule, APGD-CE with 5
                     // restarts, APGD-T with 5 targets.
                     let tweak = |attack, restarts, targets| super::AttackOverride {
-                        attack,
                         restarts,
                         targets,
                         large_eps: Some(true),
+                        ..super::AttackOverride::none(attack)
                     };
                     settings.overrides.extend([
                         tweak(AttackName::ApgdCe, Some(5), None),

@@ -9,7 +9,7 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::grad::GradStats;
+use super::grad::{self, GradStats};
 use super::loss;
 use super::{Attack, AttackOutput, Budget};
 use crate::models::Model;
@@ -58,26 +58,42 @@ impl Attack for SelectiveEot {
             let mut losses = Vec::new();
             let mut grads = Vec::new();
             let mut wrong = Tensor::zeros([n], (Kind::Float, x.device()));
-            for _ in 0..k {
-                let xg = a.detach().set_requires_grad(with_grad);
+            for copies in grad::eot_passes(model, n as usize, k as usize) {
+                // Here each draw's own gradient is needed, so the stack itself is the leaf.
+                let xg = grad::stacked(&a.detach(), copies).set_requires_grad(with_grad);
+                let yc = grad::stacked(y, copies);
                 let logits = if with_grad {
                     model.logits(&xg)
                 } else {
                     tch::no_grad(|| model.logits(&xg))
                 };
-                wrong += logits.argmax(-1, false).ne_tensor(y).to_kind(Kind::Float);
+                let miss = logits.argmax(-1, false).ne_tensor(&yc).to_kind(Kind::Float);
+                wrong += miss
+                    .view([copies as i64, n])
+                    .sum_dim_intlist(0, false, Kind::Float);
                 if with_grad {
-                    let l = loss::ce(&logits, y);
+                    let l = loss::ce(&logits, &yc);
                     let g = Tensor::run_backward(&[l.sum(Kind::Float)], &[&xg], false, false)
                         .pop()
                         .expect("one input, one gradient");
-                    let peak = g.reshape([n, -1]).abs().amax([1], false);
-                    let finite = peak.isfinite().sum(Kind::Int64).int64_value(&[]) as u64;
-                    stats.evaluations += n as u64;
-                    stats.zero += peak.eq(0.0).sum(Kind::Int64).int64_value(&[]) as u64;
-                    stats.non_finite += n as u64 - finite;
-                    losses.push(l.detach().to_kind(Kind::Float).nan_to_num(0.0, 0.0, 0.0));
-                    grads.push(g.nan_to_num(0.0, 0.0, 0.0));
+                    // Tallied where this draw is still right (or its logits not finite), as
+                    // in grad::evaluate: a broken draw's flat loss is no sign of masking.
+                    let peak = g.reshape([copies as i64 * n, -1]).abs().amax([1], false);
+                    let counted = miss
+                        .eq(0.0)
+                        .logical_or(&logits.isfinite().all_dim(1, false).logical_not());
+                    let count = |t: &Tensor| {
+                        t.logical_and(&counted).sum(Kind::Int64).int64_value(&[]) as u64
+                    };
+                    stats.evaluations += count(&counted);
+                    stats.zero += count(&peak.eq(0.0));
+                    stats.non_finite += count(&peak.isfinite().logical_not());
+                    let l = l.detach().to_kind(Kind::Float).nan_to_num(0.0, 0.0, 0.0);
+                    let g = g.nan_to_num(0.0, 0.0, 0.0);
+                    for j in 0..copies as i64 {
+                        losses.push(l.narrow(0, j * n, n));
+                        grads.push(g.narrow(0, j * n, n));
+                    }
                 }
             }
             (wrong / k as f64, losses, grads)

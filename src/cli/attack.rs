@@ -191,6 +191,11 @@ impl Target {
 }
 
 impl TargetArgs {
+    /// Whether a defence stage stands in front of the classifier.
+    pub fn has_defence(&self) -> bool {
+        self.purifier.is_some() || self.transform.is_some() || self.quantize.is_some()
+    }
+
     pub fn load(&self, device: tch::Device) -> Result<Target> {
         let a = self;
         let dir = checkpoint::resolve(&a.model)?;

@@ -115,6 +115,14 @@ pub struct AttackBenchArgs {
     /// APGD-CE iterations.
     #[arg(long, default_value_t = 100)]
     pub apgd_steps: usize,
+    /// Put Gaussian noise of this sigma in front of the classifier (a randomized defence,
+    /// drawn per image and pixel, on both sides).
+    #[arg(long)]
+    pub noise: Option<f64>,
+    /// EOT draws per attack step (torchattacks' `eot_iter`); above 1 only APGD-CE is timed
+    /// (torchattacks' PGD has no EOT).
+    #[arg(long, default_value_t = 1)]
+    pub eot: usize,
     /// Skip the torchattacks side.
     #[arg(long)]
     pub no_reference: bool,
@@ -821,6 +829,9 @@ struct AttackRow {
     atop_img_s: f64,
     torchattacks_img_s: Option<f64>,
     ratio: Option<f64>,
+    /// Share of the points one draw of the model classifies correctly (torchattacks' APGD
+    /// attacks only those; atop attacks all).
+    first_draw_correct: Option<f64>,
 }
 
 fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
@@ -829,6 +840,33 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
     use atop::models::{Arch, Classifier, Model, ModelSpec, dataset_normalisation};
     use tch::{Kind, Tensor};
 
+    use atop::models::pipeline::{Pipeline, Stage};
+    use atop::transforms::{Resolution, TransformConfig, TransformKind, TransformStage};
+
+    if args.batch == 0 || args.batches == 0 || args.pgd_steps == 0 || args.apgd_steps == 0 {
+        anyhow::bail!(
+            "--batch, --batches, --pgd-steps and --apgd-steps must be at least 1 (got {}, {}, {}, {})",
+            args.batch,
+            args.batches,
+            args.pgd_steps,
+            args.apgd_steps
+        );
+    }
+    if args.eot == 0 {
+        anyhow::bail!("--eot 0: expected at least 1 draw per step");
+    }
+    let noise = match args.noise {
+        Some(sigma) => {
+            let t = TransformConfig {
+                sigma,
+                ..TransformConfig::with_kind(TransformKind::Noise)
+            };
+            t.validate(None)
+                .map_err(|e| anyhow::anyhow!("--noise {sigma}: {e}"))?;
+            Some(t)
+        }
+        None => None,
+    };
     let threads = atop::runtime::threads();
     let tmp = tempfile::tempdir()?;
     let mut rows = Vec::new();
@@ -860,20 +898,39 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
         let data = tmp.path().join(format!("{name}.safetensors"));
         Tensor::write_safetensors(&[("x", &x), ("y", &y)], &data)?;
         let eps = 8.0 / 255.0;
-        for (attack, steps) in [
-            (AttackName::Pgd, args.pgd_steps),
-            (AttackName::ApgdCe, args.apgd_steps),
-        ] {
+        let stages: Vec<Box<dyn Stage>> = noise
+            .iter()
+            .map(|t| {
+                Box::new(TransformStage {
+                    transform: t.clone(),
+                    resolution: Resolution::default(),
+                }) as Box<dyn Stage>
+            })
+            .collect();
+        let defended = Pipeline {
+            stages,
+            model: &model,
+        };
+        let timed_attacks: &[(AttackName, usize)] = if args.eot > 1 {
+            &[(AttackName::ApgdCe, args.apgd_steps)]
+        } else {
+            &[
+                (AttackName::Pgd, args.pgd_steps),
+                (AttackName::ApgdCe, args.apgd_steps),
+            ]
+        };
+        for &(attack, steps) in timed_attacks {
             let mut s = AttackSettings::new(Budget::new(Norm::Linf, eps)?);
             s.steps = Some(steps);
             s.step_size = Some(2.0 / 255.0);
+            s.eot = args.eot;
             let a = s.build(attack)?;
             let t = Instant::now();
             for b in 0..args.batches as i64 {
                 let len = args.batch as i64;
                 let xb = x.narrow(0, b * len, len).to_device(global.device);
                 let yb = y.narrow(0, b * len, len).to_device(global.device);
-                let _ = a.run(&model, &xb, &yb, 0)?;
+                let _ = a.run(&defended, &xb, &yb, 0)?;
             }
             if let tch::Device::Cuda(i) = global.device {
                 tch::Cuda::synchronize(i as i64);
@@ -883,17 +940,33 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
                 None
             } else {
                 Some(torchattacks_timing(
-                    &ckpt, &data, attack, steps, args.batch, threads,
+                    &ckpt,
+                    &data,
+                    attack,
+                    steps,
+                    (args.batch, threads),
+                    (args.noise, args.eot),
                 )?)
+            };
+            let (theirs, first_draw_correct) = match theirs {
+                Some((t, f)) => (Some(t), f),
+                None => (None, None),
             };
             rows.push(AttackRow {
                 arch: name.clone(),
-                attack: format!("{attack}-{steps}"),
+                attack: match (args.noise, args.eot) {
+                    (None, 1) => format!("{attack}-{steps}"),
+                    (sigma, eot) => format!(
+                        "{attack}-{steps} eot {eot}{}",
+                        sigma.map_or(String::new(), |s| format!(" noise {s}"))
+                    ),
+                },
                 images: n as usize,
                 threads,
                 atop_img_s: ours,
                 torchattacks_img_s: theirs,
                 ratio: theirs.map(|t| ours / t),
+                first_draw_correct,
             });
         }
     }
@@ -906,12 +979,12 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
         global.device
     );
     println!(
-        "{:<20} {:<14} {:>7} {:>12} {:>14} {:>7}",
+        "{:<20} {:<32} {:>7} {:>12} {:>14} {:>7}",
         "arch", "attack", "images", "atop img/s", "torchatt img/s", "ratio"
     );
     for r in &rows {
         println!(
-            "{:<20} {:<14} {:>7} {:>12.2} {:>14} {:>7}",
+            "{:<20} {:<32} {:>7} {:>12.2} {:>14} {:>7}",
             r.arch,
             r.attack,
             r.images,
@@ -919,6 +992,17 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
             r.torchattacks_img_s
                 .map_or("-".into(), |v| format!("{v:.2}")),
             r.ratio.map_or("-".into(), |v| format!("{v:.2}")),
+        );
+    }
+    if let Some(f) = rows
+        .iter()
+        .filter_map(|r| r.first_draw_correct)
+        .reduce(f64::min)
+        && f < 1.0
+    {
+        println!(
+            "note: one draw of the model classified {:.1} % of the points correctly; torchattacks' APGD attacks only those, atop all of them",
+            100.0 * f
         );
     }
     Ok(())
@@ -930,9 +1014,9 @@ fn torchattacks_timing(
     data: &std::path::Path,
     attack: atop::attacks::AttackName,
     steps: usize,
-    batch: usize,
-    threads: usize,
-) -> Result<f64> {
+    (batch, threads): (usize, usize),
+    (noise, eot): (Option<f64>, usize),
+) -> Result<(f64, Option<f64>)> {
     use anyhow::Context;
     let (script, mut cmd) = reference_script("attacks_reference.py");
     cmd.arg("--model")
@@ -944,13 +1028,18 @@ fn torchattacks_timing(
         .args(["--eps", &(8.0f64 / 255.0).to_string()])
         .args(["--alpha", &(2.0f64 / 255.0).to_string()])
         .args(["--batch", &batch.to_string()])
-        .args(["--threads", &threads.to_string()]);
+        .args(["--threads", &threads.to_string()])
+        .args(["--eot", &eot.to_string()]);
+    if let Some(sigma) = noise {
+        cmd.args(["--noise", &sigma.to_string()]);
+    }
     let out = run_reference(&script, &mut cmd)?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("{}: unexpected output", script.display()))?;
-    v["img_per_s"]
+    let img_s = v["img_per_s"]
         .as_f64()
-        .context("no img_per_s in the reference output")
+        .context("no img_per_s in the reference output")?;
+    Ok((img_s, v["first_draw_correct"].as_f64()))
 }
 
 /// `bench/reference/<name>` and a command running it with the venv's Python.

@@ -50,6 +50,14 @@ pub struct RobustArgs {
     /// through the defence, scored on the whole model); comma-separated.
     #[arg(long, default_value = "pgd,transfer")]
     pub attack: String,
+    /// Take the attacks, their budgets, N, R and the check points from a plan:
+    /// eval-robust-cpu (scaled to 2 CPU cores, and said so in the report) or eval-robust-full
+    /// (the reference budgets: PGD 200 x EOT 20, AutoAttack standard + rand, ...).
+    #[arg(long, conflicts_with_all = ["attack", "steps", "eot", "targets", "queries", "draws", "check_points", "config"])]
+    pub preset: Option<String>,
+    /// A plan in a TOML file (the format of presets/eval-robust-cpu.toml).
+    #[arg(long, conflicts_with_all = ["attack", "steps", "eot", "targets", "queries", "draws", "check_points"])]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub settings: super::attack::SettingsArgs,
     /// R: independent draws of the model per scored image.
@@ -236,8 +244,38 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     use atop::eval::robust::{RobustConfig, evaluate, parse_attacks};
     use atop::report::robust::Provenance;
 
-    let mut settings = a.settings.settings()?;
-    let attacks = parse_attacks(&a.attack, &mut settings)?;
+    use atop::eval::plan::Plan;
+    let plan = match (&a.preset, &a.config) {
+        (Some(name), _) => Some(Plan::preset(name)?),
+        (None, Some(path)) => Some(Plan::from_file(path)?),
+        (None, None) => None,
+    };
+    let (attacks, settings) = match &plan {
+        Some(p) => {
+            let budget = atop::attacks::Budget::new(a.settings.norm, a.settings.eps)?;
+            let mut settings = a.settings.settings()?;
+            let defended = a.target.has_defence();
+            let (attacks, planned) = p.attacks(budget, defended)?;
+            if !defended {
+                tracing::info!(
+                    "no defence stage: the plan's bpda and transfer attacks are left out"
+                );
+            }
+            // The plan sets what it names; the step size, restarts, loss and C&W settings stay the flags'.
+            settings.eot = planned.eot;
+            settings.targets = planned.targets;
+            settings.queries = planned.queries;
+            settings.overrides.extend(planned.overrides);
+            a.draws = p.draws;
+            a.check_points = p.check_points;
+            a.target.n.get_or_insert(p.n);
+            (attacks, settings)
+        }
+        None => {
+            let mut settings = a.settings.settings()?;
+            (parse_attacks(&a.attack, &mut settings)?, settings)
+        }
+    };
     a.target.n.get_or_insert(ROBUST_N);
     let out = a.out.clone().unwrap_or_else(|| {
         let names: Vec<String> = attacks.iter().map(|s| s.label()).collect();
@@ -275,6 +313,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
             atop::models::Model::describe(&pipeline)
         ),
         data: target.data.clone(),
+        plan: plan.map(|p| p.description),
     };
     config.validate()?;
     if target.indices.is_empty() {

@@ -26,6 +26,10 @@ pub struct Args {
     /// CPU threads for libtorch, decoding and data workers (default: all cores).
     #[arg(long, global = true, env = "ATOP_THREADS")]
     pub threads: Option<usize>,
+    /// Images per stacked EOT pass: the EOT draws of a batch of n run max(1, this / n) at a
+    /// time in one forward/backward (lower it if a stacked pass runs out of memory).
+    #[arg(long, global = true, env = "ATOP_EOT_BATCH", default_value_t = runtime::DEFAULT_EOT_BATCH)]
+    pub eot_batch: usize,
     /// No progress bars or log lines; results only.
     #[arg(long, short, global = true)]
     pub quiet: bool,
@@ -84,6 +88,10 @@ pub fn run(args: Args) -> Result<()> {
         .without_time()
         .init();
     runtime::init_threads(args.threads);
+    if args.eot_batch == 0 {
+        anyhow::bail!("--eot-batch 0: expected at least 1 image per EOT pass");
+    }
+    runtime::set_eot_batch(args.eot_batch);
     let global = Global {
         device: args.device.resolve()?,
         json: args.json,

@@ -2,5 +2,6 @@
 //! draws, with exact intervals).
 
 pub mod clean;
+pub mod plan;
 pub mod robust;
 pub mod stats;

@@ -30,6 +30,12 @@ pub trait Model {
     fn is_stochastic(&self) -> bool {
         false
     }
+    /// True when every image of a batch gets its own randomness, so a batch holding K copies
+    /// of an image is K independent draws of it (EOT then stacks its draws into one pass).
+    /// False, the safe default, when a draw is shared by the batch or depends on its size.
+    fn draws_per_sample(&self) -> bool {
+        false
+    }
     /// A short description for reports.
     fn describe(&self) -> String;
 }
@@ -43,6 +49,9 @@ impl Model for Classifier {
     }
     fn device(&self) -> Device {
         self.vs.device()
+    }
+    fn draws_per_sample(&self) -> bool {
+        true
     }
     fn describe(&self) -> String {
         self.spec.arch.to_string()

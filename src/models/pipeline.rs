@@ -11,6 +11,10 @@ pub trait Stage {
     fn is_stochastic(&self) -> bool {
         false
     }
+    /// As [`Model::draws_per_sample`]: each image of a batch draws its own randomness.
+    fn draws_per_sample(&self) -> bool {
+        true
+    }
     fn describe(&self) -> String;
 }
 
@@ -20,6 +24,9 @@ impl<S: Stage + ?Sized> Stage for Box<S> {
     }
     fn is_stochastic(&self) -> bool {
         (**self).is_stochastic()
+    }
+    fn draws_per_sample(&self) -> bool {
+        (**self).draws_per_sample()
     }
     fn describe(&self) -> String {
         (**self).describe()
@@ -56,6 +63,9 @@ impl<S: Stage> Stage for Bpda<S> {
     }
     fn is_stochastic(&self) -> bool {
         self.stage.is_stochastic()
+    }
+    fn draws_per_sample(&self) -> bool {
+        self.stage.draws_per_sample()
     }
     fn describe(&self) -> String {
         format!("bpda({})", self.stage.describe())
@@ -100,6 +110,9 @@ impl Model for Pipeline<'_> {
     }
     fn is_stochastic(&self) -> bool {
         self.model.is_stochastic() || self.stages.iter().any(|s| s.is_stochastic())
+    }
+    fn draws_per_sample(&self) -> bool {
+        self.model.draws_per_sample() && self.stages.iter().all(|s| s.draws_per_sample())
     }
     fn describe(&self) -> String {
         let mut parts: Vec<String> = self.stages.iter().map(|s| s.describe()).collect();

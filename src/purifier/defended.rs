@@ -25,6 +25,9 @@ impl Stage for Purify<'_> {
     fn is_stochastic(&self) -> bool {
         self.transform.is_stochastic()
     }
+    fn draws_per_sample(&self) -> bool {
+        self.transform.draws_per_sample()
+    }
     fn describe(&self) -> String {
         format!(
             "{} -> {}",

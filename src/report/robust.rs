@@ -43,16 +43,20 @@ pub fn budget(e: &RobustEvaluation) -> String {
     } else {
         format!("{eps:.5}")
     };
+    let per_attack: Vec<String> = e
+        .attacks
+        .iter()
+        .map(|a| format!("{} {}", a.attack, a.budget))
+        .collect();
     format!(
-        "{} eps {eps}; iterations {} (PGD default 20, APGD 100); step size {}; EOT {} gradient samples per step on the whole model; {} restart(s); {} queries for Square; R = {} draws per scored image",
+        "{} eps {eps}; {}; R = {} draws per scored image{}",
         s.budget.norm,
-        s.steps.map_or("default".into(), |v| v.to_string()),
-        s.step_size
-            .map_or("default (PGD eps/4)".into(), |v| format!("{v:.5}")),
-        s.eot,
-        s.restarts,
-        s.queries,
-        e.config.draws
+        per_attack.join("; "),
+        e.config.draws,
+        e.config
+            .plan
+            .as_ref()
+            .map_or(String::new(), |p| format!(" (plan: {p})"))
     )
 }
 
@@ -121,13 +125,13 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
     let _ = writeln!(s, "## Attacks\n");
     let _ = writeln!(
         s,
-        "| attack | target | gradient evaluations per point (budget) | zero / non-finite gradients | seconds |"
+        "| attack | target | budget | gradient evaluations per point (at most) | queries per point (at most) | zero / non-finite gradients | seconds |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for a in &e.attacks {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} / {} of {} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {} / {} of {} | {:.1} |",
             a.attack,
             match a.target {
                 Target::Whole if a.attack == "square" => "whole model, queries only",
@@ -135,8 +139,10 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
                 Target::Transfer => "classifier alone (transfer)",
                 Target::Bpda => "whole model, identity backward through the defence",
             },
+            a.budget,
             a.gradient_evaluations_per_point
                 .map_or("-".into(), |v| v.to_string()),
+            a.queries_per_point.map_or("-".into(), |v| v.to_string()),
             a.grad.zero,
             a.grad.non_finite,
             a.grad.evaluations,

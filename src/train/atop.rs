@@ -565,7 +565,7 @@ fn check_adversary(
         AdversaryTarget::Defended => &whole,
     };
     let mut stats = GradStats::default();
-    let _ = gradient(model, &x, &|z| loss::ce(z, &y), 1, &mut stats);
+    let _ = gradient(model, &x, &y, &|z| loss::ce(z, &y), 1, &mut stats);
     if stats.zero + stats.non_finite >= stats.evaluations.max(1) {
         bail!(
             "the training attack ({}) cannot run on its model: {} of {} input gradients are zero or not finite",
@@ -636,7 +636,7 @@ impl<'a> FineTuner<'a> {
         };
         let mut stats = GradStats::default();
         for _ in 0..steps {
-            let e = gradient(model, &a, &|z| loss::ce(z, y), eot, &mut stats);
+            let e = gradient(model, &a, y, &|z| loss::ce(z, y), eot, &mut stats);
             a = norm.project(&(&a + norm.direction(&e.grad) * size), x, adv.eps);
         }
         Ok(a.detach())

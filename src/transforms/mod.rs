@@ -184,6 +184,11 @@ impl TransformConfig {
         self.kind != TransformKind::None && (self.has_mask() || self.sigma > 0.0)
     }
 
+    /// Whether every image draws its own noise and mask (a per-batch mask is shared).
+    pub fn draws_per_sample(&self) -> bool {
+        !(self.per_batch_mask && self.has_mask())
+    }
+
     /// Whether the transform draws block masks (RT1/RT2/RT3).
     pub fn has_mask(&self) -> bool {
         matches!(

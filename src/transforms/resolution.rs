@@ -159,6 +159,9 @@ impl Stage for TransformStage {
     fn is_stochastic(&self) -> bool {
         self.transform.is_stochastic()
     }
+    fn draws_per_sample(&self) -> bool {
+        self.transform.draws_per_sample()
+    }
     fn describe(&self) -> String {
         match self.resolution.work_size {
             Some(_) => format!(
