@@ -1048,7 +1048,10 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
     assert_eq!(p["attacks"][2]["gradient_evaluations_per_point"], 6);
     assert_eq!(p["attacks"][2]["budget"], "3 iterations, 2 targets x EOT 1");
     let checks = p["checks"].as_array().unwrap();
-    let grads = checks.iter().find(|c| c["name"] == "input gradients").unwrap();
+    let grads = checks
+        .iter()
+        .find(|c| c["name"] == "input gradients")
+        .unwrap();
     assert_eq!(grads["status"], "PASS", "{grads}");
     for (args, expect) in [
         (&["--draws", "0"][..], "draws = 0"),
@@ -1058,8 +1061,14 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
         (&["--steps", "0"][..], "steps = 0"),
         (&["--batch-size", "0"][..], "batch_size = 0"),
         (&["--preset", "nope"][..], "eval-robust-cpu"),
-        (&["--preset", "eval-robust-cpu", "--eot", "3"][..], "cannot be used with"),
-        (&["--config", "/nonexistent/plan.toml"][..], "/nonexistent/plan.toml"),
+        (
+            &["--preset", "eval-robust-cpu", "--eot", "3"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--config", "/nonexistent/plan.toml"][..],
+            "/nonexistent/plan.toml",
+        ),
         (&["--eot-batch", "0"][..], "--eot-batch 0"),
     ] {
         let dir = tmp.path().join("bad");

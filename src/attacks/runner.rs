@@ -225,19 +225,15 @@ impl Runner<'_> {
                 // The seed depends on the attack and the first sample only, not on history.
                 let seed =
                     cfg.seed ^ ((ai as u64) << 40) ^ (chunk[0] as u64).wrapping_mul(0x9E37_79B9);
-                let out = attack.run(self.model, &xb, &yb, seed)?;
-                let adv = out.x_adv.detach();
-                check_budget(&adv, &xb, &attack.budget(), &attack.name())?;
+                let (adv, norms, grad) = attack_batch(
+                    attack.as_ref(),
+                    self.model,
+                    (&xb, &yb),
+                    seed,
+                    &attack.name(),
+                )?;
                 let pred = tch::no_grad(|| self.model.logits(&adv)).argmax(-1, false);
                 let pred = Vec::<i64>::try_from(pred.to_device(Device::Cpu))?;
-                let norms = Vec::<f64>::try_from(
-                    attack
-                        .budget()
-                        .norm
-                        .measure(&(&adv - &xb))
-                        .to_device(Device::Cpu)
-                        .to_kind(Kind::Double),
-                )?;
                 for (j, &p) in chunk.iter().enumerate() {
                     let r = &mut state.records[p];
                     r.adv_pred = pred[j];
@@ -261,7 +257,7 @@ impl Runner<'_> {
                 state.batches.push(file);
                 queue.drain(..take);
                 let step = &mut state.steps[ai];
-                step.grad.add(out.grad);
+                step.grad.add(grad);
                 step.seconds += t.elapsed().as_secs_f64();
                 bar.inc(take as u64);
                 self.save_state(&state)?;
@@ -408,6 +404,30 @@ impl Runner<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// One batch attacked: the adversarial images (checked against the threat model), their
+/// perturbation norms in the budget's norm, and the attack's gradient statistics. `what`
+/// names the attack in errors.
+pub fn attack_batch(
+    attack: &dyn super::Attack,
+    model: &dyn Model,
+    (x, y): (&Tensor, &Tensor),
+    seed: u64,
+    what: &str,
+) -> Result<(Tensor, Vec<f64>, GradStats)> {
+    let out = attack.run(model, x, y, seed)?;
+    let adv = out.x_adv.detach().to_kind(Kind::Float);
+    check_budget(&adv, x, &attack.budget(), what)?;
+    let norms = Vec::<f64>::try_from(
+        attack
+            .budget()
+            .norm
+            .measure(&(&adv - x))
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double),
+    )?;
+    Ok((adv, norms, out.grad))
 }
 
 /// Refuses results outside the threat model: an attack bug must never inflate a report.

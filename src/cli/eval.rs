@@ -402,42 +402,7 @@ fn write_robust(
         println!("{}", serde_json::to_string_pretty(&both)?);
         return Ok(());
     }
-    println!(
-        "{} [{}] on {} points{}; {}",
-        provenance.model,
-        provenance.defence,
-        evaluation.n,
-        evaluation
-            .shard
-            .map_or(String::new(), |s| format!(" (shard {s})")),
-        atop::report::robust::budget(evaluation)
-    );
-    println!(
-        "{:<34} {:>24} {:>24} {:>24}",
-        "images", "single draw (mean, CI)", "majority of R", "worst of R"
-    );
-    let line = |name: &str, s: &atop::eval::robust::Scores| {
-        println!(
-            "{:<34} {:>24} {:>24} {:>24}",
-            name,
-            s.single.show(),
-            s.majority.show(),
-            s.worst_of_r.show()
-        );
-    };
-    line("clean", &evaluation.clean);
-    for r in &evaluation.attacks {
-        let name = match r.target {
-            atop::eval::robust::Target::Whole => r.attack.clone(),
-            atop::eval::robust::Target::Transfer => format!("{} (transfer)", r.attack),
-            atop::eval::robust::Target::Bpda => format!("{} (BPDA)", r.attack),
-        };
-        line(&name, &r.scores);
-    }
-    line("worst case per point", &evaluation.worst_case);
-    for c in &evaluation.checks {
-        println!("  [{}] {}: {}", c.status, c.name, c.detail);
-    }
+    print!("{}", atop::report::robust::terminal(evaluation, provenance));
     println!("wrote {} and the report beside it", results.display());
     Ok(())
 }

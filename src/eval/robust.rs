@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::stats::Proportion;
-use crate::attacks::runner::check_budget;
+use crate::attacks::runner::{attack_batch, check_budget};
 use crate::attacks::{AttackName, AttackSettings, GradStats};
 use crate::models::Model;
 
@@ -537,18 +537,9 @@ pub fn evaluate(
             // Attacks that draw nothing themselves (FGSM) still meet a random model: fix its
             // draws too, so a resumed run attacks exactly as an uninterrupted one.
             tch::manual_seed(seed as i64);
-            let out = attack.run(attacked, &xb, &yb, seed)?;
-            let adv = out.x_adv.detach().to_kind(Kind::Float);
-            check_budget(&adv, &xb, &attack.budget(), &spec.label())?;
+            let (adv, norms, grad) =
+                attack_batch(attack.as_ref(), attacked, (&xb, &yb), seed, &spec.label())?;
             let draws = draw(model, &adv, config.draws, config.seed, ai, s)?;
-            let norms = Vec::<f64>::try_from(
-                attack
-                    .budget()
-                    .norm
-                    .measure(&(&adv - &xb))
-                    .to_device(Device::Cpu)
-                    .to_kind(Kind::Double),
-            )?;
             let adv_cpu = adv.to_device(Device::Cpu);
             let file = format!("{ai:02}-{:06}.safetensors", s);
             if let Some(dir) = state_dir {
@@ -562,7 +553,7 @@ pub fn evaluate(
                 state.done[ai][s + j] = Some(d);
                 state.norms[ai][s + j] = norms[j];
             }
-            state.grad[ai].add(out.grad);
+            state.grad[ai].add(grad);
             state.seconds[ai] += t.elapsed().as_secs_f64();
             state.batches.push(file);
             save_state(state_dir, &state)?;

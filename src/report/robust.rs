@@ -6,7 +6,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::attacks::Norm;
-use crate::eval::robust::{RobustEvaluation, Scores, Target};
+use crate::eval::robust::{Draws, RobustEvaluation, Scores, Target};
 
 /// Where the numbers came from.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -194,31 +194,77 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
 
 /// One row per point and image set (clean, then each attack): the R predictions joined by `;`.
 pub fn csv(e: &RobustEvaluation) -> String {
-    let mut s = String::from("index,label,images,preds,correct_draws,draws,perturbation_norm\n");
+    let mut s =
+        String::from("index,label,images,preds,plurality,correct_draws,draws,perturbation_norm\n");
     for r in &e.records {
-        let mut line = |name: &str, preds: &[i64], norm: f64| {
-            let correct = preds.iter().filter(|&&p| p == r.label).count();
-            let joined: Vec<String> = preds.iter().map(i64::to_string).collect();
+        let mut line = |name: &str, d: &Draws, norm: f64| {
+            let correct = d.preds.iter().filter(|&&p| p == r.label).count();
+            let joined: Vec<String> = d.preds.iter().map(i64::to_string).collect();
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{},{:.6}",
+                "{},{},{},{},{},{},{},{:.6}",
                 r.index,
                 r.label,
                 name,
                 joined.join(";"),
+                d.plurality(),
                 correct,
-                preds.len(),
+                d.preds.len(),
                 norm
             );
         };
-        line("clean", &r.clean.preds, 0.0);
+        line("clean", &r.clean, 0.0);
         for (a, (d, n)) in e
             .attacks
             .iter()
             .zip(r.attacks.iter().zip(&r.perturbation_norms))
         {
-            line(&a.attack, &d.preds, *n);
+            line(&a.attack, d, *n);
         }
+    }
+    s
+}
+
+/// The summary `eval robust` prints on a terminal: the budget, the three scores of the clean
+/// images, each attack and the worst case, and the checks.
+pub fn terminal(e: &RobustEvaluation, p: &Provenance) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} [{}] on {} points{}; {}",
+        p.model,
+        p.defence,
+        e.n,
+        e.shard.map_or(String::new(), |sh| format!(" (shard {sh})")),
+        budget(e)
+    );
+    let _ = writeln!(
+        s,
+        "{:<34} {:>24} {:>24} {:>24}",
+        "images", "single draw (mean, CI)", "majority of R", "worst of R"
+    );
+    let mut line = |name: &str, sc: &Scores| {
+        let _ = writeln!(
+            s,
+            "{:<34} {:>24} {:>24} {:>24}",
+            name,
+            sc.single.show(),
+            sc.majority.show(),
+            sc.worst_of_r.show()
+        );
+    };
+    line("clean", &e.clean);
+    for r in &e.attacks {
+        let name = match r.target {
+            Target::Whole => r.attack.clone(),
+            Target::Transfer => format!("{} (transfer)", r.attack),
+            Target::Bpda => format!("{} (BPDA)", r.attack),
+        };
+        line(&name, &r.scores);
+    }
+    line("worst case per point", &e.worst_case);
+    for c in &e.checks {
+        let _ = writeln!(s, "  [{}] {}: {}", c.status, c.name, c.detail);
     }
     s
 }
