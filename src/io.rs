@@ -77,3 +77,91 @@ pub fn read_json_opt<T: serde::de::DeserializeOwned>(path: &Path, what: &str) ->
         .map(Some)
         .with_context(|| format!("{}: not {what}", path.display()))
 }
+
+/// Refuses an output folder that holds anything but `own` entries (the names this command
+/// writes, `*` matching any run of characters; a `/`-suffixed name is a folder): a command
+/// never writes into another command's results, a checkpoint or its own inputs. A missing or
+/// empty folder is fine; one holding only the command's own earlier outputs is redone.
+pub fn check_output_dir(dir: &Path, own: &[&str], flag: &str) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => anyhow::bail!("{flag} {}: cannot read the folder: {e}", dir.display()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let mine = own.iter().any(|pattern| match pattern.strip_suffix('/') {
+            Some(folder) => is_dir && glob_match(folder, &name),
+            None => !is_dir && glob_match(pattern, &name),
+        });
+        if !mine {
+            anyhow::bail!(
+                "{flag} {}: the folder holds {name}, which this command did not write; choose an empty or new folder",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, tail)) => {
+            name.len() >= head.len()
+                && name.starts_with(head)
+                && (0..=name.len() - head.len()).any(|i| {
+                    name.is_char_boundary(head.len() + i)
+                        && glob_match(tail, &name[head.len() + i..])
+                })
+        }
+    }
+}
+
+/// A short content hash (SHA-256, first 16 hex digits) of tensors and text: what resume state
+/// is keyed by, so that swapped weights or other images never continue an earlier run.
+pub fn fingerprint(tensors: &[&tch::Tensor], text: &str) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(text.as_bytes());
+    for t in tensors {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        h.update(format!("{:?}{:?}", t.kind(), t.size()).as_bytes());
+        let mut buf = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut buf, t.numel())
+            .context("cannot read a tensor's bytes for its fingerprint")?;
+        h.update(&buf);
+    }
+    let digest = h.finalize();
+    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod output_dir_tests {
+    use super::*;
+
+    #[test]
+    fn output_folders_hold_only_the_commands_own_files() {
+        assert!(glob_match("grid-*.png", "grid-rt2.png"));
+        assert!(glob_match("*", "x"));
+        assert!(!glob_match("grid-*.png", "grid-rt2.jpg"));
+        assert!(!glob_match("results.json", "results.json.bak"));
+        let tmp = tempfile::tempdir().unwrap();
+        let own = ["results.json", "grid-*.png", "batches/"];
+        assert!(check_output_dir(&tmp.path().join("missing"), &own, "--out").is_ok());
+        assert!(check_output_dir(tmp.path(), &own, "--out").is_ok());
+        std::fs::write(tmp.path().join("results.json"), "{}").unwrap();
+        std::fs::write(tmp.path().join("grid-rt1.png"), "").unwrap();
+        std::fs::create_dir(tmp.path().join("batches")).unwrap();
+        assert!(check_output_dir(tmp.path(), &own, "--out").is_ok());
+        std::fs::write(tmp.path().join("sentinel.txt"), "x").unwrap();
+        let e = check_output_dir(tmp.path(), &own, "--out").unwrap_err();
+        assert!(e.to_string().contains("sentinel.txt"), "{e}");
+        std::fs::remove_file(tmp.path().join("sentinel.txt")).unwrap();
+        std::fs::create_dir(tmp.path().join("grid-x.png")).unwrap();
+        assert!(check_output_dir(tmp.path(), &own, "--out").is_err());
+    }
+}

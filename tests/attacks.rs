@@ -932,7 +932,10 @@ fn eval_robust_scores_a_random_defence_over_r_draws_resumes_after_a_kill_and_sha
     std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
     let out = robust_cmd(&foreign, &["--n", "8"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("not empty"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("notes.txt, which this command did not write"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
         "keep me"
@@ -1059,7 +1062,7 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
         (&["--attack", "pgd,pgd"][..], "listed twice"),
         (&["--attack", "nope"][..], "nope"),
         (&["--steps", "0"][..], "steps = 0"),
-        (&["--batch-size", "0"][..], "batch_size = 0"),
+        (&["--batch-size", "0"][..], "--batch-size"),
         (&["--preset", "nope"][..], "eval-robust-cpu"),
         (
             &["--preset", "eval-robust-cpu", "--eot", "3"][..],
@@ -1083,4 +1086,134 @@ fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
             "{args:?} left a state behind"
         );
     }
+}
+
+/// Issue 15's defect classes on the attack and evaluation commands: each refusal names the
+/// flag or file, and nothing outside the command's own folder changes.
+#[test]
+fn bad_input_is_refused_and_nothing_foreign_is_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_dir().to_str().unwrap().to_string();
+    let refused = |args: &[&str], expect: &str| {
+        let o = atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(expect) && !err.contains("panicked"),
+            "{args:?}: exit {:?}, {err}",
+            o.status.code()
+        );
+    };
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    refused(&["attack", "--model", &m, "--n", "0", "--out", o], "--n");
+    refused(&["--threads", "100000", "info"], "--threads 100000");
+    refused(
+        &[
+            "attack",
+            "--model",
+            &m,
+            "--n",
+            "4",
+            "--eot",
+            "1000000000",
+            "--out",
+            o,
+        ],
+        "at most 10000",
+    );
+    refused(
+        &[
+            "attack",
+            "--model",
+            &m,
+            "--n",
+            "4",
+            "--attack",
+            "apgd-t",
+            "--targets",
+            "50",
+            "--out",
+            o,
+        ],
+        "at most 9 target classes",
+    );
+    assert!(!out.exists(), "a refused attack left {}", out.display());
+    refused(
+        &[
+            "attack",
+            "--model",
+            &m,
+            "--n",
+            "4",
+            "--dataset",
+            "imagenette",
+            "--out",
+            o,
+        ],
+        "trained on cifar10",
+    );
+    // A folder holding another command's files (or anything else) is never written into.
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("results.json"), "theirs").unwrap();
+    std::fs::write(foreign.join("sentinel.txt"), "theirs").unwrap();
+    let f = foreign.to_str().unwrap();
+    refused(
+        &["attack", "--model", &m, "--n", "4", "--out", f],
+        "sentinel.txt",
+    );
+    refused(
+        &["eval", "clean", "--model", &m, "--subset", "4", "--out", f],
+        "did not write",
+    );
+    refused(
+        &[
+            "train",
+            "classifier",
+            "--preset",
+            "cifar10-demo",
+            "--out",
+            f,
+        ],
+        "no training run",
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("results.json")).unwrap(),
+        "theirs"
+    );
+    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 2);
+
+    // Resume is keyed by the weights' content: the same path with other weights is another run.
+    let ck = tmp.path().join("ck");
+    std::fs::create_dir(&ck).unwrap();
+    let src = checkpoint::resolve(model_dir()).unwrap();
+    for f in ["model.safetensors", "model.json"] {
+        std::fs::copy(src.join(f), ck.join(f)).unwrap();
+    }
+    let c = ck.to_str().unwrap();
+    let out = tmp.path().join("keyed");
+    let o = out.to_str().unwrap();
+    let args = [
+        "attack", "--model", c, "--n", "4", "--attack", "fgsm", "--out", o,
+    ];
+    run_json(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .arg("--json")
+            .args(args),
+    );
+    let (changed, sidecar) = checkpoint::load(&ck, Device::Cpu).unwrap();
+    tch::no_grad(|| {
+        for (_, mut v) in changed.vs.variables() {
+            let _ = v.g_mul_scalar_(1.5);
+        }
+    });
+    checkpoint::save(&changed, &sidecar, &ck).unwrap();
+    let before = std::fs::read(out.join("results.json")).unwrap();
+    refused(&args, "different settings");
+    assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before);
 }

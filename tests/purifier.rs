@@ -692,7 +692,7 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     assert!(err(&["--lambda=-1"], trained()).contains("lambda = -1"));
-    assert!(err(&["--adversary-eot", "0"], trained()).contains("adversary.eot"));
+    assert!(err(&["--adversary-eot", "0"], trained()).contains("adversary-eot"));
     let ckpt = purifier::resolve(trained()).unwrap();
     let doctored = |name: &str, from: &str, to: &str| {
         let dir = tmp.path().join(name);

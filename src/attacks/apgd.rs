@@ -268,7 +268,12 @@ impl Attack for Apgd {
                         "apgd-t uses the targeted DLR loss, which needs at least 4 classes (the model has {classes})"
                     );
                 }
-                let targets = targets.min(classes - 1);
+                if targets > classes - 1 {
+                    bail!(
+                        "targets = {targets}: the model has {classes} classes, so at most {} target classes",
+                        classes - 1
+                    );
+                }
                 let order = super::target_order(model, x, y);
                 on_remaining(x, y, targets * self.restarts, seed, |r, idx, xs, ys| {
                     let t = order

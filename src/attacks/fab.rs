@@ -190,7 +190,13 @@ impl Attack for FabT {
         if classes < 2 {
             bail!("fab-t needs at least 2 classes (the model has {classes})");
         }
-        let targets = self.targets.min(classes - 1);
+        let targets = self.targets;
+        if targets > classes - 1 {
+            bail!(
+                "targets = {targets}: the model has {classes} classes, so at most {} target classes",
+                classes - 1
+            );
+        }
         let mut stats = GradStats::default();
         let order = super::target_order(model, x, y);
         let (x_adv, _) = on_remaining(x, y, targets * self.restarts, seed, |r, idx, xs, ys| {

@@ -203,6 +203,24 @@ impl FromStr for AttackName {
     }
 }
 
+/// Ceilings on an attack's budget: each is 10 to 100 times what published evaluations use
+/// (PGD-1000, EOT 200, Square 100,000 queries), and beyond them a typo runs for days.
+pub const MAX_STEPS: usize = 100_000;
+pub const MAX_EOT: usize = 10_000;
+pub const MAX_RESTARTS: usize = 1_000;
+pub const MAX_QUERIES: usize = 10_000_000;
+
+/// Refuses `steps` or `eot` beyond the ceilings; `what` prefixes the setting names
+/// (e.g. `adversary`).
+pub fn check_caps(what: &str, steps: usize, eot: usize) -> Result<()> {
+    if steps > MAX_STEPS || eot > MAX_EOT {
+        bail!(
+            "{what}.steps = {steps}, {what}.eot = {eot}: at most {MAX_STEPS} steps and {MAX_EOT} draws per step"
+        );
+    }
+    Ok(())
+}
+
 /// Settings shared by the attacks; each attack reads the ones it uses. The defaults are the
 /// reference budgets (PGD 20 steps of eps/4; APGD 100 iterations, 9 target classes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -328,6 +346,24 @@ impl AttackSettings {
         if self.steps == Some(0) {
             bail!("steps = 0: expected at least 1");
         }
+        if let Some(steps) = self.steps
+            && steps > MAX_STEPS
+        {
+            bail!("steps = {steps}: at most {MAX_STEPS} iterations per attack run");
+        }
+        if self.eot > MAX_EOT {
+            bail!(
+                "eot = {}: at most {MAX_EOT} gradient samples per step",
+                self.eot
+            );
+        }
+        if self.restarts > MAX_RESTARTS || self.queries > MAX_QUERIES {
+            bail!(
+                "restarts = {}, queries = {}: at most {MAX_RESTARTS} restarts and {MAX_QUERIES} queries",
+                self.restarts,
+                self.queries
+            );
+        }
         if self.restarts == 0 {
             bail!("restarts = 0: expected at least 1");
         }
@@ -371,6 +407,21 @@ impl AttackSettings {
         }
         for o in &self.overrides {
             self.for_attack(o.attack).validate()?;
+        }
+        Ok(())
+    }
+
+    /// Checks what depends on the model: targeted attacks need more classes than targets.
+    pub fn fit_model(&self, name: AttackName, classes: usize) -> Result<()> {
+        let s = self.for_attack(name);
+        if matches!(name, AttackName::ApgdT | AttackName::FabT)
+            && s.targets > classes.saturating_sub(1)
+        {
+            bail!(
+                "targets = {}: the model has {classes} classes, so {name} has at most {} target classes",
+                s.targets,
+                classes.saturating_sub(1)
+            );
         }
         Ok(())
     }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -165,22 +165,16 @@ impl Runner<'_> {
             );
         }
         let started = Instant::now();
-        let mut state = match self.load_state()? {
+        let mut state = match self.load_state(y, indices)? {
             Some(s) => s,
             None => self.clean_pass(x, y, indices, device)?,
         };
-        // Images produced so far: start from clean, replay batch files in order.
+        // Images produced so far: start from clean, replay batch files in order (each checked:
+        // a tampered or corrupt file must neither crash the run nor enter its report).
         let mut x_adv = x.to_device(Device::Cpu).to_kind(Kind::Float).copy();
         for b in &state.batches {
-            let path = self.batch_path(b);
-            let t = crate::models::checkpoint::read_tensors(&path)?;
-            let get = |name: &str| {
-                t.iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| v.shallow_clone())
-                    .with_context(|| format!("{}: no tensor '{name}'", path.display()))
-            };
-            let _ = x_adv.index_copy_(0, &get("positions")?, &get("images")?);
+            let (pos, images) = self.read_batch(b, x)?;
+            let _ = x_adv.index_copy_(0, &pos, &images);
         }
         let total_attacks = cfg.attacks.len();
         while state.next_attack < total_attacks {
@@ -371,7 +365,9 @@ impl Runner<'_> {
             .join(file)
     }
 
-    fn load_state(&self) -> Result<Option<State>> {
+    /// The saved state, if any, checked against this run: its settings, and everything in it
+    /// that later code indexes with or reports (records, queue, steps, batch names).
+    fn load_state(&self, y: &Tensor, indices: &[usize]) -> Result<Option<State>> {
         let Some(dir) = &self.state_dir else {
             return Ok(None);
         };
@@ -385,6 +381,9 @@ impl Runner<'_> {
                 path.display()
             );
         }
+        let labels = Vec::<i64>::try_from(y.to_device(Device::Cpu))?;
+        self.check_state(&state, &labels, indices)
+            .map_err(|e| corrupt(&path, dir, e))?;
         if state.next_attack < state.config.attacks.len() {
             tracing::info!(
                 "resuming {}: attack {}/{}",
@@ -398,12 +397,230 @@ impl Runner<'_> {
         Ok(Some(state))
     }
 
+    /// What is wrong with a resumed `state` (settings already equal), in words.
+    fn check_state(&self, state: &State, labels: &[i64], indices: &[usize]) -> Result<(), String> {
+        let attacks = &self.config.attacks;
+        let (n, k) = (indices.len(), self.model.num_classes() as i64);
+        if state.records.len() != n {
+            return Err(format!(
+                "records holds {} entries but the run has {n} points",
+                state.records.len()
+            ));
+        }
+        if state.next_attack > attacks.len() {
+            return Err(format!(
+                "next_attack is {} but the run has {} attacks",
+                state.next_attack,
+                attacks.len()
+            ));
+        }
+        // Attacks begun so far (the current one included while its queue is saved).
+        let begun = state.next_attack + usize::from(state.queue.is_some());
+        if begun > attacks.len() {
+            return Err(format!(
+                "queue is set but next_attack ({}) says every attack is done",
+                state.next_attack
+            ));
+        }
+        for (i, r) in state.records.iter().enumerate() {
+            if r.index != indices[i] || r.label != labels[i] {
+                return Err(format!(
+                    "records[{i}] is dataset index {} with label {}, but point {i} is index {} with label {}",
+                    r.index, r.label, indices[i], labels[i]
+                ));
+            }
+            for (what, p) in [("clean_pred", r.clean_pred), ("adv_pred", r.adv_pred)] {
+                if !(0..k).contains(&p) {
+                    return Err(format!(
+                        "records[{i}].{what} is {p}, outside the model's {k} classes"
+                    ));
+                }
+            }
+            let clean_broken = r.broken_by.as_deref() == Some("clean");
+            if clean_broken != (r.clean_pred != r.label) {
+                return Err(format!(
+                    "records[{i}] has clean prediction {} for label {} but broken_by {:?}",
+                    r.clean_pred, r.label, r.broken_by
+                ));
+            }
+            if let Some(b) = &r.broken_by
+                && !clean_broken
+                && !attacks[..begun].iter().any(|a| a.to_string() == *b)
+            {
+                return Err(format!(
+                    "records[{i}].broken_by is '{b}', neither 'clean' nor an attack run so far"
+                ));
+            }
+            if !(r.perturbation_norm.is_finite() && r.perturbation_norm >= 0.0) {
+                return Err(format!(
+                    "records[{i}].perturbation_norm is {}",
+                    r.perturbation_norm
+                ));
+            }
+        }
+        if let Some(queue) = &state.queue {
+            let mut seen = vec![false; n];
+            for &p in queue {
+                if p >= n {
+                    return Err(format!(
+                        "queue holds position {p} but the run has {n} points"
+                    ));
+                }
+                if std::mem::replace(&mut seen[p], true) {
+                    return Err(format!("queue holds position {p} twice"));
+                }
+                if state.records[p].broken_by.is_some() {
+                    return Err(format!(
+                        "queue holds position {p}, a point already broken (records[{p}].broken_by)"
+                    ));
+                }
+            }
+        }
+        if state.steps.len() != begun {
+            return Err(format!(
+                "steps holds {} entries but {begun} attacks have begun (next_attack {}, queue {})",
+                state.steps.len(),
+                state.next_attack,
+                if state.queue.is_some() {
+                    "set"
+                } else {
+                    "unset"
+                }
+            ));
+        }
+        for (i, s) in state.steps.iter().enumerate() {
+            if s.attack != attacks[i].to_string()
+                || s.robust_after > n
+                || !(0.0..=1.0).contains(&s.robust_accuracy)
+                || !(s.seconds.is_finite() && s.seconds >= 0.0)
+            {
+                return Err(format!(
+                    "steps[{i}] (attack '{}', robust_after {}, robust_accuracy {}, seconds {}) does not fit attack {} of {n} points",
+                    s.attack, s.robust_after, s.robust_accuracy, s.seconds, attacks[i]
+                ));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, b) in state.batches.iter().enumerate() {
+            let ai = parse_batch_name(b, attacks).ok_or_else(|| {
+                format!("batches[{i}] is '{b}', not a batch file name of this run")
+            })?;
+            if ai >= begun {
+                return Err(format!(
+                    "batches[{i}] ('{b}') is from attack {} but only {begun} attacks have begun",
+                    ai + 1
+                ));
+            }
+            if !names.insert(b.as_str()) {
+                return Err(format!("batches lists '{b}' twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The positions and images of a batch file named in the state (its name already checked),
+    /// validated against the run: positions in range and unique, one image per position of
+    /// the points' shape, finite, in [0,1] and inside the attack's budget.
+    fn read_batch(&self, file: &str, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dir = self.state_dir.as_deref().unwrap_or(Path::new("."));
+        let path = self.batch_path(file);
+        let bad = |what: String| corrupt(&path, dir, what);
+        let n = x.size()[0];
+        let (ai, start) = parse_batch_name(file, &self.config.attacks)
+            .zip(file.trim_end_matches(".safetensors").rsplit('-').next())
+            .and_then(|(ai, s)| Some((ai, s.parse::<i64>().ok()?)))
+            .ok_or_else(|| bad("not a batch file name of this run".into()))?;
+        let t = crate::models::checkpoint::read_tensors(&path)?;
+        let get = |name: &str| {
+            t.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.shallow_clone())
+                .ok_or_else(|| bad(format!("no tensor '{name}'")))
+        };
+        let (pos, images) = (get("positions")?, get("images")?);
+        let len = pos.size().first().copied().unwrap_or(0);
+        if pos.kind() != Kind::Int64
+            || pos.dim() != 1
+            || !(1..=self.config.batch_size as i64).contains(&len)
+        {
+            return Err(bad(format!(
+                "positions are {:?} of shape {:?}; expected 1 to {} int64 positions",
+                pos.kind(),
+                pos.size(),
+                self.config.batch_size
+            )));
+        }
+        let list = Vec::<i64>::try_from(&pos)?;
+        let mut seen = std::collections::HashSet::new();
+        for &p in &list {
+            if !(0..n).contains(&p) {
+                return Err(bad(format!(
+                    "positions hold {p} but the run has {n} points"
+                )));
+            }
+            if !seen.insert(p) {
+                return Err(bad(format!("positions hold {p} twice")));
+            }
+        }
+        if list[0] != start {
+            return Err(bad(format!(
+                "positions start at {} but the file name says {start}",
+                list[0]
+            )));
+        }
+        let mut want = x.size();
+        want[0] = len;
+        if images.size() != want {
+            return Err(bad(format!(
+                "images have shape {:?}; expected {want:?} (one image per position)",
+                images.size()
+            )));
+        }
+        let images = images.to_kind(Kind::Float);
+        if !bool::try_from(images.isfinite().all())? {
+            return Err(bad("images hold NaN or infinite values".into()));
+        }
+        let clean = x
+            .index_select(0, &pos.to_device(x.device()))
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float);
+        let name = self.config.attacks[ai];
+        let budget = self.config.settings.build(name)?.budget();
+        check_budget(&images, &clean, &budget, &format!("{name} (resumed)"))
+            .map_err(|e| bad(format!("images outside the threat model ({e})")))?;
+        Ok((pos, images))
+    }
+
     fn save_state(&self, state: &State) -> Result<()> {
         match &self.state_dir {
             Some(dir) => crate::io::write_json(&dir.join(STATE), state),
             None => Ok(()),
         }
     }
+}
+
+/// The error for a resumed file that does not fit the run.
+fn corrupt(file: &Path, dir: &Path, what: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: {what}: the resume state is corrupt; delete {} to start over",
+        file.display(),
+        dir.display()
+    )
+}
+
+/// The attack index of a batch file name as the runner writes it
+/// (`AA-ATTACK-SSSSSS.safetensors`), or None for anything else (paths included).
+fn parse_batch_name(file: &str, attacks: &[AttackName]) -> Option<usize> {
+    let stem = file.strip_suffix(".safetensors")?;
+    let (ai, rest) = stem.split_once('-')?;
+    let (name, start) = rest.rsplit_once('-')?;
+    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !ok(ai) || !ok(start) {
+        return None;
+    }
+    let ai: usize = ai.parse().ok()?;
+    start.parse::<u64>().ok()?;
+    (attacks.get(ai)?.to_string() == name).then_some(ai)
 }
 
 /// One batch attacked: the adversarial images (checked against the threat model), their
@@ -483,5 +700,182 @@ mod tests {
         let fab = s.for_attack(AttackName::FabT);
         assert_eq!((fab.restarts, fab.targets, fab.large_eps), (1, 9, false));
         assert!(s.build(AttackName::FabT).is_ok() && s.build(AttackName::ApgdT).is_ok());
+    }
+
+    /// A fixed linear classifier on 3 x 4 x 4 images (3 classes).
+    struct Linear(Tensor);
+    impl Model for Linear {
+        fn logits(&self, x: &Tensor) -> Tensor {
+            x.flatten(1, -1).matmul(&self.0)
+        }
+        fn num_classes(&self) -> usize {
+            3
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn describe(&self) -> String {
+            "linear".into()
+        }
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to.join(BATCHES)).unwrap();
+        for sub in ["", BATCHES] {
+            for e in std::fs::read_dir(from.join(sub)).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_file() {
+                    std::fs::copy(e.path(), to.join(sub).join(e.file_name())).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tampered_resume_files_are_refused_by_name() {
+        tch::manual_seed(0);
+        let model = Linear(Tensor::randn([48, 3], (Kind::Float, Device::Cpu)));
+        let x = Tensor::rand([6, 3, 4, 4], (Kind::Float, Device::Cpu));
+        // Labels the model gets right: every point goes through both attacks.
+        let y = model.logits(&x).argmax(-1, false);
+        let indices: Vec<usize> = (10..16).collect();
+        let mut settings =
+            AttackSettings::new(crate::attacks::Budget::new(Norm::Linf, 0.03).unwrap());
+        settings.steps = Some(2);
+        let tmp = tempfile::tempdir().unwrap();
+        let run = |dir: &Path| {
+            Runner {
+                model: &model,
+                config: RunnerConfig {
+                    attacks: vec![AttackName::Fgsm, AttackName::Pgd],
+                    settings: settings.clone(),
+                    batch_size: 2,
+                    seed: 0,
+                    model: "linear".into(),
+                    data: "random".into(),
+                },
+                state_dir: Some(dir.to_path_buf()),
+            }
+            .run(&x, &y, &indices)
+        };
+        let base = tmp.path().join("base");
+        let full = run(&base).unwrap();
+        // Untampered, the finished run resumes to the same report.
+        let again = run(&base).unwrap();
+        assert_eq!(full.records, again.records);
+        assert!(full.x_adv.equal(&again.x_adv));
+
+        let batch = format!("{BATCHES}/00-fgsm-000002.safetensors");
+        let edit_batch = |dir: &Path, f: &dyn Fn(&str, Tensor) -> Tensor| {
+            let path = dir.join(&batch);
+            let t: Vec<(String, Tensor)> = Tensor::read_safetensors(&path)
+                .unwrap()
+                .into_iter()
+                .map(|(n, v)| {
+                    let v = f(&n, v);
+                    (n, v)
+                })
+                .collect();
+            crate::io::write_safetensors(&path, &t).unwrap();
+        };
+        let edit_state = |dir: &Path, f: &dyn Fn(&mut serde_json::Value)| {
+            let path = dir.join(STATE);
+            let mut v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            f(&mut v);
+            std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+        };
+        let pos = |v: i64| move |n: &str, t: Tensor| if n == "positions" { t.fill(v) } else { t };
+        let img = |f: fn(Tensor) -> Tensor| {
+            move |n: &str, t: Tensor| if n == "images" { f(t) } else { t }
+        };
+        let set = |k: &'static str, v: serde_json::Value| {
+            move |s: &mut serde_json::Value| s[k] = v.clone()
+        };
+        type Tamper<'a> = Box<dyn Fn(&Path) + 'a>;
+        let cases: Vec<(&str, Tamper, &str)> = vec![
+            (
+                "positions-9999",
+                Box::new(|d: &Path| edit_batch(d, &pos(9999))),
+                "00-fgsm-000002.safetensors: positions hold 9999 but the run has 6 points",
+            ),
+            (
+                "positions-negative",
+                Box::new(|d: &Path| edit_batch(d, &pos(-5))),
+                "00-fgsm-000002.safetensors: positions hold -5",
+            ),
+            (
+                "positions-repeated",
+                Box::new(|d: &Path| edit_batch(d, &pos(2))),
+                "00-fgsm-000002.safetensors: positions hold 2 twice",
+            ),
+            (
+                "images-shape",
+                Box::new(|d: &Path| {
+                    edit_batch(
+                        d,
+                        &img(|t| t.permute([0, 1, 3, 2]).flatten(2, 3).reshape([2, 3, 2, 8])),
+                    )
+                }),
+                "00-fgsm-000002.safetensors: images have shape [2, 3, 2, 8]; expected [2, 3, 4, 4]",
+            ),
+            (
+                "images-nan",
+                Box::new(|d: &Path| edit_batch(d, &img(|t| t.fill(f64::NAN)))),
+                "00-fgsm-000002.safetensors: images hold NaN",
+            ),
+            (
+                "images-outside-ball",
+                Box::new(|d: &Path| edit_batch(d, &img(|t| t.fill(1.0)))),
+                "00-fgsm-000002.safetensors: images outside the threat model",
+            ),
+            (
+                "records-empty",
+                Box::new(|d: &Path| edit_state(d, &set("records", serde_json::json!([])))),
+                "state.json: records holds 0 entries but the run has 6 points",
+            ),
+            (
+                "records-other-point",
+                Box::new(|d: &Path| edit_state(d, &|s| s["records"][3]["index"] = 99.into())),
+                "state.json: records[3] is dataset index 99",
+            ),
+            (
+                "queue-out-of-range",
+                Box::new(|d: &Path| {
+                    edit_state(d, &|s| {
+                        s["next_attack"] = 1.into();
+                        s["queue"] = serde_json::json!([9999]);
+                    })
+                }),
+                "state.json: queue holds position 9999 but the run has 6 points",
+            ),
+            (
+                "next-attack-huge",
+                Box::new(|d: &Path| edit_state(d, &set("next_attack", 99.into()))),
+                "state.json: next_attack is 99 but the run has 2 attacks",
+            ),
+            (
+                "steps-missing",
+                Box::new(|d: &Path| edit_state(d, &set("steps", serde_json::json!([])))),
+                "state.json: steps holds 0 entries",
+            ),
+            (
+                "batch-path-escape",
+                Box::new(|d: &Path| {
+                    edit_state(d, &|s| s["batches"][0] = "../../../../dev/zero".into())
+                }),
+                "state.json: batches[0] is '../../../../dev/zero', not a batch file name",
+            ),
+        ];
+        for (name, tamper, expected) in cases {
+            let dir = tmp.path().join(name);
+            copy_dir(&base, &dir);
+            tamper(&dir);
+            let err = format!("{:#}", run(&dir).map(|_| ()).unwrap_err());
+            assert!(
+                err.contains(expected) && err.contains("the resume state is corrupt"),
+                "{name}: {err}"
+            );
+        }
     }
 }

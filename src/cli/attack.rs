@@ -31,7 +31,7 @@ pub struct AttackArgs {
     pub attack: String,
     #[command(flatten)]
     pub settings: SettingsArgs,
-    #[arg(long, default_value_t = 256)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 256)]
     pub batch_size: usize,
     /// Output folder (default: runs/attack-<attacks>-<norm>-<eps>).
     #[arg(long)]
@@ -71,7 +71,7 @@ pub struct TargetArgs {
     #[command(flatten)]
     pub data: super::data::ModelDataArgs,
     /// A seeded subset of this many images (default: the whole split).
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub n: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -92,7 +92,7 @@ pub struct SettingsArgs {
     /// PGD step size (default eps/4).
     #[arg(long, value_parser = parse_eps)]
     pub step_size: Option<f64>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
     pub restarts: usize,
     /// PGD starts at a random point of the ball (pass false for the classic zero start).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -101,10 +101,10 @@ pub struct SettingsArgs {
     #[arg(long, value_enum, default_value = "ce")]
     pub loss: LossKind,
     /// APGD-T and FAB-T target classes.
-    #[arg(long, default_value_t = 9)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 9)]
     pub targets: usize,
     /// Square: queries per sample.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 5000)]
     pub queries: usize,
     /// Square: initial fraction of the image a proposal window covers.
     #[arg(long, default_value_t = 0.8)]
@@ -117,7 +117,7 @@ pub struct SettingsArgs {
     #[arg(long)]
     pub large_eps: bool,
     /// C&W: binary-search steps over the constant c.
-    #[arg(long, default_value_t = 9)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 9)]
     pub search_steps: usize,
     /// C&W: the first constant c.
     #[arg(long, default_value_t = 1e-3)]
@@ -126,7 +126,7 @@ pub struct SettingsArgs {
     #[arg(long, default_value_t = 0.0)]
     pub kappa: f64,
     /// Gradient samples averaged per step (Expectation over Transformation).
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
     pub eot: usize,
 }
 
@@ -157,6 +157,8 @@ pub struct Target {
     pub classifier: atop::models::Classifier,
     pub purifier: Option<(atop::purifier::GanPurifier, atop::purifier::PurifierSidecar)>,
     pub defence: Defence,
+    /// Content hash of the classifier's and the purifier's weights and descriptions.
+    pub model_hash: String,
     pub dataset: String,
     /// "cifar10 test n=512 seed=0".
     pub data: String,
@@ -244,14 +246,35 @@ impl TargetArgs {
             quantize: a.quantize,
             bpda: a.bpda,
         };
+        // Resume state is keyed by content: other weights or other images are another run.
+        let mut weights: Vec<(String, tch::Tensor)> =
+            classifier.vs.variables().into_iter().collect();
+        if let Some((p, _)) = &purifier {
+            weights.extend(
+                p.g_vs
+                    .variables()
+                    .into_iter()
+                    .map(|(k, v)| (format!("generator.{k}"), v)),
+            );
+        }
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        let model_hash = atop::io::fingerprint(
+            &weights.iter().map(|(_, t)| t).collect::<Vec<_>>(),
+            &serde_json::to_string(&(
+                &classifier.spec,
+                purifier.as_ref().map(|(_, s)| &s.purifier),
+            ))?,
+        )?;
+        let data_hash = atop::io::fingerprint(&[&x, &y], "")?;
         Ok(Target {
             dir,
             classifier,
             purifier,
             defence,
+            model_hash,
             dataset: data_cfg.dataset.as_str().into(),
             data: format!(
-                "{} {} n={} seed={}",
+                "{} {} n={} seed={} content {data_hash}",
                 data_cfg.dataset.as_str(),
                 a.data.split.as_str(),
                 indices.len(),
@@ -300,14 +323,33 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
             a.settings.eps
         ))
     });
+    atop::io::check_output_dir(
+        &out,
+        &[
+            "state.json",
+            "batches/",
+            "results.json",
+            "adversarial.safetensors",
+            "grid.png",
+        ],
+        "--out",
+    )?;
     let config = RunnerConfig {
         attacks,
         settings,
         batch_size: a.batch_size,
         seed: a.target.seed,
-        model: format!("{} [{}]", target.dir.display(), model.describe()),
+        model: format!(
+            "{} [{}] weights {}",
+            target.dir.display(),
+            model.describe(),
+            target.model_hash
+        ),
         data: target.data.clone(),
     };
+    for name in &config.attacks {
+        config.settings.fit_model(*name, model.num_classes())?;
+    }
     let runner = Runner {
         model,
         config,

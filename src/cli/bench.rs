@@ -40,15 +40,15 @@ pub struct AtopBenchArgs {
     #[command(flatten)]
     pub adversary: super::train::AdversaryArgs,
     /// Images per step (default: the preset's batch size).
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::batch, long)]
     pub batch: Option<usize>,
     /// Timed steps per round (after `--warmup` untimed ones).
-    #[arg(long, default_value_t = 3)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 3)]
     pub steps: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Alternating rounds of atop and PyTorch timings; the medians are reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 3)]
     pub rounds: usize,
     /// The frozen classifier (randomly initialised; the CPU presets' classifier by default).
     #[arg(long, default_value = "airnet-32-64-128")]
@@ -72,24 +72,24 @@ pub struct PurifierBenchArgs {
     #[command(flatten)]
     pub transform: super::purifier::TransformArgs,
     /// Images per training step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 32)]
     pub batch: usize,
     /// Image side (the classifier's input).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::cli::image_side)]
     pub size: i64,
-    #[arg(long, default_value_t = 5)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 5)]
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// Alternating rounds of atop and PyTorch timings; the medians are reported (the machine's
     /// speed drifts, so one measurement of each side is not a comparison).
-    #[arg(long, default_value_t = 3)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 3)]
     pub rounds: usize,
     /// Images per whole-model attack step (0: skip the attack-step timing).
-    #[arg(long, default_value_t = 4)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 4)]
     pub attack_batch: usize,
     /// Timed whole-model attack steps (after one untimed).
-    #[arg(long, default_value_t = 3)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 3)]
     pub attack_steps: usize,
     /// The classifier behind the purifier in the attack step (randomly initialised; the CPU
     /// presets' classifier by default).
@@ -105,15 +105,15 @@ pub struct AttackBenchArgs {
     /// Architectures (randomly initialised; both sides load the same weights).
     #[arg(long, num_args = 1.., default_values = ["airnet-64-256-256"])]
     pub arch: Vec<String>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 128)]
     pub batch: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
     pub batches: usize,
     /// PGD iterations.
-    #[arg(long, default_value_t = 20)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 20)]
     pub pgd_steps: usize,
     /// APGD-CE iterations.
-    #[arg(long, default_value_t = 100)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 100)]
     pub apgd_steps: usize,
     /// Put Gaussian noise of this sigma in front of the classifier (a randomized defence,
     /// drawn per image and pixel, on both sides).
@@ -121,7 +121,7 @@ pub struct AttackBenchArgs {
     pub noise: Option<f64>,
     /// EOT draws per attack step (torchattacks' `eot_iter`); above 1 only APGD-CE is timed
     /// (torchattacks' PGD has no EOT).
-    #[arg(long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
     pub eot: usize,
     /// Skip the torchattacks side.
     #[arg(long)]
@@ -133,10 +133,10 @@ pub struct ModelBenchArgs {
     /// Architectures to time (each with --batch images of its native size: 32 px, or 64 px for -imagenet).
     #[arg(long, num_args = 1.., default_values = ["wrn-16-4"])]
     pub arch: Vec<String>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 128)]
     pub batch: usize,
     /// Timed steps per measurement (after --warmup untimed ones).
-    #[arg(long, default_value_t = 5)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 5)]
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
@@ -144,7 +144,7 @@ pub struct ModelBenchArgs {
     #[arg(long)]
     pub no_reference: bool,
     /// Input side (default: 32, or 64 for -imagenet architectures).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::image_side)]
     pub image_size: Option<i64>,
     /// f32, or bf16 autocast (both sides).
     #[arg(long, value_enum, default_value = "f32")]
@@ -162,10 +162,10 @@ pub struct DataBenchArgs {
     /// ImageNette training resolution for the iterator benchmark.
     #[arg(long, default_value_t = 128)]
     pub imagenette_size: u32,
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 128)]
     pub batch_size: usize,
     /// Batches timed per iterator benchmark.
-    #[arg(long, default_value_t = 200)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 200)]
     pub batches: usize,
 }
 

@@ -95,13 +95,27 @@ impl ModelDataArgs {
             .config
             .get("data")
             .and_then(|d| serde_json::from_value::<DataConfig>(d.clone()).ok());
-        let dataset = match (self.data.dataset, &sidecar.dataset, &trained) {
-            (Some(d), _, _) => d,
-            (None, _, Some(t)) => t.dataset,
-            (None, Some(name), None) => {
-                serde_json::from_value(serde_json::Value::String(name.clone()))?
-            }
-            (None, None, None) => anyhow::bail!(
+        let own: Option<DatasetKind> = match (&trained, &sidecar.dataset) {
+            (Some(t), _) => Some(t.dataset),
+            (None, Some(name)) => Some(serde_json::from_value(serde_json::Value::String(
+                name.clone(),
+            ))?),
+            (None, None) => None,
+        };
+        let dataset = match (self.data.dataset, own) {
+            // Another named dataset has other classes under the same label numbers: scoring a
+            // CIFAR-10 model on ImageNette would be a number without meaning. A folder of
+            // images is the user's own choice of data for the model.
+            (Some(d), Some(o)) if d != o && d != DatasetKind::Folder => anyhow::bail!(
+                "--dataset {}: the model at {} was trained on {}, whose classes are not {}'s",
+                d.as_str(),
+                model_dir.display(),
+                o.as_str(),
+                d.as_str()
+            ),
+            (Some(d), _) => d,
+            (None, Some(o)) => o,
+            (None, None) => anyhow::bail!(
                 "{}: the model does not say which dataset it is for; pass --dataset",
                 model_dir.display()
             ),
@@ -129,16 +143,16 @@ pub struct InspectArgs {
     #[arg(long, value_enum, default_value = "train")]
     pub split: Split,
     /// Look at a seeded random subset of this many images.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub subset: Option<usize>,
     /// Seed for --subset and for picking the grid's samples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Samples per class in the grid.
-    #[arg(long, default_value_t = 8)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 8)]
     pub per_class: usize,
     /// At most this many classes (rows) in the grid.
-    #[arg(long, default_value_t = 20)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 20)]
     pub max_classes: usize,
     /// Where to write the grid (default: <dataset>-<split>-grid.png).
     #[arg(long)]

@@ -67,7 +67,7 @@ pub struct RobustArgs {
     /// unbounded eps, doubled iterations, doubled EOT, one fixed draw (0: skip them).
     #[arg(long, default_value_t = 128)]
     pub check_points: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 128)]
     pub batch_size: usize,
     /// Evaluate one deterministic slice: batch b of the seeded points belongs to shard
     /// b mod n (0-based i of n, e.g. `--shard $SLURM_ARRAY_TASK_ID/4`); `atop eval merge` joins them.
@@ -87,11 +87,11 @@ pub struct CleanArgs {
     #[command(flatten)]
     pub data: super::data::ModelDataArgs,
     /// Evaluate a seeded subset of this many images.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub subset: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 256)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 256)]
     pub batch_size: usize,
     /// f32, or bf16 autocast.
     #[arg(long, value_enum, default_value = "f32")]
@@ -196,6 +196,11 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
         ),
         None => a.data.split.as_str().to_string(),
     };
+    // Beside the model (the default) or in a folder of its own: never into another
+    // command's results.
+    if a.out.is_some() {
+        atop::io::check_output_dir(&out, &["eval-clean-*.json", "confusion-*.png"], "--out")?;
+    }
     let json = out.join(format!("eval-clean-{tag}.json"));
     let png = out.join(format!("confusion-{tag}.png"));
     grid::save_png(&plot::confusion_matrix(&report.confusion, &names), &png)?;
@@ -291,6 +296,19 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         ))
     });
     // Never write into a folder that holds something else than this evaluation.
+    atop::io::check_output_dir(
+        &out,
+        &[
+            "state.json",
+            "batches/",
+            "results.json",
+            "records.csv",
+            "report.md",
+            "grid.png",
+            "checks.png",
+        ],
+        "--out",
+    )?;
     if out.is_dir() && !out.join("state.json").exists() && std::fs::read_dir(&out)?.next().is_some()
     {
         anyhow::bail!(
@@ -308,14 +326,20 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         seed: a.target.seed,
         check_points: a.check_points,
         model: format!(
-            "{} [{}]",
+            "{} [{}] weights {}",
             target.dir.display(),
-            atop::models::Model::describe(&pipeline)
+            atop::models::Model::describe(&pipeline),
+            target.model_hash
         ),
         data: target.data.clone(),
         plan: plan.map(|p| p.description),
     };
     config.validate()?;
+    for spec in &config.attacks {
+        config
+            .settings
+            .fit_model(spec.attack, atop::models::Model::num_classes(&pipeline))?;
+    }
     if target.indices.is_empty() {
         anyhow::bail!("--n 0: no images to evaluate");
     }

@@ -33,12 +33,23 @@ pub struct ImportArgs {
     /// What the model expects its [0,1] input to be normalised with.
     #[arg(long, value_enum, default_value = "dataset")]
     pub normalisation: Normalisation,
-    /// Output folder for model.safetensors + model.json.
+    /// Output folder for model.safetensors + model.json (new or empty).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the checkpoint already in --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: ImportArgs, global: &Global) -> Result<()> {
+    // Never over an existing checkpoint (or anything else) unless asked to.
+    let own: &[&str] = if a.force {
+        &["model.safetensors", "model.json"]
+    } else {
+        &[]
+    };
+    atop::io::check_output_dir(&a.out, own, "--out")
+        .map_err(|e| anyhow::anyhow!("{e:#} (or pass --force to replace a checkpoint there)"))?;
     let (mean, std) = match a.normalisation {
         Normalisation::Dataset => dataset_normalisation(a.dataset),
         Normalisation::None => ([0.0; 3], [1.0; 3]),

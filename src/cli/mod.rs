@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long, global = true, default_value = "auto", env = "ATOP_DEVICE")]
     pub device: DeviceSpec,
     /// CPU threads for libtorch, decoding and data workers (default: all cores).
-    #[arg(long, global = true, env = "ATOP_THREADS")]
+    #[arg(value_parser = crate::cli::positive, long, global = true, env = "ATOP_THREADS")]
     pub threads: Option<usize>,
     /// Images per stacked EOT pass: the EOT draws of a batch of n run max(1, this / n) at a
     /// time in one forward/backward (lower it if a stacked pass runs out of memory).
@@ -87,6 +87,15 @@ pub fn run(args: Args) -> Result<()> {
         })
         .without_time()
         .init();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(t) = args.threads
+        && t > 8 * cores
+    {
+        anyhow::bail!(
+            "--threads {t}: this machine has {cores} cores; more than {} threads only slow it down",
+            8 * cores
+        );
+    }
     runtime::init_threads(args.threads);
     if args.eot_batch == 0 {
         anyhow::bail!("--eot-batch 0: expected at least 1 image per EOT pass");
@@ -130,4 +139,34 @@ fn info(global: &Global) -> Result<()> {
         println!("threads: {}", info.threads);
     }
     Ok(())
+}
+
+/// Parser of counts that must be at least 1 (sizes, steps, images, rounds, threads): 0 is
+/// refused at the command line, naming the flag, before any work.
+pub fn positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("expected at least 1, got 0".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("expected a whole number, got '{s}'")),
+    }
+}
+
+/// Parser of an image side in pixels: 1 to the largest side atop decodes.
+pub fn image_side(s: &str) -> Result<i64, String> {
+    let max = atop::data::MAX_IMAGE_SIZE as i64;
+    match s.trim().parse::<i64>() {
+        Ok(v) if (1..=max).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "expected an image side of 1 to {max} pixels, got '{s}'"
+        )),
+    }
+}
+
+/// Parser of a batch size: 1 to 65,536 images (a larger batch does not fit any machine atop
+/// runs on, and a typo would only fail inside an allocation).
+pub fn batch(s: &str) -> Result<usize, String> {
+    match positive(s)? {
+        v if v <= 65_536 => Ok(v),
+        v => Err(format!("expected at most 65536 images per batch, got {v}")),
+    }
 }

@@ -143,7 +143,7 @@ pub struct InfoArgs {
     #[command(flatten)]
     pub arch: PurifierArchArgs,
     /// Image side for the shapes.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::cli::image_side)]
     pub image_size: i64,
 }
 
@@ -233,14 +233,14 @@ pub struct PurifyArgs {
     #[arg(long, value_enum, default_value = "test")]
     pub split: Split,
     /// A seeded subset of this many images.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub n: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also report this classifier's accuracy on clean and purified images.
     #[arg(long)]
     pub classifier: Option<PathBuf>,
-    #[arg(long, default_value_t = 250)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = 250)]
     pub batch_size: usize,
     /// Output folder (default: runs/purify-<transform>).
     #[arg(long)]
@@ -294,8 +294,21 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
     let classifier = a
         .classifier
         .as_ref()
-        .map(|c| checkpoint::load(c, global.device).map(|(m, _)| m))
+        .map(|c| checkpoint::load(c, global.device))
         .transpose()?;
+    // A classifier scored on another named dataset's images: numbers without meaning.
+    if let (Some((_, cs)), Some(d)) = (&classifier, a.data.dataset)
+        && let Some(own) = &cs.dataset
+        && own != d.as_str()
+        && d != atop::data::DatasetKind::Folder
+    {
+        bail!(
+            "--dataset {}: the classifier was trained on {own}, whose classes are not {}'s",
+            d.as_str(),
+            d.as_str()
+        );
+    }
+    let classifier = classifier.map(|(m, _)| m);
 
     // The images: a dataset split (labels known) or a folder (names kept).
     let (x, y, names, data_desc) = match &a.input {
@@ -340,6 +353,20 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         PathBuf::from("runs").join(format!("purify-{}", names.join("+")))
     });
+    let mut own = vec!["purify.json", "grid-*.png", "purified-*.safetensors"];
+    let folders: Vec<String> = kinds.iter().map(|k| format!("{}/", k.as_str())).collect();
+    own.extend(folders.iter().map(String::as_str));
+    atop::io::check_output_dir(&out, &own, "--out")?;
+    if let Some(input) = &a.input
+        && let (Ok(i), Ok(o)) = (input.canonicalize(), out.canonicalize())
+        && (i.starts_with(&o) || o.starts_with(&i))
+    {
+        anyhow::bail!(
+            "--out {} and --input {} overlap: purify never writes over or beside its inputs; choose another --out",
+            out.display(),
+            input.display()
+        );
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
 
     let accuracy = |c: &Classifier, images: &Tensor, y: &Tensor| {

@@ -92,9 +92,9 @@ pub struct PurifierArgs {
     pub transform: Option<TransformKind>,
     #[command(flatten)]
     pub transform_settings: super::purifier::TransformArgs,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::batch, long)]
     pub batch_size: Option<usize>,
     /// Adam learning rate of both the generator and the discriminator.
     #[arg(long)]
@@ -126,9 +126,9 @@ pub struct PurifierArgs {
     pub warmup_steps: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub train_subset: Option<usize>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub eval_subset: Option<usize>,
     /// Write a sample grid every this many steps.
     #[arg(long)]
@@ -152,9 +152,9 @@ pub struct AtopArgs {
     pub transform: Option<TransformKind>,
     #[command(flatten)]
     pub transform_settings: super::purifier::TransformArgs,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::batch, long)]
     pub batch_size: Option<usize>,
     /// Weight of CE(y, f(g(t(x')))) (paper: 0.1).
     #[arg(long)]
@@ -179,20 +179,20 @@ pub struct AtopArgs {
     #[command(flatten)]
     pub adversary: AdversaryArgs,
     /// Per-epoch evaluation: seeded test images.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub eval_subset: Option<usize>,
     /// Per-epoch evaluation: Linf budget.
     #[arg(long, value_parser = atop::attacks::parse_eps)]
     pub eval_eps: Option<f64>,
     /// Per-epoch evaluation: PGD iterations.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub eval_steps: Option<usize>,
     /// Per-epoch evaluation: EOT samples of the whole-model attack.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub eval_eot: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub train_subset: Option<usize>,
     /// Write a sample grid every this many steps.
     #[arg(long)]
@@ -214,13 +214,13 @@ pub struct AdversaryArgs {
     #[arg(long, value_parser = atop::attacks::parse_eps)]
     pub adversary_eps: Option<f64>,
     /// PGD iterations.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub adversary_steps: Option<usize>,
     /// PGD step size (default 2.5 eps / steps).
     #[arg(long, value_parser = atop::attacks::parse_eps)]
     pub adversary_step_size: Option<f64>,
     /// EOT samples per step against the defended model.
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub adversary_eot: Option<usize>,
 }
 
@@ -246,9 +246,9 @@ pub struct ClassifierArgs {
     /// wrn-DEPTH-WIDTH, resnet18|34|50[-imagenet].
     #[arg(long)]
     pub arch: Option<Arch>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::batch, long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate.
     #[arg(long)]
@@ -270,9 +270,9 @@ pub struct ClassifierArgs {
     pub label_smoothing: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub train_subset: Option<usize>,
-    #[arg(long)]
+    #[arg(value_parser = crate::cli::positive, long)]
     pub test_subset: Option<usize>,
     #[arg(long)]
     pub augment: Option<bool>,

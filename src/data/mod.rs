@@ -93,6 +93,9 @@ impl DatasetKind {
     }
 }
 
+/// The largest image side atop decodes to (a 4096 x 4096 RGB image is 200 MB in f32).
+pub const MAX_IMAGE_SIZE: u32 = 4096;
+
 /// What to load. Every field has a CLI flag; the struct is also a TOML section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,11 +155,13 @@ impl DataConfig {
 
     pub fn load(&self, split: Split) -> Result<ImageSet> {
         let root = self.resolve_root()?;
-        if self.image_size == Some(0) {
+        if let Some(size) = self.image_size
+            && !(1..=MAX_IMAGE_SIZE).contains(&size)
+        {
             return Err(DataError::Setting {
                 field: "image_size",
-                value: "0".into(),
-                expected: "a positive number of pixels".into(),
+                value: size.to_string(),
+                expected: format!("1 to {MAX_IMAGE_SIZE} pixels"),
             });
         }
         let image_size = self.image_size.or(self.dataset.default_image_size());

@@ -498,7 +498,8 @@ pub fn evaluate(
         .map(|_| x.to_device(Device::Cpu).to_kind(Kind::Float).copy())
         .collect();
     for b in &state.batches {
-        let (ai, s, images) = read_batch(state_dir, b)?;
+        // Checked against the run (attack, points, shape): a tampered file must not crash it.
+        let (ai, s, images) = read_batch(state_dir, b, config, x)?;
         let len = images.size()[0] as usize;
         let xb = slice(x, s, len).to_device(Device::Cpu).to_kind(Kind::Float);
         // Resumed images are re-checked: a tampered or truncated file must not enter a report.
@@ -507,7 +508,14 @@ pub fn evaluate(
             &xb,
             &config.settings.budget,
             &format!("{} (resumed from {b})", config.attacks[ai].label()),
-        )?;
+        )
+        .with_context(|| {
+            format!(
+                "{}: the resume state is corrupt; delete {} to start over",
+                batch_file(state_dir, b).display(),
+                state_dir.map_or(Path::new("."), |d| d).display()
+            )
+        })?;
         x_adv[ai].narrow(0, s as i64, len as i64).copy_(&images);
     }
     for (ai, spec) in config.attacks.iter().enumerate() {
@@ -1271,11 +1279,55 @@ fn load_state(
         );
     }
     let n = indices.len();
-    if state.clean.len() != n
-        || state.done.len() != config.attacks.len()
-        || state.done.iter().any(|a| a.len() != n)
-    {
-        bail!("{}: inconsistent state (sizes)", path.display());
+    let attacks = config.attacks.len();
+    let corrupt = |what: String| {
+        anyhow::anyhow!(
+            "{}: {what}: the resume state is corrupt; delete {} to start over",
+            path.display(),
+            dir.display()
+        )
+    };
+    for (field, len, want) in [
+        ("clean", state.clean.len(), n),
+        ("done", state.done.len(), attacks),
+        ("norms", state.norms.len(), attacks),
+        ("grad", state.grad.len(), attacks),
+        ("seconds", state.seconds.len(), attacks),
+    ] {
+        if len != want {
+            return Err(corrupt(format!(
+                "{field} holds {len} entries, expected {want} ({n} points, {attacks} attacks)"
+            )));
+        }
+    }
+    for (ai, (done, norms)) in state.done.iter().zip(&state.norms).enumerate() {
+        if done.len() != n || norms.len() != n {
+            return Err(corrupt(format!(
+                "done[{ai}] / norms[{ai}] hold {} / {} entries, expected {n} (one per point)",
+                done.len(),
+                norms.len()
+            )));
+        }
+    }
+    let draws = std::iter::once(("clean".to_string(), &state.clean)).chain(
+        state
+            .done
+            .iter()
+            .enumerate()
+            .map(|(ai, d)| (format!("done[{ai}]"), d)),
+    );
+    for (field, list) in draws {
+        for (i, d) in list.iter().enumerate() {
+            if let Some(d) = d
+                && d.preds.len() != config.draws
+            {
+                return Err(corrupt(format!(
+                    "{field}[{i}] holds {} predictions, expected R = {}",
+                    d.preds.len(),
+                    config.draws
+                )));
+            }
+        }
     }
     tracing::info!("resuming the evaluation in {}", dir.display());
     Ok(Some(state))
@@ -1288,27 +1340,72 @@ fn save_state(dir: Option<&Path>, state: &State) -> Result<()> {
     }
 }
 
-/// (attack index, first point, images) of a batch file named `AA-SSSSSS.safetensors`.
-fn read_batch(dir: Option<&Path>, file: &str) -> Result<(usize, usize, Tensor)> {
+/// The path of batch file `file` of the state in `dir`.
+fn batch_file(dir: Option<&Path>, file: &str) -> PathBuf {
+    dir.unwrap_or(Path::new(".")).join(BATCHES).join(file)
+}
+
+/// (attack index, first point, images) of a batch file named `AA-SSSSSS.safetensors`,
+/// checked against the run: an attack of the config, a batch of the points (its first point
+/// and length), one image of the points' shape per point.
+fn read_batch(
+    dir: Option<&Path>,
+    file: &str,
+    config: &RobustConfig,
+    x: &Tensor,
+) -> Result<(usize, usize, Tensor)> {
     let dir = dir.context("batch files without a state folder")?;
-    let path: PathBuf = dir.join(BATCHES).join(file);
-    let stem = file.trim_end_matches(".safetensors");
-    let (a, s) = stem
-        .split_once('-')
-        .with_context(|| format!("{}: unexpected batch file name", path.display()))?;
-    let (a, s): (usize, usize) = (
-        a.parse()
-            .with_context(|| format!("{}: unexpected batch file name", path.display()))?,
-        s.parse()
-            .with_context(|| format!("{}: unexpected batch file name", path.display()))?,
-    );
+    let path: PathBuf = batch_file(Some(dir), file);
+    let corrupt = |what: String| {
+        anyhow::anyhow!(
+            "{}: {what}: the resume state is corrupt; delete {} to start over",
+            path.display(),
+            dir.display()
+        )
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (a, s) = file
+        .strip_suffix(".safetensors")
+        .and_then(|stem| stem.split_once('-'))
+        .filter(|(a, s)| digits(a) && digits(s))
+        .and_then(|(a, s)| Some((a.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
+        .ok_or_else(|| {
+            corrupt("unexpected batch file name (expected AA-SSSSSS.safetensors)".into())
+        })?;
+    let n = x.size()[0] as usize;
+    if a >= config.attacks.len() {
+        return Err(corrupt(format!(
+            "the batch is from attack {a}, but the evaluation has {} attacks (0 to {})",
+            config.attacks.len(),
+            config.attacks.len() - 1
+        )));
+    }
+    if s >= n || !s.is_multiple_of(config.batch_size) {
+        return Err(corrupt(format!(
+            "the batch starts at point {s}, which does not start a batch of {} among the {n} points",
+            config.batch_size
+        )));
+    }
     let t = crate::models::checkpoint::read_tensors(&path)?;
     let images = t
         .into_iter()
         .find(|(n, _)| n == "images")
         .map(|(_, v)| v)
         .with_context(|| format!("{}: no tensor 'images'", path.display()))?;
-    Ok((a, s, images.to_kind(Kind::Float)))
+    let mut want = x.size();
+    want[0] = (n - s).min(config.batch_size) as i64;
+    if images.size() != want {
+        return Err(corrupt(format!(
+            "images have shape {:?}; expected {want:?} (points {s} to {} of {n})",
+            images.size(),
+            s as i64 + want[0] - 1
+        )));
+    }
+    let images = images.to_kind(Kind::Float);
+    if !bool::try_from(images.isfinite().all())? {
+        return Err(corrupt("images hold NaN or infinite values".into()));
+    }
+    Ok((a, s, images))
 }
 
 #[cfg(test)]

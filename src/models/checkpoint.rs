@@ -174,6 +174,14 @@ pub fn read_sidecar(path: &Path) -> Result<Sidecar, CheckpointError> {
             sidecar.format
         )));
     }
+    sidecar.spec.validate().map_err(|e| err(format!("{e:#}")))?;
+    if sidecar.classes.len() != sidecar.spec.num_classes {
+        return Err(err(format!(
+            "classes names {} classes, num_classes says {}",
+            sidecar.classes.len(),
+            sidecar.spec.num_classes
+        )));
+    }
     Ok(sidecar)
 }
 

@@ -98,9 +98,14 @@ impl FromStr for Arch {
             let (d, w) = rest.split_once('-').ok_or_else(unknown)?;
             let depth: usize = d.parse().map_err(|_| unknown())?;
             let widen: usize = w.parse().map_err(|_| unknown())?;
-            if depth < 10 || !(depth - 4).is_multiple_of(6) || widen == 0 {
+            if depth < 10
+                || !(depth - 4).is_multiple_of(6)
+                || depth > MAX_WRN_DEPTH
+                || widen == 0
+                || widen > MAX_WRN_WIDEN
+            {
                 return Err(format!(
-                    "'{s}': WideResNet depth must be 6n+4 (10, 16, 22, 28, 34, 40, 70, ...) and width positive"
+                    "'{s}': WideResNet depth must be 6n+4 (10, 16, 22, 28, 34, 40, 70, ... up to {MAX_WRN_DEPTH}) and width 1 to {MAX_WRN_WIDEN}"
                 ));
             }
             return Ok(Arch::WideResNet { depth, widen });
@@ -121,9 +126,9 @@ impl FromStr for Arch {
                 .split('-')
                 .map(|w| w.parse().map_err(|_| unknown()))
                 .collect::<Result<_, _>>()?;
-            if widths.len() != 3 || widths.contains(&0) {
+            if widths.len() != 3 || widths.iter().any(|w| !(1..=MAX_AIRNET_WIDTH).contains(w)) {
                 return Err(format!(
-                    "'{s}': airnet needs three positive widths, e.g. airnet-64-256-256"
+                    "'{s}': airnet needs three widths from 1 to {MAX_AIRNET_WIDTH}, e.g. airnet-64-256-256"
                 ));
             }
             return Ok(Arch::AirNet {
@@ -186,20 +191,40 @@ pub fn dataset_normalisation(dataset: crate::data::DatasetKind) -> ([f64; 3], [f
     }
 }
 
+/// Limits that keep a typo or a crafted file from asking for terabytes before any work: more
+/// classes than any public dataset, wider than any published network.
+pub const MAX_CLASSES: usize = 100_000;
+pub const MAX_WRN_WIDEN: usize = 64;
+pub const MAX_WRN_DEPTH: usize = 1000;
+pub const MAX_AIRNET_WIDTH: usize = 8192;
+
 impl ModelSpec {
     pub fn new(arch: Arch, num_classes: usize, mean: [f64; 3], std: [f64; 3]) -> Result<Self> {
-        if num_classes < 2 {
-            bail!("num_classes = {num_classes}: a classifier needs at least 2 classes");
-        }
-        if std.iter().any(|s| !(*s > 0.0 && s.is_finite())) || mean.iter().any(|m| !m.is_finite()) {
-            bail!("normalisation mean {mean:?} / std {std:?}: std must be positive and all finite");
-        }
-        Ok(ModelSpec {
+        let spec = ModelSpec {
             arch,
             num_classes,
             mean,
             std,
-        })
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks what a model description read from disk may hold.
+    pub fn validate(&self) -> Result<()> {
+        let (num_classes, mean, std) = (self.num_classes, self.mean, self.std);
+        if !(2..=MAX_CLASSES).contains(&num_classes) {
+            bail!("num_classes = {num_classes}: expected 2 to {MAX_CLASSES} classes");
+        }
+        if std.iter().any(|s| !(*s > 0.0 && s.is_finite())) || mean.iter().any(|m| !m.is_finite()) {
+            bail!("normalisation mean {mean:?} / std {std:?}: std must be positive and all finite");
+        }
+        // The architecture's own limits are checked when its name is parsed.
+        self.arch
+            .to_string()
+            .parse::<Arch>()
+            .map_err(anyhow::Error::msg)?;
+        Ok(())
     }
 }
 

@@ -94,7 +94,65 @@ pub enum Value {
         kind: StorageKind,
         numel: usize,
     },
-    Tensor(TensorRef),
+    Tensor(Box<TensorRef>),
+}
+
+impl Value {
+    /// A short description for errors (never the whole value: it may be huge).
+    pub fn describe(&self) -> String {
+        match self {
+            Value::None => "None".into(),
+            Value::Bool(b) => format!("the boolean {b}"),
+            Value::Int(i) => format!("the integer {i}"),
+            Value::Float(f) => format!("the number {f}"),
+            Value::Str(s) if s.chars().count() > 60 => {
+                format!("the string '{}...'", s.chars().take(60).collect::<String>())
+            }
+            Value::Str(s) => format!("the string '{s}'"),
+            Value::Bytes(b) => format!("{} bytes", b.len()),
+            Value::Tuple(v) => format!("a tuple of {} items", v.len()),
+            Value::List(v) => format!("a list of {} items", v.len()),
+            Value::Dict(d) => format!("a dict of {} entries", d.len()),
+            Value::Global(g) => format!("the global {g}"),
+            Value::Storage { kind, numel, .. } => format!("a {kind:?} storage of {numel} elements"),
+            Value::Tensor(t) if t.size.len() > 8 => {
+                format!("a tensor of {} dimensions", t.size.len())
+            }
+            Value::Tensor(t) => format!("a tensor of shape {:?}", t.size),
+        }
+    }
+
+    /// Estimated bytes the value takes (walked without recursion).
+    fn cost(&self) -> usize {
+        let mut total = 0usize;
+        let mut todo = vec![self];
+        while let Some(v) = todo.pop() {
+            let extra = match v {
+                Value::Str(s) => s.len(),
+                Value::Bytes(b) => b.len(),
+                Value::Tuple(items) | Value::List(items) => {
+                    todo.extend(items);
+                    0
+                }
+                Value::Dict(d) => {
+                    for (k, v) in d {
+                        todo.push(k);
+                        todo.push(v);
+                    }
+                    0
+                }
+                Value::Storage { key, .. } => key.len(),
+                Value::Tensor(t) => {
+                    std::mem::size_of::<TensorRef>()
+                        + t.key.len()
+                        + 8 * (t.size.len() + t.stride.len())
+                }
+                _ => 0,
+            };
+            total = total.saturating_add(NODE + extra);
+        }
+        total
+    }
 }
 
 const ALLOWED_GLOBALS: &[&str] = &[
@@ -103,14 +161,173 @@ const ALLOWED_GLOBALS: &[&str] = &[
     "torch._utils._rebuild_parameter",
 ];
 
+/// Deepest nesting of containers (and of MARKs) accepted. A state dict needs a handful of
+/// levels; the bound keeps every walk of a value (drop, clone, comparison, printing) far from
+/// the end of the stack, whatever the file says.
+pub const MAX_DEPTH: usize = 1000;
+
+/// Memory the values of one pickle may take (an estimate counted as they are made, memo copies
+/// included): a state dict of 100,000 tensors takes well under it, while a small pickle that
+/// copies a memoized value over and over (a "billion laughs") is stopped long before it
+/// exhausts memory.
+pub const MAX_VALUE_BYTES: usize = 256 << 20;
+
+/// A value on the unpickler's stack, with its nesting depth (0 for scalars).
+struct Item {
+    v: Value,
+    depth: usize,
+}
+
+/// The unpickler's stack, marks and memo, with the depth and memory bounds.
+struct Machine {
+    stack: Vec<Item>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Item>,
+    /// Estimated bytes of the values made so far.
+    spent: usize,
+    /// Byte offset of the opcode being run (for errors).
+    at: usize,
+}
+
+const NODE: usize = std::mem::size_of::<Item>();
+
+impl Machine {
+    fn charge(&mut self, bytes: usize) -> Result<()> {
+        self.spent = self.spent.saturating_add(bytes);
+        if self.spent > MAX_VALUE_BYTES {
+            bail!(
+                "the values built by byte {} take more than {} MiB: not a PyTorch state dict",
+                self.at,
+                MAX_VALUE_BYTES >> 20
+            );
+        }
+        Ok(())
+    }
+
+    fn check_depth(&self, depth: usize) -> Result<()> {
+        if depth > MAX_DEPTH {
+            bail!(
+                "nesting deeper than {MAX_DEPTH} levels at byte {}: not a PyTorch state dict",
+                self.at
+            );
+        }
+        Ok(())
+    }
+
+    /// Pushes a new scalar (or empty container: `depth` 1).
+    fn push(&mut self, v: Value, depth: usize) -> Result<()> {
+        let extra = match &v {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        self.charge(NODE + extra)?;
+        self.stack.push(Item { v, depth });
+        Ok(())
+    }
+
+    /// Pushes a container made of `items` (already paid for).
+    fn push_container(
+        &mut self,
+        items: Vec<Item>,
+        make: fn(Vec<Value>) -> Result<Value>,
+    ) -> Result<()> {
+        let depth = 1 + items.iter().map(|i| i.depth).max().unwrap_or(0);
+        self.check_depth(depth)?;
+        self.charge(NODE)?;
+        let v = make(items.into_iter().map(|i| i.v).collect())?;
+        self.stack.push(Item { v, depth });
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Result<Item> {
+        self.stack
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("pickle stack underflow at byte {}", self.at))
+    }
+
+    fn mark(&mut self) -> Result<()> {
+        if self.marks.len() >= MAX_DEPTH {
+            self.check_depth(self.marks.len() + 1)?;
+        }
+        self.marks.push(self.stack.len());
+        Ok(())
+    }
+
+    fn pop_mark(&mut self) -> Result<Vec<Item>> {
+        let m = self
+            .marks
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("pickle: MARK expected at byte {}", self.at))?;
+        if m > self.stack.len() {
+            bail!("pickle: corrupt MARK at byte {}", self.at);
+        }
+        Ok(self.stack.split_off(m))
+    }
+
+    /// Adds `children` to the container on top of the stack (APPEND(S), SETITEM(S)).
+    fn extend_top(&mut self, children: Vec<Item>, what: &str) -> Result<()> {
+        let child_depth = children.iter().map(|i| i.depth).max().unwrap_or(0);
+        let at = self.at;
+        let Some(top_depth) = self.stack.last().map(|t| t.depth) else {
+            bail!("pickle: {what} on an empty stack at byte {at}");
+        };
+        let depth = top_depth.max(child_depth + 1);
+        self.check_depth(depth)?;
+        let top = self.stack.last_mut().expect("checked above");
+        match (&mut top.v, what) {
+            (Value::List(l), "APPEND" | "APPENDS") => l.extend(children.into_iter().map(|i| i.v)),
+            (Value::Dict(d), "SETITEM" | "SETITEMS") => {
+                d.extend(pairs(children.into_iter().map(|i| i.v).collect())?)
+            }
+            (other, _) => bail!("pickle: {what} on {} at byte {at}", other.describe()),
+        }
+        top.depth = depth;
+        Ok(())
+    }
+
+    /// A copy of the top of the stack into the memo.
+    fn put(&mut self, i: u32) -> Result<()> {
+        let Some(cost) = self.stack.last().map(|t| t.v.cost()) else {
+            bail!("pickle: memo store on an empty stack at byte {}", self.at);
+        };
+        // Charged before the copy is made.
+        self.charge(cost)?;
+        let top = self.stack.last().expect("checked above");
+        let item = Item {
+            v: top.v.clone(),
+            depth: top.depth,
+        };
+        self.memo.insert(i, item);
+        Ok(())
+    }
+
+    /// A copy of a memo entry onto the stack.
+    fn get(&mut self, i: u32) -> Result<()> {
+        let Some(m) = self.memo.get(&i) else {
+            bail!("pickle: unknown memo {i} at byte {}", self.at);
+        };
+        // Charged before the copy is made.
+        let (cost, depth) = (m.v.cost(), m.depth);
+        self.charge(cost)?;
+        let v = self.memo[&i].v.clone();
+        self.stack.push(Item { v, depth });
+        Ok(())
+    }
+}
+
 /// Interprets `bytes` (a `data.pkl`) as data.
 pub fn load(bytes: &[u8]) -> Result<Value> {
-    let mut stack: Vec<Value> = Vec::new();
-    let mut marks: Vec<usize> = Vec::new();
-    let mut memo: HashMap<u32, Value> = HashMap::new();
+    let mut m = Machine {
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        spent: 0,
+        at: 0,
+    };
     let mut pos = 0usize;
     let take = |pos: &mut usize, n: usize| -> Result<&[u8]> {
-        if *pos + n > bytes.len() {
+        if n > bytes.len() - *pos {
             bail!(
                 "pickle ends in the middle of an instruction at byte {}",
                 *pos
@@ -120,21 +337,9 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
         *pos += n;
         Ok(s)
     };
-    let pop = |stack: &mut Vec<Value>| {
-        stack
-            .pop()
-            .ok_or_else(|| anyhow::anyhow!("pickle stack underflow"))
-    };
-    let pop_mark = |stack: &mut Vec<Value>, marks: &mut Vec<usize>| -> Result<Vec<Value>> {
-        let m = marks
-            .pop()
-            .ok_or_else(|| anyhow::anyhow!("pickle: MARK expected"))?;
-        if m > stack.len() {
-            bail!("pickle: corrupt MARK");
-        }
-        Ok(stack.split_off(m))
-    };
+    let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     loop {
+        m.at = pos;
         let op = take(&mut pos, 1)?[0];
         match op {
             0x80 => {
@@ -146,30 +351,28 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
             0x95 => {
                 take(&mut pos, 8)?; // FRAME: length only
             }
-            b'.' => return pop(&mut stack),
-            b'(' => marks.push(stack.len()),
-            b'}' => stack.push(Value::Dict(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
-            b')' => stack.push(Value::Tuple(Vec::new())),
-            b'N' => stack.push(Value::None),
-            0x88 => stack.push(Value::Bool(true)),
-            0x89 => stack.push(Value::Bool(false)),
-            b'K' => stack.push(Value::Int(take(&mut pos, 1)?[0] as i64)),
+            b'.' => return Ok(m.pop()?.v),
+            b'(' => m.mark()?,
+            b'}' => m.push(Value::Dict(Vec::new()), 1)?,
+            b']' => m.push(Value::List(Vec::new()), 1)?,
+            b')' => m.push(Value::Tuple(Vec::new()), 1)?,
+            b'N' => m.push(Value::None, 0)?,
+            0x88 => m.push(Value::Bool(true), 0)?,
+            0x89 => m.push(Value::Bool(false), 0)?,
+            b'K' => m.push(Value::Int(take(&mut pos, 1)?[0] as i64), 0)?,
             b'M' => {
                 let b = take(&mut pos, 2)?;
-                stack.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64));
+                m.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64), 0)?;
             }
             b'J' => {
                 let b = take(&mut pos, 4)?;
-                stack.push(Value::Int(
-                    i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64
-                ));
+                m.push(Value::Int(u32_at(b) as i32 as i64), 0)?;
             }
             0x8a => {
                 let n = take(&mut pos, 1)?[0] as usize;
                 let b = take(&mut pos, n)?;
                 if n > 8 {
-                    bail!("pickle: integer of {n} bytes is too large");
+                    bail!("pickle: integer of {n} bytes at byte {} is too large", m.at);
                 }
                 let mut v: i64 = 0;
                 for (i, &byte) in b.iter().enumerate() {
@@ -178,181 +381,139 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
                 if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
                     v -= 1i64 << (8 * n); // sign-extend
                 }
-                stack.push(Value::Int(v));
+                m.push(Value::Int(v), 0)?;
             }
             b'G' => {
                 let b = take(&mut pos, 8)?;
-                stack.push(Value::Float(f64::from_be_bytes(
-                    b.try_into().expect("8 bytes"),
-                )));
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                m.push(Value::Float(f64::from_be_bytes(a)), 0)?;
             }
             b'X' => {
-                let b = take(&mut pos, 4)?;
-                let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                stack.push(Value::Str(
-                    String::from_utf8_lossy(take(&mut pos, n)?).into_owned(),
-                ));
+                let n = u32_at(take(&mut pos, 4)?) as usize;
+                let s = String::from_utf8_lossy(take(&mut pos, n)?).into_owned();
+                m.push(Value::Str(s), 0)?;
             }
             0x8c => {
                 let n = take(&mut pos, 1)?[0] as usize;
-                stack.push(Value::Str(
-                    String::from_utf8_lossy(take(&mut pos, n)?).into_owned(),
-                ));
+                let s = String::from_utf8_lossy(take(&mut pos, n)?).into_owned();
+                m.push(Value::Str(s), 0)?;
             }
             b'U' => {
                 let n = take(&mut pos, 1)?[0] as usize;
-                stack.push(Value::Bytes(take(&mut pos, n)?.to_vec()));
+                m.push(Value::Bytes(take(&mut pos, n)?.to_vec()), 0)?;
             }
             b'T' | b'B' => {
-                let b = take(&mut pos, 4)?;
-                let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                stack.push(Value::Bytes(take(&mut pos, n)?.to_vec()));
+                let n = u32_at(take(&mut pos, 4)?) as usize;
+                m.push(Value::Bytes(take(&mut pos, n)?.to_vec()), 0)?;
             }
             b'q' => {
                 let i = take(&mut pos, 1)?[0] as u32;
-                memo.insert(
-                    i,
-                    stack
-                        .last()
-                        .cloned()
-                        .ok_or_else(|| anyhow::anyhow!("pickle: BINPUT on empty stack"))?,
-                );
+                m.put(i)?;
             }
             b'r' => {
-                let b = take(&mut pos, 4)?;
-                let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                memo.insert(
-                    i,
-                    stack
-                        .last()
-                        .cloned()
-                        .ok_or_else(|| anyhow::anyhow!("pickle: PUT on empty stack"))?,
-                );
+                let i = u32_at(take(&mut pos, 4)?);
+                m.put(i)?;
             }
             0x94 => {
-                let i = memo.len() as u32;
-                memo.insert(
-                    i,
-                    stack
-                        .last()
-                        .cloned()
-                        .ok_or_else(|| anyhow::anyhow!("pickle: MEMOIZE on empty stack"))?,
-                );
+                let i = m.memo.len() as u32;
+                m.put(i)?;
             }
             b'h' => {
                 let i = take(&mut pos, 1)?[0] as u32;
-                stack.push(
-                    memo.get(&i)
-                        .cloned()
-                        .ok_or_else(|| anyhow::anyhow!("pickle: unknown memo {i}"))?,
-                );
+                m.get(i)?;
             }
             b'j' => {
-                let b = take(&mut pos, 4)?;
-                let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                stack.push(
-                    memo.get(&i)
-                        .cloned()
-                        .ok_or_else(|| anyhow::anyhow!("pickle: unknown memo {i}"))?,
-                );
+                let i = u32_at(take(&mut pos, 4)?);
+                m.get(i)?;
             }
             b'c' => {
                 let line = |pos: &mut usize| -> Result<String> {
                     let start = *pos;
-                    while *pos < bytes.len() && bytes[*pos] != b'\n' {
-                        *pos += 1;
-                    }
-                    let s = String::from_utf8_lossy(&bytes[start..*pos]).into_owned();
-                    *pos += 1;
-                    Ok(s)
+                    let Some(len) = bytes[start..].iter().position(|&b| b == b'\n') else {
+                        bail!("pickle ends in the middle of a GLOBAL at byte {start}");
+                    };
+                    *pos = start + len + 1;
+                    Ok(String::from_utf8_lossy(&bytes[start..start + len]).into_owned())
                 };
                 let module = line(&mut pos)?;
                 let name = line(&mut pos)?;
-                stack.push(global(&format!("{module}.{name}"))?);
+                m.push(global(&format!("{module}.{name}"))?, 0)?;
             }
             0x93 => {
-                let name = pop(&mut stack)?;
-                let module = pop(&mut stack)?;
+                let name = m.pop()?.v;
+                let module = m.pop()?.v;
                 match (module, name) {
-                    (Value::Str(m), Value::Str(n)) => stack.push(global(&format!("{m}.{n}"))?),
-                    _ => bail!("pickle: STACK_GLOBAL without names"),
+                    (Value::Str(a), Value::Str(b)) => m.push(global(&format!("{a}.{b}"))?, 0)?,
+                    _ => bail!("pickle: STACK_GLOBAL without names at byte {}", m.at),
                 }
             }
             b't' => {
-                let items = pop_mark(&mut stack, &mut marks)?;
-                stack.push(Value::Tuple(items));
+                let items = m.pop_mark()?;
+                m.push_container(items, |v| Ok(Value::Tuple(v)))?;
             }
-            0x85 => {
-                let a = pop(&mut stack)?;
-                stack.push(Value::Tuple(vec![a]));
-            }
-            0x86 => {
-                let b = pop(&mut stack)?;
-                let a = pop(&mut stack)?;
-                stack.push(Value::Tuple(vec![a, b]));
-            }
-            0x87 => {
-                let c = pop(&mut stack)?;
-                let b = pop(&mut stack)?;
-                let a = pop(&mut stack)?;
-                stack.push(Value::Tuple(vec![a, b, c]));
+            0x85..=0x87 => {
+                let k = (op - 0x84) as usize;
+                let mut items = Vec::with_capacity(k);
+                for _ in 0..k {
+                    items.push(m.pop()?);
+                }
+                items.reverse();
+                m.push_container(items, |v| Ok(Value::Tuple(v)))?;
             }
             b'l' => {
-                let items = pop_mark(&mut stack, &mut marks)?;
-                stack.push(Value::List(items));
+                let items = m.pop_mark()?;
+                m.push_container(items, |v| Ok(Value::List(v)))?;
             }
             b'd' => {
-                let items = pop_mark(&mut stack, &mut marks)?;
-                stack.push(Value::Dict(pairs(items)?));
+                let items = m.pop_mark()?;
+                m.push_container(items, |v| Ok(Value::Dict(pairs(v)?)))?;
             }
             b'a' => {
-                let v = pop(&mut stack)?;
-                match stack.last_mut() {
-                    Some(Value::List(l)) => l.push(v),
-                    _ => bail!("pickle: APPEND to a non-list"),
-                }
+                let v = m.pop()?;
+                m.extend_top(vec![v], "APPEND")?;
             }
             b'e' => {
-                let items = pop_mark(&mut stack, &mut marks)?;
-                match stack.last_mut() {
-                    Some(Value::List(l)) => l.extend(items),
-                    _ => bail!("pickle: APPENDS to a non-list"),
-                }
+                let items = m.pop_mark()?;
+                m.extend_top(items, "APPENDS")?;
             }
             b's' => {
-                let v = pop(&mut stack)?;
-                let k = pop(&mut stack)?;
-                match stack.last_mut() {
-                    Some(Value::Dict(d)) => d.push((k, v)),
-                    _ => bail!("pickle: SETITEM on a non-dict"),
-                }
+                let v = m.pop()?;
+                let k = m.pop()?;
+                m.extend_top(vec![k, v], "SETITEM")?;
             }
             b'u' => {
-                let items = pop_mark(&mut stack, &mut marks)?;
-                match stack.last_mut() {
-                    Some(Value::Dict(d)) => d.extend(pairs(items)?),
-                    _ => bail!("pickle: SETITEMS on a non-dict"),
-                }
+                let items = m.pop_mark()?;
+                m.extend_top(items, "SETITEMS")?;
             }
             b'Q' => {
-                let pid = pop(&mut stack)?;
-                stack.push(persistent(pid)?);
+                let pid = m.pop()?.v;
+                m.push(persistent(pid)?, 1)?;
             }
             b'R' => {
-                let args = pop(&mut stack)?;
-                let func = pop(&mut stack)?;
-                stack.push(reduce(func, args)?);
+                let args = m.pop()?.v;
+                let func = m.pop()?.v;
+                m.push(reduce(func, args)?, 1)?;
             }
             b'b' => {
                 // BUILD: object state (e.g. a state dict's `_metadata`); it carries no tensors.
-                let _state = pop(&mut stack)?;
-                if !matches!(stack.last(), Some(Value::Dict(_))) {
-                    bail!("pickle: BUILD on something other than a dict");
+                let _state = m.pop()?;
+                if !matches!(
+                    m.stack.last(),
+                    Some(Item {
+                        v: Value::Dict(_),
+                        ..
+                    })
+                ) {
+                    bail!(
+                        "pickle: BUILD on something other than a dict at byte {}",
+                        m.at
+                    );
                 }
             }
             other => bail!(
                 "pickle opcode 0x{other:02x} at byte {} is not accepted (only plain data and tensors are)",
-                pos - 1
+                m.at
             ),
         }
     }
@@ -400,7 +561,10 @@ fn persistent(pid: Value) -> Result<Value> {
             numel: *numel as usize,
         });
     }
-    bail!("pickle: unexpected persistent id {pid:?} (expected a PyTorch storage)")
+    bail!(
+        "pickle: unexpected persistent id {} (expected a PyTorch storage)",
+        pid.describe()
+    )
 }
 
 fn ints(v: &Value, what: &str) -> Result<Vec<i64>> {
@@ -409,16 +573,25 @@ fn ints(v: &Value, what: &str) -> Result<Vec<i64>> {
             .iter()
             .map(|i| match i {
                 Value::Int(n) => Ok(*n),
-                other => bail!("pickle: {what} holds {other:?}, expected integers"),
+                other => bail!(
+                    "pickle: {what} holds {}, expected integers",
+                    other.describe()
+                ),
             })
             .collect(),
-        other => bail!("pickle: {what} is {other:?}, expected a tuple of integers"),
+        other => bail!(
+            "pickle: {what} is {}, expected a tuple of integers",
+            other.describe()
+        ),
     }
 }
 
 fn reduce(func: Value, args: Value) -> Result<Value> {
     let Value::Global(name) = &func else {
-        bail!("pickle: REDUCE of {func:?}, which is not a recognised function");
+        bail!(
+            "pickle: REDUCE of {}, which is not a recognised function",
+            func.describe()
+        );
     };
     let Value::Tuple(args) = args else {
         bail!("pickle: REDUCE arguments of {name} are not a tuple");
@@ -432,18 +605,18 @@ fn reduce(func: Value, args: Value) -> Result<Value> {
             let Value::Int(offset) = args[1] else {
                 bail!("pickle: _rebuild_tensor_v2 offset is not an integer");
             };
-            Ok(Value::Tensor(TensorRef {
+            Ok(Value::Tensor(Box::new(TensorRef {
                 key: key.clone(),
                 kind: *kind,
                 storage_numel: *numel,
                 offset,
                 size: ints(&args[2], "tensor size")?,
                 stride: ints(&args[3], "tensor stride")?,
-            }))
+            })))
         }
         "torch._utils._rebuild_parameter" if !args.is_empty() => match &args[0] {
             Value::Tensor(t) => Ok(Value::Tensor(t.clone())),
-            other => bail!("pickle: _rebuild_parameter of {other:?}"),
+            other => bail!("pickle: _rebuild_parameter of {}", other.describe()),
         },
         _ => bail!(
             "pickle: {name} called with {} arguments is not accepted",
@@ -509,5 +682,97 @@ mod tests {
             d[1].1,
             Value::Tuple(vec![Value::Int(300), Value::Int(70000)])
         );
+    }
+
+    fn nesting_error(p: &[u8]) -> String {
+        let err = load(p).unwrap_err().to_string();
+        assert!(
+            err.contains("nesting deeper than 1000 levels at byte")
+                && err.contains("not a PyTorch state dict"),
+            "{err}"
+        );
+        err
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        let key = b"X\x01\x00\x00\x00k";
+        let mut proto = vec![0x80, 2];
+        // MARK x 100k then LIST x 100k; TUPLE1 x 1M around an int; dicts nested by SETITEM
+        // (no MARKs); lists nested by APPEND.
+        let mut marks = proto.clone();
+        marks.extend(std::iter::repeat_n(b'(', 100_000));
+        marks.extend(std::iter::repeat_n(b'l', 100_000));
+        marks.push(b'.');
+        let err = nesting_error(&marks);
+        assert!(err.contains("at byte 1002"), "{err}");
+        let mut tuples = proto.clone();
+        tuples.extend([b'K', 1]);
+        tuples.extend(std::iter::repeat_n(0x85, 1_000_000));
+        tuples.push(b'.');
+        nesting_error(&tuples);
+        let mut dicts = proto.clone();
+        for _ in 0..1_000_000 {
+            dicts.push(b'}');
+            dicts.extend(key);
+        }
+        dicts.push(b'}');
+        dicts.extend(std::iter::repeat_n(b's', 1_000_000));
+        dicts.push(b'.');
+        nesting_error(&dicts);
+        let mut lists = proto.clone();
+        lists.extend(std::iter::repeat_n(b']', 100_000));
+        lists.extend(std::iter::repeat_n(b'a', 99_999));
+        lists.push(b'.');
+        nesting_error(&lists);
+        // 1000 levels are accepted (and dropped without trouble).
+        proto.extend(std::iter::repeat_n(b'(', 1000));
+        proto.extend(std::iter::repeat_n(b'l', 1000));
+        proto.push(b'.');
+        let mut v = load(&proto).unwrap();
+        let mut depth = 0;
+        while let Value::List(mut items) = v {
+            depth += 1;
+            v = items.pop().unwrap_or(Value::None);
+        }
+        assert_eq!(depth, 1000);
+    }
+
+    #[test]
+    fn memo_copies_cannot_exhaust_memory() {
+        // "billion laughs": a list, then 64 times a pair of two copies of the previous value.
+        let mut p = vec![0x80, 2, b']', b'q', 0];
+        for _ in 0..64 {
+            p.extend([b'h', 0, b'h', 0, 0x86, b'q', 0]);
+        }
+        p.push(b'.');
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.contains("take more than 256 MiB"), "{err}");
+        // A long string copied a million times.
+        let mut p = vec![0x80, 2, b'X'];
+        p.extend((1u32 << 20).to_le_bytes());
+        p.extend(vec![b'a'; 1 << 20]);
+        p.extend([b'q', 0]);
+        for _ in 0..1_000_000 {
+            p.extend([b'h', 0]);
+        }
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.contains("MiB"), "{err}");
+    }
+
+    #[test]
+    fn truncated_instructions_are_errors_not_panics() {
+        for p in [
+            &b"\x80\x02cfoo"[..],
+            b"\x80\x02cfoo\nbar",
+            b"\x80\x02X\xff\xff\xff\xffab",
+            b"\x80\x02(",
+            b"\x80\x02t",
+            b"\x80\x02K\x01a.",
+            b"\x80\x02]K\x01K\x02s.",
+            b"\x80\x02h\x05",
+        ] {
+            assert!(load(p).is_err(), "{p:?}");
+        }
     }
 }

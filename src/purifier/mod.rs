@@ -464,6 +464,18 @@ pub fn read_sidecar(dir: &Path) -> Result<PurifierSidecar> {
     s.purifier
         .validate()
         .with_context(|| format!("{}", path.display()))?;
+    if let Some(size) = s.image_size
+        && !(1..=crate::data::MAX_IMAGE_SIZE as i64).contains(&size)
+    {
+        bail!(
+            "{}: image_size = {size}: expected 1 to {} pixels",
+            path.display(),
+            crate::data::MAX_IMAGE_SIZE
+        );
+    }
+    s.transform
+        .validate(None)
+        .with_context(|| format!("{}: transform", path.display()))?;
     Ok(s)
 }
 

@@ -115,6 +115,7 @@ impl AdversaryConfig {
         if self.eot == 0 {
             bail!("adversary.eot = 0: expected at least 1 gradient sample per step");
         }
+        crate::attacks::check_caps("adversary", self.steps, self.eot)?;
         if let Some(s) = self.step_size
             && !(s.is_finite() && s > 0.0)
         {
@@ -322,6 +323,7 @@ impl TrainAtopConfig {
                 bail!("invalid setting {name} = 0: expected at least 1");
             }
         }
+        crate::attacks::check_caps("eval", e.steps, e.eot)?;
         Ok(())
     }
 }

@@ -96,6 +96,17 @@ pub fn check_fresh(run: &Path, config_file: &str, resume: bool) -> Result<()> {
             run.display()
         );
     }
+    if !has_run
+        && !resume
+        && let Ok(mut entries) = std::fs::read_dir(run)
+        && let Some(Ok(entry)) = entries.next()
+    {
+        anyhow::bail!(
+            "{} holds {} and no training run: a new run starts in an empty or new folder (--out)",
+            run.display(),
+            entry.file_name().to_string_lossy()
+        );
+    }
     Ok(())
 }
 
