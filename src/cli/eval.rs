@@ -257,20 +257,15 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     };
     let (attacks, settings) = match &plan {
         Some(p) => {
-            let budget = atop::attacks::Budget::new(a.settings.norm, a.settings.eps)?;
-            let mut settings = a.settings.settings()?;
             let defended = a.target.has_defence();
-            let (attacks, planned) = p.attacks(budget, defended)?;
+            // The plan sets what it names; the budget, step size, restarts, loss and C&W
+            // settings stay the flags'.
+            let (attacks, settings) = p.attacks(a.settings.settings()?, defended)?;
             if !defended {
                 tracing::info!(
                     "no defence stage: the plan's bpda and transfer attacks are left out"
                 );
             }
-            // The plan sets what it names; the step size, restarts, loss and C&W settings stay the flags'.
-            settings.eot = planned.eot;
-            settings.targets = planned.targets;
-            settings.queries = planned.queries;
-            settings.overrides.extend(planned.overrides);
             a.draws = p.draws;
             a.check_points = p.check_points;
             a.target.n.get_or_insert(p.n);

@@ -97,8 +97,9 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     runtime::init_threads(args.threads);
-    if args.eot_batch == 0 {
-        anyhow::bail!("--eot-batch 0: expected at least 1 image per EOT pass");
+    // Bounded like a batch: a huge value would stack every EOT draw of a batch at once.
+    if let Err(e) = batch(&args.eot_batch.to_string()) {
+        anyhow::bail!("--eot-batch {}: {e}", args.eot_batch);
     }
     runtime::set_eot_batch(args.eot_batch);
     let global = Global {

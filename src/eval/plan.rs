@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::robust::{AttackSpec, Target, parse_attacks};
-use crate::attacks::{AttackName, AttackOverride, AttackSettings, Budget};
+use crate::attacks::{AttackName, AttackOverride, AttackSettings};
 
 /// The named plans.
 pub const PRESETS: &[(&str, &str)] = &[
@@ -69,14 +69,15 @@ impl Plan {
         })
     }
 
-    /// The attacks and their settings at `budget`. Without a defence stage (`defended` false)
-    /// `bpda` and `transfer` are left out: both would attack the classifier itself.
+    /// The attacks, and `base` (the budget and every setting the plan does not name) with the
+    /// plan's EOT, targets, queries and per-attack steps. Without a defence stage (`defended`
+    /// false) `bpda` and `transfer` are left out: both would attack the classifier itself.
     pub fn attacks(
         &self,
-        budget: Budget,
+        base: AttackSettings,
         defended: bool,
     ) -> Result<(Vec<AttackSpec>, AttackSettings)> {
-        let mut settings = AttackSettings::new(budget);
+        let mut settings = base;
         settings.eot = self.eot;
         settings.targets = self.targets;
         settings.queries = self.queries;
@@ -112,16 +113,16 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attacks::Norm;
+    use crate::attacks::{Budget, Norm};
 
     #[test]
     fn presets_parse_and_give_per_attack_budgets() {
         let budget = Budget::new(Norm::Linf, 8.0 / 255.0).unwrap();
         for (name, _) in PRESETS {
             let plan = Plan::preset(name).unwrap();
-            let (attacks, settings) = plan.attacks(budget, true).unwrap();
+            let (attacks, settings) = plan.attacks(AttackSettings::new(budget), true).unwrap();
             assert_eq!(attacks.len(), plan.attacks.len(), "{name}");
-            let (undefended, _) = plan.attacks(budget, false).unwrap();
+            let (undefended, _) = plan.attacks(AttackSettings::new(budget), false).unwrap();
             assert!(undefended.iter().all(|a| a.target == Target::Whole));
             assert_eq!(undefended.len(), attacks.len() - 2, "{name}");
             for (attack, &steps) in &plan.steps {
@@ -145,12 +146,15 @@ mod tests {
         let budget = Budget::new(Norm::Linf, 8.0 / 255.0).unwrap();
         let mut plan = Plan::preset("eval-robust-cpu").unwrap();
         plan.steps.insert("deepfool".into(), 10);
-        let e = format!("{:#}", plan.attacks(budget, true).unwrap_err());
+        let e = format!(
+            "{:#}",
+            plan.attacks(AttackSettings::new(budget), true).unwrap_err()
+        );
         assert!(e.contains("deepfool"), "{e}");
         let mut plan = Plan::preset("eval-robust-cpu").unwrap();
         plan.steps.insert("pgd".into(), 0);
         assert!(
-            plan.attacks(budget, true)
+            plan.attacks(AttackSettings::new(budget), true)
                 .unwrap_err()
                 .to_string()
                 .contains("pgd = 0")
@@ -158,7 +162,7 @@ mod tests {
         let mut plan = Plan::preset("eval-robust-cpu").unwrap();
         plan.eot = 0;
         assert!(
-            plan.attacks(budget, true)
+            plan.attacks(AttackSettings::new(budget), true)
                 .unwrap_err()
                 .to_string()
                 .contains("eot")
