@@ -44,25 +44,26 @@ decay_bn_and_bias = true
 bias_lr_scale = 64.0
 "#;
 
-/// A classifier trained once per test binary (about half a minute) on 10,000 CIFAR-10 images.
+/// A classifier trained on 10,000 CIFAR-10 images (about half a minute), once for every test
+/// binary and run of the suite (a cached fixture).
 fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         // SAFETY: set before any thread reads the environment for data paths.
         unsafe { std::env::set_var("ATOP_DATA_DIR", data_dir()) };
-        let dir = tempfile::tempdir().unwrap().keep().join("model");
-        let cfg = TrainClassifierConfig::from_toml(TRAIN, "test config").unwrap();
-        let summary = train(&cfg, &dir, Device::Cpu, false).unwrap();
-        eprintln!(
-            "attack-test classifier: {:.2} % test accuracy",
-            100.0 * summary.test_acc
-        );
-        assert!(
-            summary.test_acc > 0.55,
-            "the test classifier only reached {}",
-            summary.test_acc
-        );
-        dir
+        cached_fixture("attack-classifier", TRAIN, |dir| {
+            let cfg = TrainClassifierConfig::from_toml(TRAIN, "test config").unwrap();
+            let summary = train(&cfg, dir, Device::Cpu, false).unwrap();
+            eprintln!(
+                "attack-test classifier: {:.2} % test accuracy",
+                100.0 * summary.test_acc
+            );
+            assert!(
+                summary.test_acc > 0.55,
+                "the test classifier only reached {}",
+                summary.test_acc
+            );
+        })
     })
 }
 

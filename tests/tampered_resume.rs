@@ -1,11 +1,12 @@
-//! `eval robust` resumed from tampered state: batch files with the wrong shape, renamed to a
-//! point or an attack the evaluation does not have, holding NaN or out-of-budget images, and
-//! state files whose per-point lists do not fit. Each is refused with an error naming the file
-//! (never a panic, never replayed into a report). A fixed linear model on random images: no
-//! data set needed.
+//! `attack` and `eval robust` resumed from tampered state: batch files with the wrong shape,
+//! positions or names outside the run, holding NaN or out-of-budget images, and state files
+//! whose per-point lists do not fit. Each is refused with an error naming the file (never a
+//! panic, never replayed into a report). A fixed linear model on random images: no data set
+//! needed.
 
 use std::path::Path;
 
+use atop::attacks::runner::{Runner, RunnerConfig};
 use atop::attacks::{AttackName, AttackSettings, Budget, Norm};
 use atop::eval::robust::{AttackSpec, Points, RobustConfig, Surrogates, Target, evaluate};
 use atop::models::Model;
@@ -40,14 +41,22 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn edit_images(dir: &Path, file: &str, f: &dyn Fn(Tensor) -> Tensor) {
+/// Rewrites every tensor of batch file `file` through `f(name, tensor)`.
+fn edit_batch(dir: &Path, file: &str, f: &dyn Fn(&str, Tensor) -> Tensor) {
     let path = dir.join("batches").join(file);
     let t: Vec<(String, Tensor)> = Tensor::read_safetensors(&path)
         .unwrap()
         .into_iter()
-        .map(|(n, v)| if n == "images" { (n, f(v)) } else { (n, v) })
+        .map(|(n, v)| {
+            let v = f(&n, v);
+            (n, v)
+        })
         .collect();
     Tensor::write_safetensors(&t, &path).unwrap();
+}
+
+fn edit_images(dir: &Path, file: &str, f: &dyn Fn(Tensor) -> Tensor) {
+    edit_batch(dir, file, &|n, t| if n == "images" { f(t) } else { t });
 }
 
 fn edit_state(dir: &Path, f: &dyn Fn(&mut serde_json::Value)) {
@@ -69,6 +78,29 @@ fn rename_batch(dir: &Path, from: &str, to: &str) {
             }
         }
     });
+}
+
+/// One way to tamper with a finished run's folder.
+type Tamper<'a> = Box<dyn Fn(&Path) + 'a>;
+
+/// Each case (name, tampering, expected words) applied to a copy of the finished run `base`
+/// (copies under `root`): resuming it must be refused as corrupt, with the expected words.
+fn assert_each_refused<T>(
+    base: &Path,
+    root: &Path,
+    cases: Vec<(&str, Tamper, &str)>,
+    run: impl Fn(&Path) -> anyhow::Result<T>,
+) {
+    for (name, tamper, expected) in cases {
+        let dir = root.join(name);
+        copy_dir(base, &dir);
+        tamper(&dir);
+        let err = format!("{:#}", run(&dir).map(|_| ()).unwrap_err());
+        assert!(
+            err.contains(expected) && err.contains("the resume state is corrupt"),
+            "{name}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -116,7 +148,6 @@ fn eval_robust_refuses_tampered_resume_files_by_name() {
     let (again, _) = run(&base).unwrap();
     assert_eq!(full.records, again.records);
 
-    type Tamper = Box<dyn Fn(&Path)>;
     let b = "00-000002.safetensors";
     let cases: Vec<(&str, Tamper, &str)> = vec![
         (
@@ -176,14 +207,122 @@ fn eval_robust_refuses_tampered_resume_files_by_name() {
             "state.json: done[0][4] holds 1 predictions, expected R = 2",
         ),
     ];
-    for (name, tamper, expected) in cases {
-        let dir = tmp.path().join(name);
-        copy_dir(&base, &dir);
-        tamper(&dir);
-        let err = format!("{:#}", run(&dir).map(|_| ()).unwrap_err());
-        assert!(
-            err.contains(expected) && err.contains("the resume state is corrupt"),
-            "{name}: {err}"
-        );
-    }
+    assert_each_refused(&base, tmp.path(), cases, run);
+}
+
+#[test]
+fn attack_runner_refuses_tampered_resume_files_by_name() {
+    tch::manual_seed(0);
+    let model = Linear(Tensor::randn([48, 3], (Kind::Float, Device::Cpu)));
+    let x = Tensor::rand([6, 3, 4, 4], (Kind::Float, Device::Cpu));
+    // Labels the model gets right: every point goes through both attacks.
+    let y = model.logits(&x).argmax(-1, false);
+    let indices: Vec<usize> = (10..16).collect();
+    let mut settings = AttackSettings::new(Budget::new(Norm::Linf, 0.03).unwrap());
+    settings.steps = Some(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |dir: &Path| {
+        Runner {
+            model: &model,
+            config: RunnerConfig {
+                attacks: vec![AttackName::Fgsm, AttackName::Pgd],
+                settings: settings.clone(),
+                batch_size: 2,
+                seed: 0,
+                model: "linear".into(),
+                data: "random".into(),
+            },
+            state_dir: Some(dir.to_path_buf()),
+        }
+        .run(&x, &y, &indices)
+    };
+    let base = tmp.path().join("base");
+    let full = run(&base).unwrap();
+    // Untampered, the finished run resumes to the same report.
+    let again = run(&base).unwrap();
+    assert_eq!(full.records, again.records);
+    assert!(full.x_adv.equal(&again.x_adv));
+
+    let batch = "00-fgsm-000002.safetensors";
+    let pos = |v: i64| move |n: &str, t: Tensor| if n == "positions" { t.fill(v) } else { t };
+    let img =
+        |f: fn(Tensor) -> Tensor| move |n: &str, t: Tensor| if n == "images" { f(t) } else { t };
+    let set =
+        |k: &'static str, v: serde_json::Value| move |s: &mut serde_json::Value| s[k] = v.clone();
+    let cases: Vec<(&str, Tamper, &str)> = vec![
+        (
+            "positions-9999",
+            Box::new(|d: &Path| edit_batch(d, batch, &pos(9999))),
+            "00-fgsm-000002.safetensors: positions hold 9999 but the run has 6 points",
+        ),
+        (
+            "positions-negative",
+            Box::new(|d: &Path| edit_batch(d, batch, &pos(-5))),
+            "00-fgsm-000002.safetensors: positions hold -5",
+        ),
+        (
+            "positions-repeated",
+            Box::new(|d: &Path| edit_batch(d, batch, &pos(2))),
+            "00-fgsm-000002.safetensors: positions hold 2 twice",
+        ),
+        (
+            "images-shape",
+            Box::new(|d: &Path| {
+                edit_batch(
+                    d,
+                    batch,
+                    &img(|t| t.permute([0, 1, 3, 2]).flatten(2, 3).reshape([2, 3, 2, 8])),
+                )
+            }),
+            "00-fgsm-000002.safetensors: images have shape [2, 3, 2, 8]; expected [2, 3, 4, 4]",
+        ),
+        (
+            "images-nan",
+            Box::new(|d: &Path| edit_batch(d, batch, &img(|t| t.fill(f64::NAN)))),
+            "00-fgsm-000002.safetensors: images hold NaN",
+        ),
+        (
+            "images-outside-ball",
+            Box::new(|d: &Path| edit_batch(d, batch, &img(|t| t.fill(1.0)))),
+            "00-fgsm-000002.safetensors: images outside the threat model",
+        ),
+        (
+            "records-empty",
+            Box::new(|d: &Path| edit_state(d, &set("records", serde_json::json!([])))),
+            "state.json: records holds 0 entries but the run has 6 points",
+        ),
+        (
+            "records-other-point",
+            Box::new(|d: &Path| edit_state(d, &|s| s["records"][3]["index"] = 99.into())),
+            "state.json: records[3] is dataset index 99",
+        ),
+        (
+            "queue-out-of-range",
+            Box::new(|d: &Path| {
+                edit_state(d, &|s| {
+                    s["next_attack"] = 1.into();
+                    s["queue"] = serde_json::json!([9999]);
+                })
+            }),
+            "state.json: queue holds position 9999 but the run has 6 points",
+        ),
+        (
+            "next-attack-huge",
+            Box::new(|d: &Path| edit_state(d, &set("next_attack", 99.into()))),
+            "state.json: next_attack is 99 but the run has 2 attacks",
+        ),
+        (
+            "steps-missing",
+            Box::new(|d: &Path| edit_state(d, &set("steps", serde_json::json!([])))),
+            "state.json: steps holds 0 entries",
+        ),
+        (
+            "batch-path-escape",
+            Box::new(|d: &Path| {
+                edit_state(d, &|s| s["batches"][0] = "../../../../dev/zero".into())
+            }),
+            "state.json: batches[0] is '../../../../dev/zero', not a batch file name",
+        ),
+    ];
+    assert_each_refused(&base, tmp.path(), cases, run);
 }

@@ -10,35 +10,11 @@ use atop::models::checkpoint;
 use atop::train::classifier::read_metrics;
 use common::*;
 
-/// A small, fast run: WRN-10-1 on 3,000 training and 500 test images.
-const ARGS: &[&str] = &[
-    "train",
-    "classifier",
-    "--dataset",
-    "cifar10",
-    "--arch",
-    "wrn-10-1",
-    "--epochs",
-    "3",
-    "--batch-size",
-    "100",
-    "--lr",
-    "0.1",
-    "--warmup-epochs",
-    "0.5",
-    "--train-subset",
-    "3000",
-    "--test-subset",
-    "500",
-    "--seed",
-    "1",
-];
-
 fn train_cmd(out: &Path) -> std::process::Command {
     let mut cmd = atop();
     cmd.env("ATOP_DATA_DIR", data_dir())
         .args(["--quiet", "--threads", "2"])
-        .args(ARGS)
+        .args(SMALL_CLASSIFIER)
         .arg("--out")
         .arg(out);
     cmd
@@ -52,12 +28,8 @@ fn weights(run: &Path) -> Vec<(String, tch::Tensor)> {
 fn killed_run_resumes_to_the_same_weights_and_the_model_learns() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let out = train_cmd(&a).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The uninterrupted run: a copy of the shared fixture (the test changes it below).
+    copy_tree(small_classifier(), &a);
 
     // Kill B (SIGKILL, no chance to clean up) as soon as its first checkpoint is complete.
     let killed_at = kill_after_first_checkpoint(&mut train_cmd(&b), &b);

@@ -290,27 +290,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
             ))
         ))
     });
-    // Never write into a folder that holds something else than this evaluation.
-    atop::io::check_output_dir(
-        &out,
-        &[
-            "state.json",
-            "batches/",
-            "results.json",
-            "records.csv",
-            "report.md",
-            "grid.png",
-            "checks.png",
-        ],
-        "--out",
-    )?;
-    if out.is_dir() && !out.join("state.json").exists() && std::fs::read_dir(&out)?.next().is_some()
-    {
-        anyhow::bail!(
-            "{} is not empty and holds no robust evaluation to resume: choose another --out",
-            out.display()
-        );
-    }
+    atop::eval::robust::check_output_dir(&out)?;
     let target = a.target.load(global.device)?;
     let pipeline = target.model()?;
     let config = RobustConfig {

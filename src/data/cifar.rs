@@ -70,7 +70,7 @@ impl CifarFormat {
         }
     }
 
-    fn num_classes(self) -> (usize, Option<usize>) {
+    pub fn num_classes(self) -> (usize, Option<usize>) {
         match self {
             CifarFormat::Cifar10 => (10, None),
             CifarFormat::Cifar100 => (100, Some(20)),

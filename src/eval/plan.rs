@@ -61,11 +61,13 @@ impl Plan {
     pub fn from_file(path: &Path) -> Result<Plan> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        toml::from_str(&text).with_context(|| {
-            format!(
-                "{}: not a valid evaluation plan (see presets/eval-robust-cpu.toml)",
-                path.display()
-            )
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// A plan from TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Plan> {
+        toml::from_str(text).with_context(|| {
+            format!("{origin}: not a valid evaluation plan (see presets/eval-robust-cpu.toml)")
         })
     }
 

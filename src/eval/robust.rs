@@ -383,6 +383,33 @@ struct State {
 const STATE: &str = "state.json";
 const BATCHES: &str = "batches";
 
+/// Refuses an output folder that holds anything but an evaluation's own files (state, batches,
+/// results, report, plots), or finished results without the state to resume them (a merged
+/// report): an evaluation writes only into a new or empty folder or resumes its own.
+pub fn check_output_dir(out: &Path) -> Result<()> {
+    crate::io::check_output_dir(
+        out,
+        &[
+            STATE,
+            "batches/",
+            "results.json",
+            "records.csv",
+            "report.md",
+            "grid.png",
+            "checks.png",
+        ],
+        "--out",
+    )?;
+    let occupied = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !out.join(STATE).exists() {
+        bail!(
+            "{} is not empty and holds no robust evaluation to resume: choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// The evaluated points: images N x C x H x W in [0,1], labels, dataset indices.
 #[derive(Clone, Copy)]
 pub struct Points<'a> {

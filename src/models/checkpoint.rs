@@ -166,7 +166,16 @@ pub fn read_sidecar(path: &Path) -> Result<Sidecar, CheckpointError> {
         reason,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let sidecar: Sidecar = serde_json::from_str(&text)
+    parse_sidecar(&text, path)
+}
+
+/// A model description from its JSON text, validated; `path` names it in errors.
+pub fn parse_sidecar(text: &str, path: &Path) -> Result<Sidecar, CheckpointError> {
+    let err = |reason: String| CheckpointError::Sidecar {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let sidecar: Sidecar = serde_json::from_str(text)
         .map_err(|e| err(format!("not an atop model description: {e}")))?;
     if sidecar.format != FORMAT {
         return Err(err(format!(

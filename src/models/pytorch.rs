@@ -64,7 +64,25 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let root = pickle::load(&pkl)
         .with_context(|| format!("{}: refusing to load {pkl_name}", path.display()))?;
     drop(pkl);
+    state_dict_from(path, &prefix, root, |entry, bytes, what| {
+        read_entry(
+            &mut zip,
+            (path, archive_len),
+            entry,
+            Expect::Exactly(bytes, what),
+        )
+    })
+}
 
+/// The tensors of an unpickled torch.save `root`. `storage(entry, bytes, what)` gives the bytes
+/// of the archive entry `entry` (under `prefix`), which the pickle says holds `bytes` bytes
+/// (`what`, in words). `path` names the file in errors.
+pub fn state_dict_from(
+    path: &Path,
+    prefix: &str,
+    root: Value,
+    mut storage: impl FnMut(&str, u64, &str) -> Result<Vec<u8>>,
+) -> Result<Vec<(String, Tensor)>> {
     let dict = find_state_dict(root).with_context(|| format!("{}", path.display()))?;
     // Each storage, read once, as a flat tensor; views of it are rebuilt per entry.
     let mut storages: HashMap<String, Tensor> = HashMap::new();
@@ -109,12 +127,14 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
                 t.storage_numel,
                 t.kind.bytes()
             );
-            let data = read_entry(
-                &mut zip,
-                (path, archive_len),
-                &entry,
-                Expect::Exactly(bytes, &what),
-            )?;
+            let data = storage(&entry, bytes, &what)?;
+            if data.len() as u64 != bytes {
+                bail!(
+                    "{}: {entry} holds {} bytes, but the pickle says it is {what}: {bytes} bytes",
+                    path.display(),
+                    data.len()
+                );
+            }
             let flat = Tensor::f_from_data_size(&data, &[t.storage_numel as i64], t.kind.kind())
                 .with_context(|| format!("{}: storage {entry}", path.display()))?;
             storages.insert(t.key.clone(), flat);

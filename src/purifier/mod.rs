@@ -444,7 +444,12 @@ pub fn read_sidecar(dir: &Path) -> Result<PurifierSidecar> {
     let path = dir.join(SIDECAR);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let s: PurifierSidecar = serde_json::from_str(&text)
+    parse_sidecar(&text, &path)
+}
+
+/// A purifier description from its JSON text, validated; `path` names it in errors.
+pub fn parse_sidecar(text: &str, path: &Path) -> Result<PurifierSidecar> {
+    let s: PurifierSidecar = serde_json::from_str(text)
         .with_context(|| format!("{}: not an atop purifier description", path.display()))?;
     if s.format != FORMAT {
         bail!(

@@ -168,3 +168,130 @@ pub fn sorted_tensors(file: &Path) -> Vec<(String, tch::Tensor)> {
     w.sort_by(|a, b| a.0.cmp(&b.0));
     w
 }
+
+/// A trained fixture shared by every test binary and kept between runs of the suite, in
+/// `target/tmp/fixtures/NAME-KEY`. KEY hashes `config` (everything that defines the fixture)
+/// and the `atop` binary, so any code change builds it afresh. The first test binary to ask
+/// builds it under a file lock (the others wait for it), into a temporary folder renamed into
+/// place; a manifest of its files' hashes is checked on every reuse, so a fixture some test
+/// changed is rebuilt instead of trusted. `build(dir)` must create `dir` (a new path).
+pub fn cached_fixture(name: &str, config: &str, build: impl FnOnce(&Path)) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut key = Sha256::new();
+    key.update(config.as_bytes());
+    key.update(std::fs::read(env!("CARGO_BIN_EXE_atop")).unwrap());
+    let key: String = key.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = root.join(format!("{name}-{key}"));
+    let manifest = root.join(format!("{name}-{key}.sha256"));
+    let lock = std::fs::File::create(root.join(format!("{name}-{key}.lock"))).unwrap();
+    lock.lock().unwrap();
+    let fresh =
+        std::fs::read_to_string(&manifest).is_ok_and(|m| dir.is_dir() && m == folder_digest(&dir));
+    if !fresh {
+        let tmp = root.join(format!("{name}-{key}.building"));
+        for stale in [&tmp, &dir] {
+            if stale.exists() {
+                std::fs::remove_dir_all(stale).unwrap();
+            }
+        }
+        build(&tmp);
+        assert!(tmp.is_dir(), "fixture {name}: the build left no folder");
+        std::fs::rename(&tmp, &dir).unwrap();
+        let digest = folder_digest(&dir);
+        let part = manifest.with_extension("sha256.tmp");
+        std::fs::write(&part, digest).unwrap();
+        std::fs::rename(&part, &manifest).unwrap();
+    }
+    dir
+}
+
+/// One line per file under `dir` (relative path and SHA-256), sorted.
+fn folder_digest(dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(base, &path, out);
+            } else {
+                let hash = Sha256::digest(std::fs::read(&path).unwrap());
+                let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+                out.push(format!(
+                    "{hex}  {}",
+                    path.strip_prefix(base).unwrap().display()
+                ));
+            }
+        }
+    }
+    let mut lines = Vec::new();
+    walk(dir, dir, &mut lines);
+    lines.sort();
+    lines.join("\n") + "\n"
+}
+
+/// The suite's small classifier: WRN-10-1, 3 epochs on 3,000 CIFAR-10 training images, scored
+/// on 500 test images (seed 1); its `atop` arguments, without `--out`.
+pub const SMALL_CLASSIFIER: &[&str] = &[
+    "train",
+    "classifier",
+    "--dataset",
+    "cifar10",
+    "--arch",
+    "wrn-10-1",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "100",
+    "--lr",
+    "0.1",
+    "--warmup-epochs",
+    "0.5",
+    "--train-subset",
+    "3000",
+    "--test-subset",
+    "500",
+    "--seed",
+    "1",
+];
+
+/// The run folder of [`SMALL_CLASSIFIER`], trained once (a cached fixture). Read it, or copy it
+/// ([`copy_tree`]) before changing it.
+pub fn small_classifier() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        cached_fixture("small-classifier", &SMALL_CLASSIFIER.join(" "), |dir| {
+            let out = atop()
+                .env("ATOP_DATA_DIR", data_dir())
+                .args(["--quiet", "--threads", "2"])
+                .args(SMALL_CLASSIFIER)
+                .arg("--out")
+                .arg(dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        })
+    })
+}
+
+/// Copies the folder `from` to the new folder `to`, recursively.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
