@@ -14,6 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-600}
 shift || true
+# libFuzzer reads -max_total_time=0 as "no limit": refuse it and anything not a count.
+[[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || { echo "SECONDS must be a positive number of seconds, got '$seconds'" >&2; exit 2; }
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(pickle state_dict torch_zip safetensors sidecar cifar config)
 cargo +nightly fuzz --version > /dev/null 2>&1 || {
@@ -43,7 +45,7 @@ for t in "${targets[@]}"; do
   execs=$(stat number_of_executed_units)
   edges=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')
   corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
-  rate=$(( ${execs:-0} / (seconds > 0 ? seconds : 1) ))
+  rate=$(( ${execs:-0} / seconds ))
   echo "| $t | $seconds | ${execs:-?} | $rate | $corpus | ${edges:-?} | $((after - before)) |"
   if [ $rc -ne 0 ] || [ "$after" -ne "$before" ]; then
     failed=1
