@@ -75,12 +75,7 @@ fn trained() -> &'static Path {
     DIR.get_or_init(|| {
         let key = format!("{CONFIG}\n{}", classifier().display());
         cached_fixture("purifier", &key, |dir| {
-            let out = train_cmd(dir).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            run_ok(&mut train_cmd(dir));
         })
     })
 }

@@ -103,15 +103,21 @@ fn assert_each_refused<T>(
     }
 }
 
-#[test]
-fn eval_robust_refuses_tampered_resume_files_by_name() {
+/// The fixed linear model (seeded), six random images labelled as the model classifies them
+/// (so every point goes through every attack), their dataset indices, and 2-step settings.
+fn setup() -> (Linear, Tensor, Tensor, Vec<usize>, AttackSettings) {
     tch::manual_seed(0);
     let model = Linear(Tensor::randn([48, 3], (Kind::Float, Device::Cpu)));
     let x = Tensor::rand([6, 3, 4, 4], (Kind::Float, Device::Cpu));
     let y = model.logits(&x).argmax(-1, false);
-    let indices: Vec<usize> = (10..16).collect();
     let mut settings = AttackSettings::new(Budget::new(Norm::Linf, 0.03).unwrap());
     settings.steps = Some(2);
+    (model, x, y, (10..16).collect(), settings)
+}
+
+#[test]
+fn eval_robust_refuses_tampered_resume_files_by_name() {
+    let (model, x, y, indices, settings) = setup();
     let spec = |attack| AttackSpec {
         attack,
         target: Target::Whole,
@@ -212,14 +218,7 @@ fn eval_robust_refuses_tampered_resume_files_by_name() {
 
 #[test]
 fn attack_runner_refuses_tampered_resume_files_by_name() {
-    tch::manual_seed(0);
-    let model = Linear(Tensor::randn([48, 3], (Kind::Float, Device::Cpu)));
-    let x = Tensor::rand([6, 3, 4, 4], (Kind::Float, Device::Cpu));
-    // Labels the model gets right: every point goes through both attacks.
-    let y = model.logits(&x).argmax(-1, false);
-    let indices: Vec<usize> = (10..16).collect();
-    let mut settings = AttackSettings::new(Budget::new(Norm::Linf, 0.03).unwrap());
-    settings.steps = Some(2);
+    let (model, x, y, indices, settings) = setup();
     let tmp = tempfile::tempdir().unwrap();
     let run = |dir: &Path| {
         Runner {

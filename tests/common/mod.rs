@@ -117,15 +117,20 @@ pub fn atop() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_atop"))
 }
 
-/// Runs an `atop` command that must succeed (its stderr is shown if not) and parses its JSON stdout.
-pub fn run_json(cmd: &mut std::process::Command) -> serde_json::Value {
+/// Runs a command that must succeed (its stderr is shown if not); returns its output.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out
+}
+
+/// Runs an `atop` command that must succeed (its stderr is shown if not) and parses its JSON stdout.
+pub fn run_json(cmd: &mut std::process::Command) -> serde_json::Value {
+    serde_json::from_slice(&run_ok(cmd).stdout).unwrap()
 }
 
 /// Starts `cmd` (a training run into `run`) and SIGKILLs it as soon as its first checkpoint is
@@ -265,18 +270,13 @@ pub fn small_classifier() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         cached_fixture("small-classifier", &SMALL_CLASSIFIER.join(" "), |dir| {
-            let out = atop()
-                .env("ATOP_DATA_DIR", data_dir())
-                .args(["--quiet", "--threads", "2"])
-                .args(SMALL_CLASSIFIER)
-                .arg("--out")
-                .arg(dir)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
+            run_ok(
+                atop()
+                    .env("ATOP_DATA_DIR", data_dir())
+                    .args(["--quiet", "--threads", "2"])
+                    .args(SMALL_CLASSIFIER)
+                    .arg("--out")
+                    .arg(dir),
             );
         })
     })
