@@ -81,7 +81,9 @@ pub fn read_json_opt<T: serde::de::DeserializeOwned>(path: &Path, what: &str) ->
 /// Refuses an output folder that holds anything but `own` entries (the names this command
 /// writes, `*` matching any run of characters; a `/`-suffixed name is a folder): a command
 /// never writes into another command's results, a checkpoint or its own inputs. A missing or
-/// empty folder is fine; one holding only the command's own earlier outputs is redone.
+/// empty folder is fine; one holding only the command's own earlier outputs is redone. A
+/// `<own>.tmp` file is the remnant of a write that a kill interrupted (see `write_atomic`): the
+/// next write of that name truncates it, so it counts as the command's own.
 pub fn check_output_dir(dir: &Path, own: &[&str], flag: &str) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -92,9 +94,14 @@ pub fn check_output_dir(dir: &Path, own: &[&str], flag: &str) -> Result<()> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let unfinished = name.strip_suffix(".tmp");
         let mine = own.iter().any(|pattern| match pattern.strip_suffix('/') {
             Some(folder) => is_dir && glob_match(folder, &name),
-            None => !is_dir && glob_match(pattern, &name),
+            None => {
+                !is_dir
+                    && (glob_match(pattern, &name)
+                        || unfinished.is_some_and(|base| glob_match(pattern, base)))
+            }
         });
         if !mine {
             anyhow::bail!(
@@ -161,6 +168,12 @@ mod output_dir_tests {
         let e = check_output_dir(tmp.path(), &own, "--out").unwrap_err();
         assert!(e.to_string().contains("sentinel.txt"), "{e}");
         std::fs::remove_file(tmp.path().join("sentinel.txt")).unwrap();
+        // What a kill during an atomic write leaves is the command's own; other .tmp files are not.
+        std::fs::write(tmp.path().join("results.json.tmp"), "{").unwrap();
+        assert!(check_output_dir(tmp.path(), &own, "--out").is_ok());
+        std::fs::write(tmp.path().join("notes.txt.tmp"), "x").unwrap();
+        assert!(check_output_dir(tmp.path(), &own, "--out").is_err());
+        std::fs::remove_file(tmp.path().join("notes.txt.tmp")).unwrap();
         std::fs::create_dir(tmp.path().join("grid-x.png")).unwrap();
         assert!(check_output_dir(tmp.path(), &own, "--out").is_err());
     }

@@ -10,9 +10,11 @@ use tch::Device;
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 static EOT_BATCH: AtomicUsize = AtomicUsize::new(DEFAULT_EOT_BATCH);
 
-/// Images in one stacked EOT pass unless `--eot-batch` says otherwise: 1,024 CIFAR images with
-/// their gradients take well under 1 GiB through the CPU classifier and purifier.
-pub const DEFAULT_EOT_BATCH: usize = 1024;
+/// Images in one stacked EOT pass unless `--eot-batch` says otherwise. Stacking saves the
+/// per-pass overhead of small batches, but a stack larger than the CPU's caches runs slower
+/// per image: APGD-EOT-20 through AirNet-32-64-128 ran 1.4 times faster with 256 CIFAR images
+/// per pass than with 512 and 2.3 times faster than with 1,024 (`docs/evaluation.md`).
+pub const DEFAULT_EOT_BATCH: usize = 256;
 
 /// At most this many images go through the model in one forward/backward when EOT draws of a
 /// batch are stacked (a batch of n runs max(1, eot_batch / n) draws per pass): the memory knob

@@ -358,51 +358,46 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         data: target.data.clone(),
         started,
     };
-    write_robust(&out, &evaluation, &provenance, global)?;
-    robust_grid(&target, &evaluation, &x_adv, &out.join("grid.png"))?;
-    Ok(())
+    let results = atop::report::robust::RobustResults {
+        provenance,
+        evaluation,
+    };
+    let written = atop::report::robust::write_results(&out, &results)?;
+    atop::report::robust::write_grid(
+        &results.evaluation,
+        &target.x,
+        &x_adv,
+        // The purifier behind the transform the model runs with (by default its own).
+        target.purifier.as_ref().map(|(p, sidecar)| {
+            (
+                p,
+                target
+                    .defence
+                    .transform
+                    .as_ref()
+                    .unwrap_or(&sidecar.transform),
+            )
+        }),
+        &out.join("grid.png"),
+    )?;
+    print_robust(&results, &written, global)
 }
 
-/// results.json (provenance + evaluation), as written by `eval robust` and read by `eval merge`.
-#[derive(Serialize, serde::Deserialize)]
-struct RobustResults {
-    provenance: atop::report::robust::Provenance,
-    #[serde(flatten)]
-    evaluation: atop::eval::robust::RobustEvaluation,
-}
-
-/// Writes results.json, records.csv, report.md and checks.png, and prints the summary.
-fn write_robust(
-    out: &std::path::Path,
-    evaluation: &atop::eval::robust::RobustEvaluation,
-    provenance: &atop::report::robust::Provenance,
+/// Prints the summary (or the whole results as JSON with --json).
+fn print_robust(
+    results: &atop::report::robust::RobustResults,
+    written: &std::path::Path,
     global: &Global,
 ) -> Result<()> {
-    use atop::report::robust::{csv, markdown};
-    let results = out.join("results.json");
-    let both = RobustResults {
-        provenance: provenance.clone(),
-        evaluation: evaluation.clone(),
-    };
-    atop::io::write_json(&results, &both)?;
-    let write_text = |name: &str, text: String| {
-        atop::io::write_atomic(&out.join(name), |w| {
-            use std::io::Write;
-            w.write_all(text.as_bytes())
-                .map_err(|e| anyhow::anyhow!("cannot write {name}: {e}"))
-        })
-    };
-    write_text("records.csv", csv(evaluation))?;
-    write_text("report.md", markdown(evaluation, provenance))?;
-    if let Some(img) = atop::report::robust::curves_png(evaluation) {
-        atop::report::grid::save_png(&img, &out.join("checks.png"))?;
-    }
     if global.json {
-        println!("{}", serde_json::to_string_pretty(&both)?);
+        println!("{}", serde_json::to_string_pretty(results)?);
         return Ok(());
     }
-    print!("{}", atop::report::robust::terminal(evaluation, provenance));
-    println!("wrote {} and the report beside it", results.display());
+    print!(
+        "{}",
+        atop::report::robust::terminal(&results.evaluation, &results.provenance)
+    );
+    println!("wrote {} and the report beside it", written.display());
     Ok(())
 }
 
@@ -414,26 +409,11 @@ fn merge(a: MergeArgs, global: &Global) -> Result<()> {
             a.out.display()
         );
     }
-    let mut parts = Vec::new();
-    let mut provenance = None;
-    for dir in &a.shards {
-        let path = dir.join("results.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {}: not a finished eval robust shard",
-                path.display()
-            )
-        })?;
-        let r: RobustResults = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not the results of atop eval robust", path.display()))?;
-        provenance.get_or_insert(r.provenance);
-        parts.push(r.evaluation);
-    }
-    let merged = atop::eval::robust::merge(parts)?;
-    let provenance = provenance.context("no shard given")?;
+    let merged = atop::report::robust::merge_results(&a.shards)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
-    write_robust(&a.out, &merged, &provenance, global)
+    let written = atop::report::robust::write_results(&a.out, &merged)?;
+    print_robust(&merged, &written, global)
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days; no date crate for one field).
@@ -457,50 +437,4 @@ fn utc_now() -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Rows: clean, adversarial (the strongest whole-model attack by single-draw accuracy), the
-/// transformed and purified images where a purifier is present, and the perturbation
-/// amplified to the full range; up to 8 points, those the attack broke first.
-fn robust_grid(
-    target: &super::attack::Target,
-    e: &atop::eval::robust::RobustEvaluation,
-    x_adv: &[tch::Tensor],
-    path: &std::path::Path,
-) -> Result<()> {
-    use atop::eval::robust::Target;
-    use tch::{Kind, Tensor};
-    let Some((ai, _)) = e
-        .attacks
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| a.target == Target::Whole)
-        .min_by(|a, b| a.1.scores.single.value.total_cmp(&b.1.scores.single.value))
-    else {
-        return Ok(());
-    };
-    let broken = |i: usize| {
-        let r = &e.records[i];
-        r.attacks[ai]
-            .preds
-            .iter()
-            .filter(|&&p| p != r.label)
-            .count()
-    };
-    let mut order: Vec<usize> = (0..e.n).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(broken(i)));
-    order.truncate(8);
-    let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
-    let clean = target.x.index_select(0, &pos).to_kind(Kind::Float);
-    let adv = x_adv[ai].index_select(0, &pos);
-    let amplified = atop::report::grid::amplified(&(&adv - &clean));
-    let mut rows = vec![("clean", clean), ("adversarial", adv.shallow_clone())];
-    if let (Some((p, _)), Some(t)) = (&target.purifier, &target.defence.transform) {
-        tch::manual_seed(e.config.seed as i64);
-        let pass = tch::no_grad(|| p.pass(&adv.to_device(p.device()), t));
-        rows.push(("transformed", pass.shown().to_device(tch::Device::Cpu)));
-        rows.push(("purified", pass.purified.to_device(tch::Device::Cpu)));
-    }
-    rows.push(("perturbation", amplified));
-    atop::report::grid::save_tensor_rows(&rows, path)
 }

@@ -2,7 +2,9 @@
 //! per-point records (CSV).
 
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::attacks::Norm;
@@ -307,4 +309,112 @@ pub fn curves_png(e: &RobustEvaluation) -> Option<image::RgbImage> {
         ));
     }
     Some(hconcat(&charts))
+}
+
+/// `results.json`: what `eval robust` writes and `eval merge` reads back.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RobustResults {
+    pub provenance: Provenance,
+    #[serde(flatten)]
+    pub evaluation: RobustEvaluation,
+}
+
+/// Writes `results.json`, `records.csv`, `report.md` and `checks.png` into `out`, each
+/// atomically; returns the path of `results.json`.
+pub fn write_results(out: &Path, results: &RobustResults) -> Result<PathBuf> {
+    let e = &results.evaluation;
+    let path = out.join("results.json");
+    crate::io::write_json(&path, results)?;
+    let write_text = |name: &str, text: String| {
+        crate::io::write_atomic(&out.join(name), |w| {
+            std::io::Write::write_all(w, text.as_bytes())
+                .with_context(|| format!("cannot write {name}"))
+        })
+    };
+    write_text("records.csv", csv(e))?;
+    write_text("report.md", markdown(e, &results.provenance))?;
+    if let Some(img) = curves_png(e) {
+        super::grid::save_png(&img, &out.join("checks.png"))?;
+    }
+    Ok(path)
+}
+
+/// Reads the `results.json` of a finished evaluation (or shard) in `dir`.
+pub fn read_results(dir: &Path) -> Result<RobustResults> {
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: not a finished eval robust shard",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not the results of atop eval robust", path.display()))
+}
+
+/// The shards' results as one evaluation, with the first shard's provenance.
+pub fn merge_results(dirs: &[PathBuf]) -> Result<RobustResults> {
+    let mut parts = Vec::new();
+    let mut provenance = None;
+    for dir in dirs {
+        let r = read_results(dir)?;
+        provenance.get_or_insert(r.provenance);
+        parts.push(r.evaluation);
+    }
+    let evaluation = crate::eval::robust::merge(parts)?;
+    Ok(RobustResults {
+        provenance: provenance.context("no shard given")?,
+        evaluation,
+    })
+}
+
+/// The image grid of an evaluation: rows clean, adversarial (from the strongest whole-model
+/// attack by single-draw accuracy), the transformed and purified images when `purify` is
+/// given, and the perturbation amplified to the full range; up to 8 points, those the attack
+/// broke on the most draws first. `x_clean` holds the evaluated points in record order and
+/// `x_adv` one such tensor per attack. Nothing is written without a whole-model attack.
+pub fn write_grid(
+    e: &RobustEvaluation,
+    x_clean: &tch::Tensor,
+    x_adv: &[tch::Tensor],
+    purify: Option<(
+        &crate::purifier::GanPurifier,
+        &crate::transforms::TransformConfig,
+    )>,
+    path: &Path,
+) -> Result<()> {
+    use tch::{Device, Kind, Tensor};
+    let Some((ai, _)) = e
+        .attacks
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.target == Target::Whole)
+        .min_by(|a, b| a.1.scores.single.value.total_cmp(&b.1.scores.single.value))
+    else {
+        return Ok(());
+    };
+    let broken = |i: usize| {
+        let r = &e.records[i];
+        r.attacks[ai]
+            .preds
+            .iter()
+            .filter(|&&p| p != r.label)
+            .count()
+    };
+    let mut order: Vec<usize> = (0..e.n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(broken(i)));
+    order.truncate(8);
+    let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let clean = x_clean.index_select(0, &pos).to_kind(Kind::Float);
+    let adv = x_adv[ai].index_select(0, &pos);
+    let amplified = super::grid::amplified(&(&adv - &clean));
+    let mut rows = vec![("clean", clean), ("adversarial", adv.shallow_clone())];
+    if let Some((p, t)) = purify {
+        tch::manual_seed(e.config.seed as i64);
+        let pass = tch::no_grad(|| p.pass(&adv.to_device(p.device()), t));
+        rows.push(("transformed", pass.shown().to_device(Device::Cpu)));
+        rows.push(("purified", pass.purified.to_device(Device::Cpu)));
+    }
+    rows.push(("perturbation", amplified));
+    super::grid::save_tensor_rows(&rows, path)
 }
