@@ -563,22 +563,16 @@ fn reference(attack: &str, data: &Path, extra: &[&str]) -> serde_json::Value {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference/attacks_reference.py");
     let ckpt = checkpoint::resolve(model_dir()).unwrap();
-    let out = Command::new(atop::runtime::venv_python())
-        .arg(script)
-        .arg("--model")
-        .arg(ckpt)
-        .arg("--data")
-        .arg(data)
-        .args(["--attack", attack])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    run_json(
+        Command::new(atop::runtime::venv_python())
+            .arg(script)
+            .arg("--model")
+            .arg(ckpt)
+            .arg("--data")
+            .arg(data)
+            .args(["--attack", attack])
+            .args(extra),
+    )
 }
 
 #[test]

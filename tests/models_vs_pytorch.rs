@@ -33,18 +33,13 @@ fn logits_match_pytorch_to_1e4_on_the_same_weights() {
         "resnet50-imagenet",
         "airnet-64-256-256",
     ];
-    let out = Command::new(venv_python())
-        .arg(&script)
-        .arg("--out")
-        .arg(tmp.path())
-        .arg("--arch")
-        .args(archs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        Command::new(venv_python())
+            .arg(&script)
+            .arg("--out")
+            .arg(tmp.path())
+            .arg("--arch")
+            .args(archs),
     );
     let (mean, std) = dataset_normalisation(DatasetKind::Cifar10);
     for arch in archs {

@@ -602,12 +602,7 @@ fn atop_cmd(out: &Path) -> Command {
 fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let out = atop_cmd(&a).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut atop_cmd(&a));
     let killed_at = kill_after_first_checkpoint(&mut atop_cmd(&b), &b);
     assert!(killed_at < 3, "the run finished before the kill");
     let json = run_json(

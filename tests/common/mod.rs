@@ -128,7 +128,7 @@ pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     out
 }
 
-/// Runs an `atop` command that must succeed (its stderr is shown if not) and parses its JSON stdout.
+/// Runs a command that must succeed (its stderr is shown if not) and parses its JSON stdout.
 pub fn run_json(cmd: &mut std::process::Command) -> serde_json::Value {
     serde_json::from_slice(&run_ok(cmd).stdout).unwrap()
 }
