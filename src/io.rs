@@ -65,17 +65,19 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, tch::Tensor)]) -> Resu
         .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
 }
 
-/// Reads `path` as JSON of type T if the file exists (None otherwise); `what` names the expected
-/// content in the error.
+/// Reads `path` as JSON of type T; `what` names the expected content in the errors.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {} (expected {what})", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not {what}", path.display()))
+}
+
+/// [`read_json`] if the file exists (None otherwise).
 pub fn read_json_opt<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Option<T>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .with_context(|| format!("{}: not {what}", path.display()))
+    read_json(path, what).map(Some)
 }
 
 /// Refuses an output folder that holds anything but `own` entries (the names this command

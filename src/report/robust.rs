@@ -341,15 +341,10 @@ pub fn write_results(out: &Path, results: &RobustResults) -> Result<PathBuf> {
 
 /// Reads the `results.json` of a finished evaluation (or shard) in `dir`.
 pub fn read_results(dir: &Path) -> Result<RobustResults> {
-    let path = dir.join("results.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {}: not a finished eval robust shard",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not the results of atop eval robust", path.display()))
+    crate::io::read_json(
+        &dir.join("results.json"),
+        "the results of a finished atop eval robust (or shard)",
+    )
 }
 
 /// The shards' results as one evaluation, with the first shard's provenance.

@@ -112,15 +112,10 @@ pub fn check_fresh(run: &Path, config_file: &str, resume: bool) -> Result<()> {
 
 /// The settings a run folder was started with (`config.json`), for `--resume`.
 pub fn saved_config<T: DeserializeOwned>(run: &Path, what: &str) -> Result<T> {
-    let path = run.join(CONFIG);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{}: cannot read the run's settings (is this a {what} training run folder?)",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a {what} training config", path.display()))
+    crate::io::read_json(
+        &run.join(CONFIG),
+        &format!("the settings of a training run ({what})"),
+    )
 }
 
 /// A named preset from `presets` (name, TOML text), parsed.
