@@ -1,7 +1,7 @@
 //! Where tensors live and how many threads compute: `--device` and `--threads`, parsed once.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -9,11 +9,12 @@ use tch::Device;
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 static EOT_BATCH: AtomicUsize = AtomicUsize::new(DEFAULT_EOT_BATCH);
+static ALLOCATOR_TUNED: AtomicBool = AtomicBool::new(false);
 
 /// Images in one stacked EOT pass unless `--eot-batch` says otherwise. Stacking saves the
-/// per-pass overhead of small batches, but a stack larger than the CPU's caches runs slower
-/// per image: APGD-EOT-20 through AirNet-32-64-128 ran 1.4 times faster with 256 CIFAR images
-/// per pass than with 512 and 2.3 times faster than with 1,024 (`docs/evaluation.md`).
+/// per-pass overhead of small batches, but a large stack runs slower per image: APGD-EOT-20
+/// through AirNet-32-64-128 ran level at 128 and 256 CIFAR images per pass and a quarter
+/// slower at 1,024 (`docs/evaluation.md`).
 pub const DEFAULT_EOT_BATCH: usize = 256;
 
 /// At most this many images go through the model in one forward/backward when EOT draws of a
@@ -44,6 +45,27 @@ pub fn init_threads(requested: Option<usize>) -> usize {
     let n = threads();
     tch::set_num_threads(n as i32);
     n
+}
+
+/// Keeps freed tensor memory in the process instead of handing it back to the kernel after
+/// every free. glibc's defaults return the top of the heap above 128 KiB and serve blocks above
+/// a moving threshold (at most 32 MiB) by fresh `mmap`s, so each attack or training step
+/// page-faults its activations in again: APGD-EOT-20 through AirNet-32-64-128 spent a quarter
+/// of its time in the kernel and ran 1.25x faster with these settings (`docs/evaluation.md`).
+/// Left alone when `GLIBC_TUNABLES` sets malloc options (the user's choice wins); returns
+/// whether it applied (also in [`engine_info`], so reports say which allocator ran).
+pub fn tune_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    let tuned = !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc."))
+        // SAFETY: mallopt only changes allocator parameters; called before the threads start.
+        && unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
+        };
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let tuned = false;
+    ALLOCATOR_TUNED.store(tuned, Ordering::Relaxed);
+    tuned
 }
 
 /// Arithmetic used for the forward pass: plain f32, or bf16 autocast (weights stay f32; matmuls
@@ -188,6 +210,8 @@ pub struct EngineInfo {
     pub cuda_devices: i64,
     pub cudnn_available: bool,
     pub threads: usize,
+    /// Whether [`tune_allocator`] set glibc's malloc thresholds in this process.
+    pub allocator_tuned: bool,
 }
 
 pub fn engine_info() -> EngineInfo {
@@ -199,6 +223,7 @@ pub fn engine_info() -> EngineInfo {
         cuda_devices: tch::Cuda::device_count(),
         cudnn_available: tch::Cuda::cudnn_is_available(),
         threads: threads(),
+        allocator_tuned: ALLOCATOR_TUNED.load(Ordering::Relaxed),
     }
 }
 

@@ -123,6 +123,10 @@ pub struct AttackBenchArgs {
     /// (torchattacks' PGD has no EOT).
     #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
     pub eot: usize,
+    /// Alternating rounds of atop and torchattacks timings; the medians are reported (the
+    /// machine's speed drifts, so one measurement of each side is not a comparison).
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 3)]
+    pub rounds: usize,
     /// Skip the torchattacks side.
     #[arg(long)]
     pub no_reference: bool,
@@ -190,6 +194,39 @@ fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Medians of side-by-side timings (rates: higher is faster).
+struct Alternated {
+    ours: f64,
+    theirs: Option<f64>,
+    /// The median of each round's ours / theirs.
+    ratio: Option<f64>,
+}
+
+/// Times atop, then the reference (when there is one), back to back in each of `rounds`
+/// rounds: the machine's speed drifts over minutes, so only pairs measured together compare.
+fn alternate(
+    rounds: usize,
+    ours: &mut dyn FnMut() -> Result<f64>,
+    mut theirs: Option<&mut dyn FnMut() -> Result<f64>>,
+) -> Result<Alternated> {
+    let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        let o = ours()?;
+        a.push(o);
+        if let Some(theirs) = theirs.as_mut() {
+            let t = theirs()?;
+            b.push(t);
+            ratios.push(o / t);
+        }
+    }
+    let reference = theirs.is_some();
+    Ok(Alternated {
+        ours: median(&a),
+        theirs: reference.then(|| median(&b)),
+        ratio: reference.then(|| median(&ratios)),
+    })
 }
 
 /// Seconds for `steps` calls of `f` after `warmup` untimed ones (CUDA synchronised).
@@ -316,19 +353,12 @@ fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
                 .as_f64()
                 .with_context(|| format!("no train_img_s from {}", script.display()))
         };
-        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.rounds.max(1) {
-            let a = atop_side();
-            ours.push(a);
-            if reference {
-                let t = pytorch_side()?;
-                theirs.push(t);
-                ratios.push(a / t);
-            }
-        }
-        let atop_img_s = median(&ours);
-        let pytorch_img_s = reference.then(|| median(&theirs));
-        let ratio = reference.then(|| median(&ratios));
+        let mut pytorch_side = pytorch_side;
+        let timing = alternate(
+            args.rounds,
+            &mut || Ok(atop_side()),
+            reference.then_some(&mut pytorch_side as &mut dyn FnMut() -> Result<f64>),
+        )?;
         // One whole-model attack step: the input gradient of the classifier's loss through
         // the defended model, at a small batch.
         let attack_s_per_img = if args.attack_batch > 0 && args.attack_steps > 0 {
@@ -361,9 +391,9 @@ fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
             size: s,
             work_size: work,
             parameters: p.generator_parameters(),
-            atop_img_s,
-            pytorch_img_s,
-            ratio,
+            atop_img_s: timing.ours,
+            pytorch_img_s: timing.theirs,
+            ratio: timing.ratio,
             rounds: args.rounds.max(1),
             attack_s_per_img,
             attack_batch: args.attack_batch,
@@ -534,25 +564,23 @@ fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
                 .as_f64()
                 .with_context(|| format!("no steps_s from {}", script.display()))
         };
-        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.rounds.max(1) {
-            let mut failed = None;
-            let secs = timed(device, args.warmup, args.steps, &mut || {
-                if let Err(e) = tuner.step(&x, &y, epoch, (lr, lr)) {
-                    failed.get_or_insert(e);
+        let mut pytorch_side = pytorch_side;
+        let timing = alternate(
+            args.rounds,
+            &mut || {
+                let mut failed = None;
+                let secs = timed(device, args.warmup, args.steps, &mut || {
+                    if let Err(e) = tuner.step(&x, &y, epoch, (lr, lr)) {
+                        failed.get_or_insert(e);
+                    }
+                });
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(args.steps as f64 / secs),
                 }
-            });
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            let a = args.steps as f64 / secs;
-            ours.push(a);
-            if reference {
-                let t = pytorch_side()?;
-                theirs.push(t);
-                ratios.push(a / t);
-            }
-        }
+            },
+            reference.then_some(&mut pytorch_side as &mut dyn FnMut() -> Result<f64>),
+        )?;
         rows.push(AtopRow {
             preset: name.clone(),
             purifier: pcfg.describe(),
@@ -560,9 +588,9 @@ fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
             adversary: cfg.adversary.describe(),
             precision: format!("{precision:?}").to_lowercase(),
             batch: cfg.batch_size,
-            atop_steps_s: median(&ours),
-            pytorch_steps_s: reference.then(|| median(&theirs)),
-            ratio: reference.then(|| median(&ratios)),
+            atop_steps_s: timing.ours,
+            pytorch_steps_s: timing.theirs,
+            ratio: timing.ratio,
             rounds: args.rounds.max(1),
         });
     }
@@ -828,7 +856,9 @@ struct AttackRow {
     threads: usize,
     atop_img_s: f64,
     torchattacks_img_s: Option<f64>,
+    /// The median over rounds of atop / torchattacks, each round timing both back to back.
     ratio: Option<f64>,
+    rounds: usize,
     /// Share of the points one draw of the model classifies correctly (torchattacks' APGD
     /// attacks only those; atop attacks all).
     first_draw_correct: Option<f64>,
@@ -925,33 +955,38 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
             s.step_size = Some(2.0 / 255.0);
             s.eot = args.eot;
             let a = s.build(attack)?;
-            let t = Instant::now();
-            for b in 0..args.batches as i64 {
-                let len = args.batch as i64;
-                let xb = x.narrow(0, b * len, len).to_device(global.device);
-                let yb = y.narrow(0, b * len, len).to_device(global.device);
-                let _ = a.run(&defended, &xb, &yb, 0)?;
-            }
-            if let tch::Device::Cuda(i) = global.device {
-                tch::Cuda::synchronize(i as i64);
-            }
-            let ours = n as f64 / t.elapsed().as_secs_f64();
-            let theirs = if args.no_reference || global.device != tch::Device::Cpu {
-                None
-            } else {
-                Some(torchattacks_timing(
+            let mut ours = || -> Result<f64> {
+                let t = Instant::now();
+                for b in 0..args.batches as i64 {
+                    let len = args.batch as i64;
+                    let xb = x.narrow(0, b * len, len).to_device(global.device);
+                    let yb = y.narrow(0, b * len, len).to_device(global.device);
+                    let _ = a.run(&defended, &xb, &yb, 0)?;
+                }
+                if let tch::Device::Cuda(i) = global.device {
+                    tch::Cuda::synchronize(i as i64);
+                }
+                Ok(n as f64 / t.elapsed().as_secs_f64())
+            };
+            let reference = !args.no_reference && global.device == tch::Device::Cpu;
+            let mut first_draw_correct = None;
+            let mut theirs = || -> Result<f64> {
+                let (img_s, first) = torchattacks_timing(
                     &ckpt,
                     &data,
                     attack,
                     steps,
                     (args.batch, threads),
                     (args.noise, args.eot),
-                )?)
+                )?;
+                first_draw_correct = first;
+                Ok(img_s)
             };
-            let (theirs, first_draw_correct) = match theirs {
-                Some((t, f)) => (Some(t), f),
-                None => (None, None),
-            };
+            let timing = alternate(
+                args.rounds,
+                &mut ours,
+                reference.then_some(&mut theirs as &mut dyn FnMut() -> Result<f64>),
+            )?;
             rows.push(AttackRow {
                 arch: name.clone(),
                 attack: match (args.noise, args.eot) {
@@ -963,9 +998,10 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
                 },
                 images: n as usize,
                 threads,
-                atop_img_s: ours,
-                torchattacks_img_s: theirs,
-                ratio: theirs.map(|t| ours / t),
+                atop_img_s: timing.ours,
+                torchattacks_img_s: timing.theirs,
+                ratio: timing.ratio,
+                rounds: args.rounds,
                 first_draw_correct,
             });
         }
@@ -975,8 +1011,8 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
         return Ok(());
     }
     println!(
-        "device {:?}, threads {threads}, linf eps 8/255, f32",
-        global.device
+        "device {:?}, threads {threads}, linf eps 8/255, f32, medians of {} alternating rounds",
+        global.device, args.rounds
     );
     println!(
         "{:<20} {:<32} {:>7} {:>12} {:>14} {:>7}",

@@ -96,6 +96,7 @@ pub fn run(args: Args) -> Result<()> {
             8 * cores
         );
     }
+    runtime::tune_allocator();
     runtime::init_threads(args.threads);
     // Bounded like a batch: a huge value would stack every EOT draw of a batch at once.
     if let Err(e) = batch(&args.eot_batch.to_string()) {
@@ -138,6 +139,14 @@ fn info(global: &Global) -> Result<()> {
         );
         println!("device: {:?}", global.device);
         println!("threads: {}", info.threads);
+        println!(
+            "allocator: {}",
+            if info.allocator_tuned {
+                "glibc malloc, memory kept for reuse (mmap threshold 32 MiB, trim threshold 1 GiB)"
+            } else {
+                "defaults (GLIBC_TUNABLES sets malloc options, or not glibc)"
+            }
+        );
     }
     Ok(())
 }
