@@ -45,14 +45,24 @@ pub struct Evaluation {
     pub logits: Tensor,
 }
 
-/// How `eot` draws of a batch of `n` images are split into passes: all in one stacked
-/// forward/backward when the model draws its randomness per image and the stack fits
+/// How `eot` draws of a batch of `n` images (NCHW `shape`) are split into passes: all in one
+/// stacked forward/backward when the model draws its randomness per image and the stack fits
 /// [`runtime::eot_batch`](crate::runtime::eot_batch), else in chunks, or one draw per pass for
-/// a model whose draw is shared by the batch. The sizes sum to `eot` (at least 1).
-pub fn eot_passes(model: &dyn Model, n: usize, eot: usize) -> Vec<usize> {
+/// a model whose draw is shared by the batch. The sizes sum to `eot` (at least 1). The limit
+/// counts images at the input's size: a model working at a larger size inside (a purifier at
+/// 256 px behind 32 px images) counts each image that many times over in pixels.
+pub fn eot_passes(model: &dyn Model, shape: &[i64], eot: usize) -> Vec<usize> {
     let eot = eot.max(1);
+    let n = shape.first().map_or(1, |&n| n.max(1) as usize);
     let per_pass = if model.draws_per_sample() {
-        (crate::runtime::eot_batch() / n.max(1)).clamp(1, eot)
+        let pixels = match shape {
+            [.., h, w] if shape.len() >= 3 => (*h).max(1) as usize * (*w).max(1) as usize,
+            _ => 1,
+        };
+        let scale = model
+            .work_size()
+            .map_or(1, |s| (s * s).div_ceil(pixels).max(1));
+        (crate::runtime::eot_batch() / (n * scale)).clamp(1, eot)
     } else {
         1
     };
@@ -93,7 +103,7 @@ pub fn evaluate(
     let mut loss_sum: Option<Tensor> = None;
     let mut grad_sum: Option<Tensor> = None;
     let mut logit_sum: Option<Tensor> = None;
-    for copies in eot_passes(model, n as usize, eot) {
+    for copies in eot_passes(model, &x.size(), eot) {
         // The copies hang off one leaf, so its gradient is already their sum.
         let xg = x.detach().set_requires_grad(true);
         let logits = model.logits(&stacked(&xg, copies));
@@ -343,14 +353,45 @@ mod tests {
 
     #[test]
     fn eot_draws_are_stacked_up_to_the_pass_limit() {
-        let limit = crate::runtime::eot_batch();
+        let limit = crate::runtime::eot_batch() as i64;
         let m = tiny();
-        assert_eq!(eot_passes(&m, limit, 3), vec![1, 1, 1]);
-        assert_eq!(eot_passes(&m, limit / 4, 10), vec![4, 4, 2]);
-        assert_eq!(eot_passes(&m, 1, 1), vec![1]);
-        assert_eq!(eot_passes(&m, 2, 0), vec![1]);
+        assert_eq!(eot_passes(&m, &[limit, 3, 2, 2], 3), vec![1, 1, 1]);
+        assert_eq!(eot_passes(&m, &[limit / 4, 3, 2, 2], 10), vec![4, 4, 2]);
+        assert_eq!(eot_passes(&m, &[1, 3, 2, 2], 1), vec![1]);
+        assert_eq!(eot_passes(&m, &[2, 3, 2, 2], 0), vec![1]);
         let shared = Noisy(tiny(), 0.1, false);
-        assert_eq!(eot_passes(&shared, 2, 3), vec![1, 1, 1]);
+        assert_eq!(eot_passes(&shared, &[2, 3, 2, 2], 3), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn eot_stacks_count_images_at_the_models_working_size() {
+        use crate::models::pipeline::Stage;
+        use crate::transforms::{Resolution, TransformConfig, TransformKind, TransformStage};
+        let limit = crate::runtime::eot_batch() as i64;
+        let m = tiny();
+        let at = |work_size: Option<usize>| TransformStage {
+            transform: TransformConfig::with_kind(TransformKind::Noise),
+            resolution: Resolution {
+                work_size,
+                ..Resolution::default()
+            },
+        };
+        // Noise drawn at 8 px behind 2 px images: each image holds 16 times the pixels.
+        let wide = Pipeline {
+            stages: vec![Box::new(at(Some(8))) as Box<dyn Stage>],
+            model: &m,
+        };
+        assert_eq!(wide.work_size(), Some(8));
+        assert_eq!(eot_passes(&wide, &[limit / 64, 3, 2, 2], 10), vec![4, 4, 2]);
+        assert_eq!(eot_passes(&wide, &[limit / 16, 3, 2, 2], 3), vec![1, 1, 1]);
+        // At the images' own size (or smaller), nothing changes.
+        for work_size in [None, Some(2), Some(1)] {
+            let plain = Pipeline {
+                stages: vec![Box::new(at(work_size)) as Box<dyn Stage>],
+                model: &m,
+            };
+            assert_eq!(eot_passes(&plain, &[limit / 4, 3, 2, 2], 10), vec![4, 4, 2]);
+        }
     }
 
     #[test]
@@ -414,7 +455,10 @@ mod tests {
         };
         let (single, stacked) = (spread(1), spread(128));
         // All 128 draws of the 2 images in one pass (the default stack holds 256 images).
-        assert_eq!(eot_passes(&Noisy(tiny(), 0.3, true), 2, 128), vec![128]);
+        assert_eq!(
+            eot_passes(&Noisy(tiny(), 0.3, true), &[2, 3, 2, 2], 128),
+            vec![128]
+        );
         assert!(
             stacked < single / 5.0,
             "128 stacked draws spread {stacked}, one draw {single}: the copies are not independent"

@@ -58,7 +58,7 @@ impl Attack for SelectiveEot {
             let mut losses = Vec::new();
             let mut grads = Vec::new();
             let mut wrong = Tensor::zeros([n], (Kind::Float, x.device()));
-            for copies in grad::eot_passes(model, n as usize, k as usize) {
+            for copies in grad::eot_passes(model, &a.size(), k as usize) {
                 // Here each draw's own gradient is needed, so the stack itself is the leaf.
                 let xg = grad::stacked(&a.detach(), copies).set_requires_grad(with_grad);
                 let yc = grad::stacked(y, copies);

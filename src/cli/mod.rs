@@ -27,7 +27,9 @@ pub struct Args {
     #[arg(value_parser = crate::cli::positive, long, global = true, env = "ATOP_THREADS")]
     pub threads: Option<usize>,
     /// Images per stacked EOT pass: the EOT draws of a batch of n run max(1, this / n) at a
-    /// time in one forward/backward (lower it if a stacked pass runs out of memory).
+    /// time in one forward/backward (lower it if a stacked pass runs out of memory). Counted at
+    /// the input's size: behind a purifier or transform working at a larger size, each image
+    /// counts (work size / image size)^2 times.
     #[arg(long, global = true, env = "ATOP_EOT_BATCH", default_value_t = runtime::DEFAULT_EOT_BATCH)]
     pub eot_batch: usize,
     /// No progress bars or log lines; results only.

@@ -36,6 +36,12 @@ pub trait Model {
     fn draws_per_sample(&self) -> bool {
         false
     }
+    /// The side the model works at inside when it is larger than its input (a purifier at
+    /// 256 px behind 32 px images); `None`: the input's own size. EOT stacks fewer draws per
+    /// pass for it, since each image then holds (work / side)^2 times the activations.
+    fn work_size(&self) -> Option<usize> {
+        None
+    }
     /// A short description for reports.
     fn describe(&self) -> String;
 }

@@ -15,6 +15,10 @@ pub trait Stage {
     fn draws_per_sample(&self) -> bool {
         true
     }
+    /// As [`Model::work_size`].
+    fn work_size(&self) -> Option<usize> {
+        None
+    }
     fn describe(&self) -> String;
 }
 
@@ -27,6 +31,9 @@ impl<S: Stage + ?Sized> Stage for Box<S> {
     }
     fn draws_per_sample(&self) -> bool {
         (**self).draws_per_sample()
+    }
+    fn work_size(&self) -> Option<usize> {
+        (**self).work_size()
     }
     fn describe(&self) -> String {
         (**self).describe()
@@ -66,6 +73,9 @@ impl<S: Stage> Stage for Bpda<S> {
     }
     fn draws_per_sample(&self) -> bool {
         self.stage.draws_per_sample()
+    }
+    fn work_size(&self) -> Option<usize> {
+        self.stage.work_size()
     }
     fn describe(&self) -> String {
         format!("bpda({})", self.stage.describe())
@@ -113,6 +123,10 @@ impl Model for Pipeline<'_> {
     }
     fn draws_per_sample(&self) -> bool {
         self.model.draws_per_sample() && self.stages.iter().all(|s| s.draws_per_sample())
+    }
+    fn work_size(&self) -> Option<usize> {
+        let stages = self.stages.iter().filter_map(|s| s.work_size());
+        stages.chain(self.model.work_size()).max()
     }
     fn describe(&self) -> String {
         let mut parts: Vec<String> = self.stages.iter().map(|s| s.describe()).collect();

@@ -28,6 +28,9 @@ impl Stage for Purify<'_> {
     fn draws_per_sample(&self) -> bool {
         self.transform.draws_per_sample()
     }
+    fn work_size(&self) -> Option<usize> {
+        self.purifier.config.work_size
+    }
     fn describe(&self) -> String {
         format!(
             "{} -> {}",

@@ -162,6 +162,9 @@ impl Stage for TransformStage {
     fn draws_per_sample(&self) -> bool {
         self.transform.draws_per_sample()
     }
+    fn work_size(&self) -> Option<usize> {
+        self.resolution.work_size
+    }
     fn describe(&self) -> String {
         match self.resolution.work_size {
             Some(_) => format!(
