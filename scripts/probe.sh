@@ -511,14 +511,18 @@ probes_tampered_resume() {
     if [ "$kind" = attack ]; then want_refusal "$name" "$pat" 60 "$D" "${attack[@]}"
     else want_refusal "$name" "$pat" 60 "$D" "${robust[@]}"; fi
   }
-  local ab=batches/00-fgsm-000002.safetensors rb=batches/00-000002.safetensors
-  tamper attack-batch-truncated attack '00-fgsm-000002' "truncate -s 100 $ab"
-  tamper attack-batch-positions-out-of-range attack '00-fgsm-000002|positions' "py st-fill $ab positions 9999"
-  tamper attack-batch-positions-negative attack '00-fgsm-000002|positions' "py st-fill $ab positions -5"
-  tamper attack-batch-images-wrong-shape attack '00-fgsm-000002|shape' "py st-permute $ab"
-  tamper attack-batch-images-nan attack '00-fgsm-000002|finite|nan' "py st-fill $ab images nan"
-  tamper attack-batch-images-outside-budget attack '00-fgsm-000002|budget|eps|ball' "py st-fill $ab images 1.0"
-  tamper attack-batch-file-missing attack '00-fgsm-000002' "rm $ab"
+  # The attack's batches are named by their first queued point, and the queue holds only the
+  # points the classifier gets right, so the second FGSM batch's name depends on the model:
+  # it is looked up in the copied run (eval robust attacks every point: its names are fixed).
+  local ab='"$(ls batches/00-fgsm-*.safetensors | sed -n 2p)"' rb=batches/00-000002.safetensors
+  local an='00-fgsm-[0-9]{6}'
+  tamper attack-batch-truncated attack "$an" "truncate -s 100 $ab"
+  tamper attack-batch-positions-out-of-range attack "$an|positions" "py st-fill $ab positions 9999"
+  tamper attack-batch-positions-negative attack "$an|positions" "py st-fill $ab positions -5"
+  tamper attack-batch-images-wrong-shape attack "$an|shape" "py st-permute $ab"
+  tamper attack-batch-images-nan attack "$an|finite|nan" "py st-fill $ab images nan"
+  tamper attack-batch-images-outside-budget attack "$an|budget|eps|ball" "py st-fill $ab images 1.0"
+  tamper attack-batch-file-missing attack "$an" "rm $ab"
   tamper attack-state-truncated attack 'state.json' "truncate -s 50 state.json"
   tamper attack-state-wrong-types attack 'state.json' "py json-set state.json records '\"x\"'"
   tamper attack-state-partial-queue-out-of-range attack 'state.json|queue' \
