@@ -13,6 +13,32 @@ fn binary_runs_in_a_clean_environment_and_reports_torch() {
 }
 
 #[test]
+fn allocator_is_tuned_unless_the_user_sets_malloc_options() {
+    let json = run_json(atop().env_remove("GLIBC_TUNABLES").args(["info", "--json"]));
+    assert_eq!(json["allocator_tuned"], true);
+    // glibc's own default value: the user's setting wins, atop leaves the allocator alone.
+    let json = run_json(
+        atop()
+            .env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+            .args(["info", "--json"]),
+    );
+    assert_eq!(json["allocator_tuned"], false);
+}
+
+#[test]
+fn bench_rounds_are_bounded() {
+    for rounds in ["0", "101"] {
+        let out = atop()
+            .args(["bench", "attacks", "--no-reference", "--rounds", rounds])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--rounds"), "{err}");
+    }
+}
+
+#[test]
 fn threads_flag_is_applied() {
     let out = atop()
         .args(["--threads", "1", "--json", "info"])

@@ -48,7 +48,7 @@ pub struct AtopBenchArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Alternating rounds of atop and PyTorch timings; the medians are reported.
-    #[arg(value_parser = crate::cli::positive, long, default_value_t = 3)]
+    #[arg(value_parser = crate::cli::rounds, long, default_value_t = 3)]
     pub rounds: usize,
     /// The frozen classifier (randomly initialised; the CPU presets' classifier by default).
     #[arg(long, default_value = "airnet-32-64-128")]
@@ -83,7 +83,7 @@ pub struct PurifierBenchArgs {
     pub warmup: usize,
     /// Alternating rounds of atop and PyTorch timings; the medians are reported (the machine's
     /// speed drifts, so one measurement of each side is not a comparison).
-    #[arg(value_parser = crate::cli::positive, long, default_value_t = 3)]
+    #[arg(value_parser = crate::cli::rounds, long, default_value_t = 3)]
     pub rounds: usize,
     /// Images per whole-model attack step (0: skip the attack-step timing).
     #[arg(value_parser = crate::cli::batch, long, default_value_t = 4)]
@@ -125,7 +125,7 @@ pub struct AttackBenchArgs {
     pub eot: usize,
     /// Alternating rounds of atop and torchattacks timings; the medians are reported (the
     /// machine's speed drifts, so one measurement of each side is not a comparison).
-    #[arg(value_parser = crate::cli::positive, long, default_value_t = 3)]
+    #[arg(value_parser = crate::cli::rounds, long, default_value_t = 3)]
     pub rounds: usize,
     /// Skip the torchattacks side.
     #[arg(long)]

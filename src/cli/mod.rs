@@ -174,6 +174,15 @@ pub fn image_side(s: &str) -> Result<i64, String> {
     }
 }
 
+/// Parser of a benchmark's alternating rounds: 1 to 100 (a median sharpens little past that,
+/// and a typo in the millions would run for days).
+pub fn rounds(s: &str) -> Result<usize, String> {
+    match positive(s)? {
+        v if v <= 100 => Ok(v),
+        v => Err(format!("expected at most 100 rounds, got {v}")),
+    }
+}
+
 /// Parser of a batch size: 1 to 65,536 images (a larger batch does not fit any machine atop
 /// runs on, and a typo would only fail inside an allocation).
 pub fn batch(s: &str) -> Result<usize, String> {
