@@ -53,7 +53,7 @@ pub fn init_threads(requested: Option<usize>) -> usize {
 /// page-faults its activations in again: APGD-EOT-20 through AirNet-32-64-128 spent a quarter
 /// of its time in the kernel and ran 1.25x faster with these settings (`docs/evaluation.md`).
 /// Left alone when `GLIBC_TUNABLES` sets malloc options (the user's choice wins); returns
-/// whether it applied (also in [`engine_info`], so reports say which allocator ran).
+/// whether it applied (also in [`engine_info`], which `atop info` prints).
 pub fn tune_allocator() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     let tuned = !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc."))
