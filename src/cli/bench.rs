@@ -204,24 +204,24 @@ struct Alternated {
     ratio: Option<f64>,
 }
 
-/// Times atop, then the reference (when there is one), back to back in each of `rounds`
+/// Times atop, then (with `reference`) the reference, back to back in each of `rounds`
 /// rounds: the machine's speed drifts over minutes, so only pairs measured together compare.
 fn alternate(
     rounds: usize,
+    reference: bool,
     ours: &mut dyn FnMut() -> Result<f64>,
-    mut theirs: Option<&mut dyn FnMut() -> Result<f64>>,
+    theirs: &mut dyn FnMut() -> Result<f64>,
 ) -> Result<Alternated> {
     let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
         let o = ours()?;
         a.push(o);
-        if let Some(theirs) = theirs.as_mut() {
+        if reference {
             let t = theirs()?;
             b.push(t);
             ratios.push(o / t);
         }
     }
-    let reference = theirs.is_some();
     Ok(Alternated {
         ours: median(&a),
         theirs: reference.then(|| median(&b)),
@@ -325,7 +325,7 @@ fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
         };
         let work = cfg.work_size.map_or(s, |w| w as i64);
         let reference = !args.no_reference && device == tch::Device::Cpu;
-        let pytorch_side = || -> Result<f64> {
+        let mut pytorch_side = || -> Result<f64> {
             let (script, mut cmd) = reference_script("purifier.py");
             cmd.arg("bench")
                 .args(["--width", &cfg.width.to_string()])
@@ -353,11 +353,11 @@ fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
                 .as_f64()
                 .with_context(|| format!("no train_img_s from {}", script.display()))
         };
-        let mut pytorch_side = pytorch_side;
         let timing = alternate(
             args.rounds,
+            reference,
             &mut || Ok(atop_side()),
-            reference.then_some(&mut pytorch_side as &mut dyn FnMut() -> Result<f64>),
+            &mut pytorch_side,
         )?;
         // One whole-model attack step: the input gradient of the classifier's loss through
         // the defended model, at a small batch.
@@ -497,7 +497,7 @@ fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
         tuner.step(&x, &y, epoch, (lr, lr))?;
         let (steps, step_size, _) = cfg.adversary.schedule();
         let reference = !args.no_reference && device == tch::Device::Cpu;
-        let pytorch_side = || -> Result<f64> {
+        let mut pytorch_side = || -> Result<f64> {
             let (script, mut cmd) = reference_script("atop_step.py");
             let work = pcfg.work_size.map_or(side, |w| w as i64);
             cmd.args(["--width", &pcfg.width.to_string()])
@@ -564,9 +564,9 @@ fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
                 .as_f64()
                 .with_context(|| format!("no steps_s from {}", script.display()))
         };
-        let mut pytorch_side = pytorch_side;
         let timing = alternate(
             args.rounds,
+            reference,
             &mut || {
                 let mut failed = None;
                 let secs = timed(device, args.warmup, args.steps, &mut || {
@@ -579,7 +579,7 @@ fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
                     None => Ok(args.steps as f64 / secs),
                 }
             },
-            reference.then_some(&mut pytorch_side as &mut dyn FnMut() -> Result<f64>),
+            &mut pytorch_side,
         )?;
         rows.push(AtopRow {
             preset: name.clone(),
@@ -982,11 +982,7 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
                 first_draw_correct = first;
                 Ok(img_s)
             };
-            let timing = alternate(
-                args.rounds,
-                &mut ours,
-                reference.then_some(&mut theirs as &mut dyn FnMut() -> Result<f64>),
-            )?;
+            let timing = alternate(args.rounds, reference, &mut ours, &mut theirs)?;
             rows.push(AttackRow {
                 arch: name.clone(),
                 attack: match (args.noise, args.eot) {

@@ -174,20 +174,22 @@ pub fn image_side(s: &str) -> Result<i64, String> {
     }
 }
 
+/// A positive count of at most `max` (`what` names the unit in the error).
+fn at_most(s: &str, max: usize, what: &str) -> Result<usize, String> {
+    match positive(s)? {
+        v if v <= max => Ok(v),
+        v => Err(format!("expected at most {max} {what}, got {v}")),
+    }
+}
+
 /// Parser of a benchmark's alternating rounds: 1 to 100 (a median sharpens little past that,
 /// and a typo in the millions would run for days).
 pub fn rounds(s: &str) -> Result<usize, String> {
-    match positive(s)? {
-        v if v <= 100 => Ok(v),
-        v => Err(format!("expected at most 100 rounds, got {v}")),
-    }
+    at_most(s, 100, "rounds")
 }
 
 /// Parser of a batch size: 1 to 65,536 images (a larger batch does not fit any machine atop
 /// runs on, and a typo would only fail inside an allocation).
 pub fn batch(s: &str) -> Result<usize, String> {
-    match positive(s)? {
-        v if v <= 65_536 => Ok(v),
-        v => Err(format!("expected at most 65536 images per batch, got {v}")),
-    }
+    at_most(s, 65_536, "images per batch")
 }
