@@ -39,6 +39,24 @@ fn bench_rounds_are_bounded() {
 }
 
 #[test]
+fn adversary_fraction_is_a_share_of_the_batch() {
+    for share in ["0", "1.5", "half"] {
+        let out = atop()
+            .args(["train", "atop", "--preset", "atop-demo", "--out"])
+            .arg(std::env::temp_dir().join("atop-never-written"))
+            .args(["--adversary-fraction", share])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--adversary-fraction") && err.contains("(0, 1]"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn threads_flag_is_applied() {
     let out = atop()
         .args(["--threads", "1", "--json", "info"])

@@ -63,6 +63,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--step-size", type=float, default=0.0)
     p.add_argument("--eot", type=int, default=1)
+    p.add_argument("--fraction", type=float, default=1.0)
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--reconstruction", choices=["clean", "adversarial"], default="clean")
     p.add_argument("--gan-weight", type=float, default=1.0)
@@ -108,25 +109,29 @@ def main():
             purified = F.adaptive_avg_pool2d(purified, (a.size, a.size))
         return clean, x1, x2, mask, purified
 
+    # x' for the first k images of the batch, the rest clean (the trainer's adversary.fraction).
+    k = min(max(int(a.fraction * a.batch + 0.5), 1), a.batch)
+
     def adversarial():
+        xa, ya = x[:k], y[:k]
         if a.attack == "fgsm":
             steps, size, start = 1, a.eps, False
         else:
             steps, size, start = a.steps, a.step_size or 2.5 * a.eps / a.steps, True
         model = f if a.target == "classifier" else (lambda z: f(purify(z)[4]))
         eot = 1 if a.target == "classifier" else a.eot
-        adv = x.clone()
+        adv = xa.clone()
         if start:
-            adv = (x + (torch.rand_like(x) * 2 - 1) * a.eps).clamp(0, 1)
+            adv = (xa + (torch.rand_like(xa) * 2 - 1) * a.eps).clamp(0, 1)
         for _ in range(steps):
-            grad = torch.zeros_like(x)
+            grad = torch.zeros_like(xa)
             for _ in range(eot):
                 z = adv.detach().requires_grad_(True)
-                loss = F.cross_entropy(model(z), y, reduction="sum")
+                loss = F.cross_entropy(model(z), ya, reduction="sum")
                 grad += torch.autograd.grad(loss, z)[0]
             adv = adv + grad.sign() * size
-            adv = torch.min(torch.max(adv, x - a.eps), x + a.eps).clamp(0, 1).detach()
-        return adv
+            adv = torch.min(torch.max(adv, xa - a.eps), xa + a.eps).clamp(0, 1).detach()
+        return torch.cat([adv, x[k:]])
 
     def step():
         x_adv = adversarial()

@@ -531,6 +531,7 @@ fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
                 .args(["--steps", &steps.to_string()])
                 .args(["--step-size", &step_size.to_string()])
                 .args(["--eot", &cfg.adversary.eot.to_string()])
+                .args(["--fraction", &cfg.adversary.fraction.to_string()])
                 .args(["--lam", &cfg.lambda.to_string()])
                 .args([
                     "--reconstruction",

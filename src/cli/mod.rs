@@ -155,6 +155,14 @@ fn info(global: &Global) -> Result<()> {
 
 /// Parser of counts that must be at least 1 (sizes, steps, images, rounds, threads): 0 is
 /// refused at the command line, naming the flag, before any work.
+/// Parser of a share in (0, 1].
+pub fn share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("expected a number in (0, 1], got '{s}'")),
+    }
+}
+
 pub fn positive(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) => Err("expected at least 1, got 0".into()),

@@ -222,6 +222,9 @@ pub struct AdversaryArgs {
     /// EOT samples per step against the defended model.
     #[arg(value_parser = crate::cli::positive, long)]
     pub adversary_eot: Option<usize>,
+    /// Share of each batch made adversarial, in (0, 1]; the rest stays clean (default 1).
+    #[arg(long, value_parser = crate::cli::share)]
+    pub adversary_fraction: Option<f64>,
 }
 
 impl AdversaryArgs {
@@ -234,6 +237,7 @@ impl AdversaryArgs {
             adv.step_size = self.adversary_step_size;
         }
         set(&mut adv.eot, &self.adversary_eot);
+        set(&mut adv.fraction, &self.adversary_fraction);
     }
 }
 

@@ -91,6 +91,10 @@ pub struct AdversaryConfig {
     pub step_size: Option<f64>,
     /// Gradient samples averaged per step against the defended model.
     pub eot: usize,
+    /// Share of each batch made adversarial; the rest stays clean (mixed batches, as in
+    /// Goodfellow et al. 2015), so the generator keeps seeing the images it must not spoil.
+    /// 1 = every image is x' (Eq. 9).
+    pub fraction: f64,
 }
 
 impl Default for AdversaryConfig {
@@ -102,6 +106,7 @@ impl Default for AdversaryConfig {
             steps: 10,
             step_size: None,
             eot: 1,
+            fraction: 1.0,
         }
     }
 }
@@ -116,6 +121,12 @@ impl AdversaryConfig {
             bail!("adversary.eot = 0: expected at least 1 gradient sample per step");
         }
         crate::attacks::check_caps("adversary", self.steps, self.eot)?;
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            bail!(
+                "adversary.fraction = {}: expected a share of the batch in (0, 1]",
+                self.fraction
+            );
+        }
         if let Some(s) = self.step_size
             && !(s.is_finite() && s > 0.0)
         {
@@ -137,7 +148,25 @@ impl AdversaryConfig {
         }
     }
 
+    /// How many of `n` images a batch makes adversarial (at least one; the first ones of
+    /// the shuffled batch).
+    pub fn adversarial_count(&self, n: i64) -> i64 {
+        ((self.fraction * n as f64 + 0.5).floor() as i64).clamp(1, n.max(1))
+    }
+
     pub fn describe(&self) -> String {
+        let share = if self.fraction < 1.0 {
+            format!(
+                ", on {:.0} % of each batch (the rest clean)",
+                100.0 * self.fraction
+            )
+        } else {
+            String::new()
+        };
+        format!("{}{share}", self.describe_attack())
+    }
+
+    fn describe_attack(&self) -> String {
         let (steps, size, _) = self.schedule();
         let what = match self.attack {
             AdversaryKind::Fgsm => "FGSM".to_string(),
@@ -644,6 +673,17 @@ impl<'a> FineTuner<'a> {
         Ok(a.detach())
     }
 
+    /// The training batch: x' for the first `adversary.fraction` of the images, the rest clean.
+    pub fn mixed(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let n = x.size()[0];
+        let k = self.cfg.adversary.adversarial_count(n);
+        if k >= n {
+            return self.adversarial(x, y);
+        }
+        let adv = self.adversarial(&x.narrow(0, 0, k), &y.narrow(0, 0, k))?;
+        Ok(Tensor::cat(&[adv, x.narrow(0, k, n - k)], 0))
+    }
+
     /// One step of Algorithm 1 on clean images `x` with labels `y`: x' is made, D takes a hinge
     /// step, G a step on Eq. 9 (the CE term only from `ce_after_epochs` on). `lr_g`/`lr_d` are
     /// this step's learning rates. A step whose loss terms are not finite leaves G unchanged.
@@ -658,7 +698,7 @@ impl<'a> FineTuner<'a> {
         let device = x.device();
         self.opt_g.set_lr(lr.0);
         self.opt_d.set_lr(lr.1);
-        let x_adv = self.adversarial(x, y)?;
+        let x_adv = self.mixed(x, y)?;
         let p = &mut self.p;
         let transform = &self.transform;
         let pass = autocast(device, cfg.precision, || p.pass(&x_adv, transform));
@@ -978,22 +1018,10 @@ mod tests {
         v
     }
 
-    #[test]
-    fn the_classifier_stays_frozen_and_its_gradient_reaches_the_purifier() {
+    /// A small random classifier and generator, for steps in unit tests.
+    fn tiny_models() -> (Classifier, GanPurifier) {
         use crate::models::{Arch, ModelSpec, dataset_normalisation};
         use crate::purifier::PurifierConfig;
-        tch::manual_seed(7);
-        let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
-        // Only the CE term through f: if g changes, the gradient went through the classifier.
-        cfg.l1_weight = 0.0;
-        cfg.gan_weight = 0.0;
-        cfg.lambda = 1.0;
-        cfg.adversary = AdversaryConfig {
-            attack: AdversaryKind::Pgd,
-            target: AdversaryTarget::Defended,
-            steps: 2,
-            ..Default::default()
-        };
         let (mean, std) = dataset_normalisation(crate::data::DatasetKind::Cifar10);
         let arch: Arch = "wrn-10-1".parse().unwrap();
         let f = Classifier::new(ModelSpec::new(arch, 10, mean, std).unwrap(), Device::Cpu);
@@ -1008,6 +1036,56 @@ mod tests {
             Device::Cpu,
         )
         .unwrap();
+        (f, p)
+    }
+
+    #[test]
+    fn a_mixed_batch_attacks_its_share_and_keeps_the_rest_clean() {
+        tch::manual_seed(3);
+        let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
+        cfg.adversary = AdversaryConfig {
+            attack: AdversaryKind::Pgd,
+            target: AdversaryTarget::Defended,
+            steps: 1,
+            fraction: 0.3,
+            ..Default::default()
+        };
+        assert_eq!(cfg.adversary.adversarial_count(10), 3);
+        assert_eq!(cfg.adversary.adversarial_count(1), 1);
+        assert!(cfg.adversary.describe().contains("30 % of each batch"));
+        let (f, p) = tiny_models();
+        let tuner = FineTuner::new(&cfg, f, p, TransformConfig::default());
+        let x = Tensor::rand([10, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let y = Tensor::randint(10, [10], (Kind::Int64, Device::Cpu));
+        let mixed = tuner.mixed(&x, &y).unwrap();
+        assert_eq!(mixed.size(), x.size());
+        assert!(
+            mixed.narrow(0, 3, 7).equal(&x.narrow(0, 3, 7)),
+            "the clean share changed"
+        );
+        let d = (mixed.narrow(0, 0, 3) - x.narrow(0, 0, 3)).abs();
+        let per_image = d.amax([1, 2, 3], false);
+        for i in 0..3 {
+            let m = per_image.double_value(&[i]);
+            assert!(m > 0.0 && m <= cfg.adversary.eps + 1e-6, "image {i}: {m}");
+        }
+    }
+
+    #[test]
+    fn the_classifier_stays_frozen_and_its_gradient_reaches_the_purifier() {
+        tch::manual_seed(7);
+        let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
+        // Only the CE term through f: if g changes, the gradient went through the classifier.
+        cfg.l1_weight = 0.0;
+        cfg.gan_weight = 0.0;
+        cfg.lambda = 1.0;
+        cfg.adversary = AdversaryConfig {
+            attack: AdversaryKind::Pgd,
+            target: AdversaryTarget::Defended,
+            steps: 2,
+            ..Default::default()
+        };
+        let (f, p) = tiny_models();
         let (f0, g0) = (snapshot(&f.vs), snapshot(&p.g_vs));
         // Batch-norm statistics are variables too: a training-mode pass would move them.
         assert!(f0.iter().any(|(k, _)| k.contains("running_mean")));
@@ -1049,6 +1127,9 @@ mod tests {
         };
         assert!(err(&|c| c.lambda = -0.1).contains("lambda = -0.1"));
         assert!(err(&|c| c.adversary.eot = 0).contains("adversary.eot"));
+        for bad in [0.0, 1.5, f64::NAN] {
+            assert!(err(&|c| c.adversary.fraction = bad).contains("adversary.fraction"));
+        }
         assert!(
             err(&|c| {
                 c.adversary.attack = AdversaryKind::Pgd;
