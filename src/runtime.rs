@@ -201,6 +201,21 @@ pub fn venv_python() -> std::path::PathBuf {
     venv.join("bin/python")
 }
 
+/// The CPU's model name (Linux /proc/cpuinfo), else the architecture: every speed and every
+/// run time depends on it, so reports name it.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 /// What this build links and what it can see; `atop info` prints it.
 #[derive(Debug, Serialize)]
 pub struct EngineInfo {
@@ -211,6 +226,7 @@ pub struct EngineInfo {
     pub cuda_devices: i64,
     pub cudnn_available: bool,
     pub threads: usize,
+    pub cpu: String,
     /// Whether [`tune_allocator`] set glibc's malloc thresholds in this process.
     pub allocator_tuned: bool,
 }
@@ -224,6 +240,7 @@ pub fn engine_info() -> EngineInfo {
         cuda_devices: tch::Cuda::device_count(),
         cudnn_available: tch::Cuda::cudnn_is_available(),
         threads: threads(),
+        cpu: cpu_model(),
         allocator_tuned: ALLOCATOR_TUNED.load(Ordering::Relaxed),
     }
 }

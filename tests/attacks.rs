@@ -813,6 +813,16 @@ fn eval_robust_scores_a_random_defence_over_r_draws_resumes_after_a_kill_and_sha
     let report = std::fs::read_to_string(a.join("report.md")).unwrap();
     assert!(report.contains("transfer attack") && report.contains("worst of R"));
     assert!(a.join("grid.png").exists());
+    // The machine behind the timings is recorded, not assumed.
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("results.json")).unwrap()).unwrap();
+    let cpu = atop::runtime::cpu_model();
+    assert_eq!(results["provenance"]["cpu"], cpu.as_str());
+    assert_eq!(
+        results["provenance"]["allocator_tuned"],
+        std::env::var_os("GLIBC_TUNABLES").is_none()
+    );
+    assert!(report.contains(&cpu), "{report}");
 
     // Killed after a few batches, then resumed: the same records and scores.
     let mut child = robust_cmd(&b, NOISE_EVAL)

@@ -353,6 +353,8 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         torch_version: engine.torch_version.into(),
         device: format!("{:?}", global.device),
         threads: engine.threads,
+        cpu: engine.cpu,
+        allocator_tuned: engine.allocator_tuned,
         model: target.dir.display().to_string(),
         defence: atop::models::Model::describe(&pipeline),
         data: target.data.clone(),

@@ -141,6 +141,7 @@ fn info(global: &Global) -> Result<()> {
         );
         println!("device: {:?}", global.device);
         println!("threads: {}", info.threads);
+        println!("cpu: {}", info.cpu);
         println!(
             "allocator: {}",
             if info.allocator_tuned {

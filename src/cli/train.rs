@@ -159,6 +159,10 @@ pub struct AtopArgs {
     /// Weight of CE(y, f(g(t(x')))) (paper: 0.1).
     #[arg(long)]
     pub lambda: Option<f64>,
+    /// Weight of KL(f(x) || f(g(t(x')))), the classifier's clean prediction as a soft target
+    /// (default 0: Eq. 9 as published).
+    #[arg(long)]
+    pub kl_weight: Option<f64>,
     /// What the generator reconstructs: clean (default) or adversarial.
     #[arg(long, value_enum)]
     pub reconstruction: Option<atop::train::atop::Reconstruction>,
@@ -419,6 +423,7 @@ fn atop_settings(a: &AtopArgs) -> Result<(TrainAtopConfig, PathBuf, bool)> {
     set(&mut cfg.epochs, &a.epochs);
     set(&mut cfg.batch_size, &a.batch_size);
     set(&mut cfg.lambda, &a.lambda);
+    set(&mut cfg.kl_weight, &a.kl_weight);
     set(&mut cfg.reconstruction, &a.reconstruction);
     set(&mut cfg.ce_after_epochs, &a.ce_after_epochs);
     set(&mut cfg.l1_weight, &a.l1_weight);

@@ -17,6 +17,12 @@ pub struct Provenance {
     pub torch_version: String,
     pub device: String,
     pub threads: usize,
+    /// The CPU's model name and whether atop tuned glibc's allocator: both move the timings.
+    /// (Absent from results written before 2026-12-03.)
+    #[serde(default)]
+    pub cpu: String,
+    #[serde(default)]
+    pub allocator_tuned: bool,
     /// The checkpoint and the defence in front of it.
     pub model: String,
     pub defence: String,
@@ -92,8 +98,23 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
     );
     let _ = writeln!(
         s,
-        "- atop {}, torch {}, {} with {} threads; started {}; {:.0} s\n",
-        p.atop_version, p.torch_version, p.device, p.threads, p.started, e.seconds
+        "- atop {}, torch {}, {} with {} threads on {} (allocator: {}); started {}; {:.0} s\n",
+        p.atop_version,
+        p.torch_version,
+        p.device,
+        p.threads,
+        if p.cpu.is_empty() {
+            "an unrecorded CPU"
+        } else {
+            &p.cpu
+        },
+        if p.allocator_tuned {
+            "memory kept for reuse"
+        } else {
+            "defaults"
+        },
+        p.started,
+        e.seconds
     );
     let _ = writeln!(s, "## Accuracy\n");
     let _ = writeln!(

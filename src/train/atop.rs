@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::adam::{Adam, AdamConfig};
 use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
-use super::purifier::{adversarial_terms, restore_state, save_state};
+use super::purifier::{adversarial_terms, kl_to_teacher, restore_state, save_state};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
 use crate::attacks::grad::{GradStats, evaluate as gradient};
@@ -240,6 +240,11 @@ pub struct TrainAtopConfig {
     /// Epochs of plain reconstruction on x' before the CE term starts (the authors: 2).
     #[serde(default)]
     pub ce_after_epochs: usize,
+    /// Weight of KL(f(x) || f(g(t(x')))), the frozen classifier's own prediction on the clean
+    /// image as a soft target (as TRADES keeps clean predictions); 0 (default) is Eq. 9 as
+    /// published. Starts with the CE term (`ce_after_epochs`).
+    #[serde(default)]
+    pub kl_weight: f64,
     /// Weight of each L1 term.
     #[serde(default = "one")]
     pub l1_weight: f64,
@@ -326,6 +331,7 @@ impl TrainAtopConfig {
         }
         for (name, w) in [
             ("lambda", self.lambda),
+            ("kl_weight", self.kl_weight),
             ("l1_weight", self.l1_weight),
             ("gan_weight", self.gan_weight),
         ] {
@@ -419,7 +425,16 @@ pub fn default_out(cfg: &TrainAtopConfig) -> PathBuf {
 
 crate::losses! {
     /// An AToP step.
-    pub struct AtopLosses { d_loss, g_gan, g_l1, g_ce, adv_acc }
+    pub struct AtopLosses {
+        d_loss,
+        g_gan,
+        g_l1,
+        g_ce,
+        /// Absent from runs written before the KL term existed.
+        #[serde(default)]
+        g_kl,
+        adv_acc,
+    }
 }
 
 /// Fine-tunes into `run`; with `resume`, continues from the run's latest checkpoint. Every
@@ -724,8 +739,19 @@ impl<'a> FineTuner<'a> {
             f.logits(&pass.purified.to_kind(Kind::Float))
         })
         .to_kind(Kind::Float);
-        let g_ce = if epoch >= cfg.ce_after_epochs && cfg.lambda > 0.0 {
+        let guided = epoch >= cfg.ce_after_epochs;
+        let g_ce = if guided && cfg.lambda > 0.0 {
             logits.cross_entropy_for_logits(y)
+        } else {
+            zero()
+        };
+        let g_kl = if guided && cfg.kl_weight > 0.0 {
+            let teacher = tch::no_grad(|| {
+                autocast(device, cfg.precision, || f.logits(x))
+                    .to_kind(Kind::Float)
+                    .log_softmax(-1, Kind::Float)
+            });
+            kl_to_teacher(&teacher, &logits)
         } else {
             zero()
         };
@@ -735,12 +761,16 @@ impl<'a> FineTuner<'a> {
             .to_kind(Kind::Float)
             .mean(Kind::Float)
             .double_value(&[]);
-        let g_loss = &g_gan * cfg.gan_weight + &g_l1 * cfg.l1_weight + &g_ce * cfg.lambda;
+        let g_loss = &g_gan * cfg.gan_weight
+            + &g_l1 * cfg.l1_weight
+            + &g_ce * cfg.lambda
+            + &g_kl * cfg.kl_weight;
         let losses = AtopLosses {
             d_loss: d_loss.double_value(&[]),
             g_gan: g_gan.double_value(&[]),
             g_l1: g_l1.double_value(&[]),
             g_ce: g_ce.double_value(&[]),
+            g_kl: g_kl.double_value(&[]),
             adv_acc,
         };
         if losses.terms().iter().all(|(_, v)| v.is_finite()) {
@@ -1116,6 +1146,48 @@ mod tests {
     }
 
     #[test]
+    fn the_kl_term_trains_g_toward_the_classifiers_clean_prediction() {
+        tch::manual_seed(11);
+        let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
+        cfg.l1_weight = 0.0;
+        cfg.gan_weight = 0.0;
+        cfg.lambda = 0.0;
+        cfg.adversary = AdversaryConfig {
+            attack: AdversaryKind::Fgsm,
+            target: AdversaryTarget::Classifier,
+            ..Default::default()
+        };
+        let x = Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+        let (f, p) = tiny_models();
+        let mut off = FineTuner::new(&cfg, f, p, TransformConfig::default());
+        let l = off.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
+        assert_eq!((l.g_kl, l.g_ce), (0.0, 0.0), "{l:?}");
+
+        cfg.kl_weight = 1.0;
+        // Before the guidance starts the term is off, as CE is.
+        let late_cfg = TrainAtopConfig {
+            ce_after_epochs: 1,
+            ..cfg.clone()
+        };
+        let (f, p) = tiny_models();
+        let mut late = FineTuner::new(&late_cfg, f, p, TransformConfig::default());
+        assert_eq!(late.step(&x, &y, 0, (1e-2, 1e-2)).unwrap().g_kl, 0.0);
+        let (f, p) = tiny_models();
+        let g0 = snapshot(&p.g_vs);
+        let mut on = FineTuner::new(&cfg, f, p, TransformConfig::default());
+        let l = on.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
+        // A purified image is not the clean one: the divergence is positive, and only it moves g.
+        assert!(l.g_kl > 0.0 && l.g_kl.is_finite(), "{l:?}");
+        let moved = g0
+            .iter()
+            .zip(snapshot(&on.p.g_vs).iter())
+            .filter(|((_, a), (_, b))| !a.equal(b))
+            .count();
+        assert!(moved > 0, "the KL gradient did not reach g");
+    }
+
+    #[test]
     fn bad_settings_name_the_field() {
         let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
         cfg.classifier = Some("c".into());
@@ -1126,6 +1198,7 @@ mod tests {
             c.validate().unwrap_err().to_string()
         };
         assert!(err(&|c| c.lambda = -0.1).contains("lambda = -0.1"));
+        assert!(err(&|c| c.kl_weight = f64::NAN).contains("kl_weight"));
         assert!(err(&|c| c.adversary.eot = 0).contains("adversary.eot"));
         for bad in [0.0, 1.5, f64::NAN] {
             assert!(err(&|c| c.adversary.fraction = bad).contains("adversary.fraction"));

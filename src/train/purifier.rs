@@ -624,13 +624,19 @@ fn guidance(
                 .to_kind(Kind::Float)
                 .log_softmax(-1, Kind::Float)
         });
-        (teacher.exp() * (&teacher - logits.log_softmax(-1, Kind::Float)))
-            .sum_dim_intlist(-1, false, Kind::Float)
-            .mean(Kind::Float)
+        kl_to_teacher(&teacher, &logits)
     } else {
         zero(device)
     };
     (ce, kl)
+}
+
+/// KL(teacher || student), mean over the batch: `teacher` as log-probabilities (no gradient),
+/// the student as logits (gradient flows).
+pub(crate) fn kl_to_teacher(teacher: &Tensor, logits: &Tensor) -> Tensor {
+    (teacher.exp() * (teacher - logits.log_softmax(-1, Kind::Float)))
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float)
 }
 
 const EVAL_BATCH: usize = 250;
