@@ -633,6 +633,7 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
             "g_gan",
             "g_l1",
             "g_ce",
+            "g_kl",
             "train_adv_acc",
             "clean_acc",
             "defended_clean_acc",

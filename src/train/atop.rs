@@ -368,12 +368,15 @@ impl TrainAtopConfig {
 pub struct AtopEpoch {
     pub epoch: usize,
     pub lr: f64,
-    /// Mean training terms: discriminator hinge loss, generator GAN, L1 and CE terms, and the
-    /// defended model's accuracy on the training x'.
+    /// Mean training terms: discriminator hinge loss, generator GAN, L1, CE and KL terms, and
+    /// the defended model's accuracy on the training x'.
     pub d_loss: f64,
     pub g_gan: f64,
     pub g_l1: f64,
     pub g_ce: f64,
+    /// Absent from runs written before the KL term existed.
+    #[serde(default)]
+    pub g_kl: f64,
     pub train_adv_acc: f64,
     /// On the evaluation subset: the classifier alone on clean images, the defended model on
     /// clean images, under the whole-model attack, and under the classifier-only transfer attack.
@@ -951,6 +954,7 @@ impl Task for AtopTask<'_> {
             g_gan: l.g_gan,
             g_l1: l.g_l1,
             g_ce: l.g_ce,
+            g_kl: l.g_kl,
             train_adv_acc: l.adv_acc,
             clean_acc: self.clean_acc,
             defended_clean_acc,
@@ -963,11 +967,12 @@ impl Task for AtopTask<'_> {
 
     fn describe(&self, m: &AtopEpoch) -> String {
         format!(
-            "D {:.3} G gan {:.3} L1 {:.3} CE {:.3} acc(x') {:.1}% | defended: clean {:.1}%, whole-model PGD {:.1}%, transfer {:.1}% (classifier alone {:.1}%) | {:.1} img/s, {:.0} s",
+            "D {:.3} G gan {:.3} L1 {:.3} CE {:.3} KL {:.3} acc(x') {:.1}% | defended: clean {:.1}%, whole-model PGD {:.1}%, transfer {:.1}% (classifier alone {:.1}%) | {:.1} img/s, {:.0} s",
             m.d_loss,
             m.g_gan,
             m.g_l1,
             m.g_ce,
+            m.g_kl,
             100.0 * m.train_adv_acc,
             100.0 * m.defended_clean_acc,
             100.0 * m.robust_acc,
