@@ -92,17 +92,10 @@ pub struct PurifierArgs {
     pub transform: Option<TransformKind>,
     #[command(flatten)]
     pub transform_settings: super::purifier::TransformArgs,
-    #[arg(value_parser = crate::cli::positive, long)]
-    pub epochs: Option<usize>,
-    #[arg(value_parser = crate::cli::batch, long)]
-    pub batch_size: Option<usize>,
-    /// Adam learning rate of both the generator and the discriminator.
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long)]
-    pub l1_weight: Option<f64>,
-    #[arg(long)]
-    pub gan_weight: Option<f64>,
+    #[command(flatten)]
+    pub run_loop: LoopArgs,
+    #[command(flatten)]
+    pub gan: GanArgs,
     /// Weight of the classifier's CE on purified images (needs --classifier).
     #[arg(long)]
     pub ce_weight: Option<f64>,
@@ -119,22 +112,8 @@ pub struct PurifierArgs {
     /// Data-dependent initialisation of the generator (default false: He init only).
     #[arg(long)]
     pub data_init: Option<bool>,
-    /// Learning-rate schedule of both optimizers (constant, cosine, one-cycle).
-    #[arg(long, value_enum)]
-    pub schedule: Option<Schedule>,
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    #[arg(value_parser = crate::cli::positive, long)]
-    pub train_subset: Option<usize>,
     #[arg(value_parser = crate::cli::positive, long)]
     pub eval_subset: Option<usize>,
-    /// Write a sample grid every this many steps.
-    #[arg(long)]
-    pub sample_every: Option<usize>,
-    #[arg(long, value_enum)]
-    pub precision: Option<atop::runtime::Precision>,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -152,10 +131,10 @@ pub struct AtopArgs {
     pub transform: Option<TransformKind>,
     #[command(flatten)]
     pub transform_settings: super::purifier::TransformArgs,
-    #[arg(value_parser = crate::cli::positive, long)]
-    pub epochs: Option<usize>,
-    #[arg(value_parser = crate::cli::batch, long)]
-    pub batch_size: Option<usize>,
+    #[command(flatten)]
+    pub run_loop: LoopArgs,
+    #[command(flatten)]
+    pub gan: GanArgs,
     /// Weight of CE(y, f(g(t(x')))) (paper: 0.1).
     #[arg(long)]
     pub lambda: Option<f64>,
@@ -169,17 +148,6 @@ pub struct AtopArgs {
     /// Epochs of plain reconstruction before the CE term starts (the authors: 2).
     #[arg(long)]
     pub ce_after_epochs: Option<usize>,
-    #[arg(long)]
-    pub l1_weight: Option<f64>,
-    #[arg(long)]
-    pub gan_weight: Option<f64>,
-    /// Adam learning rate of the generator and the discriminator.
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long, value_enum)]
-    pub schedule: Option<Schedule>,
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
     #[command(flatten)]
     pub adversary: AdversaryArgs,
     /// Per-epoch evaluation: seeded test images.
@@ -194,15 +162,85 @@ pub struct AtopArgs {
     /// Per-epoch evaluation: EOT samples of the whole-model attack.
     #[arg(value_parser = crate::cli::positive, long)]
     pub eval_eot: Option<usize>,
+}
+
+/// The settings every trainer has, declared once.
+#[derive(Debug, ClapArgs)]
+pub struct LoopArgs {
+    #[arg(value_parser = crate::cli::positive, long)]
+    pub epochs: Option<usize>,
+    #[arg(value_parser = crate::cli::batch, long)]
+    pub batch_size: Option<usize>,
+    /// Learning-rate schedule (constant, cosine, one-cycle).
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Train on this many seeded training images.
     #[arg(value_parser = crate::cli::positive, long)]
     pub train_subset: Option<usize>,
+    /// f32, or bf16 autocast (about 2x faster on CPUs with AVX512-BF16, and on recent GPUs).
+    #[arg(long, value_enum)]
+    pub precision: Option<atop::runtime::Precision>,
+}
+
+impl LoopArgs {
+    fn apply(
+        &self,
+        epochs: &mut usize,
+        batch_size: &mut usize,
+        schedule: &mut Schedule,
+        seed: &mut u64,
+        train_subset: &mut Option<usize>,
+        precision: &mut atop::runtime::Precision,
+    ) {
+        set(epochs, &self.epochs);
+        set(batch_size, &self.batch_size);
+        set(schedule, &self.schedule);
+        set(seed, &self.seed);
+        if self.train_subset.is_some() {
+            *train_subset = self.train_subset;
+        }
+        set(precision, &self.precision);
+    }
+}
+
+/// The settings of the two GAN trainers (purifier pre-training and AToP), declared once.
+#[derive(Debug, ClapArgs)]
+pub struct GanArgs {
+    /// Adam learning rate of both the generator and the discriminator.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub l1_weight: Option<f64>,
+    #[arg(long)]
+    pub gan_weight: Option<f64>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
     /// Write a sample grid every this many steps.
     #[arg(long)]
     pub sample_every: Option<usize>,
-    #[arg(long, value_enum)]
-    pub precision: Option<atop::runtime::Precision>,
+}
+
+/// A GAN trainer's fields that `GanArgs` sets.
+struct GanFields<'a> {
+    g_lr: &'a mut f64,
+    d_lr: &'a mut f64,
+    l1_weight: &'a mut f64,
+    gan_weight: &'a mut f64,
+    warmup_steps: &'a mut usize,
+    sample_every: &'a mut usize,
+}
+
+impl GanArgs {
+    fn apply(&self, f: GanFields) {
+        set(f.g_lr, &self.lr);
+        set(f.d_lr, &self.lr);
+        set(f.l1_weight, &self.l1_weight);
+        set(f.gan_weight, &self.gan_weight);
+        set(f.warmup_steps, &self.warmup_steps);
+        set(f.sample_every, &self.sample_every);
+    }
 }
 
 /// How x' is made in AToP fine-tuning (shared by `train atop` and `bench atop`).
@@ -254,10 +292,8 @@ pub struct ClassifierArgs {
     /// wrn-DEPTH-WIDTH, resnet18|34|50[-imagenet].
     #[arg(long)]
     pub arch: Option<Arch>,
-    #[arg(value_parser = crate::cli::positive, long)]
-    pub epochs: Option<usize>,
-    #[arg(value_parser = crate::cli::batch, long)]
-    pub batch_size: Option<usize>,
+    #[command(flatten)]
+    pub run_loop: LoopArgs,
     /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -270,16 +306,10 @@ pub struct ClassifierArgs {
     /// Also apply weight decay to BatchNorm and bias parameters.
     #[arg(long)]
     pub decay_bn_and_bias: Option<bool>,
-    #[arg(long, value_enum)]
-    pub schedule: Option<Schedule>,
     #[arg(long)]
     pub warmup_epochs: Option<f64>,
     #[arg(long)]
     pub label_smoothing: Option<f64>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    #[arg(value_parser = crate::cli::positive, long)]
-    pub train_subset: Option<usize>,
     #[arg(value_parser = crate::cli::positive, long)]
     pub test_subset: Option<usize>,
     #[arg(long)]
@@ -290,9 +320,6 @@ pub struct ClassifierArgs {
     /// Learning-rate multiplier for biases and BatchNorm parameters.
     #[arg(long)]
     pub bias_lr_scale: Option<f64>,
-    /// f32, or bf16 autocast (about 2x faster on CPUs with AVX512-BF16, and on recent GPUs).
-    #[arg(long, value_enum)]
-    pub precision: Option<atop::runtime::Precision>,
 }
 
 pub fn run(cmd: TrainCommand, global: &Global) -> Result<()> {
@@ -332,12 +359,22 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
     }
     set(&mut cfg.transform.kind, &a.transform);
     a.transform_settings.apply(&mut cfg.transform);
-    set(&mut cfg.epochs, &a.epochs);
-    set(&mut cfg.batch_size, &a.batch_size);
-    set(&mut cfg.generator_optimizer.lr, &a.lr);
-    set(&mut cfg.discriminator_optimizer.lr, &a.lr);
-    set(&mut cfg.l1_weight, &a.l1_weight);
-    set(&mut cfg.gan_weight, &a.gan_weight);
+    a.run_loop.apply(
+        &mut cfg.epochs,
+        &mut cfg.batch_size,
+        &mut cfg.schedule,
+        &mut cfg.seed,
+        &mut cfg.train_subset,
+        &mut cfg.precision,
+    );
+    a.gan.apply(GanFields {
+        g_lr: &mut cfg.generator_optimizer.lr,
+        d_lr: &mut cfg.discriminator_optimizer.lr,
+        l1_weight: &mut cfg.l1_weight,
+        gan_weight: &mut cfg.gan_weight,
+        warmup_steps: &mut cfg.warmup_steps,
+        sample_every: &mut cfg.sample_every,
+    });
     set(&mut cfg.ce_weight, &a.ce_weight);
     set(&mut cfg.kl_weight, &a.kl_weight);
     if a.classifier.is_some() {
@@ -345,15 +382,7 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
     }
     set(&mut cfg.ce_after_epochs, &a.ce_after_epochs);
     set(&mut cfg.data_init, &a.data_init);
-    set(&mut cfg.schedule, &a.schedule);
-    set(&mut cfg.warmup_steps, &a.warmup_steps);
-    set(&mut cfg.seed, &a.seed);
-    if a.train_subset.is_some() {
-        cfg.train_subset = a.train_subset;
-    }
     set(&mut cfg.eval_subset, &a.eval_subset);
-    set(&mut cfg.sample_every, &a.sample_every);
-    set(&mut cfg.precision, &a.precision);
     cfg.validate()?;
     let (run, resume) = a.run.folder(|| purifier::default_out(&cfg));
     Ok((cfg, run, resume))
@@ -420,29 +449,31 @@ fn atop_settings(a: &AtopArgs) -> Result<(TrainAtopConfig, PathBuf, bool)> {
         a.transform_settings.apply(&mut t);
         cfg.transform = Some(t);
     }
-    set(&mut cfg.epochs, &a.epochs);
-    set(&mut cfg.batch_size, &a.batch_size);
+    a.run_loop.apply(
+        &mut cfg.epochs,
+        &mut cfg.batch_size,
+        &mut cfg.schedule,
+        &mut cfg.seed,
+        &mut cfg.train_subset,
+        &mut cfg.precision,
+    );
+    a.gan.apply(GanFields {
+        g_lr: &mut cfg.generator_optimizer.lr,
+        d_lr: &mut cfg.discriminator_optimizer.lr,
+        l1_weight: &mut cfg.l1_weight,
+        gan_weight: &mut cfg.gan_weight,
+        warmup_steps: &mut cfg.warmup_steps,
+        sample_every: &mut cfg.sample_every,
+    });
     set(&mut cfg.lambda, &a.lambda);
     set(&mut cfg.kl_weight, &a.kl_weight);
     set(&mut cfg.reconstruction, &a.reconstruction);
     set(&mut cfg.ce_after_epochs, &a.ce_after_epochs);
-    set(&mut cfg.l1_weight, &a.l1_weight);
-    set(&mut cfg.gan_weight, &a.gan_weight);
-    set(&mut cfg.generator_optimizer.lr, &a.lr);
-    set(&mut cfg.discriminator_optimizer.lr, &a.lr);
-    set(&mut cfg.schedule, &a.schedule);
-    set(&mut cfg.warmup_steps, &a.warmup_steps);
     a.adversary.apply(&mut cfg.adversary);
     set(&mut cfg.eval.subset, &a.eval_subset);
     set(&mut cfg.eval.eps, &a.eval_eps);
     set(&mut cfg.eval.steps, &a.eval_steps);
     set(&mut cfg.eval.eot, &a.eval_eot);
-    set(&mut cfg.seed, &a.seed);
-    if a.train_subset.is_some() {
-        cfg.train_subset = a.train_subset;
-    }
-    set(&mut cfg.sample_every, &a.sample_every);
-    set(&mut cfg.precision, &a.precision);
     cfg.validate()?;
     let (run, resume) = a.run.folder(|| atop_train::default_out(&cfg));
     Ok((cfg, run, resume))
@@ -512,24 +543,24 @@ fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)
     };
     a.data.apply(&mut cfg.data);
     set(&mut cfg.arch, &a.arch);
-    set(&mut cfg.epochs, &a.epochs);
-    set(&mut cfg.batch_size, &a.batch_size);
+    a.run_loop.apply(
+        &mut cfg.epochs,
+        &mut cfg.batch_size,
+        &mut cfg.schedule,
+        &mut cfg.seed,
+        &mut cfg.train_subset,
+        &mut cfg.precision,
+    );
     set(&mut cfg.lr, &a.lr);
     set(&mut cfg.sgd.momentum, &a.momentum);
     set(&mut cfg.sgd.nesterov, &a.nesterov);
     set(&mut cfg.sgd.weight_decay, &a.weight_decay);
     set(&mut cfg.sgd.decay_bn_and_bias, &a.decay_bn_and_bias);
-    set(&mut cfg.schedule, &a.schedule);
     set(&mut cfg.warmup_epochs, &a.warmup_epochs);
     set(&mut cfg.label_smoothing, &a.label_smoothing);
-    set(&mut cfg.seed, &a.seed);
     set(&mut cfg.augment, &a.augment);
     set(&mut cfg.crop_pad, &a.crop_pad);
     set(&mut cfg.sgd.bias_lr_scale, &a.bias_lr_scale);
-    set(&mut cfg.precision, &a.precision);
-    if a.train_subset.is_some() {
-        cfg.train_subset = a.train_subset;
-    }
     if a.test_subset.is_some() {
         cfg.test_subset = a.test_subset;
     }
