@@ -184,25 +184,19 @@ pub struct LoopArgs {
     pub precision: Option<atop::runtime::Precision>,
 }
 
-impl LoopArgs {
-    fn apply(
-        &self,
-        epochs: &mut usize,
-        batch_size: &mut usize,
-        schedule: &mut Schedule,
-        seed: &mut u64,
-        train_subset: &mut Option<usize>,
-        precision: &mut atop::runtime::Precision,
-    ) {
-        set(epochs, &self.epochs);
-        set(batch_size, &self.batch_size);
-        set(schedule, &self.schedule);
-        set(seed, &self.seed);
-        if self.train_subset.is_some() {
-            *train_subset = self.train_subset;
+/// `LoopArgs` onto a trainer's config: the three configs name these fields alike.
+macro_rules! apply_loop_args {
+    ($a:expr, $cfg:expr) => {{
+        let (a, cfg) = (&$a, &mut $cfg);
+        set(&mut cfg.epochs, &a.epochs);
+        set(&mut cfg.batch_size, &a.batch_size);
+        set(&mut cfg.schedule, &a.schedule);
+        set(&mut cfg.seed, &a.seed);
+        if a.train_subset.is_some() {
+            cfg.train_subset = a.train_subset;
         }
-        set(precision, &self.precision);
-    }
+        set(&mut cfg.precision, &a.precision);
+    }};
 }
 
 /// The settings of the two GAN trainers (purifier pre-training and AToP), declared once.
@@ -222,25 +216,17 @@ pub struct GanArgs {
     pub sample_every: Option<usize>,
 }
 
-/// A GAN trainer's fields that `GanArgs` sets.
-struct GanFields<'a> {
-    g_lr: &'a mut f64,
-    d_lr: &'a mut f64,
-    l1_weight: &'a mut f64,
-    gan_weight: &'a mut f64,
-    warmup_steps: &'a mut usize,
-    sample_every: &'a mut usize,
-}
-
-impl GanArgs {
-    fn apply(&self, f: GanFields) {
-        set(f.g_lr, &self.lr);
-        set(f.d_lr, &self.lr);
-        set(f.l1_weight, &self.l1_weight);
-        set(f.gan_weight, &self.gan_weight);
-        set(f.warmup_steps, &self.warmup_steps);
-        set(f.sample_every, &self.sample_every);
-    }
+/// `GanArgs` onto the purifier's or the AToP config (they name these fields alike).
+macro_rules! apply_gan_args {
+    ($a:expr, $cfg:expr) => {{
+        let (a, cfg) = (&$a, &mut $cfg);
+        set(&mut cfg.generator_optimizer.lr, &a.lr);
+        set(&mut cfg.discriminator_optimizer.lr, &a.lr);
+        set(&mut cfg.l1_weight, &a.l1_weight);
+        set(&mut cfg.gan_weight, &a.gan_weight);
+        set(&mut cfg.warmup_steps, &a.warmup_steps);
+        set(&mut cfg.sample_every, &a.sample_every);
+    }};
 }
 
 /// How x' is made in AToP fine-tuning (shared by `train atop` and `bench atop`).
@@ -359,22 +345,8 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
     }
     set(&mut cfg.transform.kind, &a.transform);
     a.transform_settings.apply(&mut cfg.transform);
-    a.run_loop.apply(
-        &mut cfg.epochs,
-        &mut cfg.batch_size,
-        &mut cfg.schedule,
-        &mut cfg.seed,
-        &mut cfg.train_subset,
-        &mut cfg.precision,
-    );
-    a.gan.apply(GanFields {
-        g_lr: &mut cfg.generator_optimizer.lr,
-        d_lr: &mut cfg.discriminator_optimizer.lr,
-        l1_weight: &mut cfg.l1_weight,
-        gan_weight: &mut cfg.gan_weight,
-        warmup_steps: &mut cfg.warmup_steps,
-        sample_every: &mut cfg.sample_every,
-    });
+    apply_loop_args!(a.run_loop, cfg);
+    apply_gan_args!(a.gan, cfg);
     set(&mut cfg.ce_weight, &a.ce_weight);
     set(&mut cfg.kl_weight, &a.kl_weight);
     if a.classifier.is_some() {
@@ -449,22 +421,8 @@ fn atop_settings(a: &AtopArgs) -> Result<(TrainAtopConfig, PathBuf, bool)> {
         a.transform_settings.apply(&mut t);
         cfg.transform = Some(t);
     }
-    a.run_loop.apply(
-        &mut cfg.epochs,
-        &mut cfg.batch_size,
-        &mut cfg.schedule,
-        &mut cfg.seed,
-        &mut cfg.train_subset,
-        &mut cfg.precision,
-    );
-    a.gan.apply(GanFields {
-        g_lr: &mut cfg.generator_optimizer.lr,
-        d_lr: &mut cfg.discriminator_optimizer.lr,
-        l1_weight: &mut cfg.l1_weight,
-        gan_weight: &mut cfg.gan_weight,
-        warmup_steps: &mut cfg.warmup_steps,
-        sample_every: &mut cfg.sample_every,
-    });
+    apply_loop_args!(a.run_loop, cfg);
+    apply_gan_args!(a.gan, cfg);
     set(&mut cfg.lambda, &a.lambda);
     set(&mut cfg.kl_weight, &a.kl_weight);
     set(&mut cfg.reconstruction, &a.reconstruction);
@@ -543,14 +501,7 @@ fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)
     };
     a.data.apply(&mut cfg.data);
     set(&mut cfg.arch, &a.arch);
-    a.run_loop.apply(
-        &mut cfg.epochs,
-        &mut cfg.batch_size,
-        &mut cfg.schedule,
-        &mut cfg.seed,
-        &mut cfg.train_subset,
-        &mut cfg.precision,
-    );
+    apply_loop_args!(a.run_loop, cfg);
     set(&mut cfg.lr, &a.lr);
     set(&mut cfg.sgd.momentum, &a.momentum);
     set(&mut cfg.sgd.nesterov, &a.nesterov);

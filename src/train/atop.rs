@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::adam::{Adam, AdamConfig};
 use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
-use super::purifier::{adversarial_terms, kl_to_teacher, restore_state, save_state};
+use super::purifier::{adversarial_terms, kl_to_clean_prediction, restore_state, save_state};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
 use crate::attacks::grad::{GradStats, evaluate as gradient};
@@ -749,12 +749,7 @@ impl<'a> FineTuner<'a> {
             zero()
         };
         let g_kl = if guided && cfg.kl_weight > 0.0 {
-            let teacher = tch::no_grad(|| {
-                autocast(device, cfg.precision, || f.logits(x))
-                    .to_kind(Kind::Float)
-                    .log_softmax(-1, Kind::Float)
-            });
-            kl_to_teacher(&teacher, &logits)
+            kl_to_clean_prediction(f, x, &logits, cfg.precision)
         } else {
             zero()
         };

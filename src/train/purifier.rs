@@ -619,22 +619,28 @@ fn guidance(
         zero(device)
     };
     let kl = if cfg.kl_weight > 0.0 {
-        let teacher = tch::no_grad(|| {
-            autocast(device, cfg.precision, || f.logits(clean))
-                .to_kind(Kind::Float)
-                .log_softmax(-1, Kind::Float)
-        });
-        kl_to_teacher(&teacher, &logits)
+        kl_to_clean_prediction(f, clean, &logits, cfg.precision)
     } else {
         zero(device)
     };
     (ce, kl)
 }
 
-/// KL(teacher || student), mean over the batch: `teacher` as log-probabilities (no gradient),
-/// the student as logits (gradient flows).
-pub(crate) fn kl_to_teacher(teacher: &Tensor, logits: &Tensor) -> Tensor {
-    (teacher.exp() * (teacher - logits.log_softmax(-1, Kind::Float)))
+/// KL(f(clean) || softmax(logits)), mean over the batch: the frozen classifier's prediction on
+/// the clean images as the target (no gradient), `logits` (f on the purified images) as the
+/// student through which the gradient flows.
+pub(crate) fn kl_to_clean_prediction(
+    f: &Classifier,
+    clean: &Tensor,
+    logits: &Tensor,
+    precision: Precision,
+) -> Tensor {
+    let teacher = tch::no_grad(|| {
+        autocast(clean.device(), precision, || f.logits(clean))
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float)
+    });
+    (teacher.exp() * (&teacher - logits.log_softmax(-1, Kind::Float)))
         .sum_dim_intlist(-1, false, Kind::Float)
         .mean(Kind::Float)
 }
