@@ -1048,6 +1048,15 @@ mod tests {
         v
     }
 
+    /// How many of the variables in `before` (a [`snapshot`]) differ in `vs` now.
+    fn moved(before: &[(String, Tensor)], vs: &tch::nn::VarStore) -> usize {
+        before
+            .iter()
+            .zip(snapshot(vs).iter())
+            .filter(|((_, a), (_, b))| !a.equal(b))
+            .count()
+    }
+
     /// A small random classifier and generator, for steps in unit tests.
     fn tiny_models() -> (Classifier, GanPurifier) {
         use crate::models::{Arch, ModelSpec, dataset_normalisation};
@@ -1129,13 +1138,8 @@ mod tests {
         for ((k, a), (_, b)) in f0.iter().zip(snapshot(&tuner.f.vs).iter()) {
             assert!(a.equal(b), "classifier variable {k} changed");
         }
-        let moved = g0
-            .iter()
-            .zip(snapshot(&tuner.p.g_vs).iter())
-            .filter(|((_, a), (_, b))| !a.equal(b))
-            .count();
         assert!(
-            moved > 0,
+            moved(&g0, &tuner.p.g_vs) > 0,
             "no generator weight moved: the CE gradient did not reach g"
         );
         // x' stays within the budget and the image range.
@@ -1179,12 +1183,10 @@ mod tests {
         let l = on.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
         // A purified image is not the clean one: the divergence is positive, and only it moves g.
         assert!(l.g_kl > 0.0 && l.g_kl.is_finite(), "{l:?}");
-        let moved = g0
-            .iter()
-            .zip(snapshot(&on.p.g_vs).iter())
-            .filter(|((_, a), (_, b))| !a.equal(b))
-            .count();
-        assert!(moved > 0, "the KL gradient did not reach g");
+        assert!(
+            moved(&g0, &on.p.g_vs) > 0,
+            "the KL gradient did not reach g"
+        );
     }
 
     #[test]
