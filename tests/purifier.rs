@@ -647,21 +647,42 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
         assert!(e["robust_acc"].as_f64() <= e["defended_clean_acc"].as_f64());
     }
     assert!(a.join("curves.png").is_file() && a.join("samples/epoch-0003.png").is_file());
-    let sidecar: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(purifier::resolve(&a).unwrap().join(purifier::SIDECAR)).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(sidecar["fine_tuning"]["lambda"], 0.1);
-    // The fine-tuned purifier is a purifier like any other.
-    let r = run_json(
+    // The fine-tuned purifier is a purifier like any other: its description, and `atop purify`.
+    let sidecar = |run: &Path| -> serde_json::Value {
+        let dir = purifier::resolve(run).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join(purifier::SIDECAR)).unwrap())
+            .unwrap()
+    };
+    let purifies = |run: &Path, n: usize| {
+        let out = tmp.path().join(format!("purify-{n}"));
+        let r = run_json(
+            atop()
+                .env("ATOP_DATA_DIR", data_dir())
+                .args(["--json", "purify", "--n", &n.to_string(), "--purifier"])
+                .arg(run)
+                .arg("--out")
+                .arg(out),
+        );
+        assert_eq!(r["results"][0]["n"], n);
+    };
+    assert_eq!(sidecar(&a)["fine_tuning"]["lambda"], 0.1);
+    purifies(&a, 16);
+    // Fine-tuned at twice the width: the checkpoint describes the wider generator.
+    let wide = tmp.path().join("wide");
+    run_ok(
         atop()
             .env("ATOP_DATA_DIR", data_dir())
-            .args(["--json", "purify", "--n", "16", "--purifier"])
-            .arg(&a)
+            .args(["--quiet", "train", "atop", "--preset", "atop-demo"])
+            .args(["--train-subset", "64", "--widen", "16", "--classifier"])
+            .arg(classifier())
+            .arg("--purifier")
+            .arg(trained())
             .arg("--out")
-            .arg(tmp.path().join("purify")),
+            .arg(&wide),
     );
-    assert_eq!(r["results"][0]["n"], 16);
+    assert_eq!(sidecar(&wide)["purifier"]["width"], 16);
+    assert_eq!(sidecar(&wide)["fine_tuning"]["widen"], 16);
+    purifies(&wide, 8);
 
     // Bad input, refused before any step and without a run folder left behind.
     let err = |extra: &[&str], purifier: &Path| {
@@ -683,6 +704,7 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
     };
     assert!(err(&["--lambda=-1"], trained()).contains("lambda = -1"));
     assert!(err(&["--adversary-eot", "0"], trained()).contains("adversary-eot"));
+    assert!(err(&["--widen", "4"], trained()).contains("widen = 4"));
     let ckpt = purifier::resolve(trained()).unwrap();
     let doctored = |name: &str, from: &str, to: &str| {
         let dir = tmp.path().join(name);

@@ -162,6 +162,10 @@ pub struct AtopArgs {
     /// Per-epoch evaluation: EOT samples of the whole-model attack.
     #[arg(value_parser = crate::cli::positive, long)]
     pub eval_eot: Option<usize>,
+    /// Fine-tune a wider generator (this width, a multiple of 4), starting from the
+    /// pre-trained one's function: its weights in the first channels, the rest at zero.
+    #[arg(value_parser = crate::cli::positive, long)]
+    pub widen: Option<usize>,
 }
 
 /// The settings every trainer has, declared once.
@@ -192,9 +196,7 @@ macro_rules! apply_loop_args {
         set(&mut cfg.batch_size, &a.batch_size);
         set(&mut cfg.schedule, &a.schedule);
         set(&mut cfg.seed, &a.seed);
-        if a.train_subset.is_some() {
-            cfg.train_subset = a.train_subset;
-        }
+        set_some(&mut cfg.train_subset, &a.train_subset);
         set(&mut cfg.precision, &a.precision);
     }};
 }
@@ -261,9 +263,7 @@ impl AdversaryArgs {
         set(&mut adv.target, &self.adversary_target);
         set(&mut adv.eps, &self.adversary_eps);
         set(&mut adv.steps, &self.adversary_steps);
-        if self.adversary_step_size.is_some() {
-            adv.step_size = self.adversary_step_size;
-        }
+        set_some(&mut adv.step_size, &self.adversary_step_size);
         set(&mut adv.eot, &self.adversary_eot);
         set(&mut adv.fraction, &self.adversary_fraction);
     }
@@ -322,6 +322,13 @@ fn set<T: Clone>(field: &mut T, value: &Option<T>) {
     }
 }
 
+/// For optional settings: given, it replaces the setting; absent, the setting stays.
+fn set_some<T: Clone>(field: &mut Option<T>, value: &Option<T>) {
+    if value.is_some() {
+        *field = value.clone();
+    }
+}
+
 fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, bool)> {
     let Some(mut cfg) = a.run.base(
         purifier::saved_config,
@@ -349,9 +356,7 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
     apply_gan_args!(a.gan, cfg);
     set(&mut cfg.ce_weight, &a.ce_weight);
     set(&mut cfg.kl_weight, &a.kl_weight);
-    if a.classifier.is_some() {
-        cfg.classifier = a.classifier.clone();
-    }
+    set_some(&mut cfg.classifier, &a.classifier);
     set(&mut cfg.ce_after_epochs, &a.ce_after_epochs);
     set(&mut cfg.data_init, &a.data_init);
     set(&mut cfg.eval_subset, &a.eval_subset);
@@ -402,12 +407,8 @@ fn atop_settings(a: &AtopArgs) -> Result<(TrainAtopConfig, PathBuf, bool)> {
     if a.run.resume.is_some() && (a.classifier.is_some() || a.purifier.is_some()) {
         bail!("a resumed run keeps its classifier and purifier: drop --classifier and --purifier");
     }
-    if a.classifier.is_some() {
-        cfg.classifier = a.classifier.clone();
-    }
-    if a.purifier.is_some() {
-        cfg.purifier = a.purifier.clone();
-    }
+    set_some(&mut cfg.classifier, &a.classifier);
+    set_some(&mut cfg.purifier, &a.purifier);
     if a.transform.is_some() || a.transform_settings.any() {
         // Over the run's transform, or the purifier's.
         let mut t = match (&cfg.transform, &cfg.purifier) {
@@ -432,6 +433,10 @@ fn atop_settings(a: &AtopArgs) -> Result<(TrainAtopConfig, PathBuf, bool)> {
     set(&mut cfg.eval.eps, &a.eval_eps);
     set(&mut cfg.eval.steps, &a.eval_steps);
     set(&mut cfg.eval.eot, &a.eval_eot);
+    if a.run.resume.is_some() && a.widen.is_some_and(|w| Some(w) != cfg.widen) {
+        bail!("a resumed run keeps its generator's width: drop --widen");
+    }
+    set_some(&mut cfg.widen, &a.widen);
     cfg.validate()?;
     let (run, resume) = a.run.folder(|| atop_train::default_out(&cfg));
     Ok((cfg, run, resume))
@@ -512,9 +517,7 @@ fn settings(a: &ClassifierArgs) -> Result<(TrainClassifierConfig, PathBuf, bool)
     set(&mut cfg.augment, &a.augment);
     set(&mut cfg.crop_pad, &a.crop_pad);
     set(&mut cfg.sgd.bias_lr_scale, &a.bias_lr_scale);
-    if a.test_subset.is_some() {
-        cfg.test_subset = a.test_subset;
-    }
+    set_some(&mut cfg.test_subset, &a.test_subset);
     cfg.validate()?;
     let (run, resume) = a.run.folder(|| classifier::default_out(&cfg));
     Ok((cfg, run, resume))

@@ -14,7 +14,7 @@
 use tch::Tensor;
 use tch::nn::{self, Module};
 
-use super::layers::{Act, GatedConv, contextual_attention, upsample2};
+use super::layers::{Act, GatedConv, contextual_attention, copy_block, offsets, upsample2};
 
 /// The generator's architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +97,12 @@ impl Builder<'_> {
         )
     }
 
+    /// A 3x3 gated conv whose input is the concatenation of `parts` channels.
+    fn joined(&self, p: &nn::Path, name: &str, parts: &[i64], cout: i64) -> GatedConv {
+        self.gated(p, name, parts.iter().sum(), cout, (3, 1, 1))
+            .joined(parts)
+    }
+
     /// Encoder down to the bottleneck: a 5x5 gated conv to c/2 channels (full resolution), then
     /// two pairs ending at c (half resolution) and 2c channels; the first layer of each pair
     /// has stride 2, except the second pair's with one stage. Hidden widths differ between the
@@ -125,14 +131,19 @@ impl Builder<'_> {
         };
         Decoder {
             layers: [
-                self.gated(p, "up1a", 2 * c + s1, c, (3, 1, 1)),
+                self.joined(p, "up1a", &parts(2 * c, s1), c),
                 self.gated(p, "up1b", c, c, (3, 1, 1)),
-                self.gated(p, "up2a", c + s2, c / 2, (3, 1, 1)),
+                self.joined(p, "up2a", &parts(c, s2), c / 2),
                 self.gated(p, "up2b", c / 2, c / 4, (3, 1, 1)),
             ],
             rgb: to_rgb(p / "to_rgb", c / 4),
         }
     }
+}
+
+/// The input parts of a layer that sees `a` channels, then `b` concatenated ones if any.
+fn parts(a: i64, b: i64) -> Vec<i64> {
+    if b > 0 { vec![a, b] } else { vec![a] }
 }
 
 #[derive(Debug)]
@@ -241,9 +252,9 @@ impl Generator {
             ];
             (before, after)
         });
-        let merged_in = if attention.is_some() { 4 * c } else { 2 * c };
+        let merged = parts(2 * c, if attention.is_some() { 2 * c } else { 0 });
         let merge = [
-            b.gated(&fp, "merge1", merged_in, 2 * c, (3, 1, 1)),
+            b.joined(&fp, "merge1", &merged, 2 * c),
             b.gated(&fp, "merge2", 2 * c, 2 * c, (3, 1, 1)),
         ];
         let fine_up = b.decoder(&fp);
@@ -260,6 +271,52 @@ impl Generator {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Every gated layer, in a fixed order (the same for every width of one layout).
+    fn gated_layers(&self) -> Vec<&GatedConv> {
+        let mut all: Vec<&GatedConv> = self.coarse.iter().collect();
+        all.extend(&self.coarse_up.layers);
+        all.extend(&self.dilated);
+        if let Some((before, after)) = &self.attention {
+            all.extend(before);
+            all.extend(after);
+        }
+        all.extend(&self.merge);
+        all.extend(&self.fine_up.layers);
+        all
+    }
+
+    /// Function-preserving widening (in the spirit of Net2Net, Chen et al. 2016): sets this
+    /// generator's weights so that it computes exactly what `narrow` computes, `narrow` being
+    /// the same layout at a smaller width. The extra channels start at zero and learn from the
+    /// next step on, so fine-tuning starts from the pre-trained function with more capacity.
+    /// (Except behind the attention branch's ReLU-gated layer, whose gradient at zero is zero:
+    /// its extra channels stay off.)
+    pub fn widen_from(&self, narrow: &Generator) -> Result<(), String> {
+        let (w, n) = (self.layout, narrow.layout);
+        if (Layout {
+            width: w.width,
+            ..n
+        }) != w
+            || w.width < n.width
+        {
+            return Err(format!(
+                "cannot widen a generator of layout {n:?} into one of layout {w:?}: only the width may grow"
+            ));
+        }
+        for (wide, small) in self.gated_layers().into_iter().zip(narrow.gated_layers()) {
+            wide.widen_from(small)?;
+        }
+        // The RGB convs read the last decoder layer's c/4 channels, the extra ones all zero.
+        for (wide, small) in [
+            (&self.coarse_up.rgb, &narrow.coarse_up.rgb),
+            (&self.fine_up.rgb, &narrow.fine_up.rgb),
+        ] {
+            let cols = offsets(&[n.width / 4], &[w.width / 4]);
+            tch::no_grad(|| copy_block(wide, small, &[(0, 0, 3)], &cols));
+        }
+        Ok(())
     }
 
     /// `image` in [-1,1] (N x 3 x H x W, any pixels in the hole), `mask` N x 1 x H x W with

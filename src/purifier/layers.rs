@@ -22,6 +22,9 @@ pub struct GatedConv {
     norm: Option<nn::GroupNorm>,
     out: i64,
     act: Act,
+    /// Channel counts of the tensors concatenated into the input (one part unless the layer
+    /// takes skip or branch features too), so that widening knows where each input sits.
+    parts: Vec<i64>,
 }
 
 /// Groups of the feature normalisation: up to 8, dividing the channels.
@@ -70,6 +73,89 @@ impl GatedConv {
             norm,
             out: cout,
             act,
+            parts: vec![cin],
+        }
+    }
+
+    /// The same layer, its input declared as the concatenation of `parts` channels (in order).
+    pub fn joined(mut self, parts: &[i64]) -> Self {
+        debug_assert_eq!(parts.iter().sum::<i64>(), self.parts.iter().sum::<i64>());
+        self.parts = parts.to_vec();
+        self
+    }
+
+    /// Makes this layer compute what `narrow` computes on the channels the two share, while
+    /// every channel this one has beyond `narrow`'s outputs exactly zero: `narrow`'s weights
+    /// go to the rows and columns of the channels they belong to, and the feature half of each
+    /// extra output channel gets zero weights and bias (ELU(0) = 0 whatever the gate says).
+    /// The extra gates and the weights reading extra inputs keep their random initialisation,
+    /// so the gradient reaches the zeroed features through them and the new channels learn.
+    pub fn widen_from(&self, narrow: &GatedConv) -> Result<(), String> {
+        if self.norm.is_some() || narrow.norm.is_some() {
+            return Err("group-normalised layers cannot be widened without changing their output (the groups change)".into());
+        }
+        if self.parts.len() != narrow.parts.len()
+            || self.parts.iter().zip(&narrow.parts).any(|(w, n)| w < n)
+            || self.out < narrow.out
+            || self.act != narrow.act
+        {
+            return Err(format!(
+                "a layer of {:?} -> {} channels cannot hold one of {:?} -> {}",
+                self.parts, self.out, narrow.parts, narrow.out
+            ));
+        }
+        // Output rows: the feature half, then the gate half, each at the start of its half.
+        let rows = [(0, 0, narrow.out), (narrow.out, self.out, narrow.out)];
+        tch::no_grad(|| {
+            copy_block(
+                &self.conv,
+                &narrow.conv,
+                &rows,
+                &offsets(&narrow.parts, &self.parts),
+            );
+            let extra = self.out - narrow.out;
+            if extra > 0 {
+                let _ = self.conv.ws.narrow(0, narrow.out, extra).fill_(0.0);
+                if let Some(b) = &self.conv.bs {
+                    let _ = b.narrow(0, narrow.out, extra).fill_(0.0);
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// (narrow offset, wide offset, length) of each input part.
+pub(crate) fn offsets(narrow: &[i64], wide: &[i64]) -> Vec<(i64, i64, i64)> {
+    let (mut a, mut b) = (0, 0);
+    narrow
+        .iter()
+        .zip(wide)
+        .map(|(&n, &w)| {
+            let o = (a, b, n);
+            (a, b) = (a + n, b + w);
+            o
+        })
+        .collect()
+}
+
+/// Copies `from`'s weights and biases into `to` at the given (from, to, length) row and column
+/// ranges.
+pub(crate) fn copy_block(
+    to: &nn::Conv2D,
+    from: &nn::Conv2D,
+    rows: &[(i64, i64, i64)],
+    cols: &[(i64, i64, i64)],
+) {
+    for &(fr, tr, nr) in rows {
+        for &(fc, tc, nc) in cols {
+            to.ws
+                .narrow(0, tr, nr)
+                .narrow(1, tc, nc)
+                .copy_(&from.ws.narrow(0, fr, nr).narrow(1, fc, nc));
+        }
+        if let (Some(t), Some(f)) = (&to.bs, &from.bs) {
+            t.narrow(0, tr, nr).copy_(&f.narrow(0, fr, nr));
         }
     }
 }

@@ -190,7 +190,7 @@ impl PurifierConfig {
 }
 
 /// Bounds that keep a typo from allocating the machine away.
-const MAX_WIDTH: usize = 1024;
+pub const MAX_WIDTH: usize = 1024;
 const MAX_WORK_SIZE: usize = 4096;
 
 /// The JSON sidecar of a purifier checkpoint.
@@ -284,6 +284,32 @@ impl GanPurifier {
 
     pub fn device(&self) -> Device {
         self.g_vs.device()
+    }
+
+    /// This purifier with its generator widened to `width` channels, computing the same
+    /// function ([`Generator::widen_from`]); the discriminator is copied as it is.
+    pub fn widened(&self, width: usize) -> Result<GanPurifier> {
+        if width < self.config.width {
+            bail!(
+                "widen = {width}: expected at least the purifier's width {}",
+                self.config.width
+            );
+        }
+        if self.config.group_norm {
+            bail!(
+                "widen = {width}: a purifier with group_norm cannot be widened without changing its output (its groups change)"
+            );
+        }
+        let config = PurifierConfig {
+            width,
+            ..self.config.clone()
+        };
+        let mut wide = GanPurifier::new(config, self.device())?;
+        wide.generator
+            .widen_from(&self.generator)
+            .map_err(|e| anyhow::anyhow!("widen = {width}: {e}"))?;
+        wide.d_vs.copy(&self.d_vs)?;
+        Ok(wide)
     }
 
     pub fn generator_parameters(&self) -> i64 {
@@ -668,6 +694,82 @@ mod tests {
             ((&a * &b).mean(Kind::Float) / (a.std(true) * b.std(true) + 1e-12)).double_value(&[])
         };
         assert!(corr(&res) > 0.9, "residual: {}", corr(&res));
+    }
+
+    #[test]
+    fn a_widened_generator_computes_the_same_function_and_its_new_channels_learn() {
+        tch::manual_seed(6);
+        let base = PurifierConfig {
+            width: 8,
+            disc_width: 4,
+            ..Default::default()
+        };
+        let layouts = [
+            // DeepFillv2's: attention (a second input part at the merge), two stages.
+            base.clone(),
+            // The CPU preset's: skips (second input parts in both decoders), no attention.
+            PurifierConfig {
+                attention: false,
+                skips: true,
+                ..base.clone()
+            },
+            PurifierConfig {
+                attention: false,
+                skips: true,
+                stages: 1,
+                residual: true,
+                ..base.clone()
+            },
+        ];
+        let x = Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let mask = TransformConfig::with_kind(TransformKind::Rt1)
+            .sample(&x)
+            .masks
+            .remove(0);
+        for cfg in layouts {
+            let narrow = GanPurifier::new(cfg.clone(), Device::Cpu).unwrap();
+            // Data-dependent init, so the output depends on the input (He init alone barely).
+            narrow.normalise(&x, &TransformConfig::default());
+            let wide = narrow.widened(16).unwrap();
+            assert_eq!(wide.config.width, 16);
+            assert!(wide.generator_parameters() > 3 * narrow.generator_parameters());
+            let (a1, a2) = tch::no_grad(|| narrow.generate(&x, &mask));
+            let (b1, b2) = tch::no_grad(|| wide.generate(&x, &mask));
+            assert!(a2.std(true).double_value(&[]) > 1e-3, "{}", cfg.describe());
+            for (a, b) in [(a1, b1), (a2, b2)] {
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d < 1e-5, "{}: outputs differ by {d}", cfg.describe());
+            }
+            let (d_narrow, d_wide) = tch::no_grad(|| {
+                (
+                    narrow.discriminator.forward_t(&x, &mask, false),
+                    wide.discriminator.forward_t(&x, &mask, false),
+                )
+            });
+            assert!(d_narrow.equal(&d_wide), "the discriminator was not copied");
+            // The extra channels start at exactly zero and get a gradient: they will learn.
+            let (_, x2) = wide.generate(&x, &mask);
+            x2.square().mean(Kind::Float).backward();
+            let vars = wide.g_vs.variables();
+            let conv1 = &vars["coarse.conv1.weight"];
+            let extra = conv1.narrow(0, 4, 4);
+            assert_eq!(extra.abs().sum(Kind::Float).double_value(&[]), 0.0);
+            let g = conv1.grad().narrow(0, 4, 4).abs().sum(Kind::Float);
+            assert!(g.double_value(&[]) > 0.0, "{}", cfg.describe());
+        }
+        let narrow = GanPurifier::new(base.clone(), Device::Cpu).unwrap();
+        let e = narrow.widened(4).err().unwrap().to_string();
+        assert!(e.contains("widen = 4") && e.contains("width 8"), "{e}");
+        let normed = GanPurifier::new(
+            PurifierConfig {
+                group_norm: true,
+                ..base
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        let e = normed.widened(16).err().unwrap().to_string();
+        assert!(e.contains("group_norm"), "{e}");
     }
 
     #[test]

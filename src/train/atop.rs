@@ -275,6 +275,12 @@ pub struct TrainAtopConfig {
     pub sample_every: usize,
     #[serde(default)]
     pub precision: Precision,
+    /// Fine-tune a wider generator than the pre-trained one: its weights copied into the first
+    /// channels of a generator of this width, the extra channels starting at zero, so the
+    /// pipeline computes the same function at step 0 with more capacity to learn the new task
+    /// (None: the purifier's own width).
+    #[serde(default)]
+    pub widen: Option<usize>,
 }
 
 fn default_lambda() -> f64 {
@@ -359,6 +365,14 @@ impl TrainAtopConfig {
             }
         }
         crate::attacks::check_caps("eval", e.steps, e.eot)?;
+        if let Some(w) = self.widen
+            && (w < 4 || !w.is_multiple_of(4) || w > purifier::MAX_WIDTH)
+        {
+            bail!(
+                "invalid setting widen = {w}: expected a generator width, a multiple of 4 up to {}",
+                purifier::MAX_WIDTH
+            );
+        }
         Ok(())
     }
 }
@@ -456,13 +470,19 @@ pub fn train(
     );
     let (f, f_sidecar) = checkpoint::load(&classifier_path, device)?;
     let pdir = purifier::resolve(&purifier_path)?;
-    let (p, p_sidecar) = purifier::load(&pdir, device)?;
+    let (p, mut p_sidecar) = purifier::load(&pdir, device)?;
     if p_sidecar.epoch.unwrap_or(0) == 0 {
         bail!(
             "{}: not a pre-trained purifier (its description records no training epoch): pre-train it with atop train purifier first",
             pdir.display()
         );
     }
+    // Widened before anything measures it; the checkpoints then describe the wider generator.
+    let p = match cfg.widen {
+        Some(w) => p.widened(w).with_context(|| pdir.display().to_string())?,
+        None => p,
+    };
+    p_sidecar.purifier = p.config.clone();
     let data = match &cfg.data {
         Some(d) => d.clone(),
         None => p_sidecar.data_config().with_context(|| {
@@ -1214,5 +1234,8 @@ mod tests {
         );
         assert!(err(&|c| c.eval.subset = 0).contains("eval.subset"));
         assert!(err(&|c| c.purifier = None).contains("no purifier"));
+        for bad in [0, 6, 4096] {
+            assert!(err(&|c| c.widen = Some(bad)).contains("widen"));
+        }
     }
 }
