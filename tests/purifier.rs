@@ -588,6 +588,9 @@ fn atop_cmd(out: &Path) -> Command {
             "defended",
             "--adversary-steps",
             "2",
+            // With a weight average: the resume must restore it as well as the live weights.
+            "--ema-decay",
+            "0.9",
             "--classifier",
         ])
         .arg(classifier())
@@ -619,10 +622,34 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
             .contains("whole defended model"),
         "{json}"
     );
-    for ((na, ta), (nb, tb)) in generator_weights(&a).iter().zip(&generator_weights(&b)) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na} differs after resuming");
+    // The exported (averaged) generator and the live one.
+    let live = |run: &Path| -> Vec<(String, Tensor)> {
+        let file = purifier::resolve(run)
+            .unwrap()
+            .join("generator-live.safetensors");
+        let mut w = sorted_tensors(&file);
+        let updates = w.iter().position(|(k, _)| k == "ema.updates").unwrap();
+        let (_, n) = w.remove(updates);
+        assert!(n.int64_value(&[0]) > 0, "no average update recorded");
+        w
+    };
+    for (wa, wb) in [
+        (generator_weights(&a), generator_weights(&b)),
+        (live(&a), live(&b)),
+    ] {
+        for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {
+            assert_eq!(na, nb);
+            assert!(ta.equal(tb), "{na} differs after resuming");
+        }
     }
+    assert_eq!(generator_weights(&a).len(), live(&a).len());
+    assert!(
+        generator_weights(&a)
+            .iter()
+            .zip(&live(&a))
+            .any(|((_, avg), (_, w))| !avg.equal(w)),
+        "the exported generator is the live one: no average"
+    );
     // Every epoch records every term and the three accuracies; plots, grids and the
     // fine-tuning provenance are written.
     let m: Vec<serde_json::Value> = runlog::read(&a).unwrap();
@@ -645,6 +672,10 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
             assert!(e[key].as_f64().unwrap().is_finite(), "{key} in {e}");
         }
         assert!(e["robust_acc"].as_f64() <= e["defended_clean_acc"].as_f64());
+        let live = &e["live"];
+        for key in ["defended_clean_acc", "robust_acc", "transfer_acc"] {
+            assert!(live[key].as_f64().unwrap().is_finite(), "live {key} in {e}");
+        }
     }
     assert!(a.join("curves.png").is_file() && a.join("samples/epoch-0003.png").is_file());
     // The fine-tuned purifier is a purifier like any other: its description, and `atop purify`.
@@ -666,6 +697,7 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
         assert_eq!(r["results"][0]["n"], n);
     };
     assert_eq!(sidecar(&a)["fine_tuning"]["lambda"], 0.1);
+    assert_eq!(sidecar(&a)["fine_tuning"]["ema_decay"], 0.9);
     purifies(&a, 16);
     // Fine-tuned at twice the width: the checkpoint describes the wider generator.
     let wide = tmp.path().join("wide");

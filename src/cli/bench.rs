@@ -488,7 +488,7 @@ fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
         let spec = atop::models::ModelSpec::new(args.classifier_arch, 10, mean, std)?;
         let f = atop::models::Classifier::new(spec, device);
         let p = GanPurifier::new(pcfg.clone(), device)?;
-        let mut tuner = FineTuner::new(&cfg, f, p, transform.clone());
+        let mut tuner = FineTuner::new(&cfg, f, p, transform.clone())?;
         let x = Tensor::rand([n, 3, side, side], (Kind::Float, device));
         let y = Tensor::randint(10, [n], (Kind::Int64, device));
         let lr = cfg.generator_optimizer.lr;

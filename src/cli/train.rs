@@ -166,6 +166,10 @@ pub struct AtopArgs {
     /// pre-trained one's function: its weights in the first channels, the rest at zero.
     #[arg(value_parser = crate::cli::positive, long)]
     pub widen: Option<usize>,
+    /// Keep an exponential moving average of the generator's weights with this decay (e.g.
+    /// 0.999) and export it; 0 (default): none.
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
 }
 
 /// The settings every trainer has, declared once.
@@ -437,6 +441,10 @@ fn atop_settings(a: &AtopArgs) -> Result<(TrainAtopConfig, PathBuf, bool)> {
         bail!("a resumed run keeps its generator's width: drop --widen");
     }
     set_some(&mut cfg.widen, &a.widen);
+    if a.run.resume.is_some() && a.ema_decay.is_some_and(|d| d != cfg.ema_decay) {
+        bail!("a resumed run keeps its weight average: drop --ema-decay");
+    }
+    set(&mut cfg.ema_decay, &a.ema_decay);
     cfg.validate()?;
     let (run, resume) = a.run.folder(|| atop_train::default_out(&cfg));
     Ok((cfg, run, resume))

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::adam::{Adam, AdamConfig};
+use super::ema::Ema;
 use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
 use super::purifier::{adversarial_terms, kl_to_clean_prediction, restore_state, save_state};
 use super::runlog;
@@ -281,6 +282,11 @@ pub struct TrainAtopConfig {
     /// (None: the purifier's own width).
     #[serde(default)]
     pub widen: Option<usize>,
+    /// Decay of an exponential moving average of the generator's weights, updated after every
+    /// step; the checkpoints then export the average (the live weights are kept beside it for
+    /// resuming) and the per-epoch evaluation measures both. 0 (default): no average.
+    #[serde(default)]
+    pub ema_decay: f64,
 }
 
 fn default_lambda() -> f64 {
@@ -365,6 +371,12 @@ impl TrainAtopConfig {
             }
         }
         crate::attacks::check_caps("eval", e.steps, e.eot)?;
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            bail!(
+                "invalid setting ema_decay = {}: expected a number in [0, 1) (0: no weight average)",
+                self.ema_decay
+            );
+        }
         if let Some(w) = self.widen
             && (w < 4 || !w.is_multiple_of(4) || w > purifier::MAX_WIDTH)
         {
@@ -398,8 +410,24 @@ pub struct AtopEpoch {
     pub defended_clean_acc: f64,
     pub robust_acc: f64,
     pub transfer_acc: f64,
+    /// With a weight average (`ema_decay`), the fields above measure the averaged generator
+    /// (the one the checkpoint exports) and these the live one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<Accuracies>,
     pub img_per_s: f64,
     pub seconds: f64,
+}
+
+/// With a weight average: the live generator's weights and the average's update count, beside
+/// the checkpoint's (averaged) `generator.safetensors`.
+const LIVE_GENERATOR: &str = "generator-live.safetensors";
+
+/// The per-epoch evaluation of one generator.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Accuracies {
+    pub defended_clean_acc: f64,
+    pub robust_acc: f64,
+    pub transfer_acc: f64,
 }
 
 impl runlog::EpochRecord for AtopEpoch {
@@ -576,7 +604,7 @@ pub fn train(
     ) as f64
         / eval_idx.len().max(1) as f64;
     let mut task = AtopTask {
-        tuner: FineTuner::new(&cfg, f, p, transform),
+        tuner: FineTuner::new(&cfg, f, p, transform)?,
         device,
         sidecar: p_sidecar,
         loader,
@@ -655,6 +683,8 @@ pub struct FineTuner<'a> {
     pub transform: TransformConfig,
     pub opt_g: Adam,
     pub opt_d: Adam,
+    /// The generator's weight average (with `ema_decay` > 0).
+    pub ema: Option<Ema>,
 }
 
 impl<'a> FineTuner<'a> {
@@ -664,17 +694,31 @@ impl<'a> FineTuner<'a> {
         mut f: Classifier,
         p: GanPurifier,
         transform: TransformConfig,
-    ) -> Self {
+    ) -> Result<Self> {
         f.vs.freeze();
         let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
         let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
-        FineTuner {
+        let ema = if cfg.ema_decay > 0.0 {
+            Some(Ema::new(&p.g_vs, cfg.ema_decay)?)
+        } else {
+            None
+        };
+        Ok(FineTuner {
             cfg,
             f,
             p,
             transform,
             opt_g,
             opt_d,
+            ema,
+        })
+    }
+
+    /// Runs `f` on the generator the run exports: the weight average if there is one.
+    pub fn with_exported<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.ema {
+            Some(ema) => ema.with_average(&self.p.g_vs, f),
+            None => f(),
         }
     }
 
@@ -795,6 +839,9 @@ impl<'a> FineTuner<'a> {
             self.opt_g.zero_grad();
             g_loss.backward();
             self.opt_g.step();
+            if let Some(ema) = &mut self.ema {
+                ema.update(&p.g_vs);
+            }
         }
         p.d_vs.unfreeze();
         Ok(losses)
@@ -818,7 +865,7 @@ impl AtopTask<'_> {
     /// evaluation subset, with seeded randomness (the same draws every epoch). As in `atop
     /// attack`, a point counts as robust only if the defended model also classified its clean
     /// image correctly.
-    fn evaluate(&self) -> Result<(f64, f64, f64)> {
+    fn evaluate(&self) -> Result<Accuracies> {
         let t = &self.tuner;
         let e = &t.cfg.eval;
         let (x, y) = (&self.eval.x, &self.eval.y);
@@ -858,11 +905,11 @@ impl AtopTask<'_> {
             .filter(|(r, ok)| r.clean_pred == r.label && **ok)
             .count();
         let n = self.eval.indices.len().max(1) as f64;
-        Ok((
-            whole_report.clean_accuracy,
-            whole_report.robust_accuracy,
-            kept as f64 / n,
-        ))
+        Ok(Accuracies {
+            defended_clean_acc: whole_report.clean_accuracy,
+            robust_acc: whole_report.robust_accuracy,
+            transfer_acc: kept as f64 / n,
+        })
     }
 
     /// Rows: clean, adversarial (training attack), transformed, purified, at the classifier's
@@ -959,8 +1006,15 @@ impl Task for AtopTask<'_> {
     }
 
     fn end_epoch(&mut self, run: &Path, e: EpochSummary<AtopLosses>) -> Result<AtopEpoch> {
-        self.write_samples(&run.join(format!("samples/epoch-{:04}.png", e.epoch)))?;
-        let (defended_clean_acc, robust_acc, transfer_acc) = self.evaluate()?;
+        let t = &self.tuner;
+        t.with_exported(|| {
+            self.write_samples(&run.join(format!("samples/epoch-{:04}.png", e.epoch)))
+        })?;
+        let exported = t.with_exported(|| self.evaluate())?;
+        let live = match t.ema {
+            Some(_) => Some(self.evaluate()?),
+            None => None,
+        };
         let l = e.losses;
         Ok(AtopEpoch {
             epoch: e.epoch,
@@ -972,17 +1026,30 @@ impl Task for AtopTask<'_> {
             g_kl: l.g_kl,
             train_adv_acc: l.adv_acc,
             clean_acc: self.clean_acc,
-            defended_clean_acc,
-            robust_acc,
-            transfer_acc,
+            defended_clean_acc: exported.defended_clean_acc,
+            robust_acc: exported.robust_acc,
+            transfer_acc: exported.transfer_acc,
+            live,
             img_per_s: e.img_per_s,
             seconds: e.started.elapsed().as_secs_f64(),
         })
     }
 
     fn describe(&self, m: &AtopEpoch) -> String {
+        let (which, live) = match &m.live {
+            Some(a) => (
+                " (weight average)",
+                format!(
+                    " | live weights: clean {:.1}%, whole-model PGD {:.1}%, transfer {:.1}%",
+                    100.0 * a.defended_clean_acc,
+                    100.0 * a.robust_acc,
+                    100.0 * a.transfer_acc
+                ),
+            ),
+            None => ("", String::new()),
+        };
         format!(
-            "D {:.3} G gan {:.3} L1 {:.3} CE {:.3} KL {:.3} acc(x') {:.1}% | defended: clean {:.1}%, whole-model PGD {:.1}%, transfer {:.1}% (classifier alone {:.1}%) | {:.1} img/s, {:.0} s",
+            "D {:.3} G gan {:.3} L1 {:.3} CE {:.3} KL {:.3} acc(x') {:.1}% | defended{which}: clean {:.1}%, whole-model PGD {:.1}%, transfer {:.1}% (classifier alone {:.1}%){live} | {:.1} img/s, {:.0} s",
             m.d_loss,
             m.g_gan,
             m.g_l1,
@@ -1005,12 +1072,22 @@ impl Task for AtopTask<'_> {
         sidecar.epoch = Some(sidecar.epoch.unwrap_or(0) + epoch);
         sidecar.step = Some(sidecar.step.unwrap_or(0) + step);
         sidecar.fine_tuning = Some(serde_json::to_value(t.cfg)?);
-        save_state(dir, &t.p, &sidecar, &t.opt_g, &t.opt_d)
+        // The average is the checkpoint's generator (what --purifier RUN loads); the live
+        // weights go beside it for resuming.
+        t.with_exported(|| save_state(dir, &t.p, &sidecar, &t.opt_g, &t.opt_d))?;
+        if let Some(ema) = &t.ema {
+            crate::io::write_safetensors(&dir.join(LIVE_GENERATOR), &ema.live_state(&t.p.g_vs))?;
+        }
+        Ok(())
     }
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
         let t = &mut self.tuner;
-        restore_state(dir, &mut t.p, &mut t.opt_g, &mut t.opt_d)
+        restore_state(dir, &mut t.p, &mut t.opt_g, &mut t.opt_d)?;
+        if let Some(ema) = &mut t.ema {
+            ema.restore(&t.p.g_vs, &dir.join(LIVE_GENERATOR))?;
+        }
+        Ok(())
     }
 
     fn finish(&mut self, run: &Path) -> Result<()> {
@@ -1113,7 +1190,7 @@ mod tests {
         assert_eq!(cfg.adversary.adversarial_count(1), 1);
         assert!(cfg.adversary.describe().contains("30 % of each batch"));
         let (f, p) = tiny_models();
-        let tuner = FineTuner::new(&cfg, f, p, TransformConfig::default());
+        let tuner = FineTuner::new(&cfg, f, p, TransformConfig::default()).unwrap();
         let x = Tensor::rand([10, 3, 32, 32], (Kind::Float, Device::Cpu));
         let y = Tensor::randint(10, [10], (Kind::Int64, Device::Cpu));
         let mixed = tuner.mixed(&x, &y).unwrap();
@@ -1148,7 +1225,7 @@ mod tests {
         let (f0, g0) = (snapshot(&f.vs), snapshot(&p.g_vs));
         // Batch-norm statistics are variables too: a training-mode pass would move them.
         assert!(f0.iter().any(|(k, _)| k.contains("running_mean")));
-        let mut tuner = FineTuner::new(&cfg, f, p, TransformConfig::default());
+        let mut tuner = FineTuner::new(&cfg, f, p, TransformConfig::default()).unwrap();
         let x = Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu));
         let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
         for _ in 0..2 {
@@ -1184,7 +1261,7 @@ mod tests {
         let x = Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu));
         let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
         let (f, p) = tiny_models();
-        let mut off = FineTuner::new(&cfg, f, p, TransformConfig::default());
+        let mut off = FineTuner::new(&cfg, f, p, TransformConfig::default()).unwrap();
         let l = off.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
         assert_eq!((l.g_kl, l.g_ce), (0.0, 0.0), "{l:?}");
 
@@ -1195,17 +1272,94 @@ mod tests {
             ..cfg.clone()
         };
         let (f, p) = tiny_models();
-        let mut late = FineTuner::new(&late_cfg, f, p, TransformConfig::default());
+        let mut late = FineTuner::new(&late_cfg, f, p, TransformConfig::default()).unwrap();
         assert_eq!(late.step(&x, &y, 0, (1e-2, 1e-2)).unwrap().g_kl, 0.0);
         let (f, p) = tiny_models();
         let g0 = snapshot(&p.g_vs);
-        let mut on = FineTuner::new(&cfg, f, p, TransformConfig::default());
+        let mut on = FineTuner::new(&cfg, f, p, TransformConfig::default()).unwrap();
         let l = on.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
         // A purified image is not the clean one: the divergence is positive, and only it moves g.
         assert!(l.g_kl > 0.0 && l.g_kl.is_finite(), "{l:?}");
         assert!(
             moved(&g0, &on.p.g_vs) > 0,
             "the KL gradient did not reach g"
+        );
+    }
+
+    #[test]
+    fn the_weight_average_leaves_training_alone_and_lags_the_live_weights() {
+        let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
+        cfg.adversary = AdversaryConfig {
+            attack: AdversaryKind::Fgsm,
+            target: AdversaryTarget::Classifier,
+            ..Default::default()
+        };
+        let x = Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+        // No random transform and the same initial weights in both runs: nothing here reads
+        // libtorch's global generator, which tests running in parallel share.
+        let transform = TransformConfig {
+            kind: crate::transforms::TransformKind::None,
+            ..Default::default()
+        };
+        let (f0, p0) = tiny_models();
+        let run = |decay: f64| {
+            let cfg = TrainAtopConfig {
+                ema_decay: decay,
+                ..cfg.clone()
+            };
+            let (mut f, mut p) = tiny_models();
+            f.vs.copy(&f0.vs).unwrap();
+            p.g_vs.copy(&p0.g_vs).unwrap();
+            p.d_vs.copy(&p0.d_vs).unwrap();
+            let mut tuner = FineTuner::new(&cfg, f, p, transform.clone()).unwrap();
+            let start = snapshot(&tuner.p.g_vs);
+            for _ in 0..3 {
+                tuner.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
+            }
+            let live = snapshot(&tuner.p.g_vs);
+            let exported = tuner.with_exported(|| snapshot(&tuner.p.g_vs));
+            // with_exported puts the live weights back.
+            assert_eq!(moved(&live, &tuner.p.g_vs), 0);
+            (start, live, exported)
+        };
+        let (_, plain, plain_exported) = run(0.0);
+        let (start, live, average) = run(0.9);
+        // The average is a shadow: the live trajectory is the one without it.
+        for ((k, a), (_, b)) in plain.iter().zip(&live) {
+            assert!(a.equal(b), "{k}: the average changed training");
+        }
+        for ((k, a), (_, b)) in plain.iter().zip(&plain_exported) {
+            assert!(
+                a.equal(b),
+                "{k}: without an average the live weights are exported"
+            );
+        }
+        // After 3 warmed-up updates it lies strictly between the start and the live weights
+        // on some variable.
+        let between = start
+            .iter()
+            .zip(&live)
+            .zip(&average)
+            .filter(|(((_, s), (_, l)), (_, a))| {
+                let d_live = (l - a).abs().max().double_value(&[]);
+                let d_start = (s - a).abs().max().double_value(&[]);
+                d_live > 0.0 && d_start > 0.0
+            })
+            .count();
+        assert!(
+            between > 0,
+            "the average equals the start or the live weights"
+        );
+        let mut bad = cfg.clone();
+        bad.classifier = Some("c".into());
+        bad.purifier = Some("p".into());
+        bad.ema_decay = 1.0;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ema_decay = 1")
         );
     }
 
