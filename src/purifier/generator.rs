@@ -293,7 +293,7 @@ impl Generator {
     /// next step on, so fine-tuning starts from the pre-trained function with more capacity.
     /// (Except behind the attention branch's ReLU-gated layer, whose gradient at zero is zero:
     /// its extra channels stay off.)
-    pub fn widen_from(&self, narrow: &Generator) -> Result<(), String> {
+    pub fn widen_from(&self, narrow: &Generator) -> anyhow::Result<()> {
         let (w, n) = (self.layout, narrow.layout);
         if (Layout {
             width: w.width,
@@ -301,9 +301,9 @@ impl Generator {
         }) != w
             || w.width < n.width
         {
-            return Err(format!(
+            anyhow::bail!(
                 "cannot widen a generator of layout {n:?} into one of layout {w:?}: only the width may grow"
-            ));
+            );
         }
         for (wide, small) in self.gated_layers().into_iter().zip(narrow.gated_layers()) {
             wide.widen_from(small)?;

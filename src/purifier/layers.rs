@@ -90,19 +90,24 @@ impl GatedConv {
     /// extra output channel gets zero weights and bias (ELU(0) = 0 whatever the gate says).
     /// The extra gates and the weights reading extra inputs keep their random initialisation,
     /// so the gradient reaches the zeroed features through them and the new channels learn.
-    pub fn widen_from(&self, narrow: &GatedConv) -> Result<(), String> {
+    pub fn widen_from(&self, narrow: &GatedConv) -> anyhow::Result<()> {
         if self.norm.is_some() || narrow.norm.is_some() {
-            return Err("group-normalised layers cannot be widened without changing their output (the groups change)".into());
+            anyhow::bail!(
+                "group-normalised layers cannot be widened without changing their output (the groups change)"
+            );
         }
         if self.parts.len() != narrow.parts.len()
             || self.parts.iter().zip(&narrow.parts).any(|(w, n)| w < n)
             || self.out < narrow.out
             || self.act != narrow.act
         {
-            return Err(format!(
+            anyhow::bail!(
                 "a layer of {:?} -> {} channels cannot hold one of {:?} -> {}",
-                self.parts, self.out, narrow.parts, narrow.out
-            ));
+                self.parts,
+                self.out,
+                narrow.parts,
+                narrow.out
+            );
         }
         // Output rows: the feature half, then the gate half, each at the start of its half.
         let rows = [(0, 0, narrow.out), (narrow.out, self.out, narrow.out)];

@@ -307,7 +307,7 @@ impl GanPurifier {
         let mut wide = GanPurifier::new(config, self.device())?;
         wide.generator
             .widen_from(&self.generator)
-            .map_err(|e| anyhow::anyhow!("widen = {width}: {e}"))?;
+            .with_context(|| format!("widen = {width}"))?;
         wide.d_vs.copy(&self.d_vs)?;
         Ok(wide)
     }
