@@ -1175,6 +1175,23 @@ mod tests {
         (f, p)
     }
 
+    /// The authors' training attack: FGSM on the classifier alone.
+    fn classifier_fgsm() -> AdversaryConfig {
+        AdversaryConfig {
+            attack: AdversaryKind::Fgsm,
+            target: AdversaryTarget::Classifier,
+            ..Default::default()
+        }
+    }
+
+    /// 8 random CIFAR-sized images and labels.
+    fn random_batch() -> (Tensor, Tensor) {
+        (
+            Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            Tensor::randint(10, [8], (Kind::Int64, Device::Cpu)),
+        )
+    }
+
     #[test]
     fn a_mixed_batch_attacks_its_share_and_keeps_the_rest_clean() {
         tch::manual_seed(3);
@@ -1253,13 +1270,8 @@ mod tests {
         cfg.l1_weight = 0.0;
         cfg.gan_weight = 0.0;
         cfg.lambda = 0.0;
-        cfg.adversary = AdversaryConfig {
-            attack: AdversaryKind::Fgsm,
-            target: AdversaryTarget::Classifier,
-            ..Default::default()
-        };
-        let x = Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu));
-        let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+        cfg.adversary = classifier_fgsm();
+        let (x, y) = random_batch();
         let (f, p) = tiny_models();
         let mut off = FineTuner::new(&cfg, f, p, TransformConfig::default()).unwrap();
         let l = off.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
@@ -1289,13 +1301,8 @@ mod tests {
     #[test]
     fn the_weight_average_leaves_training_alone_and_lags_the_live_weights() {
         let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
-        cfg.adversary = AdversaryConfig {
-            attack: AdversaryKind::Fgsm,
-            target: AdversaryTarget::Classifier,
-            ..Default::default()
-        };
-        let x = Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu));
-        let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+        cfg.adversary = classifier_fgsm();
+        let (x, y) = random_batch();
         // No random transform and the same initial weights in both runs: nothing here reads
         // libtorch's global generator, which tests running in parallel share.
         let transform = TransformConfig {

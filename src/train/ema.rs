@@ -30,15 +30,10 @@ impl Ema {
         if !(0.0..1.0).contains(&decay) {
             bail!("ema decay {decay}: expected a number in [0, 1)");
         }
-        let shadow = vs
-            .variables()
-            .into_iter()
-            .map(|(k, v)| (k, v.detach().copy()))
-            .collect();
         Ok(Ema {
             decay,
             updates: 0,
-            shadow,
+            shadow: copies(vs),
         })
     }
 
@@ -73,26 +68,11 @@ impl Ema {
     /// Runs `f` with the averaged weights in `vs`, then puts the live ones back (also when `f`
     /// fails).
     pub fn with_average<T>(&self, vs: &VarStore, f: impl FnOnce() -> T) -> T {
-        let live: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .map(|(k, v)| (k, v.detach().copy()))
-            .collect();
-        self.load_into(vs, self.shadow.iter().map(|(k, t)| (k.as_str(), t)));
+        let live = copies(vs);
+        load_into(vs, &self.shadow);
         let out = f();
-        self.load_into(vs, live.iter().map(|(k, t)| (k.as_str(), t)));
+        load_into(vs, &live);
         out
-    }
-
-    fn load_into<'t>(&self, vs: &VarStore, values: impl Iterator<Item = (&'t str, &'t Tensor)>) {
-        let mut vars = vs.variables();
-        tch::no_grad(|| {
-            for (k, t) in values {
-                if let Some(v) = vars.get_mut(k) {
-                    v.copy_(t);
-                }
-            }
-        });
     }
 
     /// What a checkpoint needs besides the averaged weights (which it stores as the model's
@@ -118,7 +98,7 @@ impl Ema {
         let updates = given
             .remove(UPDATES)
             .with_context(|| format!("{}: no {UPDATES} entry", file.display()))?;
-        let average = Ema::new(vs, self.decay)?.shadow;
+        let average = copies(vs);
         checkpoint::copy_into(
             vs,
             "generator (live weights)",
@@ -129,6 +109,26 @@ impl Ema {
         self.updates = updates.to_kind(Kind::Int64).int64_value(&[0]).max(0) as u64;
         Ok(())
     }
+}
+
+/// Detached copies of the variables of `vs`, by name.
+fn copies(vs: &VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().copy()))
+        .collect()
+}
+
+/// Copies `values` into the same-named variables of `vs`.
+fn load_into(vs: &VarStore, values: &BTreeMap<String, Tensor>) {
+    let mut vars = vs.variables();
+    tch::no_grad(|| {
+        for (k, t) in values {
+            if let Some(v) = vars.get_mut(k) {
+                v.copy_(t);
+            }
+        }
+    });
 }
 
 #[cfg(test)]
