@@ -216,12 +216,29 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
+/// The folder of the `libtorch_cpu.so` mapped into this process (Linux's /proc/self/maps),
+/// else the one the build linked against.
+fn loaded_libtorch() -> String {
+    std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|maps| {
+            maps.lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .find(|p| p.ends_with("/libtorch_cpu.so"))
+                .and_then(|p| std::path::Path::new(p).parent())
+                .map(|d| d.display().to_string())
+        })
+        .unwrap_or_else(|| env!("ATOP_LIBTORCH_LIB").to_string())
+}
+
 /// What this build links and what it can see; `atop info` prints it.
 #[derive(Debug, Serialize)]
 pub struct EngineInfo {
     pub atop_version: &'static str,
     pub torch_version: &'static str,
-    pub libtorch_lib: &'static str,
+    /// The folder of the libtorch this process loaded, which is not the build's when a binary
+    /// runs on another machine.
+    pub libtorch_lib: String,
     pub cuda_available: bool,
     pub cuda_devices: i64,
     pub cudnn_available: bool,
@@ -235,7 +252,7 @@ pub fn engine_info() -> EngineInfo {
     EngineInfo {
         atop_version: env!("CARGO_PKG_VERSION"),
         torch_version: env!("ATOP_TORCH_VERSION"),
-        libtorch_lib: env!("ATOP_LIBTORCH_LIB"),
+        libtorch_lib: loaded_libtorch(),
         cuda_available: tch::Cuda::is_available(),
         cuda_devices: tch::Cuda::device_count(),
         cudnn_available: tch::Cuda::cudnn_is_available(),

@@ -26,6 +26,37 @@ pub enum BenchCommand {
     /// AToP fine-tuning steps (the attack that makes x', the purifier's pass, the frozen
     /// classifier's CE, the optimizer steps), side by side with a PyTorch reference of the step.
     Atop(Box<AtopBenchArgs>),
+    /// An accelerator against the CPU: the classifier's forward and training step, PGD, the
+    /// purifier's pass and training step at its working size and the whole model's input
+    /// gradient, from the same weights and inputs on both (f32), compared, with each step's
+    /// cost per image on each. Run it with `--device cuda`.
+    Device(Box<DeviceBenchArgs>),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct DeviceBenchArgs {
+    /// The trained classifier (checkpoint folder or training run) both devices load.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    #[command(flatten)]
+    pub data: super::data::ModelDataArgs,
+    /// A seeded subset of this many images for the classifier's steps.
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 256)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The purifier preset whose generator (freshly initialised, the same weights on both
+    /// devices), working size and transform the purifier's steps use.
+    #[arg(long, default_value = "purifier-cifar10-paper")]
+    pub purifier_preset: String,
+    /// Images (the subset's first) for the purifier's steps.
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 8)]
+    pub purifier_images: usize,
+    /// PGD iterations on the classifier (Linf, no random start, step eps / 4).
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = 10)]
+    pub pgd_steps: usize,
+    #[arg(long, default_value = "8/255", value_parser = atop::attacks::parse_eps)]
+    pub eps: f64,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -187,6 +218,7 @@ pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
         BenchCommand::Attacks(args) => attacks(args, global),
         BenchCommand::Purifier(args) => purifier(*args, global),
         BenchCommand::Atop(args) => atop_step(*args, global),
+        BenchCommand::Device(args) => device(*args, global),
     }
 }
 
@@ -1105,4 +1137,97 @@ fn run_reference(
         );
     }
     Ok(out)
+}
+
+fn device(args: DeviceBenchArgs, global: &Global) -> Result<()> {
+    use atop::eval::device::{DeviceCheckSettings, OnBoth, compare};
+    use atop::models::checkpoint;
+    let dev = global.device;
+    if dev == tch::Device::Cpu {
+        // Still useful: it checks the check, since the CPU against itself must agree exactly.
+        tracing::warn!(
+            "no accelerator (--device {dev:?}; libtorch sees {} CUDA device(s)): comparing the CPU with itself",
+            tch::Cuda::device_count()
+        );
+    }
+    let dir = checkpoint::resolve(&args.model)?;
+    let (cpu, sidecar) = checkpoint::load(&dir, tch::Device::Cpu)?;
+    let (on_dev, _) = checkpoint::load(&dir, dev)?;
+    let data = args
+        .data
+        .config_for(&sidecar, &dir)?
+        .load(args.data.split)?;
+    let indices = atop::data::subset::seeded_subset(data.len(), args.n, args.seed)?;
+    let (x, y) = data.tensors(&indices);
+    let preset = atop::train::purifier::TrainPurifierConfig::preset(&args.purifier_preset)?;
+    let settings = DeviceCheckSettings {
+        device: dev,
+        purifier: preset.purifier,
+        transform: preset.transform,
+        purifier_images: args.purifier_images as i64,
+        pgd_steps: args.pgd_steps,
+        eps: args.eps,
+        seed: args.seed,
+    };
+    let checks = compare(
+        OnBoth {
+            cpu,
+            device: on_dev,
+        },
+        &x,
+        &y,
+        &settings,
+    )?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        println!(
+            "{dev:?} against the CPU ({}, {} threads), f32, {} of {} {} images (seed {}), classifier {}",
+            atop::runtime::cpu_model(),
+            atop::runtime::threads(),
+            args.n,
+            data.len(),
+            args.data.split.as_str(),
+            args.seed,
+            dir.display()
+        );
+        println!(
+            "{:<46} {:>6} {:>10} {:>10} {:>11} {:>11}  result",
+            "step", "images", "difference", "agreement", "cpu ms/img", "dev ms/img"
+        );
+        for c in &checks {
+            let limit = |l: Option<f64>, op: &str| l.map_or("-".into(), |l| format!("{op} {l}"));
+            println!(
+                "{:<46} {:>6} {:>10} {:>10} {:>11.3} {:>11.3}  {}",
+                c.step,
+                c.images,
+                c.difference.map_or("-".into(), |v| format!("{v:.2e}")),
+                c.agreement.map_or("-".into(), |v| format!("{v:.4}")),
+                c.cpu_ms_per_image,
+                c.device_ms_per_image,
+                if c.passed { "agrees" } else { "DISAGREES" }
+            );
+            println!(
+                "  {}; limits: difference {}, agreement {}; {}",
+                c.compared,
+                limit(c.max_difference, "<="),
+                limit(c.min_agreement, ">="),
+                c.detail
+            );
+        }
+    }
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.step.as_str())
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} of {} steps disagree between {dev:?} and the CPU: {}",
+            failed.len(),
+            checks.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(())
 }

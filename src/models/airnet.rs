@@ -18,6 +18,10 @@ const LOGIT_SCALE: f64 = 1.0 / 9.0;
 
 #[derive(Debug)]
 struct Norm {
+    /// The fixed scale as a constant of ones, not None: CUDA's batch-norm backward returns an
+    /// empty bias gradient when the weight is None ("invalid gradient at index 2"). Not a
+    /// variable, so checkpoints keep their layout.
+    weight: Tensor,
     bias: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
@@ -26,6 +30,7 @@ struct Norm {
 impl Norm {
     fn new(p: &nn::Path, c: i64) -> Norm {
         Norm {
+            weight: Tensor::ones([c], (tch::Kind::Float, p.device())),
             bias: p.zeros("bias", &[c]),
             running_mean: p.zeros_no_train("running_mean", &[c]),
             running_var: p.ones_no_train("running_var", &[c]),
@@ -36,7 +41,7 @@ impl Norm {
         // Fast-moving statistics (PyTorch momentum 0.6): runs are only a few epochs long.
         Tensor::batch_norm(
             x,
-            None::<&Tensor>,
+            Some(&self.weight),
             Some(&self.bias),
             Some(&self.running_mean),
             Some(&self.running_var),

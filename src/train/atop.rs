@@ -894,7 +894,8 @@ impl AtopTask<'_> {
         // The transferred images on the defended model, where it classified the clean image
         // correctly (one draw each, seeded).
         tch::manual_seed(t.cfg.seed as i64 ^ 0x5eed);
-        let on_adv = tch::no_grad(|| whole.logits(&transfer.x_adv))
+        // (the runner hands its images back on the CPU)
+        let on_adv = tch::no_grad(|| whole.logits(&transfer.x_adv.to_device(y.device())))
             .argmax(-1, false)
             .eq_tensor(y);
         let on_adv = Vec::<bool>::try_from(on_adv.to_device(Device::Cpu))?;

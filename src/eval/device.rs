@@ -1,0 +1,440 @@
+//! Does an accelerator compute what the CPU computes? Each step the pipeline takes (the
+//! classifier's forward pass and training step, an attack, the purifier's pass and training step
+//! at its working size, the gradient of the whole defended model) runs on both devices from the
+//! same weights and the same inputs, in f32, and the outputs are compared; each step's cost per
+//! image is timed on both. Randomness (the transform's noise and mask) is drawn once on the CPU
+//! and handed to both, since the two devices' generators give different streams.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use tch::nn::OptimizerConfig;
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::attacks::loss::LossKind;
+use crate::attacks::norm::Norm;
+use crate::attacks::pgd::Pgd;
+use crate::attacks::{Attack, Budget};
+use crate::models::{Classifier, Model};
+use crate::purifier::{GanPurifier, PurifierConfig, purified_from};
+use crate::transforms::{TransformConfig, Transformed};
+
+/// What to compare, beyond the classifier and the images.
+#[derive(Debug, Clone)]
+pub struct DeviceCheckSettings {
+    /// The accelerator compared with the CPU.
+    pub device: Device,
+    /// The purifier whose steps are compared (freshly initialised from `seed`, the same
+    /// weights on both devices), with its working size and transform.
+    pub purifier: PurifierConfig,
+    pub transform: TransformConfig,
+    /// Images (the first ones of the batch) for the purifier's steps.
+    pub purifier_images: i64,
+    /// PGD iterations (Linf, no random start, step eps / 4) on the classifier.
+    pub pgd_steps: usize,
+    pub eps: f64,
+    pub seed: u64,
+}
+
+/// One step on both devices: how far apart the outputs are, and what each device paid.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceCheck {
+    pub step: String,
+    pub images: i64,
+    /// What was compared, and how `difference` is scaled.
+    pub compared: String,
+    /// The outputs' difference on the scale `compared` names (None where only agreement counts).
+    pub difference: Option<f64>,
+    pub max_difference: Option<f64>,
+    /// Fraction of predictions (or successes) that agree, or a cosine similarity.
+    pub agreement: Option<f64>,
+    pub min_agreement: Option<f64>,
+    /// Accuracies or losses on each side, in words.
+    pub detail: String,
+    pub cpu_ms_per_image: f64,
+    pub device_ms_per_image: f64,
+    pub passed: bool,
+}
+
+/// The classifier's checkpoint loaded on each device (`load` is called once per device).
+pub struct OnBoth {
+    pub cpu: Classifier,
+    pub device: Classifier,
+}
+
+/// Runs every check; `x` (N x 3 x H x W in [0,1]) and `y` live on the CPU. With `s.device` the
+/// CPU itself, every difference is zero (the tests' check of the comparison).
+pub fn compare(
+    classifier: OnBoth,
+    x: &Tensor,
+    y: &Tensor,
+    s: &DeviceCheckSettings,
+) -> Result<Vec<DeviceCheck>> {
+    if classifier.cpu.device() != Device::Cpu || classifier.device.device() != s.device {
+        bail!(
+            "the classifier copies are not on the CPU and on {:?}",
+            s.device
+        );
+    }
+    let n = x.size()[0];
+    if n == 0 || s.purifier_images < 1 || s.purifier_images > n {
+        bail!(
+            "purifier images = {}: expected between 1 and the {n} images",
+            s.purifier_images
+        );
+    }
+    let OnBoth {
+        cpu: mut f_cpu,
+        device: mut f_dev,
+    } = classifier;
+    let dev = s.device;
+    let (xd, yd) = (x.to_device(dev), y.to_device(dev));
+    let mut checks = Vec::new();
+
+    // The classifier's forward pass.
+    let (lc, tc) = timed(Device::Cpu, || tch::no_grad(|| f_cpu.logits(x)));
+    let (ld, td) = timed(dev, || tch::no_grad(|| f_dev.logits(&xd)));
+    let ld = ld.to_device(Device::Cpu);
+    let same = fraction(&lc.argmax(-1, false).eq_tensor(&ld.argmax(-1, false)));
+    checks.push(DeviceCheck {
+        step: "classifier forward".into(),
+        images: n,
+        compared: "logits: max |cpu - device| / max |cpu|; argmax agreement".into(),
+        difference: Some(max_abs(&(&lc - &ld)) / max_abs(&lc)),
+        max_difference: Some(1e-2),
+        agreement: Some(same),
+        min_agreement: Some(0.99),
+        detail: format!(
+            "accuracy cpu {:.2} %, device {:.2} %",
+            100.0 * accuracy(&lc, y),
+            100.0 * accuracy(&ld, y)
+        ),
+        cpu_ms_per_image: per_image(tc, n),
+        device_ms_per_image: per_image(td, n),
+        passed: false,
+    });
+
+    // PGD on the classifier (before its training step changes it).
+    let pgd = Pgd {
+        budget: Budget::new(Norm::Linf, s.eps)?,
+        steps: s.pgd_steps,
+        step_size: s.eps / 4.0,
+        random_start: false,
+        restarts: 1,
+        loss: LossKind::Ce,
+        target: None,
+        eot: 1,
+    };
+    let (ac, tc) = timed(Device::Cpu, || pgd.run(&f_cpu, x, y, s.seed));
+    let (ad, td) = timed(dev, || pgd.run(&f_dev, &xd, &yd, s.seed));
+    let (ac, ad) = (ac?.x_adv, ad?.x_adv.to_device(Device::Cpu));
+    let broken_c = tch::no_grad(|| f_cpu.logits(&ac))
+        .argmax(-1, false)
+        .ne_tensor(y);
+    let broken_d = tch::no_grad(|| f_dev.logits(&ad.to_device(dev)))
+        .argmax(-1, false)
+        .to_device(Device::Cpu)
+        .ne_tensor(y);
+    let pixels = fraction(&(&ac - &ad).abs().le(1e-4));
+    checks.push(DeviceCheck {
+        step: format!("PGD-{} on the classifier", s.pgd_steps),
+        images: n,
+        compared: "per-image attack success agreement".into(),
+        difference: None,
+        max_difference: None,
+        agreement: Some(fraction(&broken_c.eq_tensor(&broken_d))),
+        min_agreement: Some(0.97),
+        detail: format!(
+            "robust accuracy cpu {:.2} %, device {:.2} %; {:.2} % of adversarial pixels equal",
+            100.0 * (1.0 - fraction(&broken_c)),
+            100.0 * (1.0 - fraction(&broken_d)),
+            100.0 * pixels
+        ),
+        cpu_ms_per_image: per_image(tc, n * s.pgd_steps as i64),
+        device_ms_per_image: per_image(td, n * s.pgd_steps as i64),
+        passed: false,
+    });
+
+    checks.extend(purifier_checks(&f_cpu, &f_dev, x, y, s)?);
+
+    // SGD steps of the classifier (train-mode batch norm), same batch on both; last, since
+    // they change its weights.
+    let before = snapshot(&f_cpu.vs);
+    let sgd_step = |f: &mut Classifier, x: &Tensor, y: &Tensor| {
+        let mut opt = nn::Sgd {
+            momentum: 0.9,
+            ..Default::default()
+        }
+        .build(&f.vs, 0.05)
+        .expect("an SGD optimizer over the classifier's variables");
+        let loss = f.forward_t(x, true).cross_entropy_for_logits(y);
+        opt.backward_step(&loss);
+        loss.double_value(&[])
+    };
+    let (loss_c, tc) = timed(Device::Cpu, || sgd_step(&mut f_cpu, x, y));
+    let (loss_d, td) = timed(dev, || sgd_step(&mut f_dev, &xd, &yd));
+    checks.push(DeviceCheck {
+        step: "classifier training step (SGD)".into(),
+        images: n,
+        compared: "weights after two steps: ||cpu - device|| / ||cpu update||".into(),
+        difference: Some(weight_gap(&before, &f_cpu.vs, &f_dev.vs)),
+        max_difference: Some(5e-2),
+        agreement: None,
+        min_agreement: None,
+        detail: format!("loss cpu {loss_c:.5}, device {loss_d:.5}"),
+        cpu_ms_per_image: per_image(tc, n),
+        device_ms_per_image: per_image(td, n),
+        passed: false,
+    });
+    for c in &mut checks {
+        c.passed = c
+            .difference
+            .zip(c.max_difference)
+            .is_none_or(|(d, m)| d <= m)
+            && c.agreement.zip(c.min_agreement).is_none_or(|(a, m)| a >= m);
+    }
+    Ok(checks)
+}
+
+fn purifier_checks(
+    f_cpu: &Classifier,
+    f_dev: &Classifier,
+    x: &Tensor,
+    y: &Tensor,
+    s: &DeviceCheckSettings,
+) -> Result<Vec<DeviceCheck>> {
+    let dev = s.device;
+    let k = s.purifier_images;
+    let (h, w) = (x.size()[2], x.size()[3]);
+    let x = x.narrow(0, 0, k);
+    let y = y.narrow(0, 0, k);
+    tch::manual_seed(s.seed as i64);
+    let mut p_cpu = GanPurifier::new(s.purifier.clone(), Device::Cpu)?;
+    let mut p_dev = GanPurifier::new(s.purifier.clone(), dev)?;
+    p_dev.g_vs.copy(&p_cpu.g_vs)?;
+    let resolution = s.purifier.resolution();
+    let side = resolution.work_dims(h, w).0;
+    // One draw of the transform at the working size, on the CPU, for both devices.
+    let clean = resolution.to_work(&x);
+    let drawn = s.transform.sample(&clean);
+    if drawn.masks.len() != 1 {
+        bail!(
+            "the device check draws one mask (RT1, RT2, noise or none), not {}",
+            s.transform.describe()
+        );
+    }
+    let noise = &drawn.noisy - &clean;
+    let mask = drawn.masks[0].shallow_clone();
+    let mut checks = Vec::new();
+
+    // The generator's pass at the working size.
+    let pass = |p: &GanPurifier, d: Device| {
+        tch::no_grad(|| p.generate(&drawn.noisy.to_device(d), &mask.to_device(d)).1)
+    };
+    let (oc, tc) = timed(Device::Cpu, || pass(&p_cpu, Device::Cpu));
+    let (od, td) = timed(dev, || pass(&p_dev, dev));
+    let od = od.to_device(Device::Cpu);
+    checks.push(DeviceCheck {
+        step: format!("purifier forward at {side} px"),
+        images: k,
+        compared: "generator output: max |cpu - device| / max |cpu|".into(),
+        difference: Some(max_abs(&(&oc - &od)) / max_abs(&oc)),
+        max_difference: Some(1e-2),
+        agreement: None,
+        min_agreement: None,
+        detail: s.purifier.describe(),
+        cpu_ms_per_image: per_image(tc, k),
+        device_ms_per_image: per_image(td, k),
+        passed: false,
+    });
+
+    // The whole defended model's input gradient, f(down(g(t(up(x))))), with the drawn noise
+    // and mask: what a whole-model attack step computes.
+    let grad = |p: &GanPurifier, f: &Classifier, d: Device| {
+        let xi = x.to_device(d).set_requires_grad(true);
+        let up = resolution.to_work(&xi);
+        let noisy = (&up + noise.to_device(d)).clamp(0.0, 1.0);
+        let m = mask.to_device(d);
+        let (_, x2) = p.generate(&noisy, &m);
+        let t = Transformed {
+            noisy,
+            masks: vec![m],
+        };
+        let purified = resolution.to_image(&purified_from(&x2, &t), h, w);
+        let loss = f
+            .logits(&purified)
+            .cross_entropy_for_logits(&y.to_device(d));
+        Tensor::run_backward(&[loss], &[&xi], false, false)[0].to_device(Device::Cpu)
+    };
+    let (gc, tc) = timed(Device::Cpu, || grad(&p_cpu, f_cpu, Device::Cpu));
+    let (gd, td) = timed(dev, || grad(&p_dev, f_dev, dev));
+    let cosine = (&gc * &gd).sum(Kind::Double).double_value(&[])
+        / (gc.norm().double_value(&[]) * gd.norm().double_value(&[])).max(f64::MIN_POSITIVE);
+    checks.push(DeviceCheck {
+        step: format!("whole-model input gradient at {side} px"),
+        images: k,
+        compared: "cosine similarity of the gradients w.r.t. the images".into(),
+        difference: None,
+        max_difference: None,
+        agreement: Some(cosine),
+        min_agreement: Some(0.99),
+        detail: format!(
+            "{:.2} % of gradient signs equal",
+            100.0 * fraction(&gc.sign().eq_tensor(&gd.sign()))
+        ),
+        cpu_ms_per_image: per_image(tc, k),
+        device_ms_per_image: per_image(td, k),
+        passed: false,
+    });
+
+    // Generator training steps (L1 of both outputs to the clean image, Adam: the
+    // reconstruction part of the purifier's and AToP's losses), one untimed and one timed.
+    let before = snapshot(&p_cpu.g_vs);
+    let step = |p: &mut GanPurifier, d: Device| {
+        let mut opt = nn::Adam {
+            beta1: 0.5,
+            ..Default::default()
+        }
+        .build(&p.g_vs, 1e-4)
+        .expect("an Adam optimizer over the generator's variables");
+        let target = clean.to_device(d) * 2.0 - 1.0;
+        let (x1, x2) = p.generate(&drawn.noisy.to_device(d), &mask.to_device(d));
+        let loss = (x1 - &target).abs().mean(Kind::Float) + (x2 - &target).abs().mean(Kind::Float);
+        opt.backward_step(&loss);
+        loss.double_value(&[])
+    };
+    let (loss_c, tc) = timed(Device::Cpu, || step(&mut p_cpu, Device::Cpu));
+    let (loss_d, td) = timed(dev, || step(&mut p_dev, dev));
+    checks.push(DeviceCheck {
+        step: format!("purifier training step at {side} px (L1, Adam)"),
+        images: k,
+        compared: "generator weights after two steps: ||cpu - device|| / ||cpu update||".into(),
+        difference: Some(weight_gap(&before, &p_cpu.g_vs, &p_dev.g_vs)),
+        max_difference: Some(5e-2),
+        agreement: None,
+        min_agreement: None,
+        detail: format!("loss cpu {loss_c:.5}, device {loss_d:.5}"),
+        cpu_ms_per_image: per_image(tc, k),
+        device_ms_per_image: per_image(td, k),
+        passed: false,
+    });
+    Ok(checks)
+}
+
+/// The result of `f` and its wall-clock seconds (CUDA synchronised), after one untimed call:
+/// the first call on a device pays for kernel selection and allocation.
+fn timed<T>(device: Device, mut f: impl FnMut() -> T) -> (T, f64) {
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    drop(f());
+    sync();
+    let t = Instant::now();
+    let out = f();
+    sync();
+    (out, t.elapsed().as_secs_f64())
+}
+
+fn per_image(secs: f64, images: i64) -> f64 {
+    1e3 * secs / images.max(1) as f64
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+fn fraction(mask: &Tensor) -> f64 {
+    mask.to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[])
+}
+
+fn accuracy(logits: &Tensor, y: &Tensor) -> f64 {
+    fraction(&logits.argmax(-1, false).eq_tensor(y))
+}
+
+fn snapshot(vs: &nn::VarStore) -> HashMap<String, Tensor> {
+    vs.variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().copy()))
+        .collect()
+}
+
+/// ||cpu - device|| / ||cpu - before|| over every variable: how far apart the two devices'
+/// weights are after one step, measured against how far that step moved them. A norm rather
+/// than a maximum, since Adam's first step moves every weight by about lr whatever the size of
+/// its gradient, so a weight whose gradient is rounding noise may move either way.
+fn weight_gap(before: &HashMap<String, Tensor>, cpu: &nn::VarStore, dev: &nn::VarStore) -> f64 {
+    let dev = dev.variables();
+    let (mut gap, mut update) = (0.0, 0.0);
+    for (name, c) in cpu.variables() {
+        let d = dev[&name].to_device(Device::Cpu);
+        gap += (&c - &d).square().sum(Kind::Double).double_value(&[]);
+        update += (&c - &before[&name])
+            .square()
+            .sum(Kind::Double)
+            .double_value(&[]);
+    }
+    (gap / update.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{ModelSpec, dataset_normalisation};
+
+    /// The CPU against itself: the same weights and inputs must give differences of zero and
+    /// full agreement in every step (up to rounding in the gradient's cosine), which checks that both sides really get the same weights,
+    /// inputs and transform draw, and that the scales are computed as documented.
+    #[test]
+    fn the_cpu_against_itself_agrees_exactly_in_every_step() {
+        let (mean, std) = dataset_normalisation(crate::data::DatasetKind::Cifar10);
+        let spec = ModelSpec::new("airnet-32-64-128".parse().unwrap(), 10, mean, std).unwrap();
+        let cpu = Classifier::new(spec.clone(), Device::Cpu);
+        let mut other = Classifier::new(spec, Device::Cpu);
+        other.vs.copy(&cpu.vs).unwrap();
+        let x = Tensor::linspace(0.0, 1.0, 8 * 3 * 32 * 32, (Kind::Float, Device::Cpu))
+            .view([8, 3, 32, 32])
+            .remainder(0.37)
+            * 2.5;
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
+        let preset = crate::train::purifier::TrainPurifierConfig::preset("purifier-demo").unwrap();
+        let purifier = PurifierConfig {
+            work_size: Some(64),
+            ..preset.purifier
+        };
+        let s = DeviceCheckSettings {
+            device: Device::Cpu,
+            purifier,
+            transform: preset.transform,
+            purifier_images: 2,
+            pgd_steps: 2,
+            eps: 8.0 / 255.0,
+            seed: 3,
+        };
+        let checks = compare(OnBoth { cpu, device: other }, &x, &y, &s).unwrap();
+        assert_eq!(checks.len(), 6);
+        for c in &checks {
+            assert!(c.passed, "{c:?}");
+            if let Some(d) = c.difference {
+                assert_eq!(d, 0.0, "{c:?}");
+            }
+            // (the gradient's cosine: the CPU's backward passes are not bit-reproducible)
+            assert!(c.agreement.is_none_or(|a| a > 1.0 - 1e-6), "{c:?}");
+            assert!(c.cpu_ms_per_image > 0.0 && c.device_ms_per_image > 0.0);
+        }
+        assert!(checks.iter().any(|c| c.step == "purifier forward at 64 px"));
+        // A different weight on one side must show: the comparison is not vacuous.
+        let cpu = Classifier::new(
+            ModelSpec::new("airnet-32-64-128".parse().unwrap(), 10, mean, std).unwrap(),
+            Device::Cpu,
+        );
+        let other = Classifier::new(cpu.spec.clone(), Device::Cpu);
+        let checks = compare(OnBoth { cpu, device: other }, &x, &y, &s).unwrap();
+        assert!(!checks[0].passed, "{:?}", checks[0]);
+    }
+}
