@@ -78,6 +78,7 @@ pub fn compare(
             s.device
         );
     }
+    crate::attacks::check_caps("the device check's PGD", s.pgd_steps, 1)?;
     let n = x.size()[0];
     if n == 0 || s.purifier_images < 1 || s.purifier_images > n {
         bail!(
