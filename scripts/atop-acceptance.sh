@@ -9,18 +9,24 @@
 #   scripts/atop-acceptance.sh CLASSIFIER OUT_DIR PURIFIER [PURIFIER ...]
 #
 # e.g. scripts/atop-acceptance.sh runs/cifar10-small runs/acceptance runs/purifier-cpu runs/atop-fastat
+# A PURIFIER may also be a generator file of a checkpoint (an AToP run's generator-live.safetensors).
 # Environment: STEPS (50), EOT (10), N (512), DRAWS (10), EPS ("8/255 4/255").
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n 2,12p "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,13p "$0" >&2; exit 2; }
 classifier=$1 out=$2
 shift 2
 atop=${ATOP:-target/release/atop}
 [ -x "$atop" ] || { echo "no $atop: run cargo build --release first (or set ATOP)" >&2; exit 1; }
 steps=${STEPS:-50} eot=${EOT:-10} n=${N:-512} draws=${DRAWS:-10}
 mkdir -p "$out"
+# A result folder per purifier: a checkpoint or run folder by its name, a generator file (e.g. a
+# run's generator-live.safetensors) by its whole path.
+name() {
+  if [ -f "$1" ]; then local p=${1%.safetensors}; echo "${p//\//_}"; else basename "$1"; fi
+}
 for purifier in "$@"; do
   for eps in ${EPS:-8/255 4/255}; do
-    dir="$out/$(basename "$purifier")-eps${eps%/255}"
+    dir="$out/$(name "$purifier")-eps${eps%/255}"
     if [ ! -f "$dir/results.json" ]; then
       "$atop" --quiet eval robust --model "$classifier" --purifier "$purifier" \
         --attack pgd --steps "$steps" --eot "$eot" --eps "$eps" --n "$n" --draws "$draws" \
@@ -34,7 +40,7 @@ echo "| purifier | eps | defended clean (single draw) | robust, single draw | ro
 echo "|---|---|---|---|---|---|---|"
 for purifier in "$@"; do
   for eps in ${EPS:-8/255 4/255}; do
-    dir="$out/$(basename "$purifier")-eps${eps%/255}"
+    dir="$out/$(name "$purifier")-eps${eps%/255}"
     python3 - "$dir/results.json" "$purifier" "$eps" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))

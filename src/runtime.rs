@@ -111,6 +111,14 @@ impl Precision {
     }
 }
 
+/// Waits for the kernels queued on `device`, so that wall-clock time measures them (CUDA runs
+/// asynchronously; a no-op on the CPU).
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
 unsafe extern "C" {
     fn atop_autocast_enter(cuda: std::ffi::c_int, dtype: std::ffi::c_int) -> std::ffi::c_int;
     fn atop_autocast_exit(cuda: std::ffi::c_int, prev: std::ffi::c_int) -> std::ffi::c_int;

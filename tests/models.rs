@@ -217,6 +217,10 @@ fn sidecar_errors_name_the_field() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("model.json") && e.contains("cannot read"), "{e}");
+    let e = checkpoint::load(&tmp.path().join("modle"), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("modle: no such file or folder"), "{e}");
     assert!(
         ModelSpec::new(
             Arch::WideResNet {

@@ -699,6 +699,25 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
     assert_eq!(sidecar(&a)["fine_tuning"]["lambda"], 0.1);
     assert_eq!(sidecar(&a)["fine_tuning"]["ema_decay"], 0.9);
     purifies(&a, 16);
+    // Its live weights load by naming their file, wherever a purifier is taken.
+    let live_file = purifier::resolve(&a)
+        .unwrap()
+        .join("generator-live.safetensors");
+    let (p, _) = purifier::load(&live_file, tch::Device::Cpu).unwrap();
+    let loaded = p.g_vs.variables();
+    for (k, w) in live(&a) {
+        assert!(loaded[&k].equal(&w), "{k}: not the live weights");
+    }
+    purifies(&live_file, 12);
+    let typo = live_file.with_file_name("generator-lvie.safetensors");
+    let err = match purifier::load(&typo, tch::Device::Cpu) {
+        Ok(_) => panic!("{} loaded", typo.display()),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("generator-lvie.safetensors: no such file"),
+        "{err}"
+    );
     // Fine-tuned at twice the width: the checkpoint describes the wider generator.
     let wide = tmp.path().join("wide");
     run_ok(

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use atop::attacks::loss::LossKind;
 use atop::attacks::runner::{self, Runner, RunnerConfig};
 use atop::attacks::{AttackSettings, Budget, Norm, parse_eps};
@@ -49,7 +49,8 @@ pub struct TargetArgs {
     /// toy defence; combine with --bpda to attack through it).
     #[arg(long)]
     pub quantize: Option<u32>,
-    /// Defend the classifier with this purifier checkpoint: the attacked model is
+    /// Defend the classifier with this purifier (a checkpoint folder, a training run, or a
+    /// generator file in a checkpoint such as generator-live.safetensors): the attacked model is
     /// classifier(purifier(transform(x))), with exact gradients through all of it (use --eot
     /// for the transform's randomness) or, with --bpda, the identity through transform and purifier.
     #[arg(long)]
@@ -202,17 +203,7 @@ impl TargetArgs {
         let a = self;
         let dir = checkpoint::resolve(&a.model)?;
         let (classifier, sidecar) = checkpoint::load(&dir, device)?;
-        let data_cfg = a.data.config_for(&sidecar, &dir)?;
-        let mut data = data_cfg.load(a.data.split)?;
-        if data.num_classes() != classifier.spec.num_classes {
-            bail!(
-                "the model has {} classes, the {} {} split has {}",
-                classifier.spec.num_classes,
-                data.name,
-                a.data.split.as_str(),
-                data.num_classes()
-            );
-        }
+        let (data_cfg, mut data) = a.data.load_for(&sidecar, &dir)?;
         let indices = match a.n {
             Some(n) => seeded_subset(data.len(), n, a.seed)?,
             None => (0..data.len()).collect(),

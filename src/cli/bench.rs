@@ -7,6 +7,7 @@ use anyhow::Result;
 use atop::data::augment::Augment;
 use atop::data::loader::{Loader, LoaderConfig};
 use atop::data::{DataConfig, DatasetKind, Split};
+use atop::runtime::synchronize;
 use clap::{Args as ClapArgs, Subcommand};
 use serde::Serialize;
 
@@ -263,20 +264,15 @@ fn alternate(
 
 /// Seconds for `steps` calls of `f` after `warmup` untimed ones (CUDA synchronised).
 fn timed(device: tch::Device, warmup: usize, steps: usize, f: &mut dyn FnMut()) -> f64 {
-    let sync = || {
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
     for _ in 0..warmup {
         f();
     }
-    sync();
+    synchronize(device);
     let t = Instant::now();
     for _ in 0..steps {
         f();
     }
-    sync();
+    synchronize(device);
     t.elapsed().as_secs_f64()
 }
 
@@ -996,9 +992,7 @@ fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
                     let yb = y.narrow(0, b * len, len).to_device(global.device);
                     let _ = a.run(&defended, &xb, &yb, 0)?;
                 }
-                if let tch::Device::Cuda(i) = global.device {
-                    tch::Cuda::synchronize(i as i64);
-                }
+                synchronize(global.device);
                 Ok(n as f64 / t.elapsed().as_secs_f64())
             };
             let reference = !args.no_reference && global.device == tch::Device::Cpu;
@@ -1153,10 +1147,7 @@ fn device(args: DeviceBenchArgs, global: &Global) -> Result<()> {
     let dir = checkpoint::resolve(&args.model)?;
     let (cpu, sidecar) = checkpoint::load(&dir, tch::Device::Cpu)?;
     let (on_dev, _) = checkpoint::load(&dir, dev)?;
-    let data = args
-        .data
-        .config_for(&sidecar, &dir)?
-        .load(args.data.split)?;
+    let (_, data) = args.data.load_for(&sidecar, &dir)?;
     let indices = atop::data::subset::seeded_subset(data.len(), args.n, args.seed)?;
     let (x, y) = data.tensors(&indices);
     let preset = atop::train::purifier::TrainPurifierConfig::preset(&args.purifier_preset)?;

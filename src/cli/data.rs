@@ -134,6 +134,28 @@ impl ModelDataArgs {
             skip_corrupt: false,
         })
     }
+
+    /// The split for `sidecar`'s model ([`Self::config_for`]), loaded: an error unless it has
+    /// the model's number of classes.
+    pub fn load_for(
+        &self,
+        sidecar: &atop::models::checkpoint::Sidecar,
+        model_dir: &std::path::Path,
+    ) -> Result<(DataConfig, ImageSet)> {
+        let cfg = self.config_for(sidecar, model_dir)?;
+        let data = cfg.load(self.split)?;
+        if data.num_classes() != sidecar.spec.num_classes {
+            anyhow::bail!(
+                "the model at {} has {} classes, the {} {} split has {}",
+                model_dir.display(),
+                sidecar.spec.num_classes,
+                data.name,
+                self.split.as_str(),
+                data.num_classes()
+            );
+        }
+        Ok((cfg, data))
+    }
 }
 
 #[derive(Debug, ClapArgs)]

@@ -137,9 +137,8 @@ pub fn run(cmd: EvalCommand, global: &Global) -> Result<()> {
 fn clean(a: CleanArgs, global: &Global) -> Result<()> {
     let dir = checkpoint::resolve(&a.model)?;
     let (model, sidecar) = checkpoint::load(&dir, global.device)?;
-    let cfg = a.data.config_for(&sidecar, &dir)?;
+    let (cfg, mut data) = a.data.load_for(&sidecar, &dir)?;
     let dataset = cfg.dataset;
-    let mut data = cfg.load(a.data.split)?;
     let indices = match a.subset {
         Some(n) => {
             let idx = seeded_subset(data.len(), n, a.seed)?;

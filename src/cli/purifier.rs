@@ -213,7 +213,8 @@ fn info(a: InfoArgs, global: &Global) -> Result<()> {
 
 #[derive(Debug, ClapArgs)]
 pub struct PurifyArgs {
-    /// A purifier checkpoint folder or training run.
+    /// A purifier checkpoint folder, a training run, or a generator file in a checkpoint
+    /// (e.g. an AToP run's generator-live.safetensors).
     #[arg(long)]
     pub purifier: PathBuf,
     /// Transforms, comma-separated (rt1, rt2, rt3, none); default: the one it was trained with.
@@ -278,7 +279,7 @@ struct PurifyReport {
 pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
     let started = std::time::Instant::now();
     let dir = purifier::resolve(&a.purifier)?;
-    let (p, sidecar) = purifier::load(&dir, global.device)?;
+    let (p, sidecar) = purifier::load(&a.purifier, global.device)?;
     p.config
         .expect_work_size(a.work_size, &dir.display().to_string())?;
     let kinds: Vec<TransformKind> = match &a.transform {
@@ -448,7 +449,7 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         });
     }
     let report = PurifyReport {
-        purifier: dir,
+        purifier: purifier::source(&a.purifier)?,
         classifier: a.classifier.clone(),
         data: data_desc,
         seconds: started.elapsed().as_secs_f64(),

@@ -123,7 +123,8 @@ pub struct AtopArgs {
     /// The frozen classifier f.
     #[arg(long)]
     pub classifier: Option<PathBuf>,
-    /// The pre-trained purifier g (a checkpoint folder or purifier training run).
+    /// The pre-trained purifier g (a checkpoint folder, a purifier training run, or a generator
+    /// file in a checkpoint).
     #[arg(long)]
     pub purifier: Option<PathBuf>,
     /// Random transform during fine-tuning (default: the purifier's).

@@ -19,6 +19,7 @@ use crate::attacks::pgd::Pgd;
 use crate::attacks::{Attack, Budget};
 use crate::models::{Classifier, Model};
 use crate::purifier::{GanPurifier, PurifierConfig, purified_from};
+use crate::runtime::synchronize;
 use crate::transforms::{TransformConfig, Transformed};
 
 /// What to compare, beyond the classifier and the images.
@@ -327,16 +328,11 @@ fn purifier_checks(
 /// The result of `f` and its wall-clock seconds (CUDA synchronised), after one untimed call:
 /// the first call on a device pays for kernel selection and allocation.
 fn timed<T>(device: Device, mut f: impl FnMut() -> T) -> (T, f64) {
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
     drop(f());
-    sync();
+    synchronize(device);
     let t = Instant::now();
     let out = f();
-    sync();
+    synchronize(device);
     (out, t.elapsed().as_secs_f64())
 }
 

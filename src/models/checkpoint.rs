@@ -149,6 +149,14 @@ pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
 
 /// [`resolve`] for any checkpoint kind whose folder is marked by the file `sidecar`.
 pub fn resolve_folder(path: &Path, sidecar: &str) -> Result<PathBuf, CheckpointError> {
+    // A mistyped name must not fall back to its parent folder (a file in a checkpoint folder
+    // names that checkpoint).
+    if !path.exists() {
+        return Err(CheckpointError::Unreadable {
+            path: path.to_path_buf(),
+            reason: "no such file or folder".into(),
+        });
+    }
     let dir = if path.is_dir() {
         path.to_path_buf()
     } else {

@@ -26,6 +26,9 @@ use generator::{Generator, Layout};
 pub const GENERATOR: &str = "generator.safetensors";
 pub const DISCRIMINATOR: &str = "discriminator.safetensors";
 pub const SIDECAR: &str = "purifier.json";
+/// Entries of a generator weight file that are training state, not weights: the update
+/// counter of the weight average stored beside an AToP run's live generator.
+pub const TRAINING_STATE_PREFIX: &str = "ema.";
 const FORMAT: &str = "atop-purifier";
 const FORMAT_VERSION: u32 = 2;
 
@@ -373,20 +376,29 @@ impl GanPurifier {
 
     /// Loads weights saved by [`GanPurifier::save`] into this purifier (strict names/shapes).
     pub fn load_weights(&mut self, dir: &Path) -> Result<(), CheckpointError> {
+        self.load_generator(&dir.join(GENERATOR))?;
         let what = self.config.describe();
-        let g = dir.join(GENERATOR);
-        checkpoint::copy_into(
-            &self.g_vs,
-            &format!("{what} generator"),
-            checkpoint::read_tensors(&g)?,
-            &g,
-        )?;
         let d = dir.join(DISCRIMINATOR);
         checkpoint::copy_into(
             &self.d_vs,
             &format!("{what} discriminator"),
             checkpoint::read_tensors(&d)?,
             &d,
+        )
+    }
+
+    /// Loads generator weights from `file` (strict names/shapes), skipping the training
+    /// state that may sit beside them ([`TRAINING_STATE_PREFIX`]).
+    pub fn load_generator(&mut self, file: &Path) -> Result<(), CheckpointError> {
+        let weights = checkpoint::read_tensors(file)?
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(TRAINING_STATE_PREFIX))
+            .collect();
+        checkpoint::copy_into(
+            &self.g_vs,
+            &format!("{} generator", self.config.describe()),
+            weights,
+            file,
         )
     }
 }
@@ -510,13 +522,36 @@ pub fn parse_sidecar(text: &str, path: &Path) -> Result<PurifierSidecar> {
     Ok(s)
 }
 
-/// Loads a purifier checkpoint (folder, file in it, or training run) onto `device`.
+/// Loads a purifier checkpoint (folder, file in it, or training run) onto `device`. A
+/// `generator*.safetensors` file other than the folder's own generator is loaded in its place
+/// (e.g. `generator-live.safetensors`, the live weights of an AToP run that exports a weight
+/// average); the description and the discriminator come from its folder.
 pub fn load(path: &Path, device: Device) -> Result<(GanPurifier, PurifierSidecar)> {
     let dir = resolve(path)?;
     let sidecar = read_sidecar(&dir)?;
     let mut p = GanPurifier::new(sidecar.purifier.clone(), device)?;
     p.load_weights(&dir)?;
+    if let Some(file) = chosen_generator(path) {
+        p.load_generator(&file)?;
+    }
     Ok((p, sidecar))
+}
+
+/// What a purifier argument loads, for reports: the generator file it names in place of its
+/// folder's own ([`load`]), else the checkpoint folder.
+pub fn source(path: &Path) -> Result<PathBuf> {
+    match chosen_generator(path) {
+        Some(file) => Ok(file),
+        None => resolve(path),
+    }
+}
+
+/// The generator file a purifier argument names in place of its folder's `generator.safetensors`.
+fn chosen_generator(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let other_generator =
+        name != GENERATOR && name.starts_with("generator") && name.ends_with(".safetensors");
+    (path.is_file() && other_generator).then(|| path.to_path_buf())
 }
 
 /// Peak signal-to-noise ratio (dB) of `a` against `b` (both in [0,1]), per sample.

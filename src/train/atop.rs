@@ -419,7 +419,8 @@ pub struct AtopEpoch {
 }
 
 /// With a weight average: the live generator's weights and the average's update count, beside
-/// the checkpoint's (averaged) `generator.safetensors`.
+/// the checkpoint's (averaged) `generator.safetensors`. Naming this file as a purifier
+/// (`--purifier RUN/checkpoints/epoch-N/generator-live.safetensors`) loads the live weights.
 const LIVE_GENERATOR: &str = "generator-live.safetensors";
 
 /// The per-epoch evaluation of one generator.
@@ -498,7 +499,7 @@ pub fn train(
     );
     let (f, f_sidecar) = checkpoint::load(&classifier_path, device)?;
     let pdir = purifier::resolve(&purifier_path)?;
-    let (p, mut p_sidecar) = purifier::load(&pdir, device)?;
+    let (p, mut p_sidecar) = purifier::load(&purifier_path, device)?;
     if p_sidecar.epoch.unwrap_or(0) == 0 {
         bail!(
             "{}: not a pre-trained purifier (its description records no training epoch): pre-train it with atop train purifier first",

@@ -13,7 +13,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::models::checkpoint;
 
-/// The name of the update counter in [`Ema::state`].
+/// The name of the update counter in [`Ema::live_state`]; a purifier loader given that file
+/// skips it (it starts with [`crate::purifier::TRAINING_STATE_PREFIX`]).
 const UPDATES: &str = "ema.updates";
 
 pub struct Ema {
