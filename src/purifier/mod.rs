@@ -377,6 +377,10 @@ impl GanPurifier {
     /// Loads weights saved by [`GanPurifier::save`] into this purifier (strict names/shapes).
     pub fn load_weights(&mut self, dir: &Path) -> Result<(), CheckpointError> {
         self.load_generator(&dir.join(GENERATOR))?;
+        self.load_discriminator(dir)
+    }
+
+    fn load_discriminator(&mut self, dir: &Path) -> Result<(), CheckpointError> {
         let what = self.config.describe();
         let d = dir.join(DISCRIMINATOR);
         checkpoint::copy_into(
@@ -530,10 +534,8 @@ pub fn load(path: &Path, device: Device) -> Result<(GanPurifier, PurifierSidecar
     let dir = resolve(path)?;
     let sidecar = read_sidecar(&dir)?;
     let mut p = GanPurifier::new(sidecar.purifier.clone(), device)?;
-    p.load_weights(&dir)?;
-    if let Some(file) = chosen_generator(path) {
-        p.load_generator(&file)?;
-    }
+    p.load_generator(&chosen_generator(path).unwrap_or_else(|| dir.join(GENERATOR)))?;
+    p.load_discriminator(&dir)?;
     Ok((p, sidecar))
 }
 
