@@ -734,6 +734,70 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
     assert_eq!(sidecar(&wide)["purifier"]["width"], 16);
     assert_eq!(sidecar(&wide)["fine_tuning"]["widen"], 16);
     purifies(&wide, 8);
+    // Between the widened run and the purifier it started from (recorded in its description):
+    // alpha 0 computes the start's function, 1 is the run's generator, 0.5 purifies.
+    let interpolate = |alpha: &str, out: &Path| {
+        atop()
+            .args(["--quiet", "purifier", "interpolate", "--tuned"])
+            .arg(&wide)
+            .args(["--alpha", alpha, "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let at = |alpha: &str| {
+        let out = tmp.path().join(format!("interpolated-{alpha}"));
+        let done = interpolate(alpha, &out);
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        out
+    };
+    let (zero, one, half) = (at("0"), at("1"), at("0.5"));
+    let x = Tensor::rand([4, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+    let mask = x.narrow(1, 0, 1).gt(0.7).to_kind(tch::Kind::Float);
+    let fine = |p: &Path| {
+        let (g, _) = purifier::load(p, tch::Device::Cpu).unwrap();
+        tch::no_grad(|| g.generate(&x, &mask).1)
+    };
+    let d = (fine(&zero) - fine(trained()))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(d < 1e-4, "alpha 0 is off the pre-trained purifier by {d}");
+    for ((k, t), (_, o)) in generator_weights(&wide)
+        .iter()
+        .zip(&generator_weights(&one))
+    {
+        assert!(t.equal(o), "alpha 1 changed {k}");
+    }
+    assert_eq!(sidecar(&half)["interpolation"]["alpha"], 0.5);
+    assert_eq!(sidecar(&half)["purifier"]["width"], 16);
+    purifies(&half, 8);
+    // The same command again is its result; another alpha, an input's folder or a bad alpha
+    // is refused, and the inputs are untouched.
+    assert!(interpolate("0.5", &half).status.success());
+    let before = generator_weights(trained());
+    let start_dir = purifier::resolve(trained()).unwrap();
+    for (alpha, out, expect) in [
+        ("0.3", &half, "holds another purifier"),
+        ("0.5", &start_dir, "--out"),
+        ("1.5", &tmp.path().join("never"), "alpha = 1.5"),
+    ] {
+        let refused = interpolate(alpha, out);
+        let msg = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && msg.contains(expect),
+            "{alpha}: {msg}"
+        );
+    }
+    assert!(!tmp.path().join("never").exists());
+    for ((k, a), (_, b)) in before.iter().zip(&generator_weights(trained())) {
+        assert!(a.equal(b), "{k} of the start changed");
+    }
+    purifies(&wide, 8);
 
     // Bad input, refused before any step and without a run folder left behind.
     let err = |extra: &[&str], purifier: &Path| {

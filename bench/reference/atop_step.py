@@ -3,7 +3,8 @@
 The same step as atop's trainer (src/train/atop.rs, FineTuner::step), written independently:
   1. x' by FGSM (one step of eps) or PGD-k (uniform random start, sign steps, projection) on the
      CE loss, against the frozen classifier alone or the whole defended model
-     f(down(g(t(up(x))))) with EOT samples averaged per step (float32, like atop's attack);
+     f(down(g(t(up(x))))) with EOT samples averaged per step (float32 like atop's attack, or
+     bf16 autocast with --attack-bf16 1, atop's `adversary.precision`);
   2. the purifier's pass on x' under bf16 autocast when asked: bilinear resize to the working
      size, Gaussian noise and an RT2 block mask drawn there, the generator, the purified image
      area-averaged back to the classifier's size;
@@ -14,7 +15,7 @@ Weights are random (timing only). Prints one JSON line with steps/s and img/s.
 
 Usage: python atop_step.py --width C [LAYOUT] --classifier airnet-32-64-128 --batch B
        --attack fgsm|pgd --target classifier|defended --eps E --steps K --step-size S --eot T
-       [--lam L] [--reconstruction clean|adversarial] [--gan-weight G] [--l1-weight W] [--lr LR] [--bf16 0|1] [--work-size P]
+       [--lam L] [--reconstruction clean|adversarial] [--gan-weight G] [--l1-weight W] [--lr LR] [--bf16 0|1] [--attack-bf16 0|1] [--work-size P]
        [--sigma S] [--disc-width 64] [--grid 8] [--holes 16] [--timed 3] [--warmup 1] [--threads N]
   LAYOUT: as purifier.py ([--no-attention] [--stages] [--skips] [--group-norm] [--residual])
 """
@@ -70,6 +71,7 @@ def main():
     p.add_argument("--l1-weight", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--bf16", type=int, default=0)
+    p.add_argument("--attack-bf16", type=int, default=0)
     p.add_argument("--timed", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
@@ -92,8 +94,8 @@ def main():
     x = torch.rand(a.batch, 3, a.size, a.size)
     y = torch.randint(0, 10, (a.batch,))
 
-    def autocast():
-        if a.bf16:
+    def autocast(on=None):
+        if a.bf16 if on is None else on:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -127,7 +129,8 @@ def main():
             grad = torch.zeros_like(xa)
             for _ in range(eot):
                 z = adv.detach().requires_grad_(True)
-                loss = F.cross_entropy(model(z), ya, reduction="sum")
+                with autocast(a.attack_bf16):
+                    loss = F.cross_entropy(model(z), ya, reduction="sum")
                 grad += torch.autograd.grad(loss, z)[0]
             adv = adv + grad.sign() * size
             adv = torch.min(torch.max(adv, xa - a.eps), xa + a.eps).clamp(0, 1).detach()

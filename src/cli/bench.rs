@@ -579,6 +579,14 @@ fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
                         "0"
                     },
                 ])
+                .args([
+                    "--attack-bf16",
+                    if cfg.adversary.precision.resolve(device) == Precision::Bf16 {
+                        "1"
+                    } else {
+                        "0"
+                    },
+                ])
                 .args(["--timed", &args.steps.to_string()])
                 .args(["--warmup", &args.warmup.to_string()])
                 .args(["--threads", &threads.to_string()]);

@@ -1,4 +1,5 @@
-//! `atop purifier info` (architecture and parameter counts) and `atop purify` (transform +
+//! `atop purifier info` (architecture and parameter counts), `atop purifier interpolate`
+//! (a purifier between a fine-tuned one and its start) and `atop purify` (transform +
 //! purify a dataset split or a folder of images; PSNR/SSIM against the originals and, with a
 //! classifier, accuracy on clean and purified images).
 
@@ -133,6 +134,27 @@ impl PurifierArchArgs {
 pub enum PurifierCommand {
     /// Parameter counts and output shapes of a purifier architecture or checkpoint.
     Info(InfoArgs),
+    /// A purifier between a fine-tuned one and the one it started from: every generator weight
+    /// (1 - alpha) * start + alpha * tuned (weight-space ensembling, WiSE-FT), written as a
+    /// new checkpoint folder that every command takes as --purifier.
+    Interpolate(InterpolateArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct InterpolateArgs {
+    /// The fine-tuned purifier: a checkpoint folder, a training run, or a generator file in a
+    /// checkpoint (e.g. generator-live.safetensors).
+    #[arg(long)]
+    pub tuned: PathBuf,
+    /// The purifier the fine-tuning started from (default: the one its description records).
+    #[arg(long)]
+    pub start: Option<PathBuf>,
+    /// How far from the start (0) toward the tuned purifier (1).
+    #[arg(long)]
+    pub alpha: f64,
+    /// The new checkpoint folder.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -162,6 +184,21 @@ struct Info {
 pub fn run(cmd: PurifierCommand, global: &Global) -> Result<()> {
     match cmd {
         PurifierCommand::Info(a) => info(a, global),
+        PurifierCommand::Interpolate(a) => {
+            let made = purifier::write_interpolated(&a.tuned, a.start.as_deref(), a.alpha, &a.out)?;
+            if global.json {
+                println!("{}", serde_json::to_string_pretty(&made)?);
+            } else {
+                println!(
+                    "{}: alpha {} from {} to {}",
+                    a.out.display(),
+                    made.alpha,
+                    made.start,
+                    made.tuned
+                );
+            }
+            Ok(())
+        }
     }
 }
 

@@ -260,6 +260,10 @@ pub struct AdversaryArgs {
     /// Share of each batch made adversarial, in (0, 1]; the rest stays clean (default 1).
     #[arg(long, value_parser = crate::cli::share)]
     pub adversary_fraction: Option<f64>,
+    /// Arithmetic of the attack that makes x': f32 (default), bf16 autocast, or auto (bf16
+    /// where the hardware computes it natively). Evaluation attacks stay f32.
+    #[arg(long, value_enum)]
+    pub adversary_precision: Option<atop::runtime::Precision>,
 }
 
 impl AdversaryArgs {
@@ -271,6 +275,7 @@ impl AdversaryArgs {
         set_some(&mut adv.step_size, &self.adversary_step_size);
         set(&mut adv.eot, &self.adversary_eot);
         set(&mut adv.fraction, &self.adversary_fraction);
+        set(&mut adv.precision, &self.adversary_precision);
     }
 }
 

@@ -216,11 +216,31 @@ pub struct PurifierSidecar {
     /// `config` stays the pre-training's).
     #[serde(default)]
     pub fine_tuning: Option<serde_json::Value>,
+    /// Set on a purifier that `atop purifier interpolate` made from a fine-tuned one.
+    #[serde(default)]
+    pub interpolation: Option<Interpolation>,
     pub atop_version: String,
     pub torch_version: String,
 }
 
+/// Where an interpolated purifier ([`GanPurifier::interpolated`]) comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Interpolation {
+    /// The checkpoint the interpolation started from (a folder, or a generator file in one).
+    pub start: String,
+    /// The fine-tuned checkpoint (a folder, or a generator file in one).
+    pub tuned: String,
+    /// How far along the line from start (0) to tuned (1).
+    pub alpha: f64,
+}
+
 impl PurifierSidecar {
+    /// The purifier an AToP fine-tuning started from, as its settings record it.
+    pub fn fine_tuned_from(&self) -> Option<PathBuf> {
+        let from = self.fine_tuning.as_ref()?.get("purifier")?.as_str()?;
+        Some(PathBuf::from(from))
+    }
+
     /// The data it was trained on: its training config's `data`, or a dataset name alone.
     pub fn data_config(&self) -> Option<crate::data::DataConfig> {
         self.config
@@ -246,6 +266,7 @@ impl PurifierSidecar {
             step: None,
             config: serde_json::Value::Null,
             fine_tuning: None,
+            interpolation: None,
             atop_version: env!("CARGO_PKG_VERSION").into(),
             torch_version: env!("ATOP_TORCH_VERSION").into(),
         }
@@ -313,6 +334,49 @@ impl GanPurifier {
             .with_context(|| format!("widen = {width}"))?;
         wide.d_vs.copy(&self.d_vs)?;
         Ok(wide)
+    }
+
+    /// The purifier on the straight line between the one a fine-tuning started from
+    /// (`start`) and its result (`self`), `alpha` of the way to the result: every generator
+    /// weight is (1 - alpha) * start + alpha * tuned (weight-space ensembling, WiSE-FT,
+    /// Wortsman et al. 2022), the discriminator is the tuned one. A `start` narrower than the
+    /// tuned generator (a fine-tuning with `widen`) enters at the tuned width computing its own
+    /// function ([`Generator::widen_from`] into a copy of the tuned weights, so the weights
+    /// that cannot affect that function are the tuned ones and stay put): alpha = 0 computes
+    /// exactly what `start` computes, alpha = 1 what `self` computes.
+    pub fn interpolated(&self, start: &GanPurifier, alpha: f64) -> Result<GanPurifier> {
+        check_alpha(alpha)?;
+        let same_layout = PurifierConfig {
+            width: self.config.width,
+            ..start.config.clone()
+        } == self.config;
+        if !same_layout || start.config.width > self.config.width {
+            bail!(
+                "the start ({}) is not the tuned purifier's architecture ({}) at the same or a smaller width",
+                start.config.describe(),
+                self.config.describe()
+            );
+        }
+        let copy = || -> Result<GanPurifier> {
+            let mut p = GanPurifier::new(self.config.clone(), self.device())?;
+            p.g_vs.copy(&self.g_vs)?;
+            p.d_vs.copy(&self.d_vs)?;
+            Ok(p)
+        };
+        let mut anchor = copy()?;
+        if start.config.width == self.config.width {
+            anchor.g_vs.copy(&start.g_vs)?;
+        } else {
+            anchor.generator.widen_from(&start.generator)?;
+        }
+        let out = copy()?;
+        let (from, to) = (anchor.g_vs.variables(), self.g_vs.variables());
+        tch::no_grad(|| {
+            for (name, mut w) in out.g_vs.variables() {
+                w.copy_(&(&from[&name] * (1.0 - alpha) + &to[&name] * alpha));
+            }
+        });
+        Ok(out)
     }
 
     pub fn generator_parameters(&self) -> i64 {
@@ -554,6 +618,101 @@ fn chosen_generator(path: &Path) -> Option<PathBuf> {
     let other_generator =
         name != GENERATOR && name.starts_with("generator") && name.ends_with(".safetensors");
     (path.is_file() && other_generator).then(|| path.to_path_buf())
+}
+
+fn check_alpha(alpha: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&alpha) {
+        bail!("alpha = {alpha}: expected a number from 0 (the start) to 1 (the tuned purifier)");
+    }
+    Ok(())
+}
+
+/// Writes the purifier `alpha` of the way from `start` to `tuned` ([`GanPurifier::interpolated`])
+/// as a checkpoint folder `out`, described as `tuned` is plus where it came from. `start`
+/// defaults to the purifier the fine-tuning recorded as its start. `out` must be a new folder,
+/// or one holding only an earlier result of this command; never one of the inputs.
+pub fn write_interpolated(
+    tuned: &Path,
+    start: Option<&Path>,
+    alpha: f64,
+    out: &Path,
+) -> Result<Interpolation> {
+    check_alpha(alpha)?;
+    let (late, mut sidecar) = load(tuned, Device::Cpu)?;
+    let start = match start {
+        Some(s) => s.to_path_buf(),
+        None => sidecar.fine_tuned_from().with_context(|| {
+            format!(
+                "{}: its description records no fine-tuning start: name the purifier it started from with --start",
+                tuned.display()
+            )
+        })?,
+    };
+    let (early, early_sidecar) = load(&start, Device::Cpu)
+        .with_context(|| format!("the start of the interpolation, {}", start.display()))?;
+    if (early_sidecar.dataset.as_ref(), early_sidecar.image_size)
+        != (sidecar.dataset.as_ref(), sidecar.image_size)
+    {
+        bail!(
+            "{} was trained on {:?} at {:?} px, {} on {:?} at {:?} px: expected the same data",
+            start.display(),
+            early_sidecar.dataset,
+            early_sidecar.image_size,
+            tuned.display(),
+            sidecar.dataset,
+            sidecar.image_size
+        );
+    }
+    // A fine-tuned description counts the start's epochs and its own.
+    if let (Some(before), Some(after)) = (early_sidecar.epoch, sidecar.epoch)
+        && before >= after
+    {
+        bail!(
+            "{} records {before} training epochs, {} only {after}: it cannot be the start of that fine-tuning; name its start with --start",
+            start.display(),
+            tuned.display()
+        );
+    }
+    for input in [resolve(tuned)?, resolve(&start)?] {
+        if let (Ok(i), Ok(o)) = (input.canonicalize(), out.canonicalize())
+            && i == o
+        {
+            bail!(
+                "--out {} is an input's folder: interpolate never writes over its inputs; choose another --out",
+                out.display()
+            );
+        }
+    }
+    let record = Interpolation {
+        start: source(&start)?.display().to_string(),
+        tuned: source(tuned)?.display().to_string(),
+        alpha,
+    };
+    // A folder holding only these files is an earlier write of this command: an unfinished
+    // one (no description yet, written last) is redone, a finished one of the same
+    // interpolation is the result, any other purifier is kept.
+    crate::io::check_output_dir(out, &[GENERATOR, DISCRIMINATOR, SIDECAR], "--out")?;
+    if out.join(SIDECAR).exists() {
+        let earlier = read_sidecar(out)?.interpolation;
+        if earlier.as_ref().is_some_and(|e| {
+            (e.start.as_str(), e.tuned.as_str()) == (&record.start, &record.tuned)
+                && (e.alpha - alpha).abs() < 1e-12
+        }) {
+            return Ok(record);
+        }
+        bail!(
+            "--out {} holds another purifier ({}): choose a new folder",
+            out.display(),
+            match earlier {
+                Some(e) => format!("alpha {} from {} to {}", e.alpha, e.start, e.tuned),
+                None => "not an interpolation".into(),
+            }
+        );
+    }
+    let mixed = late.interpolated(&early, alpha)?;
+    sidecar.interpolation = Some(record.clone());
+    mixed.save(out, &sidecar)?;
+    Ok(record)
 }
 
 /// Peak signal-to-noise ratio (dB) of `a` against `b` (both in [0,1]), per sample.
@@ -807,6 +966,67 @@ mod tests {
         .unwrap();
         let e = normed.widened(16).err().unwrap().to_string();
         assert!(e.contains("group_norm"), "{e}");
+    }
+
+    #[test]
+    fn an_interpolated_purifier_runs_from_the_start_function_to_the_tuned_weights() {
+        tch::manual_seed(8);
+        let cfg = PurifierConfig {
+            width: 8,
+            disc_width: 4,
+            attention: false,
+            skips: true,
+            ..Default::default()
+        };
+        let x = Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let mask = TransformConfig::with_kind(TransformKind::Rt1)
+            .sample(&x)
+            .masks
+            .remove(0);
+        let start = GanPurifier::new(cfg.clone(), Device::Cpu).unwrap();
+        start.normalise(&x, &TransformConfig::default());
+        // Tuned at the same width and at twice it: weights unrelated to the start's.
+        for width in [8, 16] {
+            let tuned = GanPurifier::new(
+                PurifierConfig {
+                    width,
+                    ..cfg.clone()
+                },
+                Device::Cpu,
+            )
+            .unwrap();
+            tuned.normalise(&x, &TransformConfig::default());
+            let at = |alpha| tuned.interpolated(&start, alpha).unwrap();
+            let out = |p: &GanPurifier| tch::no_grad(|| p.generate(&x, &mask).1);
+            let d = (out(&at(0.0)) - out(&start)).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "width {width}: alpha 0 is off the start by {d}");
+            let (one, half) = (at(1.0), at(0.5));
+            let (s, t, o, h) = (
+                start.g_vs.variables(),
+                tuned.g_vs.variables(),
+                one.g_vs.variables(),
+                half.g_vs.variables(),
+            );
+            for (k, w) in &t {
+                assert!(o[k].equal(w), "width {width}: alpha 1 changed {k}");
+            }
+            // On the channels the two share, half way is the mean of the two weights.
+            let shared = |w: &Tensor| w.narrow(0, 0, 4).narrow(1, 0, 3);
+            let k = "coarse.conv1.weight";
+            let mean = (shared(&s[k]) + shared(&t[k])) * 0.5;
+            let d = (shared(&h[k]) - mean).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "width {width}: alpha 0.5 is not half way ({d})");
+            assert!(!out(&half).equal(&out(&start)) && !out(&half).equal(&out(&tuned)));
+        }
+        let tuned = start.widened(16).unwrap();
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let e = tuned.interpolated(&start, bad).err().unwrap().to_string();
+            assert!(e.contains("alpha"), "{e}");
+        }
+        let e = start.interpolated(&tuned, 0.5).err().unwrap().to_string();
+        assert!(e.contains("not the tuned purifier's architecture"), "{e}");
+        let other = GanPurifier::new(PurifierConfig { stages: 1, ..cfg }, Device::Cpu).unwrap();
+        assert!(tuned.interpolated(&other, 0.5).is_err());
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub struct AdversaryConfig {
     /// Goodfellow et al. 2015), so the generator keeps seeing the images it must not spoil.
     /// 1 = every image is x' (Eq. 9).
     pub fraction: f64,
+    /// Arithmetic of the attack's passes: f32, or bf16 autocast (as the generator's training
+    /// step may use) for a faster x'. The per-epoch evaluation attacks in f32 whatever this is.
+    pub precision: Precision,
 }
 
 impl Default for AdversaryConfig {
@@ -108,6 +111,7 @@ impl Default for AdversaryConfig {
             step_size: None,
             eot: 1,
             fraction: 1.0,
+            precision: Precision::F32,
         }
     }
 }
@@ -164,7 +168,12 @@ impl AdversaryConfig {
         } else {
             String::new()
         };
-        format!("{}{share}", self.describe_attack())
+        let arithmetic = match self.precision {
+            Precision::F32 => "",
+            Precision::Bf16 => ", in bf16 autocast",
+            Precision::Auto => ", in bf16 autocast where the hardware has it",
+        };
+        format!("{}{share}{arithmetic}", self.describe_attack())
     }
 
     fn describe_attack(&self) -> String {
@@ -663,7 +672,9 @@ fn check_adversary(
         AdversaryTarget::Defended => &whole,
     };
     let mut stats = GradStats::default();
-    let _ = gradient(model, &x, &y, &|z| loss::ce(z, &y), 1, &mut stats);
+    autocast(x.device(), adv.precision, || {
+        gradient(model, &x, &y, &|z| loss::ce(z, &y), 1, &mut stats)
+    });
     if stats.zero + stats.non_finite >= stats.evaluations.max(1) {
         bail!(
             "the training attack ({}) cannot run on its model: {} of {} input gradients are zero or not finite",
@@ -749,10 +760,12 @@ impl<'a> FineTuner<'a> {
             x.copy()
         };
         let mut stats = GradStats::default();
-        for _ in 0..steps {
-            let e = gradient(model, &a, y, &|z| loss::ce(z, y), eot, &mut stats);
-            a = norm.project(&(&a + norm.direction(&e.grad) * size), x, adv.eps);
-        }
+        autocast(x.device(), adv.precision, || {
+            for _ in 0..steps {
+                let e = gradient(model, &a, y, &|z| loss::ce(z, y), eot, &mut stats);
+                a = norm.project(&(&a + norm.direction(&e.grad) * size), x, adv.eps);
+            }
+        });
         Ok(a.detach())
     }
 
@@ -1263,6 +1276,45 @@ mod tests {
         let d = (&adv - &x).abs().max().double_value(&[]);
         assert!(d <= cfg.adversary.eps + 1e-6, "{d}");
         assert!(adv.min().double_value(&[]) >= 0.0 && adv.max().double_value(&[]) <= 1.0);
+    }
+
+    #[test]
+    fn a_bf16_training_attack_stays_in_budget_and_follows_the_f32_one() {
+        let mut cfg = TrainAtopConfig::preset("atop-demo").unwrap();
+        cfg.adversary = AdversaryConfig {
+            attack: AdversaryKind::Pgd,
+            target: AdversaryTarget::Defended,
+            steps: 1,
+            ..Default::default()
+        };
+        let mut x_adv = |precision| {
+            cfg.adversary.precision = precision;
+            tch::manual_seed(12);
+            let (f, p) = tiny_models();
+            let tuner = FineTuner::new(&cfg, f, p, TransformConfig::default()).unwrap();
+            let (x, y) = random_batch();
+            tch::manual_seed(13);
+            (
+                tuner.adversarial(&x, &y).unwrap(),
+                x,
+                cfg.adversary.describe(),
+            )
+        };
+        let (full, x, _) = x_adv(Precision::F32);
+        let (half, _, described) = x_adv(Precision::Bf16);
+        assert!(described.contains("bf16"), "{described}");
+        assert_eq!(half.kind(), Kind::Float);
+        let d = (&half - &x).abs().max().double_value(&[]);
+        assert!(d <= cfg.adversary.eps + 1e-6, "{d}");
+        assert!(half.min().double_value(&[]) >= 0.0 && half.max().double_value(&[]) <= 1.0);
+        // Same random start and transforms: the steps differ only where bf16 flips a
+        // gradient's sign.
+        let same = (&full - &x).sign().eq_tensor(&(&half - &x).sign());
+        let agree = same
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(agree > 0.7 && agree < 1.0, "sign agreement {agree}");
     }
 
     #[test]
