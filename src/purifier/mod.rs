@@ -369,14 +369,15 @@ impl GanPurifier {
         } else {
             anchor.generator.widen_from(&start.generator)?;
         }
-        let out = copy()?;
-        let (from, to) = (anchor.g_vs.variables(), self.g_vs.variables());
+        // The start's weights become the result in place: one copy of the generator, not two.
+        let to = self.g_vs.variables();
         tch::no_grad(|| {
-            for (name, mut w) in out.g_vs.variables() {
-                w.copy_(&(&from[&name] * (1.0 - alpha) + &to[&name] * alpha));
+            for (name, mut w) in anchor.g_vs.variables() {
+                let mixed = &w * (1.0 - alpha) + &to[&name] * alpha;
+                w.copy_(&mixed);
             }
         });
-        Ok(out)
+        Ok(anchor)
     }
 
     pub fn generator_parameters(&self) -> i64 {
