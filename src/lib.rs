@@ -2,7 +2,8 @@
 //! on libtorch via tch.
 //!
 //! The modules read as the pipeline: `data -> models -> transforms -> purifier -> attacks ->
-//! train -> eval -> report`, with `runtime` (device, threads) underneath and the CLI on top.
+//! train -> eval -> report -> study` (`atop run`: every stage in one command), with `runtime`
+//! (device, threads) underneath and the CLI on top.
 
 pub mod attacks;
 pub mod data;
@@ -13,5 +14,6 @@ pub mod progress;
 pub mod purifier;
 pub mod report;
 pub mod runtime;
+pub mod study;
 pub mod train;
 pub mod transforms;

@@ -8,12 +8,9 @@ use anyhow::Result;
 use atop::attacks::loss::LossKind;
 use atop::attacks::runner::{self, Runner, RunnerConfig};
 use atop::attacks::{AttackSettings, Budget, Norm, parse_eps};
-use atop::data::subset::seeded_subset;
 use atop::models::Model;
-use atop::models::checkpoint;
-use atop::purifier::defended::{Defence, defended};
 use atop::report::grid;
-use atop::transforms::{TransformConfig, TransformKind};
+use atop::transforms::TransformKind;
 use clap::Args as ClapArgs;
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -152,130 +149,29 @@ impl SettingsArgs {
     }
 }
 
-/// What [`TargetArgs`] load: the classifier, the purifier, the defence settings and the data.
-pub struct Target {
-    pub dir: PathBuf,
-    pub classifier: atop::models::Classifier,
-    pub purifier: Option<(atop::purifier::GanPurifier, atop::purifier::PurifierSidecar)>,
-    pub defence: Defence,
-    /// Content hash of the classifier's and the purifier's weights and descriptions.
-    pub model_hash: String,
-    pub dataset: String,
-    /// "cifar10 test n=512 seed=0".
-    pub data: String,
-    pub class_names: Vec<String>,
-    pub x: Tensor,
-    pub y: Tensor,
-    pub indices: Vec<usize>,
-}
-
-impl Target {
-    /// The defended model on the loaded images' size.
-    pub fn model(&self) -> Result<atop::models::pipeline::Pipeline<'_>> {
-        self.model_with(&self.defence)
-    }
-
-    /// The same model with the identity backward through its defence stages (BPDA).
-    pub fn bpda_model(&self) -> Result<atop::models::pipeline::Pipeline<'_>> {
-        self.model_with(&Defence {
-            bpda: true,
-            ..self.defence.clone()
-        })
-    }
-
-    fn model_with(&self, defence: &Defence) -> Result<atop::models::pipeline::Pipeline<'_>> {
-        defended(
-            &self.classifier,
-            self.purifier.as_ref().map(|(p, s)| (p, &s.transform)),
-            defence,
-            (self.x.size()[2], self.x.size()[3]),
-        )
-    }
-}
-
 impl TargetArgs {
+    pub fn spec(&self) -> atop::eval::target::TargetSpec {
+        atop::eval::target::TargetSpec {
+            model: self.model.clone(),
+            quantize: self.quantize,
+            purifier: self.purifier.clone(),
+            transform: self.transform,
+            transform_overrides: self.transform_settings.overrides(),
+            work_size: self.work_size,
+            bpda: self.bpda,
+            data: self.data.model_data(),
+            n: self.n,
+            seed: self.seed,
+        }
+    }
+
     /// Whether a defence stage stands in front of the classifier.
     pub fn has_defence(&self) -> bool {
-        self.purifier.is_some() || self.transform.is_some() || self.quantize.is_some()
+        self.spec().has_defence()
     }
 
-    pub fn load(&self, device: tch::Device) -> Result<Target> {
-        let a = self;
-        let dir = checkpoint::resolve(&a.model)?;
-        let (classifier, sidecar) = checkpoint::load(&dir, device)?;
-        let (data_cfg, mut data) = a.data.load_for(&sidecar, &dir)?;
-        let indices = match a.n {
-            Some(n) => seeded_subset(data.len(), n, a.seed)?,
-            None => (0..data.len()).collect(),
-        };
-        data = data.select(&indices);
-        let (x, y) = data.tensors(&(0..data.len()).collect::<Vec<_>>());
-        let purifier = a
-            .purifier
-            .as_ref()
-            .map(|path| atop::purifier::load(path, device))
-            .transpose()?;
-        // The transform: the purifier's training one, or the kind given, with the settings on top.
-        let transform = match (&purifier, a.transform) {
-            (Some((_, sidecar)), kind) => {
-                let mut t = sidecar.transform.clone();
-                if let Some(kind) = kind {
-                    t.kind = kind;
-                }
-                Some(t)
-            }
-            (None, Some(kind)) => Some(TransformConfig::with_kind(kind)),
-            (None, None) => None,
-        };
-        let transform = transform.map(|mut t| {
-            a.transform_settings.apply(&mut t);
-            t
-        });
-        let defence = Defence {
-            transform,
-            work_size: a.work_size,
-            quantize: a.quantize,
-            bpda: a.bpda,
-        };
-        // Resume state is keyed by content: other weights or other images are another run.
-        let mut weights: Vec<(String, tch::Tensor)> =
-            classifier.vs.variables().into_iter().collect();
-        if let Some((p, _)) = &purifier {
-            weights.extend(
-                p.g_vs
-                    .variables()
-                    .into_iter()
-                    .map(|(k, v)| (format!("generator.{k}"), v)),
-            );
-        }
-        weights.sort_by(|a, b| a.0.cmp(&b.0));
-        let model_hash = atop::io::fingerprint(
-            &weights.iter().map(|(_, t)| t).collect::<Vec<_>>(),
-            &serde_json::to_string(&(
-                &classifier.spec,
-                purifier.as_ref().map(|(_, s)| &s.purifier),
-            ))?,
-        )?;
-        let data_hash = atop::io::fingerprint(&[&x, &y], "")?;
-        Ok(Target {
-            dir,
-            classifier,
-            purifier,
-            defence,
-            model_hash,
-            dataset: data_cfg.dataset.as_str().into(),
-            data: format!(
-                "{} {} n={} seed={} content {data_hash}",
-                data_cfg.dataset.as_str(),
-                a.data.split.as_str(),
-                indices.len(),
-                a.seed
-            ),
-            class_names: data.class_names.clone(),
-            x,
-            y,
-            indices,
-        })
+    pub fn load(&self, device: tch::Device) -> Result<atop::eval::target::Target> {
+        self.spec().load(device)
     }
 }
 
@@ -330,12 +226,7 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
         settings,
         batch_size: a.batch_size,
         seed: a.target.seed,
-        model: format!(
-            "{} [{}] weights {}",
-            target.dir.display(),
-            model.describe(),
-            target.model_hash
-        ),
+        model: target.describe()?,
         data: target.data.clone(),
     };
     for name in &config.attacks {

@@ -85,76 +85,22 @@ pub struct ModelDataArgs {
 }
 
 impl ModelDataArgs {
-    /// The data settings for `sidecar`'s model: flags first, then its training config.
-    pub fn config_for(
-        &self,
-        sidecar: &atop::models::checkpoint::Sidecar,
-        model_dir: &std::path::Path,
-    ) -> Result<DataConfig> {
-        let trained = sidecar
-            .config
-            .get("data")
-            .and_then(|d| serde_json::from_value::<DataConfig>(d.clone()).ok());
-        let own: Option<DatasetKind> = match (&trained, &sidecar.dataset) {
-            (Some(t), _) => Some(t.dataset),
-            (None, Some(name)) => Some(serde_json::from_value(serde_json::Value::String(
-                name.clone(),
-            ))?),
-            (None, None) => None,
-        };
-        let dataset = match (self.data.dataset, own) {
-            // Another named dataset has other classes under the same label numbers: scoring a
-            // CIFAR-10 model on ImageNette would be a number without meaning. A folder of
-            // images is the user's own choice of data for the model.
-            (Some(d), Some(o)) if d != o && d != DatasetKind::Folder => anyhow::bail!(
-                "--dataset {}: the model at {} was trained on {}, whose classes are not {}'s",
-                d.as_str(),
-                model_dir.display(),
-                o.as_str(),
-                d.as_str()
-            ),
-            (Some(d), _) => d,
-            (None, Some(o)) => o,
-            (None, None) => anyhow::bail!(
-                "{}: the model does not say which dataset it is for; pass --dataset",
-                model_dir.display()
-            ),
-        };
-        Ok(DataConfig {
-            dataset,
-            root: self
-                .data
-                .root
-                .clone()
-                .or_else(|| trained.as_ref().and_then(|t| t.root.clone())),
-            image_size: self
-                .data
-                .image_size
-                .or_else(|| trained.as_ref().and_then(|t| t.image_size)),
-            skip_corrupt: false,
-        })
+    pub fn model_data(&self) -> atop::eval::target::ModelData {
+        atop::eval::target::ModelData {
+            dataset: self.data.dataset,
+            root: self.data.root.clone(),
+            image_size: self.data.image_size,
+            split: self.split,
+        }
     }
 
-    /// The split for `sidecar`'s model ([`Self::config_for`]), loaded: an error unless it has
-    /// the model's number of classes.
+    /// The split for `sidecar`'s model, loaded (see [`atop::eval::target::ModelData`]).
     pub fn load_for(
         &self,
         sidecar: &atop::models::checkpoint::Sidecar,
         model_dir: &std::path::Path,
     ) -> Result<(DataConfig, ImageSet)> {
-        let cfg = self.config_for(sidecar, model_dir)?;
-        let data = cfg.load(self.split)?;
-        if data.num_classes() != sidecar.spec.num_classes {
-            anyhow::bail!(
-                "the model at {} has {} classes, the {} {} split has {}",
-                model_dir.display(),
-                sidecar.spec.num_classes,
-                data.name,
-                self.split.as_str(),
-                data.num_classes()
-            );
-        }
-        Ok((cfg, data))
+        self.model_data().load_for(sidecar, model_dir)
     }
 }
 

@@ -245,8 +245,7 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
 const ROBUST_N: usize = 512;
 
 fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
-    use atop::eval::robust::{RobustConfig, evaluate, parse_attacks};
-    use atop::report::robust::Provenance;
+    use atop::eval::robust::{RobustConfig, parse_attacks};
 
     use atop::eval::plan::Plan;
     let plan = match (&a.preset, &a.config) {
@@ -291,7 +290,6 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     });
     atop::eval::robust::check_output_dir(&out)?;
     let target = a.target.load(global.device)?;
-    let pipeline = target.model()?;
     let config = RobustConfig {
         attacks,
         settings,
@@ -299,88 +297,12 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         batch_size: a.batch_size,
         seed: a.target.seed,
         check_points: a.check_points,
-        model: format!(
-            "{} [{}] weights {}",
-            target.dir.display(),
-            atop::models::Model::describe(&pipeline),
-            target.model_hash
-        ),
+        model: target.describe()?,
         data: target.data.clone(),
         plan: plan.map(|p| p.description),
     };
-    config.validate()?;
-    for spec in &config.attacks {
-        config
-            .settings
-            .fit_model(spec.attack, atop::models::Model::num_classes(&pipeline))?;
-    }
-    if target.indices.is_empty() {
-        anyhow::bail!("--n 0: no images to evaluate");
-    }
-    std::fs::create_dir_all(&out)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
-    let started = utc_now();
-    // Built only when asked for: without a defence stage it is an error naming the options.
-    let wants_bpda = config
-        .attacks
-        .iter()
-        .any(|s| s.target == atop::eval::robust::Target::Bpda);
-    let bpda = if wants_bpda {
-        Some(target.bpda_model()?)
-    } else {
-        None
-    };
-    let surrogates = atop::eval::robust::Surrogates {
-        classifier: Some(&target.classifier),
-        bpda: bpda.as_ref().map(|m| m as &dyn atop::models::Model),
-    };
-    let (evaluation, x_adv) = evaluate(
-        &pipeline,
-        surrogates,
-        atop::eval::robust::Points {
-            x: &target.x,
-            y: &target.y,
-            indices: &target.indices,
-        },
-        &config,
-        a.shard,
-        Some(&out),
-    )?;
-    let engine = atop::runtime::engine_info();
-    let provenance = Provenance {
-        atop_version: engine.atop_version.into(),
-        torch_version: engine.torch_version.into(),
-        device: format!("{:?}", global.device),
-        threads: engine.threads,
-        cpu: engine.cpu,
-        allocator_tuned: engine.allocator_tuned,
-        model: target.dir.display().to_string(),
-        defence: atop::models::Model::describe(&pipeline),
-        data: target.data.clone(),
-        started,
-    };
-    let results = atop::report::robust::RobustResults {
-        provenance,
-        evaluation,
-    };
-    let written = atop::report::robust::write_results(&out, &results)?;
-    atop::report::robust::write_grid(
-        &results.evaluation,
-        &target.x,
-        &x_adv,
-        // The purifier behind the transform the model runs with (by default its own).
-        target.purifier.as_ref().map(|(p, sidecar)| {
-            (
-                p,
-                target
-                    .defence
-                    .transform
-                    .as_ref()
-                    .unwrap_or(&sidecar.transform),
-            )
-        }),
-        &out.join("grid.png"),
-    )?;
+    let (results, written) =
+        atop::report::robust::evaluate_into(&target, &config, a.shard, &out, global.device)?;
     print_robust(&results, &written, global)
 }
 
@@ -415,27 +337,4 @@ fn merge(a: MergeArgs, global: &Global) -> Result<()> {
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let written = atop::report::robust::write_results(&a.out, &merged)?;
     print_robust(&merged, &written, global)
-}
-
-/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days; no date crate for one field).
-fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

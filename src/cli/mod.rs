@@ -7,6 +7,7 @@ mod data;
 mod eval;
 mod import;
 mod purifier;
+mod run;
 mod train;
 
 use anyhow::Result;
@@ -64,6 +65,9 @@ pub enum Command {
     Purify(Box<purifier::PurifyArgs>),
     /// Attack a model: FGSM, PGD, APGD-CE/DLR/T, FAB-T, Square, C&W, AutoAttack; robust accuracy per attack.
     Attack(Box<attack::AttackArgs>),
+    /// A whole study in one command: train (or take) a classifier and a purifier, fine-tune the
+    /// purifier with AToP, attack both defended models alike, write one report; resumable.
+    Run(Box<run::RunArgs>),
     /// Benchmarks (timings measured here, printed side by side).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -118,6 +122,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Purify(args) => purifier::purify(*args, &global),
         Command::Attack(args) => attack::run(*args, &global),
         Command::Import(args) => import::run(args, &global),
+        Command::Run(args) => run::run(*args, &global),
         Command::Bench(cmd) => bench::run(cmd, &global),
     }
 }

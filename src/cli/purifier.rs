@@ -43,31 +43,23 @@ pub struct TransformArgs {
 }
 
 impl TransformArgs {
+    pub fn overrides(&self) -> atop::transforms::TransformOverrides {
+        atop::transforms::TransformOverrides {
+            sigma: self.sigma,
+            missing_rate: self.missing_rate,
+            pieces: self.pieces,
+            grid: self.grid,
+            per_batch_mask: self.per_batch_mask,
+        }
+    }
+
     /// Whether any setting is given.
     pub fn any(&self) -> bool {
-        self.sigma.is_some()
-            || self.missing_rate.is_some()
-            || self.pieces.is_some()
-            || self.grid.is_some()
-            || self.per_batch_mask.is_some()
+        self.overrides().any()
     }
 
     pub fn apply(&self, cfg: &mut TransformConfig) {
-        if let Some(v) = self.sigma {
-            cfg.sigma = v;
-        }
-        if let Some(v) = self.missing_rate {
-            cfg.missing_rate = v;
-        }
-        if let Some(v) = self.pieces {
-            cfg.pieces = v;
-        }
-        if let Some(v) = self.grid {
-            cfg.grid = v;
-        }
-        if let Some(v) = self.per_batch_mask {
-            cfg.per_batch_mask = v;
-        }
+        self.overrides().apply(cfg)
     }
 }
 

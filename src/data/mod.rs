@@ -21,11 +21,12 @@ use tch::Tensor;
 pub use error::DataError;
 use error::Result;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
-    /// The held-out split (`test` for CIFAR, `val` for ImageNette).
+    /// The held-out split (`test` for CIFAR, `val` for ImageNette); what evaluations default to.
+    #[default]
     #[value(alias = "val")]
     #[serde(alias = "val")]
     Test,

@@ -6,3 +6,4 @@ pub mod device;
 pub mod plan;
 pub mod robust;
 pub mod stats;
+pub mod target;

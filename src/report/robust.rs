@@ -360,6 +360,98 @@ pub fn write_results(out: &Path, results: &RobustResults) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// One robust evaluation of `target` under `config` into `out` (`atop eval robust`): resumes
+/// what `out` holds, writes `results.json`, `records.csv`, `report.md`, the check curves and
+/// `grid.png`; returns the results and the path of `results.json`.
+pub fn evaluate_into(
+    target: &crate::eval::target::Target,
+    config: &crate::eval::robust::RobustConfig,
+    shard: Option<crate::eval::robust::Shard>,
+    out: &Path,
+    device: tch::Device,
+) -> Result<(RobustResults, PathBuf)> {
+    use crate::eval::robust::{Points, Surrogates, evaluate};
+    use crate::models::Model;
+    crate::eval::robust::check_output_dir(out)?;
+    // A finished evaluation of this very model, data and settings is read back as it is (its
+    // timings and provenance kept); the config holds the weights' and images' content hashes.
+    let path = out.join("results.json");
+    if let Some(done) = crate::io::read_json_opt::<RobustResults>(&path, "robust results")?
+        && done.evaluation.config == *config
+        && done.evaluation.shard == shard
+    {
+        return Ok((done, path));
+    }
+    let pipeline = target.model()?;
+    config.validate()?;
+    for spec in &config.attacks {
+        config
+            .settings
+            .fit_model(spec.attack, pipeline.num_classes())?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let started = crate::io::utc_now();
+    // Built only when asked for: without a defence stage it is an error naming the options.
+    let wants_bpda = config.attacks.iter().any(|s| s.target == Target::Bpda);
+    let bpda = if wants_bpda {
+        Some(target.bpda_model()?)
+    } else {
+        None
+    };
+    let surrogates = Surrogates {
+        classifier: Some(&target.classifier),
+        bpda: bpda.as_ref().map(|m| m as &dyn Model),
+    };
+    let (evaluation, x_adv) = evaluate(
+        &pipeline,
+        surrogates,
+        Points {
+            x: &target.x,
+            y: &target.y,
+            indices: &target.indices,
+        },
+        config,
+        shard,
+        Some(out),
+    )?;
+    let engine = crate::runtime::engine_info();
+    let provenance = Provenance {
+        atop_version: engine.atop_version.into(),
+        torch_version: engine.torch_version.into(),
+        device: format!("{device:?}"),
+        threads: engine.threads,
+        cpu: engine.cpu,
+        allocator_tuned: engine.allocator_tuned,
+        model: target.dir.display().to_string(),
+        defence: pipeline.describe(),
+        data: target.data.clone(),
+        started,
+    };
+    let results = RobustResults {
+        provenance,
+        evaluation,
+    };
+    let written = write_results(out, &results)?;
+    write_grid(
+        &results.evaluation,
+        &target.x,
+        &x_adv,
+        // The purifier behind the transform the model runs with (by default its own).
+        target.purifier.as_ref().map(|(p, sidecar)| {
+            (
+                p,
+                target
+                    .defence
+                    .transform
+                    .as_ref()
+                    .unwrap_or(&sidecar.transform),
+            )
+        }),
+        &out.join("grid.png"),
+    )?;
+    Ok((results, written))
+}
+
 /// Reads the `results.json` of a finished evaluation (or shard) in `dir`.
 pub fn read_results(dir: &Path) -> Result<RobustResults> {
     crate::io::read_json(

@@ -103,6 +103,43 @@ impl Default for TransformConfig {
     }
 }
 
+/// Single settings given over a transform's (a purifier's training one, or a kind's defaults):
+/// each replaces its field when set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformOverrides {
+    pub sigma: Option<f64>,
+    pub missing_rate: Option<f64>,
+    pub pieces: Option<usize>,
+    pub grid: Option<usize>,
+    pub per_batch_mask: Option<bool>,
+}
+
+impl TransformOverrides {
+    /// Whether any setting is given.
+    pub fn any(&self) -> bool {
+        *self != TransformOverrides::default()
+    }
+
+    pub fn apply(&self, cfg: &mut TransformConfig) {
+        if let Some(v) = self.sigma {
+            cfg.sigma = v;
+        }
+        if let Some(v) = self.missing_rate {
+            cfg.missing_rate = v;
+        }
+        if let Some(v) = self.pieces {
+            cfg.pieces = v;
+        }
+        if let Some(v) = self.grid {
+            cfg.grid = v;
+        }
+        if let Some(v) = self.per_batch_mask {
+            cfg.per_batch_mask = v;
+        }
+    }
+}
+
 /// The noisy image and the masks the purifier fills; the output is
 /// `sum_i purify(noisy, mask_i) * mask_i` for several masks, `purify(noisy, mask)` for one.
 pub struct Transformed {

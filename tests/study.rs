@@ -1,0 +1,250 @@
+//! `atop run` end to end on real CIFAR-10, at toy sizes: every stage trains, a run killed in
+//! its AToP stage resumes, both defended models are evaluated alike, the report compares them;
+//! a rerun changes nothing; stages given as checkpoints give the same numbers as the stages
+//! that trained them; other settings in the same folder are refused.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Toy sizes of every stage; `{STAGES}` is replaced by the three stage tables.
+const STUDY: &str = r#"
+description = "test study"
+{STAGES}
+[eval]
+attacks = ["pgd", "transfer"]
+eps = ["8/255"]
+steps = 3
+eot = 2
+n = 24
+draws = 3
+seed = 5
+batch_size = 12
+"#;
+
+const TRAINED: &str = r#"
+[classifier]
+preset = "cifar10-demo"
+[classifier.set]
+arch = "wrn-10-1"
+epochs = 1
+train_subset = 1000
+test_subset = 200
+[purifier]
+preset = "purifier-demo"
+[purifier.set]
+train_subset = 256
+eval_subset = 64
+[atop]
+preset = "atop-demo"
+[atop.set]
+epochs = 2
+train_subset = 64
+eval = { subset = 16, steps = 2, eot = 1 }
+"#;
+
+fn study(dir: &Path, name: &str, stages: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, STUDY.replace("{STAGES}", stages)).unwrap();
+    path
+}
+
+fn run_cmd(config: &Path, out: &Path) -> std::process::Command {
+    let mut cmd = atop();
+    cmd.env("ATOP_DATA_DIR", data_dir())
+        .args(["--threads", "2", "--json", "run", "--config"])
+        .arg(config)
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
+/// Every file under `dir` but the two written on each call (`report.md` and `summary.json`
+/// carry the time), with its bytes.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                let rel = p.strip_prefix(base).unwrap().display().to_string();
+                if rel != "report.md" && rel != "summary.json" && !rel.ends_with(".lock") {
+                    out.push((rel, std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+fn rows(summary: &serde_json::Value) -> Vec<(String, f64, f64)> {
+    summary["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["purifier"].as_str().unwrap().to_string(),
+                r["clean"]["single"]["value"].as_f64().unwrap(),
+                r["robust"]["single"]["value"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_study_trains_every_stage_resumes_and_reports_both_defended_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = study(tmp.path(), "study.toml", TRAINED);
+    let out = tmp.path().join("study");
+
+    // Killed once the AToP stage has its first of two epochs: the rerun finishes it.
+    let killed_after = kill_after_first_checkpoint(&mut run_cmd(&config, &out), &out.join("atop"));
+    assert_eq!(killed_after, 1);
+    let summary = run_json(&mut run_cmd(&config, &out));
+    assert_eq!(last_epoch(&out.join("atop")), Some(2));
+    let atop_metrics = std::fs::read_to_string(out.join("atop/metrics.jsonl")).unwrap();
+    assert_eq!(atop_metrics.lines().count(), 2, "{atop_metrics}");
+
+    // Every stage trained in the study folder, each from the one before.
+    let stages = summary["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 3);
+    for (s, name) in stages.iter().zip(["classifier", "purifier", "atop"]) {
+        assert_eq!(s["stage"], name);
+        assert_eq!(s["how"], "trained");
+        assert!(s["minutes"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(last_epoch(&out.join(name)).is_some(), "{name}");
+    }
+    let atop_cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("atop/config.json")).unwrap()).unwrap();
+    assert_eq!(
+        Path::new(atop_cfg["classifier"].as_str().unwrap()),
+        out.join("classifier")
+    );
+    assert_eq!(
+        Path::new(atop_cfg["purifier"].as_str().unwrap()),
+        out.join("purifier")
+    );
+
+    // Both defended models, at the same budget, on the same points, under the same attacks.
+    let got = rows(&summary);
+    assert_eq!(
+        got.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["pre-trained", "AToP"]
+    );
+    for (name, clean, robust) in &got {
+        assert!(
+            (0.0..=1.0).contains(clean) && (0.0..=1.0).contains(robust),
+            "{name}"
+        );
+        // Robust counts the clean image too: never above the clean accuracy.
+        assert!(
+            robust <= clean,
+            "{name}: robust {robust} above clean {clean}"
+        );
+    }
+    let results = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::fs::read(out.join("eval").join(name).join("results.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let (pre, tuned) = (results("pretrained-eps8"), results("atop-eps8"));
+    assert_eq!(pre["indices"], tuned["indices"]);
+    assert_eq!(pre["config"]["settings"], tuned["config"]["settings"]);
+    assert_ne!(
+        pre["config"]["model"], tuned["config"]["model"],
+        "the two evaluations attacked the same weights"
+    );
+    assert_eq!(pre["n"], 24);
+    assert_eq!(pre["config"]["draws"], 3);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "| pre-trained | 8/255 |",
+        "| AToP | 8/255 |",
+        "R = 3 draws",
+        "exact gradients",
+    ] {
+        assert!(
+            report.contains(needle),
+            "report.md lacks {needle:?}:\n{report}"
+        );
+    }
+
+    // A rerun of the finished study changes no file.
+    let before = files(&out);
+    let again = run_json(&mut run_cmd(&config, &out));
+    assert_eq!(rows(&again), got);
+    assert!(
+        files(&out) == before,
+        "a rerun of a finished study changed its files"
+    );
+
+    // Other settings in the same folder: refused, nothing touched.
+    let other = study(
+        tmp.path(),
+        "other.toml",
+        &TRAINED.replace("train_subset = 64", "train_subset = 32"),
+    );
+    let refused = run_cmd(&other, &out).output().unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("holds a study with other settings (atop differs)"),
+        "{err}"
+    );
+    assert!(files(&out) == before);
+
+    // The same models given as checkpoints: the same evaluation gives the same numbers.
+    let given = format!(
+        "[classifier]\ncheckpoint = \"{}\"\n[purifier]\ncheckpoint = \"{}\"\n[atop]\ncheckpoint = \"{}\"\n",
+        out.join("classifier").display(),
+        out.join("purifier").display(),
+        out.join("atop").display()
+    );
+    let given_cfg = study(tmp.path(), "given.toml", &given);
+    let out2 = tmp.path().join("given");
+    let summary2 = run_json(&mut run_cmd(&given_cfg, &out2));
+    for s in summary2["stages"].as_array().unwrap() {
+        assert_eq!(s["how"], "given", "{s}");
+    }
+    assert_eq!(rows(&summary2), got);
+    assert!(!out2.join("atop").exists(), "a given stage was trained");
+}
+
+#[test]
+fn bad_studies_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("never");
+    for (stages, expect) in [
+        (
+            TRAINED.replace("train_subset = 64", "train_subset = 64\nlambda = -0.5"),
+            "lambda",
+        ),
+        (
+            "[classifier]\ncheckpoint = \"/nonexistent/c\"\n[purifier]\npreset = \"purifier-demo\"\n[atop]\npreset = \"atop-demo\"\n".to_string(),
+            "/nonexistent/c",
+        ),
+    ] {
+        let config = study(tmp.path(), "bad.toml", &stages);
+        let o = run_cmd(&config, &out).output().unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(expect), "{err}");
+        assert!(!out.exists(), "a refused study left {}", out.display());
+    }
+    let o = atop()
+        .args(["run", "--preset", "cpu-1min"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("expected one of cpu-15min, cpu-study, paper-gpu")
+    );
+}
