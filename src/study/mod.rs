@@ -353,22 +353,27 @@ impl EvalPlan {
         }
         // Every budget's attacks parse and validate now, not after hours of training.
         for &(eps, _) in &ev.budgets {
-            let (attacks, settings) = ev.attacks_at(eps)?;
-            RobustConfig {
-                attacks,
-                settings,
-                draws: ev.draws,
-                batch_size: ev.batch_size,
-                seed: ev.seed,
-                check_points: ev.check_points,
-                model: String::new(),
-                data: String::new(),
-                plan: None,
-            }
-            .validate()
-            .context("[eval]")?;
+            ev.config(eps, String::new(), String::new())?
+                .validate()
+                .context("[eval]")?;
         }
         Ok(ev)
+    }
+
+    /// The evaluation at `eps` of the model and data named by `model` and `data`.
+    fn config(&self, eps: f64, model: String, data: String) -> Result<RobustConfig> {
+        let (attacks, settings) = self.attacks_at(eps)?;
+        Ok(RobustConfig {
+            attacks,
+            settings,
+            draws: self.draws,
+            batch_size: self.batch_size,
+            seed: self.seed,
+            check_points: self.check_points,
+            model,
+            data,
+            plan: self.plan.as_ref().map(|p| p.description.clone()),
+        })
     }
 
     fn attacks_at(
@@ -476,15 +481,13 @@ pub fn run(plan: &StudyPlan, out: &Path, device: tch::Device) -> Result<StudySum
         )?,
     ];
     let mut rows = Vec::new();
-    for (label, purifier) in [("pre-trained", &pretrained), ("AToP", &tuned)] {
+    for (label, folder, purifier) in [
+        ("pre-trained", "pretrained", &pretrained),
+        ("AToP", "atop", &tuned),
+    ] {
         for (eps, eps_name) in &plan.eval.budgets {
             let dir = out.join("eval").join(format!(
-                "{}-eps{}",
-                if label == "AToP" {
-                    "atop"
-                } else {
-                    "pretrained"
-                },
+                "{folder}-eps{}",
                 eps_name.trim_end_matches("/255").replace('.', "p")
             ));
             tracing::info!(
@@ -628,13 +631,8 @@ fn trained(
     })
 }
 
+/// A stage given as a checkpoint (checked to exist when the plan was resolved).
 fn given(stage: &str, path: &Path) -> Result<StageReport> {
-    if !path.exists() {
-        bail!(
-            "[{stage}] checkpoint {}: no such file or folder",
-            path.display()
-        );
-    }
     Ok(StageReport {
         stage: stage.into(),
         model: path.to_path_buf(),
@@ -663,18 +661,7 @@ fn evaluate(
         ..Default::default()
     }
     .load(device)?;
-    let (attacks, settings) = e.attacks_at(eps)?;
-    let config = RobustConfig {
-        attacks,
-        settings,
-        draws: e.draws,
-        batch_size: e.batch_size,
-        seed: e.seed,
-        check_points: e.check_points,
-        model: target.describe()?,
-        data: target.data.clone(),
-        plan: e.plan.as_ref().map(|p| p.description.clone()),
-    };
+    let config = e.config(eps, target.describe()?, target.data.clone())?;
     let (results, _) = crate::report::robust::evaluate_into(&target, &config, None, dir, device)?;
     Ok(results)
 }
