@@ -164,12 +164,42 @@ fn a_study_trains_every_stage_resumes_and_reports_both_defended_models() {
     );
     assert_eq!(pre["n"], 24);
     assert_eq!(pre["config"]["draws"], 3);
+    // The paired comparison: on the same points, its mean difference is the difference of the
+    // two rows' scores, inside its own interval; the counts of points that moved fit n.
+    let comparisons = summary["comparisons"].as_array().unwrap();
+    assert_eq!(comparisons.len(), 1);
+    let c = &comparisons[0];
+    assert_eq!(c["eps"], "8/255");
+    for (key, (_, clean_pre, robust_pre), (_, clean_tuned, robust_tuned)) in
+        [("robust", &got[0], &got[1]), ("clean", &got[0], &got[1])]
+    {
+        let d = &c[key];
+        let mean = d["mean"].as_f64().unwrap();
+        let want = if key == "robust" {
+            robust_tuned - robust_pre
+        } else {
+            clean_tuned - clean_pre
+        };
+        assert!(
+            (mean - want).abs() < 1e-9,
+            "{key}: paired mean {mean}, rows differ by {want}"
+        );
+        let (lo, hi) = (d["lo"].as_f64().unwrap(), d["hi"].as_f64().unwrap());
+        assert!(lo <= mean && mean <= hi, "{key}: {d}");
+        assert_eq!(d["n"], 24);
+        assert!(d["better"].as_u64().unwrap() + d["worse"].as_u64().unwrap() <= 24);
+    }
+    let p = c["robust_majority"]["p"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p), "{c}");
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     for needle in [
         "| pre-trained | 8/255 |",
         "| AToP | 8/255 |",
         "R = 3 draws",
         "exact gradients",
+        "point by point on the same 24 points and scoring draws",
+        "exact McNemar p",
+        "strongest attack",
     ] {
         assert!(
             report.contains(needle),

@@ -7,13 +7,17 @@ architecture (models.py), reads images and labels from a safetensors file (x: N 
   {"attack", "n", "robust_accuracy", "correct": [0/1 per sample], "seconds", "img_per_s"}
 
 Usage: python attacks_reference.py --model CKPT_DIR --data FILE
-       --attack pgd|apgd-ce|apgd-dlr|apgd-t|fab-t|square|cw|autoattack-standard
+       --attack pgd|eot-pgd|apgd-ce|apgd-dlr|apgd-t|fab-t|square|cw|autoattack-standard
        [--norm Linf|L2] [--eps 0.0313] [--steps 20 (square: queries)] [--alpha 0.0078] [--random-start 0|1]
        [--c 1 (cw)] [--square-rescale 0|1] [--batch 256] [--seed 0] [--threads N] [--channels-last 0|1]
-       [--noise SIGMA] [--eot K (apgd: eot_iter)]
+       [--noise SIGMA] [--eot K (apgd, eot-pgd: eot_iter)] [--draws R]
 
 --noise puts Gaussian noise (per image and pixel, clamped to [0,1]) in front of the classifier,
 a randomized defence; APGD then averages --eot gradient draws per step (torchattacks' eot_iter).
+eot-pgd is plain EOT-PGD (torchattacks' EOTPGD: the gradients of --eot draws summed, a sign step
+of --alpha, projection, the last iterate returned). --draws R scores every clean and adversarial
+image by R fresh draws of the model and adds their predictions to the output ("clean_preds",
+"adv_preds": per sample, R labels each).
 
 autoattack-standard is AutoAttack's standard sequence at the original AutoAttack budgets (APGD-CE
 and APGD-T 100 iterations, FAB-T 100 iterations over 9 targets, Square 5,000 queries without
@@ -111,6 +115,9 @@ def make_attack(a, model, classes):
         if a.norm == "Linf":
             return torchattacks.PGD(model, eps=a.eps, alpha=a.alpha, steps=a.steps, random_start=bool(a.random_start))
         return torchattacks.PGDL2(model, eps=a.eps, alpha=a.alpha, steps=a.steps, random_start=bool(a.random_start))
+    if a.attack == "eot-pgd":
+        return torchattacks.EOTPGD(model, eps=a.eps, alpha=a.alpha, steps=a.steps, eot_iter=a.eot,
+                                   random_start=bool(a.random_start))
     if a.attack in ("apgd-ce", "apgd-dlr"):
         return torchattacks.APGD(model, norm=a.norm, eps=a.eps, steps=a.steps, n_restarts=1, seed=a.seed,
                                  loss=a.attack.split("-")[1], eot_iter=a.eot, rho=0.75)
@@ -159,6 +166,7 @@ def main():
     p.add_argument("--channels-last", type=int, default=1)
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--eot", type=int, default=1)
+    p.add_argument("--draws", type=int, default=0)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -172,7 +180,13 @@ def main():
         # torchattacks' APGD attacks only the points one (noisy) draw classifies correctly:
         # the share it works on, for a fair reading of its speed on a random model.
         first_draw = (model(x).argmax(1) == y).float().mean().item()
-    correct = []
+    correct, clean_preds, adv_preds = [], [], []
+
+    def draws(images):
+        """R fresh draws of the model: per image, R predicted labels."""
+        with torch.no_grad():
+            return torch.stack([model(images).argmax(1) for _ in range(a.draws)], 1).tolist()
+
     start = time.time()
     for i in range(0, len(x), a.batch):
         xb, yb = x[i:i + a.batch], y[i:i + a.batch]
@@ -185,10 +199,16 @@ def main():
                 size = {"Linf": delta.abs().amax(1), "L2": delta.norm(dim=1), "L1": delta.abs().sum(1)}[a.norm]
                 ok |= size > a.eps * (1 + 1e-5) + 1e-6
             correct += ok.long().tolist()
+        if a.draws > 0:
+            clean_preds += draws(xb)
+            adv_preds += draws(adv)
     secs = time.time() - start
-    print(json.dumps({"attack": a.attack, "n": len(x), "robust_accuracy": sum(correct) / max(len(x), 1),
-                      "correct": correct, "seconds": secs, "img_per_s": len(x) / secs,
-                      "first_draw_correct": first_draw}))
+    out = {"attack": a.attack, "n": len(x), "robust_accuracy": sum(correct) / max(len(x), 1),
+           "correct": correct, "seconds": secs, "img_per_s": len(x) / secs,
+           "first_draw_correct": first_draw}
+    if a.draws > 0:
+        out.update(clean_preds=clean_preds, adv_preds=adv_preds)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

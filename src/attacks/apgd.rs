@@ -16,12 +16,17 @@
 //! where the support shrank by 5 %, otherwise divides by 1.5 (never below eps/10). With
 //! `large_eps` (AutoAttack's L1 standard version) the iterations run at 3 eps, 2 eps, then eps
 //! (30/30/40 %), each stage starting from the previous best point; only the last stage counts.
+//!
+//! On a random model the image returned follows the selection rule of [`super::select`] over
+//! every iterate (the highest-loss point still drives the restarts), and success is claimed on
+//! fresh draws.
 
 use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
 use super::grad::{GradStats, evaluate};
 use super::norm::sparse_direction;
+use super::select::{Keeper, Selection, claim_of};
 use super::{Attack, AttackOutput, Budget, Norm, loss, on_remaining};
 use crate::models::Model;
 
@@ -47,6 +52,8 @@ pub struct Apgd {
     pub momentum: f64,
     /// L1 only: run at 3 eps, 2 eps, then eps.
     pub large_eps: bool,
+    /// The image returned on a random model.
+    pub selection: Selection,
 }
 
 /// Iteration counts between checkpoints for a budget of `n` iterations.
@@ -77,9 +84,10 @@ fn l0(t: &Tensor) -> Tensor {
 
 /// One APGD run's outcome.
 struct RunOutput {
-    /// Misclassified points where found, else the highest-loss point.
+    /// Deterministic model: misclassified points where found, else the highest-loss point;
+    /// random model: the keeper's choice.
     images: Tensor,
-    success: Tensor,
+    claimed: Tensor,
     /// The highest-loss point (the next stage's start under `large_eps`).
     best: Tensor,
 }
@@ -96,7 +104,7 @@ impl Apgd {
         let (norm, eps) = (self.budget.norm, self.budget.eps);
         if !(self.large_eps && norm == Norm::L1) {
             let out = self.single_run(model, x, y, target, eps, self.steps, None, stats);
-            return (out.images, out.success);
+            return (out.images, out.claimed);
         }
         let first = (0.3 * self.steps as f64).ceil() as usize;
         let stages = [
@@ -113,7 +121,7 @@ impl Apgd {
             last = Some(out);
         }
         let out = last.expect("three stages");
-        (out.images, out.success)
+        (out.images, out.claimed)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -154,7 +162,12 @@ impl Apgd {
                 Tensor::full([n], 0.2, opts),
             ),
         };
+        let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
+        let mut keep = Keeper::for_model(model, self.selection, self.eot, &x_adv);
         let e = evaluate(model, &x_adv, y, &objective, self.eot, stats);
+        if let Some(k) = &mut keep {
+            k.offer(&x_adv, &e.draws, &e.loss, &fooled, None);
+        }
         let mut grad = e.grad;
         let mut success = e.logits.argmax(-1, false).ne_tensor(y);
         let mut x_found = x_adv.copy();
@@ -191,6 +204,9 @@ impl Apgd {
             };
             x_prev = std::mem::replace(&mut x_adv, next);
             let e = evaluate(model, &x_adv, y, &objective, self.eot, stats);
+            if let Some(k) = &mut keep {
+                k.offer(&x_adv, &e.draws, &e.loss, &fooled, None);
+            }
             let hit = e.logits.argmax(-1, false).ne_tensor(y);
             x_found = x_adv.where_self(&rows(&hit), &x_found);
             success = success.logical_or(&hit);
@@ -238,9 +254,16 @@ impl Apgd {
                 next_check = intervals.get(checks_done).copied().unwrap_or(usize::MAX);
             }
         }
+        let (images, claimed) = match keep {
+            Some(k) => k.finish(model, &fooled),
+            None => (
+                x_found.where_self(&rows(&success), &x_best),
+                claim_of(&success),
+            ),
+        };
         RunOutput {
-            images: x_found.where_self(&rows(&success), &x_best),
-            success,
+            images,
+            claimed,
             best: x_best,
         }
     }
@@ -261,7 +284,7 @@ impl Attack for Apgd {
     fn run(&self, model: &dyn Model, x: &Tensor, y: &Tensor, seed: u64) -> Result<AttackOutput> {
         let classes = model.num_classes();
         let mut stats = GradStats::default();
-        let (x_adv, _) = match self.loss {
+        let (x_adv, claimed) = match self.loss {
             ApgdLoss::DlrTargeted { targets } => {
                 if classes < 4 {
                     bail!(
@@ -291,7 +314,11 @@ impl Attack for Apgd {
                 })
             }
         };
-        Ok(AttackOutput { x_adv, grad: stats })
+        Ok(AttackOutput {
+            x_adv,
+            claimed,
+            grad: stats,
+        })
     }
 }
 

@@ -7,12 +7,15 @@
 //!
 //! C&W is a minimum-norm attack; under an eps budget a sample counts as broken when the
 //! smallest adversarial found has norm <= eps. For the others the best candidate projected onto
-//! the ball is returned (the runner re-evaluates whatever comes back).
+//! the ball is returned (the runner re-evaluates whatever comes back). On a random model the
+//! image returned is chosen among the iterates inside the budget (and that projection) by the
+//! selection rule of [`super::select`], and success is claimed on fresh draws.
 
 use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
 use super::grad::{GradStats, evaluate};
+use super::select::{Keeper, Selection, claim_of};
 use super::{Attack, AttackOutput, Budget, Norm, loss};
 use crate::models::Model;
 
@@ -26,6 +29,8 @@ pub struct CarliniWagner {
     /// Confidence margin kappa.
     pub kappa: f64,
     pub eot: usize,
+    /// The image returned on a random model.
+    pub selection: Selection,
 }
 
 impl CarliniWagner {
@@ -38,6 +43,7 @@ impl CarliniWagner {
             lr: 0.01,
             kappa: 0.0,
             eot,
+            selection: Selection::default(),
         }
     }
 }
@@ -80,6 +86,9 @@ impl Attack for CarliniWagner {
         // Start inside the open interval so atanh is finite at saturated pixels.
         let w0 = ((x * 2.0 - 1.0) * (1.0 - 1e-6)).atanh();
         let to_image = |w: &Tensor| (w.tanh() + 1.0) * 0.5;
+        let fooled = |z: &Tensor| loss::margin(z, y).gt(self.kappa);
+        let mut keep = Keeper::for_model(model, self.selection, self.eot, x);
+        let eps2 = self.budget.eps * self.budget.eps * (1.0 + 1e-6);
         for _ in 0..self.search_steps {
             let mut w = w0.copy();
             let (mut m, mut v) = (w.zeros_like(), w.zeros_like());
@@ -93,6 +102,15 @@ impl Attack for CarliniWagner {
                 let objective = |z: &Tensor| (-loss::margin(z, y)).clamp_min(-kappa) * &ci;
                 let e = evaluate(model, &xa, y, &objective, self.eot, &mut stats);
                 let dist = sq_dist(&xa, x);
+                if let Some(k) = &mut keep {
+                    let k_draws = e.draws.size()[0];
+                    let mean = (0..k_draws)
+                        .map(|j| loss::margin(&e.draws.get(j), y))
+                        .reduce(|a, b| a + b)
+                        .expect("at least one draw")
+                        / k_draws as f64;
+                    k.offer(&xa, &e.draws, &mean, &fooled, Some(&dist.le(eps2)));
+                }
                 // Success: another class beats y by more than kappa.
                 let hit = loss::margin(&e.logits, y).gt(self.kappa);
                 let better = hit.logical_and(&dist.lt_tensor(&best_dist));
@@ -123,6 +141,22 @@ impl Attack for CarliniWagner {
             c = bisect.where_self(&upper.lt(1e9), &grow);
         }
         let x_adv = self.budget.norm.project(&best, x, self.budget.eps);
-        Ok(AttackOutput { x_adv, grad: stats })
+        let (x_adv, claimed) = match keep {
+            Some(mut k) => {
+                k.offer_fresh(model, &x_adv, &|z| loss::margin(z, y), &fooled, None);
+                k.finish(model, &fooled)
+            }
+            None => {
+                let hit = tch::no_grad(|| model.logits(&x_adv))
+                    .argmax(-1, false)
+                    .ne_tensor(y);
+                (x_adv, claim_of(&hit))
+            }
+        };
+        Ok(AttackOutput {
+            x_adv,
+            claimed,
+            grad: stats,
+        })
     }
 }

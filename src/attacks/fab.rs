@@ -11,11 +11,16 @@
 //! "adversarial" means misclassified, also in the targeted version. Defaults: 100 iterations,
 //! 9 targets, alpha_max 0.1, eta 1.05, beta 0.9; restarts after the first start at a random
 //! point at radius eps/2.
+//!
+//! On a random model each iterate is judged on K fresh draws (a majority counts as
+//! adversarial for the pull-back), and among the iterates inside the budget the image returned
+//! follows the selection rule of [`super::select`].
 
 use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
-use super::grad::{GradStats, evaluate};
+use super::grad::{GradStats, evaluate, predict};
+use super::select::{Keeper, Selection, claim_of, share_fooled};
 use super::{Attack, AttackOutput, Budget, Norm, on_remaining};
 use crate::models::Model;
 
@@ -29,6 +34,8 @@ pub struct FabT {
     pub eta: f64,
     pub beta: f64,
     pub eot: usize,
+    /// The image returned on a random model.
+    pub selection: Selection,
 }
 
 impl FabT {
@@ -42,6 +49,7 @@ impl FabT {
             eta: 1.05,
             beta: 0.9,
             eot,
+            selection: Selection::default(),
         }
     }
 }
@@ -123,8 +131,9 @@ pub fn project_to_plane(norm: Norm, p: &Tensor, w: &Tensor, r: &Tensor) -> Tenso
 }
 
 impl FabT {
-    /// One run towards target `t` from `x` (or a random start): (images, success mask), where
-    /// success means a misclassified point with perturbation norm <= eps was found.
+    /// One run towards target `t` from `x` (or a random start): (images, claims), where on a
+    /// deterministic model success (claim 1) means a misclassified point with perturbation norm
+    /// <= eps was found.
     fn single_run(
         &self,
         model: &dyn Model,
@@ -147,6 +156,9 @@ impl FabT {
             z.gather(1, &t.unsqueeze(1), false).squeeze_dim(1)
                 - z.gather(1, &y.unsqueeze(1), false).squeeze_dim(1)
         };
+        let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
+        let within = |d: &Tensor| d.le(eps * (1.0 + 1e-6));
+        let mut keep = Keeper::for_model(model, self.selection, self.eot, x);
         for _ in 0..self.steps {
             let e = evaluate(model, &x1, y, &objective, self.eot, stats);
             let w = e.grad;
@@ -163,18 +175,32 @@ impl FabT {
             let alpha = rows(&(&a1 / (&a1 + &a0)).clamp(0.0, self.alpha_max));
             x1 = ((&x1 + d1 * self.eta) * (alpha.neg() + 1.0) + (x + d0 * self.eta) * &alpha)
                 .clamp(0.0, 1.0);
-            let pred = tch::no_grad(|| model.logits(&x1)).argmax(-1, false);
-            let adv = pred.ne_tensor(y);
             let dist = norm.measure(&(&x1 - x));
+            let adv = match &mut keep {
+                Some(k) => {
+                    let draws = predict(model, &x1, self.eot);
+                    let mean = (0..draws.size()[0])
+                        .map(|j| objective(&draws.get(j)))
+                        .reduce(|a, b| a + b)
+                        .expect("at least one draw")
+                        / draws.size()[0] as f64;
+                    k.offer(&x1, &draws, &mean, &fooled, Some(&within(&dist)));
+                    share_fooled(&draws, &fooled).gt(0.5)
+                }
+                None => fooled(&tch::no_grad(|| model.logits(&x1))),
+            };
             let better = adv.logical_and(&dist.lt_tensor(&best_norm));
             best = x1.where_self(&rows(&better), &best);
             best_norm = dist.where_self(&better, &best_norm);
             // Back towards the original: the next steps search for a closer boundary point.
             x1 = (x + (&x1 - x) * self.beta).where_self(&rows(&adv), &x1);
         }
+        if let Some(k) = keep {
+            return k.finish(model, &fooled);
+        }
         // Float rounding of x + delta may exceed eps by an ulp; the runner allows for that.
-        let success = best_norm.le(eps * (1.0 + 1e-6));
-        (best.where_self(&rows(&success), x), success)
+        let success = within(&best_norm);
+        (best.where_self(&rows(&success), x), claim_of(&success))
     }
 }
 
@@ -199,13 +225,18 @@ impl Attack for FabT {
         }
         let mut stats = GradStats::default();
         let order = super::target_order(model, x, y);
-        let (x_adv, _) = on_remaining(x, y, targets * self.restarts, seed, |r, idx, xs, ys| {
-            let t = order
-                .index_select(0, idx)
-                .select(1, (r / self.restarts) as i64);
-            self.single_run(model, xs, ys, &t, r % self.restarts > 0, &mut stats)
-        });
-        Ok(AttackOutput { x_adv, grad: stats })
+        let (x_adv, claimed) =
+            on_remaining(x, y, targets * self.restarts, seed, |r, idx, xs, ys| {
+                let t = order
+                    .index_select(0, idx)
+                    .select(1, (r / self.restarts) as i64);
+                self.single_run(model, xs, ys, &t, r % self.restarts > 0, &mut stats)
+            });
+        Ok(AttackOutput {
+            x_adv,
+            claimed,
+            grad: stats,
+        })
     }
 }
 

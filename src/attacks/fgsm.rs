@@ -5,12 +5,16 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::grad::{GradStats, evaluate};
+use super::select::{Keeper, Selection, claim_of};
 use super::{Attack, AttackOutput, Budget, loss};
 use crate::models::Model;
 
 pub struct Fgsm {
     pub budget: Budget,
     pub eot: usize,
+    /// Only the claim depends on it (FGSM has one iterate): on a random model, the share of
+    /// fresh draws fooled.
+    pub selection: Selection,
 }
 
 impl Attack for Fgsm {
@@ -25,6 +29,15 @@ impl Attack for Fgsm {
         let mut stats = GradStats::default();
         let e = evaluate(model, x, y, &|z| loss::ce(z, y), self.eot, &mut stats);
         let x_adv = norm.project(&(x + norm.direction(&e.grad) * eps), x, eps);
-        Ok(AttackOutput { x_adv, grad: stats })
+        let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
+        let claimed = match Keeper::for_model(model, self.selection, self.eot, &x_adv) {
+            Some(keep) => keep.finish(model, &fooled).1,
+            None => claim_of(&fooled(&tch::no_grad(|| model.logits(&x_adv)))),
+        };
+        Ok(AttackOutput {
+            x_adv,
+            claimed,
+            grad: stats,
+        })
     }
 }

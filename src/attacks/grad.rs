@@ -43,6 +43,9 @@ pub struct Evaluation {
     pub grad: Tensor,
     /// N x classes.
     pub logits: Tensor,
+    /// Each draw's logits, K x N x classes (detached, at least single precision): what the
+    /// selection rule of a random model ([`super::select`]) judges an iterate by.
+    pub draws: Tensor,
 }
 
 /// How `eot` draws of a batch of `n` images (NCHW `shape`) are split into passes: all in one
@@ -103,6 +106,7 @@ pub fn evaluate(
     let mut loss_sum: Option<Tensor> = None;
     let mut grad_sum: Option<Tensor> = None;
     let mut logit_sum: Option<Tensor> = None;
+    let mut draws = Vec::new();
     for copies in eot_passes(model, &x.size(), eot) {
         // The copies hang off one leaf, so its gradient is already their sum.
         let xg = x.detach().set_requires_grad(true);
@@ -124,11 +128,12 @@ pub fn evaluate(
             .map(|l| l.detach())
             .reduce(|a, b| a + b)
             .expect("at least one copy");
-        let logits = logits
+        let per_draw = logits
             .detach()
             .to_kind(Kind::Float)
-            .view([copies as i64, n, -1])
-            .sum_dim_intlist(0, false, Kind::Float);
+            .view([copies as i64, n, -1]);
+        let logits = per_draw.sum_dim_intlist(0, false, Kind::Float);
+        draws.push(per_draw);
         grad_sum = Some(match grad_sum {
             Some(s) => s + g,
             None => g,
@@ -169,7 +174,31 @@ pub fn evaluate(
     if finite < n as u64 {
         grad = grad.nan_to_num(0.0, 0.0, 0.0);
     }
-    Evaluation { loss, grad, logits }
+    Evaluation {
+        loss,
+        grad,
+        logits,
+        draws: Tensor::cat(&draws, 0),
+    }
+}
+
+/// `k` draws of `model` on `x` (forward passes only, stacked as EOT stacks them): K x N x
+/// classes logits in at least single precision.
+pub fn predict(model: &dyn Model, x: &Tensor, k: usize) -> Tensor {
+    let n = x.size()[0];
+    let x = x.detach();
+    let parts: Vec<Tensor> = eot_passes(model, &x.size(), k)
+        .into_iter()
+        .map(|copies| {
+            let logits = tch::no_grad(|| model.logits(&stacked(&x, copies)));
+            let logits = match logits.kind() {
+                Kind::Double => logits,
+                _ => logits.to_kind(Kind::Float),
+            };
+            logits.view([copies as i64, n, -1])
+        })
+        .collect();
+    Tensor::cat(&parts, 0)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod loss;
 pub mod norm;
 pub mod pgd;
 pub mod runner;
+pub mod select;
 pub mod selective;
 pub mod square;
 
@@ -27,6 +28,7 @@ use tch::Tensor;
 use crate::models::Model;
 pub use grad::GradStats;
 pub use norm::Norm;
+pub use select::Selection;
 
 /// A perturbation budget: `||x_adv - x||_norm <= eps`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -77,9 +79,16 @@ fn bad_eps(s: &str) -> String {
     format!("eps '{s}': expected a number or a fraction such as 8/255")
 }
 
-/// What an attack hands back: adversarial images and what it saw of the gradients.
+/// What an attack hands back: adversarial images, what it claims of them, and what it saw of
+/// the gradients.
 pub struct AttackOutput {
     pub x_adv: Tensor,
+    /// Per point, the share of model draws the attack believes its image fools: on a
+    /// deterministic model (or with the first-draw rule) 1 where it counted the point broken and
+    /// 0 elsewhere; on a random model the share of K fresh draws ([`select::Keeper`]).
+    /// `eval robust` sets it against the R scoring draws (the check "attack success survives
+    /// fresh draws").
+    pub claimed: Tensor,
     pub grad: GradStats,
 }
 
@@ -92,10 +101,12 @@ pub trait Attack {
 }
 
 /// Runs `runs` attempts (restarts, or one per target class), each on the samples no earlier
-/// attempt broke. `attempt(r, idx, x[idx], y[idx])` returns (images, success mask); the first
-/// attempt's images are kept for every sample, later ones only where they succeed. Each
-/// attempt reseeds libtorch's generator from `seed`, so results do not depend on batching
-/// history. Returns (images, success mask) for the whole batch.
+/// attempt broke. `attempt(r, idx, x[idx], y[idx])` returns (images, claims): per sample the
+/// share of draws its image fools, 0 or 1 on a deterministic model (see [`AttackOutput`]).
+/// The first attempt's images are kept for every sample, a later one's where it claims more;
+/// a sample is done once its claim is 1 (every draw fooled). Each attempt reseeds libtorch's
+/// generator from `seed`, so results do not depend on batching history. Returns (images,
+/// claims) for the whole batch.
 pub(crate) fn on_remaining(
     x: &Tensor,
     y: &Tensor,
@@ -105,30 +116,30 @@ pub(crate) fn on_remaining(
 ) -> (Tensor, Tensor) {
     let n = x.size()[0];
     let mut best = x.copy();
-    let mut done = Tensor::zeros([n], (tch::Kind::Bool, x.device()));
+    let mut claimed = Tensor::zeros([n], (tch::Kind::Float, x.device()));
     for r in 0..runs {
         tch::manual_seed(seed.wrapping_mul(1_000_003).wrapping_add(r as u64) as i64);
         let idx = if r == 0 {
             Tensor::arange(n, (tch::Kind::Int64, x.device()))
         } else {
-            done.logical_not().nonzero().squeeze_dim(1)
+            claimed.lt(1.0).nonzero().squeeze_dim(1)
         };
         if idx.size()[0] == 0 {
             break;
         }
-        let (adv, hit) = attempt(r, &idx, &x.index_select(0, &idx), &y.index_select(0, &idx));
+        let (adv, claim) = attempt(r, &idx, &x.index_select(0, &idx), &y.index_select(0, &idx));
+        let claim = claim.to_kind(tch::Kind::Float);
         let take = if r == 0 {
-            hit.ones_like()
+            claim.ones_like().to_kind(tch::Kind::Bool)
         } else {
-            hit.shallow_clone()
+            claim.gt_tensor(&claimed.index_select(0, &idx))
         };
         let rows = idx.masked_select(&take);
-        let picked = adv.index_select(0, &take.nonzero().squeeze_dim(1));
-        best = best.index_copy(0, &rows, &picked);
-        let merged = done.index_select(0, &idx).logical_or(&hit);
-        done = done.index_copy(0, &idx, &merged);
+        let picked = take.nonzero().squeeze_dim(1);
+        best = best.index_copy(0, &rows, &adv.index_select(0, &picked));
+        claimed = claimed.index_copy(0, &rows, &claim.index_select(0, &picked));
     }
-    (best, done)
+    (best, claimed)
 }
 
 /// Target classes of the targeted attacks (APGD-T, FAB-T): the other classes by decreasing
@@ -258,6 +269,10 @@ pub struct AttackSettings {
     pub initial_const: f64,
     #[serde(default)]
     pub kappa: f64,
+    /// Which iterate an attack returns on a model measured random ([`select`]). Settings
+    /// recorded before the rule existed read as the first-draw rule they were made with.
+    #[serde(default = "Selection::before_rule")]
+    pub selection: Selection,
     /// Settings that differ for one attack of a list (AutoAttack's L1 version runs APGD-CE with
     /// 5 restarts but FAB-T with 1, APGD-T with 5 targets but FAB-T with 9).
     #[serde(default)]
@@ -323,6 +338,7 @@ impl AttackSettings {
             search_steps: default_search_steps(),
             initial_const: default_initial_const(),
             kappa: 0.0,
+            selection: Selection::default(),
             overrides: Vec::new(),
         }
     }
@@ -436,6 +452,7 @@ impl AttackSettings {
             AttackName::Fgsm => Box::new(fgsm::Fgsm {
                 budget: b,
                 eot: self.eot,
+                selection: self.selection,
             }),
             AttackName::Pgd => Box::new(pgd::Pgd {
                 budget: b,
@@ -446,6 +463,7 @@ impl AttackSettings {
                 loss: self.loss,
                 target: None,
                 eot: self.eot,
+                selection: self.selection,
             }),
             AttackName::Cw if b.norm != Norm::L2 => bail!(
                 "cw is the L2 attack of Carlini & Wagner (the norm is {}); for linf, pgd with --loss margin uses the same objective",
@@ -455,15 +473,19 @@ impl AttackSettings {
                 search_steps: self.search_steps,
                 initial_const: self.initial_const,
                 kappa: self.kappa,
+                selection: self.selection,
                 ..cw::CarliniWagner::new(b, self.steps.unwrap_or(1000), self.eot)
             }),
-            AttackName::FabT => Box::new(fab::FabT::new(
-                b,
-                self.steps.unwrap_or(100),
-                self.targets,
-                self.restarts,
-                self.eot,
-            )),
+            AttackName::FabT => Box::new(fab::FabT {
+                selection: self.selection,
+                ..fab::FabT::new(
+                    b,
+                    self.steps.unwrap_or(100),
+                    self.targets,
+                    self.restarts,
+                    self.eot,
+                )
+            }),
             AttackName::SelectiveEot => Box::new(selective::SelectiveEot {
                 budget: b,
                 steps: self.steps.unwrap_or(20),
@@ -477,6 +499,8 @@ impl AttackSettings {
                 p_init: self.p_init,
                 restarts: self.restarts,
                 rescale: self.square_rescale,
+                eot: self.eot,
+                selection: self.selection,
             }),
             AttackName::ApgdCe | AttackName::ApgdDlr | AttackName::ApgdCw | AttackName::ApgdT => {
                 Box::new(apgd::Apgd {
@@ -495,6 +519,7 @@ impl AttackSettings {
                     rho: 0.75,
                     momentum: 0.75,
                     large_eps: self.large_eps,
+                    selection: self.selection,
                 })
             }
         })

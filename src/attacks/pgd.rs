@@ -1,12 +1,16 @@
 //! PGD (Madry et al. 2018): iterated steepest-ascent steps projected back onto the eps-ball,
-//! from a random start, with restarts. A sample counts as broken as soon as any iterate is
-//! misclassified (or reaches the target); that iterate is the one returned.
+//! from a random start, with restarts. On a deterministic model a sample counts as broken as
+//! soon as any iterate is misclassified (or reaches the target); that iterate is the one
+//! returned. On a random model the iterate returned follows the selection rule of
+//! [`super::select`] (by default the one that fooled most of its EOT draws), and success is
+//! claimed on fresh draws.
 
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::grad::{GradStats, evaluate};
 use super::loss::{self, LossKind};
+use super::select::{Keeper, Selection, claim_of};
 use super::{Attack, AttackOutput, Budget, on_remaining};
 use crate::models::Model;
 
@@ -20,11 +24,14 @@ pub struct Pgd {
     /// Targeted mode: per-sample target classes.
     pub target: Option<Tensor>,
     pub eot: usize,
+    /// The iterate returned on a random model.
+    pub selection: Selection,
 }
 
 impl Pgd {
-    /// One run from one start on a batch: (returned images, success mask). Succeeding samples
-    /// return their first successful iterate, the others the last iterate.
+    /// One run from one start on a batch: (returned images, claims). On a deterministic model,
+    /// succeeding samples return their first successful iterate (claim 1), the others the last
+    /// iterate (claim 0); on a random one, the [`Keeper`] chooses.
     fn single_run(
         &self,
         model: &dyn Model,
@@ -52,6 +59,15 @@ impl Pgd {
         } else {
             x.copy()
         };
+        if let Some(mut keep) = Keeper::for_model(model, self.selection, self.eot, &adv) {
+            for _ in 0..self.steps {
+                let e = evaluate(model, &adv, y, &objective, self.eot, stats);
+                keep.offer(&adv, &e.draws, &e.loss, &success, None);
+                adv = norm.project(&(&adv + norm.direction(&e.grad) * self.step_size), x, eps);
+            }
+            keep.offer_fresh(model, &adv, &objective, &success, None);
+            return keep.finish(model, &success);
+        }
         let mut found = x.copy();
         let mut done = Tensor::zeros([x.size()[0]], (Kind::Bool, x.device()));
         for _ in 0..self.steps {
@@ -64,7 +80,7 @@ impl Pgd {
         // The final iterate: returned for every sample no earlier iterate broke.
         let last = tch::no_grad(|| model.logits(&adv));
         let out = found.where_self(&done.view([-1, 1, 1, 1]), &adv);
-        (out, done.logical_or(&success(&last)))
+        (out, claim_of(&done.logical_or(&success(&last))))
     }
 }
 
@@ -85,10 +101,14 @@ impl Attack for Pgd {
     }
     fn run(&self, model: &dyn Model, x: &Tensor, y: &Tensor, seed: u64) -> Result<AttackOutput> {
         let mut stats = GradStats::default();
-        let (x_adv, _) = on_remaining(x, y, self.restarts, seed, |_, idx, xs, ys| {
+        let (x_adv, claimed) = on_remaining(x, y, self.restarts, seed, |_, idx, xs, ys| {
             let target = self.target.as_ref().map(|t| t.index_select(0, idx));
             self.single_run(model, xs, ys, target.as_ref(), &mut stats)
         });
-        Ok(AttackOutput { x_adv, grad: stats })
+        Ok(AttackOutput {
+            x_adv,
+            claimed,
+            grad: stats,
+        })
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::{AttackName, AttackSettings, GradStats};
-use crate::models::Model;
+use crate::models::{Measured, Model};
 
 /// Named compositions.
 pub const COMPOSITIONS: &[&str] = &["autoattack-standard", "autoattack-rand"];
@@ -169,6 +169,13 @@ impl Runner<'_> {
             Some(s) => s,
             None => self.clean_pass(x, y, indices, device)?,
         };
+        // The attacks follow the rule for random models where the model is measured random,
+        // whatever it declares.
+        let (stochastic, _) = super::select::measure_randomness(self.model, x, cfg.seed)?;
+        let attacked = Measured {
+            inner: self.model,
+            stochastic,
+        };
         // Images produced so far: start from clean, replay batch files in order (each checked:
         // a tampered or corrupt file must neither crash the run nor enter its report).
         let mut x_adv = x.to_device(Device::Cpu).to_kind(Kind::Float).copy();
@@ -219,13 +226,9 @@ impl Runner<'_> {
                 // The seed depends on the attack and the first sample only, not on history.
                 let seed =
                     cfg.seed ^ ((ai as u64) << 40) ^ (chunk[0] as u64).wrapping_mul(0x9E37_79B9);
-                let (adv, norms, grad) = attack_batch(
-                    attack.as_ref(),
-                    self.model,
-                    (&xb, &yb),
-                    seed,
-                    &attack.name(),
-                )?;
+                let BatchResult {
+                    adv, norms, grad, ..
+                } = attack_batch(attack.as_ref(), &attacked, (&xb, &yb), seed, &attack.name())?;
                 let pred = tch::no_grad(|| self.model.logits(&adv)).argmax(-1, false);
                 let pred = Vec::<i64>::try_from(pred.to_device(Device::Cpu))?;
                 for (j, &p) in chunk.iter().enumerate() {
@@ -623,28 +626,44 @@ fn parse_batch_name(file: &str, attacks: &[AttackName]) -> Option<usize> {
     (attacks.get(ai)?.to_string() == name).then_some(ai)
 }
 
-/// One batch attacked: the adversarial images (checked against the threat model), their
-/// perturbation norms in the budget's norm, and the attack's gradient statistics. `what`
-/// names the attack in errors.
+/// One batch attacked.
+pub struct BatchResult {
+    /// The adversarial images, checked against the threat model.
+    pub adv: Tensor,
+    /// Their perturbation norms in the budget's norm.
+    pub norms: Vec<f64>,
+    /// What the attack claims of each image (see [`super::AttackOutput::claimed`]).
+    pub claimed: Vec<f64>,
+    pub grad: GradStats,
+}
+
+/// Attacks one batch; `what` names the attack in errors.
 pub fn attack_batch(
     attack: &dyn super::Attack,
     model: &dyn Model,
     (x, y): (&Tensor, &Tensor),
     seed: u64,
     what: &str,
-) -> Result<(Tensor, Vec<f64>, GradStats)> {
+) -> Result<BatchResult> {
     let out = attack.run(model, x, y, seed)?;
     let adv = out.x_adv.detach().to_kind(Kind::Float);
     check_budget(&adv, x, &attack.budget(), what)?;
-    let norms = Vec::<f64>::try_from(
-        attack
-            .budget()
-            .norm
-            .measure(&(&adv - x))
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Double),
-    )?;
-    Ok((adv, norms, out.grad))
+    let cpu = |t: &Tensor| Vec::<f64>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double));
+    let norms = cpu(&attack.budget().norm.measure(&(&adv - x)))?;
+    let claimed = cpu(&out.claimed)?;
+    if claimed.len() != norms.len() {
+        bail!(
+            "{what} claimed {} results for {} images: this is a bug in the attack",
+            claimed.len(),
+            norms.len()
+        );
+    }
+    Ok(BatchResult {
+        adv,
+        norms,
+        claimed,
+        grad: out.grad,
+    })
 }
 
 /// Refuses results outside the threat model: an attack bug must never inflate a report.

@@ -4,13 +4,15 @@
 //! samples, ranks them per image by their loss, and follows only the gradients of the top half,
 //! the draws that share the vulnerability being exploited. The image returned per sample is the
 //! iterate that fooled the largest share of its K draws, the quantity an N-evaluation scores,
-//! rather than the first iterate one lucky draw misclassified.
+//! rather than the first iterate one lucky draw misclassified (the most-fooled rule of
+//! [`super::select`], whatever the settings' rule), and success is claimed on fresh draws.
 
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::grad::{self, GradStats};
 use super::loss;
+use super::select::{Keeper, Selection};
 use super::{Attack, AttackOutput, Budget};
 use crate::models::Model;
 
@@ -50,64 +52,49 @@ impl Attack for SelectiveEot {
         } else {
             x.copy()
         };
-        let mut best = adv.copy();
-        let mut best_rate = Tensor::full([n], -1.0, (Kind::Float, x.device()));
-        // The share of K draws that misclassify `a`, and (with gradients) the per-draw losses
-        // and input gradients.
-        let probe = |a: &Tensor, with_grad: bool, stats: &mut GradStats| {
-            let mut losses = Vec::new();
-            let mut grads = Vec::new();
-            let mut wrong = Tensor::zeros([n], (Kind::Float, x.device()));
-            for copies in grad::eot_passes(model, &a.size(), k as usize) {
-                // Here each draw's own gradient is needed, so the stack itself is the leaf.
-                let xg = grad::stacked(&a.detach(), copies).set_requires_grad(with_grad);
-                let yc = grad::stacked(y, copies);
-                let logits = if with_grad {
-                    model.logits(&xg)
-                } else {
-                    tch::no_grad(|| model.logits(&xg))
-                };
-                let miss = logits.argmax(-1, false).ne_tensor(&yc).to_kind(Kind::Float);
-                wrong += miss
-                    .view([copies as i64, n])
-                    .sum_dim_intlist(0, false, Kind::Float);
-                if with_grad {
-                    let l = loss::ce(&logits, &yc);
-                    let g = Tensor::run_backward(&[l.sum(Kind::Float)], &[&xg], false, false)
-                        .pop()
-                        .expect("one input, one gradient");
-                    // Tallied where this draw is still right (or its logits not finite), as
-                    // in grad::evaluate: a broken draw's flat loss is no sign of masking.
-                    let peak = g.reshape([copies as i64 * n, -1]).abs().amax([1], false);
-                    let counted = miss
-                        .eq(0.0)
-                        .logical_or(&logits.isfinite().all_dim(1, false).logical_not());
-                    let count = |t: &Tensor| {
-                        t.logical_and(&counted).sum(Kind::Int64).int64_value(&[]) as u64
-                    };
-                    stats.evaluations += count(&counted);
-                    stats.zero += count(&peak.eq(0.0));
-                    stats.non_finite += count(&peak.isfinite().logical_not());
-                    let l = l.detach().to_kind(Kind::Float).nan_to_num(0.0, 0.0, 0.0);
-                    let g = g.nan_to_num(0.0, 0.0, 0.0);
-                    for j in 0..copies as i64 {
-                        losses.push(l.narrow(0, j * n, n));
-                        grads.push(g.narrow(0, j * n, n));
-                    }
-                }
-            }
-            (wrong / k as f64, losses, grads)
-        };
-        let mut keep_best = |a: &Tensor, rate: &Tensor, best: &mut Tensor| {
-            let better = rate.gt_tensor(&best_rate);
-            *best = a.where_self(&better.view([-1, 1, 1, 1]), best);
-            best_rate = rate.maximum(&best_rate);
-        };
+        let mut keep = Keeper::new(Selection::MostFooled, k as usize, &adv);
+        let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
         for _ in 0..self.steps {
-            let (rate, losses, grads) = probe(&adv, true, &mut stats);
-            keep_best(&adv, &rate, &mut best);
-            // Per image, the K losses ranked; the draws at or above the keep-th largest count.
+            // Each draw's own gradient is needed, so each stack of copies is its own leaf.
+            let (mut losses, mut grads, mut draws) = (Vec::new(), Vec::new(), Vec::new());
+            for copies in grad::eot_passes(model, &adv.size(), k as usize) {
+                let xg = grad::stacked(&adv.detach(), copies).set_requires_grad(true);
+                let yc = grad::stacked(y, copies);
+                let logits = model.logits(&xg);
+                let l = loss::ce(&logits, &yc);
+                let g = Tensor::run_backward(&[l.sum(Kind::Float)], &[&xg], false, false)
+                    .pop()
+                    .expect("one input, one gradient");
+                let logits = logits.detach().to_kind(Kind::Float);
+                // Tallied where this draw is still right (or its logits not finite), as in
+                // grad::evaluate: a broken draw's flat loss is no sign of masking.
+                let peak = g.reshape([copies as i64 * n, -1]).abs().amax([1], false);
+                let counted = logits
+                    .argmax(-1, false)
+                    .eq_tensor(&yc)
+                    .logical_or(&logits.isfinite().all_dim(1, false).logical_not());
+                let count =
+                    |t: &Tensor| t.logical_and(&counted).sum(Kind::Int64).int64_value(&[]) as u64;
+                stats.evaluations += count(&counted);
+                stats.zero += count(&peak.eq(0.0));
+                stats.non_finite += count(&peak.isfinite().logical_not());
+                let l = l.detach().to_kind(Kind::Float).nan_to_num(0.0, 0.0, 0.0);
+                let g = g.nan_to_num(0.0, 0.0, 0.0);
+                for j in 0..copies as i64 {
+                    losses.push(l.narrow(0, j * n, n));
+                    grads.push(g.narrow(0, j * n, n));
+                }
+                draws.push(logits.view([copies as i64, n, -1]));
+            }
             let l = Tensor::stack(&losses, 0); // K x N
+            keep.offer(
+                &adv,
+                &Tensor::cat(&draws, 0),
+                &l.mean_dim(0, false, Kind::Float),
+                &fooled,
+                None,
+            );
+            // Per image, the K losses ranked; the draws at or above the keep-th largest count.
             let threshold = l
                 .topk(self.keep(), 0, true, true)
                 .0
@@ -117,10 +104,11 @@ impl Attack for SelectiveEot {
             let chosen = (g * mask.view([k, n, 1, 1, 1])).sum_dim_intlist(0, false, Kind::Float);
             adv = norm.project(&(&adv + norm.direction(&chosen) * self.step_size), x, eps);
         }
-        let (rate, _, _) = probe(&adv, false, &mut stats);
-        keep_best(&adv, &rate, &mut best);
+        keep.offer_fresh(model, &adv, &|z| loss::ce(z, y), &fooled, None);
+        let (best, claimed) = keep.finish(model, &fooled);
         Ok(AttackOutput {
             x_adv: best.detach(),
+            claimed,
             grad: stats,
         })
     }

@@ -12,10 +12,15 @@
 //!   window into the first, on top of a fresh random block, and rescales to norm eps.
 //!
 //! Window positions are drawn per sample (AutoAttack draws one position for the whole batch).
+//!
+//! On a deterministic model a sample stops being queried once it is misclassified. On a random
+//! model one misclassified query proves nothing, so every sample spends the whole budget, and
+//! success is claimed on fresh draws of the image kept ([`super::select`]).
 
 use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
+use super::select::{Keeper, Selection, claim_of};
 use super::{Attack, AttackOutput, Budget, GradStats, Norm, on_remaining};
 use crate::models::Model;
 
@@ -26,6 +31,9 @@ pub struct Square {
     pub restarts: usize,
     /// Stretch the window schedule over the query budget as if it were 10,000 queries.
     pub rescale: bool,
+    /// Fresh draws that judge the image kept, on a random model.
+    pub eot: usize,
+    pub selection: Selection,
 }
 
 /// Fraction of the image a proposal window covers at query `i` of `n`.
@@ -156,10 +164,30 @@ fn size(t: &Tensor, norm: Norm, per_channel: bool) -> Tensor {
 }
 
 impl Square {
+    /// One run: (images, claims).
     fn single_run(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> (Tensor, Tensor) {
-        match self.budget.norm {
-            Norm::Linf => self.run_linf(model, x, y),
-            norm => self.run_lp(model, x, y, norm),
+        let keep = Keeper::for_model(model, self.selection, self.eot, x);
+        let early_exit = keep.is_none();
+        let (best, success) = match self.budget.norm {
+            Norm::Linf => self.run_linf(model, x, y, early_exit),
+            norm => self.run_lp(model, x, y, norm, early_exit),
+        };
+        match keep {
+            Some(mut k) => {
+                let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
+                k.offer_fresh(model, &best, &|z| super::loss::margin(z, y), &fooled, None);
+                k.finish(model, &fooled)
+            }
+            None => (best, claim_of(&success)),
+        }
+    }
+
+    /// The samples still to query: those not yet misclassified, or all of them.
+    fn active(best_margin: &Tensor, early_exit: bool) -> Tensor {
+        if early_exit {
+            best_margin.gt(0.0).nonzero().squeeze_dim(1)
+        } else {
+            Tensor::arange(best_margin.size()[0], (Kind::Int64, best_margin.device()))
         }
     }
 
@@ -167,7 +195,14 @@ impl Square {
     /// norms add, squared L2 norms add) and in mapping to the budget: L2 rescales to norm eps
     /// and clips to the box, L1 projects onto the L1 ball and box (slightly inside, as
     /// AutoAttack does).
-    fn run_lp(&self, model: &dyn Model, x: &Tensor, y: &Tensor, norm: Norm) -> (Tensor, Tensor) {
+    fn run_lp(
+        &self,
+        model: &dyn Model,
+        x: &Tensor,
+        y: &Tensor,
+        norm: Norm,
+        early_exit: bool,
+    ) -> (Tensor, Tensor) {
         let eps = self.budget.eps;
         let (n, c, h, w) = x.size4().expect("images are N x C x H x W");
         let dev = x.device();
@@ -194,7 +229,7 @@ impl Square {
         let mut best = to_ball(x, &delta0);
         let mut best_margin = margin(model, &best, y);
         for i in 0..self.queries {
-            let active = best_margin.gt(0.0).nonzero().squeeze_dim(1);
+            let active = Self::active(&best_margin, early_exit);
             let k = active.size()[0];
             if k == 0 {
                 break;
@@ -246,14 +281,20 @@ impl Square {
         (best, success)
     }
 
-    fn run_linf(&self, model: &dyn Model, x: &Tensor, y: &Tensor) -> (Tensor, Tensor) {
+    fn run_linf(
+        &self,
+        model: &dyn Model,
+        x: &Tensor,
+        y: &Tensor,
+        early_exit: bool,
+    ) -> (Tensor, Tensor) {
         let eps = self.budget.eps;
         let (n, c, h, w) = x.size4().expect("images are N x C x H x W");
         let dev = x.device();
         let mut best = (x + signs(&[n, c, 1, w], dev) * eps).clamp(0.0, 1.0);
         let mut best_margin = margin(model, &best, y);
         for i in 0..self.queries {
-            let active = best_margin.gt(0.0).nonzero().squeeze_dim(1);
+            let active = Self::active(&best_margin, early_exit);
             let k = active.size()[0];
             if k == 0 {
                 break;
@@ -293,11 +334,12 @@ impl Attack for Square {
         if h < 2 || w < 2 {
             bail!("square: images must be at least 2x2 pixels");
         }
-        let (x_adv, _) = on_remaining(x, y, self.restarts, seed, |_, _, xs, ys| {
+        let (x_adv, claimed) = on_remaining(x, y, self.restarts, seed, |_, _, xs, ys| {
             self.single_run(model, xs, ys)
         });
         Ok(AttackOutput {
             x_adv,
+            claimed,
             grad: GradStats::default(),
         })
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use atop::attacks::loss::LossKind;
 use atop::attacks::runner::{self, Runner, RunnerConfig};
-use atop::attacks::{AttackSettings, Budget, Norm, parse_eps};
+use atop::attacks::{AttackSettings, Budget, Norm, Selection, parse_eps};
 use atop::models::Model;
 use atop::report::grid;
 use atop::transforms::TransformKind;
@@ -126,6 +126,13 @@ pub struct SettingsArgs {
     /// Gradient samples averaged per step (Expectation over Transformation).
     #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
     pub eot: usize,
+    /// On a model measured random, the image an attack returns per point: most-fooled (the
+    /// iterate that fooled most of its EOT draws), last (the last iterate, as Madry's PGD), or
+    /// first-draw (the first iterate whose EOT-averaged logits were wrong: atop's rule before
+    /// 2026-12-06, kept to compare against). With most-fooled and last an attack claims success
+    /// on fresh draws of the image it returns.
+    #[arg(long, default_value = "most-fooled", value_parser = |s: &str| s.parse::<Selection>())]
+    pub selection: Selection,
 }
 
 impl SettingsArgs {
@@ -145,6 +152,7 @@ impl SettingsArgs {
         s.search_steps = self.search_steps;
         s.initial_const = self.initial_const;
         s.kappa = self.kappa;
+        s.selection = self.selection;
         Ok(s)
     }
 }

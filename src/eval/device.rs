@@ -128,6 +128,7 @@ pub fn compare(
         loss: LossKind::Ce,
         target: None,
         eot: 1,
+        selection: Default::default(),
     };
     let (ac, tc) = timed(Device::Cpu, || pgd.run(&f_cpu, x, y, s.seed));
     let (ad, td) = timed(dev, || pgd.run(&f_dev, &xd, &yd, s.seed));

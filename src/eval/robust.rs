@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::stats::Proportion;
-use crate::attacks::runner::{attack_batch, check_budget};
+use crate::attacks::runner::{BatchResult, attack_batch, check_budget};
 use crate::attacks::{AttackName, AttackSettings, GradStats};
-use crate::models::Model;
+use crate::models::{Measured, Model};
 
 /// Which model an attack differentiates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +315,11 @@ pub struct PointRecord {
     pub attacks: Vec<Draws>,
     /// Linf/L2/L1 norm (the budget's) of each attack's perturbation.
     pub perturbation_norms: Vec<f64>,
+    /// Per attack, the share of draws it claimed its image fools at attack time (see
+    /// [`crate::attacks::AttackOutput::claimed`]); None (or absent) where not recorded, as in
+    /// results written before 2026-12-06.
+    #[serde(default)]
+    pub claimed: Vec<Option<f64>>,
 }
 
 /// The finished evaluation.
@@ -345,6 +350,76 @@ pub struct RobustEvaluation {
     pub seconds: f64,
 }
 
+impl RobustEvaluation {
+    /// At least one attack differentiated the evaluated model (whole-model or BPDA): without
+    /// one, the scores are transfer accuracy, not robust accuracy.
+    pub fn adaptive(&self) -> bool {
+        self.attacks.iter().any(|a| a.target != Target::Transfer)
+    }
+
+    /// The attack that broke the most points on an average draw (lowest single-draw accuracy),
+    /// and how many points it alone broke by majority vote; None without attacks.
+    pub fn strongest(&self) -> Option<(usize, usize)> {
+        let (ai, _) = self
+            .attacks
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.scores.single.value.total_cmp(&b.1.scores.single.value))?;
+        let alone = self
+            .records
+            .iter()
+            .filter(|r| {
+                let broken = |d: &Draws| !d.majority_correct(r.label);
+                broken(&r.attacks[ai])
+                    && r.majority_clean_right()
+                    && r.attacks
+                        .iter()
+                        .enumerate()
+                        .all(|(j, d)| j == ai || !broken(d))
+            })
+            .count();
+        Some((ai, alone))
+    }
+}
+
+impl PointRecord {
+    fn majority_clean_right(&self) -> bool {
+        self.clean.majority_correct(self.label)
+    }
+
+    /// This point's scores: clean, and the worst case over the clean image and every attack
+    /// (per draw index, as [`RobustEvaluation::worst_case`] counts them).
+    pub fn scores(&self) -> PointScores {
+        let r = self.clean.preds.len().max(1);
+        let clean = self.clean.correct(self.label);
+        let mut worst = clean.clone();
+        for a in &self.attacks {
+            for (w, c) in worst.iter_mut().zip(a.correct(self.label)) {
+                *w &= c;
+            }
+        }
+        let share = |v: &[bool]| v.iter().filter(|&&b| b).count() as f64 / r as f64;
+        PointScores {
+            clean_single: share(&clean),
+            clean_majority: self.majority_clean_right(),
+            robust_single: share(&worst),
+            robust_majority: self.majority_clean_right()
+                && self.attacks.iter().all(|a| a.majority_correct(self.label)),
+        }
+    }
+}
+
+/// One point's scores, for paired comparisons of two evaluations on the same points.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PointScores {
+    /// Share of the R draws right on the clean image.
+    pub clean_single: f64,
+    pub clean_majority: bool,
+    /// Share of the R draws right on the clean image and on every attack's image.
+    pub robust_single: f64,
+    pub robust_majority: bool,
+}
+
 /// Single-draw accuracy under whole-model PGD on the check points, as the budget varies.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CheckCurves {
@@ -371,6 +446,10 @@ struct State {
     /// [attack][point]
     done: Vec<Vec<Option<Draws>>>,
     norms: Vec<Vec<f64>>,
+    /// [attack][point]: what the attack claimed of its image at attack time (None where not
+    /// recorded: states written before 2026-12-06).
+    #[serde(default)]
+    claimed: Vec<Vec<Option<f64>>>,
     grad: Vec<GradStats>,
     seconds: Vec<f64>,
     /// Batch files (attack, first point), in order.
@@ -478,6 +557,7 @@ pub fn evaluate(
                 clean: vec![None; n],
                 done: vec![vec![None; n]; config.attacks.len()],
                 norms: vec![vec![0.0; n]; config.attacks.len()],
+                claimed: vec![vec![None; n]; config.attacks.len()],
                 grad: vec![GradStats::default(); config.attacks.len()],
                 seconds: vec![0.0; config.attacks.len()],
                 batches: Vec::new(),
@@ -547,10 +627,25 @@ pub fn evaluate(
     }
     for (ai, spec) in config.attacks.iter().enumerate() {
         let settings = attack_settings(config, spec, state.stochastic);
-        let attacked: &dyn Model = match spec.target {
-            Target::Whole => model,
-            Target::Transfer => surrogates.classifier.expect("checked above"),
-            Target::Bpda => surrogates.bpda.expect("checked above"),
+        // Each attack follows the rule for random models where its model is measured random:
+        // the whole model and its BPDA twin (the same forward pass) as measured above, the
+        // classifier alone by its own measurement.
+        let attacked = match spec.target {
+            Target::Whole => Measured {
+                inner: model,
+                stochastic: state.stochastic,
+            },
+            Target::Bpda => Measured {
+                inner: surrogates.bpda.expect("checked above"),
+                stochastic: state.stochastic,
+            },
+            Target::Transfer => {
+                let f = surrogates.classifier.expect("checked above");
+                Measured {
+                    inner: f,
+                    stochastic: measure_randomness(f, x, config.batch_size, config.seed)?.0,
+                }
+            }
         };
         let attack = settings.build(spec.attack)?;
         let todo: Vec<&(usize, usize)> = batches
@@ -572,8 +667,12 @@ pub fn evaluate(
             // Attacks that draw nothing themselves (FGSM) still meet a random model: fix its
             // draws too, so a resumed run attacks exactly as an uninterrupted one.
             tch::manual_seed(seed as i64);
-            let (adv, norms, grad) =
-                attack_batch(attack.as_ref(), attacked, (&xb, &yb), seed, &spec.label())?;
+            let BatchResult {
+                adv,
+                norms,
+                claimed,
+                grad,
+            } = attack_batch(attack.as_ref(), &attacked, (&xb, &yb), seed, &spec.label())?;
             let draws = draw(model, &adv, config.draws, config.seed, ai, s)?;
             let adv_cpu = adv.to_device(Device::Cpu);
             let file = format!("{ai:02}-{:06}.safetensors", s);
@@ -587,6 +686,7 @@ pub fn evaluate(
             for (j, d) in draws.into_iter().enumerate() {
                 state.done[ai][s + j] = Some(d);
                 state.norms[ai][s + j] = norms[j];
+                state.claimed[ai][s + j] = Some(claimed[j]);
             }
             state.grad[ai].add(grad);
             state.seconds[ai] += t.elapsed().as_secs_f64();
@@ -650,18 +750,8 @@ fn measure_randomness(
     batch: usize,
     seed: u64,
 ) -> Result<(bool, f64)> {
-    tch::manual_seed(seed as i64);
-    let len = (x.size()[0] as usize).min(batch).min(64) as i64;
-    let xb = x
-        .narrow(0, 0, len)
-        .to_device(model.device())
-        .to_kind(Kind::Float);
-    let (a, b) = tch::no_grad(|| (model.logits(&xb), model.logits(&xb)));
-    let change = (a - b).abs().max().to_kind(Kind::Double).double_value(&[]);
-    if !change.is_finite() {
-        bail!("the model's logits on clean images are not finite");
-    }
-    Ok((change > 1e-6, change))
+    let len = (x.size()[0] as usize).min(batch) as i64;
+    crate::attacks::select::measure_randomness(model, &x.narrow(0, 0, len), seed)
 }
 
 /// The model with its randomness fixed: every call draws the same transform (reseeded).
@@ -698,6 +788,10 @@ fn pgd_accuracy(
     draws: usize,
 ) -> Result<f64> {
     let attack = settings.build(AttackName::Pgd)?;
+    let attacked = Measured {
+        inner: attacked,
+        stochastic: measure_randomness(attacked, x, config.batch_size, config.seed)?.0,
+    };
     let device = scored.device();
     let n = x.size()[0];
     let (mut hits, mut total) = (0usize, 0usize);
@@ -707,7 +801,7 @@ fn pgd_accuracy(
         let yb = y.narrow(0, s, len).to_device(device);
         let seed = config.seed ^ (0xC4EC_u64 << 32) ^ s as u64;
         tch::manual_seed(seed as i64);
-        let adv = attack.run(attacked, &xb, &yb, seed)?.x_adv.detach();
+        let adv = attack.run(&attacked, &xb, &yb, seed)?.x_adv.detach();
         let labels = Vec::<i64>::try_from(yb.to_device(Device::Cpu))?;
         let preds = draw(scored, &adv, draws, config.seed, usize::MAX - 1, s as usize)?;
         for (p, &l) in preds.iter().zip(&labels) {
@@ -838,6 +932,7 @@ fn finish(
                     .map(|a| take(&a[i]))
                     .collect::<Result<_>>()?,
                 perturbation_norms: state.norms.iter().map(|a| a[i]).collect(),
+                claimed: state.claimed.iter().map(|a| a[i]).collect(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -1197,6 +1292,21 @@ fn checks(e: &RobustEvaluation) -> Vec<Check> {
             ));
         }
     }
+    out.extend(survival_checks(e));
+    if e.stochastic && e.config.draws == 1 {
+        out.push(Check::new(
+            "scoring draws on a random model",
+            false,
+            "R = 1: each image is scored by one draw, so majority and worst of R are that draw, and an attack's success is set against a single fresh draw; use R >= 10".into(),
+        ));
+    }
+    if !e.adaptive() {
+        out.push(Check::new(
+            "an attack on the defended model",
+            false,
+            "every attack differentiated the classifier alone (transfer): the scores are transfer accuracy, not robust accuracy; add pgd, selective-eot or bpda".into(),
+        ));
+    }
     out.extend(curve_checks(&e.curves, e.classes));
     if e.stochastic {
         let w = &e.worst_case;
@@ -1210,6 +1320,57 @@ fn checks(e: &RobustEvaluation) -> Vec<Check> {
                 100.0 * w.worst_of_r.value
             ),
         });
+    }
+    out
+}
+
+/// Does each attack's success survive fresh draws? Per point i, c_i is the share of draws the
+/// attack claimed its image fools at attack time and f_i the share of the R scoring draws it
+/// fools. WARN when the mean excess D = mean(c_i - f_i) exceeds both 2 points and twice its
+/// standard error (sd(c - f) / sqrt(n), a one-sided test at about 2.3 %): the attack counted
+/// points broken that fresh draws classify correctly, so its own idea of success rests on the
+/// draws it selected on. Transfer attacks are not judged (their claims are about the classifier
+/// alone); attacks without recorded claims (results before 2026-12-06) are skipped.
+pub fn survival_checks(e: &RobustEvaluation) -> Vec<Check> {
+    let mut out = Vec::new();
+    for (ai, a) in e.attacks.iter().enumerate() {
+        if a.target == Target::Transfer {
+            continue;
+        }
+        let pairs: Vec<(f64, f64)> = e
+            .records
+            .iter()
+            .filter_map(|r| {
+                let c = r.claimed.get(ai).copied().flatten()?;
+                let preds = &r.attacks[ai].preds;
+                let wrong = preds.iter().filter(|&&p| p != r.label).count();
+                Some((c, wrong as f64 / preds.len().max(1) as f64))
+            })
+            .collect();
+        if pairs.len() < e.records.len() || pairs.is_empty() {
+            continue;
+        }
+        let m = pairs.len() as f64;
+        let (claimed, fresh) = (
+            pairs.iter().map(|p| p.0).sum::<f64>() / m,
+            pairs.iter().map(|p| p.1).sum::<f64>() / m,
+        );
+        let d = claimed - fresh;
+        let var = pairs.iter().map(|(c, f)| (c - f - d).powi(2)).sum::<f64>() / (m - 1.0).max(1.0);
+        let se = (var / m).sqrt();
+        let warn = d > 0.02 && d > 2.0 * se;
+        out.push(Check::new(
+            &format!("{}: success survives fresh draws", a.attack),
+            !warn,
+            format!(
+                "at attack time it counted {:.2} % of the points broken (mean share of its own draws), the {} fresh scoring draws {:.2} %: excess {:+.2} points (standard error {:.2}); WARN when the excess is above 2 points and 2 standard errors: its successes were judged on draws that fresh ones undo",
+                100.0 * claimed,
+                e.config.draws,
+                100.0 * fresh,
+                100.0 * d,
+                100.0 * se
+            ),
+        ));
     }
     out
 }
@@ -1326,6 +1487,17 @@ fn load_state(
                 "{field} holds {len} entries, expected {want} ({n} points, {attacks} attacks)"
             )));
         }
+    }
+    let mut state = state;
+    if state.claimed.is_empty() {
+        // Written before claims were recorded: the finished batches have none.
+        state.claimed = vec![vec![None; n]; attacks];
+    }
+    if state.claimed.len() != attacks || state.claimed.iter().any(|c| c.len() != n) {
+        return Err(corrupt(format!(
+            "claimed holds {} lists, expected {attacks} of {n} entries",
+            state.claimed.len()
+        )));
     }
     for (ai, (done, norms)) in state.done.iter().zip(&state.norms).enumerate() {
         if done.len() != n || norms.len() != n {

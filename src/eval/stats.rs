@@ -1,4 +1,5 @@
-//! Exact binomial intervals for accuracies measured on n test points.
+//! Exact binomial intervals for accuracies measured on n test points, and paired comparisons
+//! of two models scored on the same points and draws.
 
 use serde::{Deserialize, Serialize};
 
@@ -150,6 +151,123 @@ fn ln_gamma(x: f64) -> f64 {
     0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + s.ln()
 }
 
+/// Two models compared point by point on the same points (and the same scoring draws): per
+/// point a score of each in [0, 1] (the share of draws right), their mean difference (second
+/// minus first) with a 95 % paired-bootstrap interval, and how many points moved which way.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PairedDifference {
+    pub n: usize,
+    /// mean(b_i - a_i).
+    pub mean: f64,
+    /// Percentile interval of the mean over 10,000 resamples of the points (seeded).
+    pub lo: f64,
+    pub hi: f64,
+    /// Points where the second scores higher, lower.
+    pub better: usize,
+    pub worse: usize,
+}
+
+impl PairedDifference {
+    /// The 95 % interval excludes 0.
+    pub fn significant(&self) -> bool {
+        self.lo > 0.0 || self.hi < 0.0
+    }
+
+    /// "+3.20 points [+0.8, +5.6]".
+    pub fn show(&self) -> String {
+        format!(
+            "{:+.2} points [{:+.2}, {:+.2}]",
+            100.0 * self.mean,
+            100.0 * self.lo,
+            100.0 * self.hi
+        )
+    }
+}
+
+/// Resamples drawn by [`paired_difference`].
+pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
+
+/// The paired comparison of per-point scores `a` (first model) and `b` (second), which must
+/// be of the same points in the same order. Deterministic: the resamples are seeded.
+pub fn paired_difference(a: &[f64], b: &[f64]) -> PairedDifference {
+    use rand::{RngExt, SeedableRng};
+    assert_eq!(a.len(), b.len(), "paired scores of different point sets");
+    let n = a.len();
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| y - x).collect();
+    let mean = d.iter().sum::<f64>() / n.max(1) as f64;
+    let (lo, hi) = if n == 0 {
+        (0.0, 0.0)
+    } else {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x9a1_2ed);
+        let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+            .map(|_| (0..n).map(|_| d[rng.random_range(0..n)]).sum::<f64>() / n as f64)
+            .collect();
+        means.sort_by(f64::total_cmp);
+        let at = |q: f64| means[((q * (BOOTSTRAP_RESAMPLES - 1) as f64).round()) as usize];
+        (at(0.025), at(0.975))
+    };
+    PairedDifference {
+        n,
+        mean,
+        lo,
+        hi,
+        better: d.iter().filter(|&&x| x > 0.0).count(),
+        worse: d.iter().filter(|&&x| x < 0.0).count(),
+    }
+}
+
+/// Paired binary outcomes of two models on the same points: `b` right only under the second,
+/// `c` right only under the first, and the exact McNemar p-value of no difference.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct McNemar {
+    pub b: usize,
+    pub c: usize,
+    pub p: f64,
+}
+
+impl McNemar {
+    pub fn of(first: &[bool], second: &[bool]) -> McNemar {
+        assert_eq!(
+            first.len(),
+            second.len(),
+            "paired outcomes of different point sets"
+        );
+        let b = first
+            .iter()
+            .zip(second)
+            .filter(|(f, s)| !**f && **s)
+            .count();
+        let c = first
+            .iter()
+            .zip(second)
+            .filter(|(f, s)| **f && !**s)
+            .count();
+        McNemar {
+            b,
+            c,
+            p: mcnemar_exact(b, c),
+        }
+    }
+}
+
+/// The exact two-sided McNemar test of paired binary outcomes: `b` points right only under
+/// the second model, `c` only under the first. Under no difference each discordant point is a
+/// fair coin: p = P(|X - m/2| >= |b - m/2|) for X ~ Binomial(m = b + c, 1/2), at most 1.
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let m = b + c;
+    if m == 0 {
+        return 1.0;
+    }
+    let k = b.min(c);
+    // P(X <= k) by summing binomial terms in log space.
+    let ln_half = -(m as f64) * std::f64::consts::LN_2;
+    let ln_choose = |j: usize| {
+        ln_gamma(m as f64 + 1.0) - ln_gamma(j as f64 + 1.0) - ln_gamma((m - j) as f64 + 1.0)
+    };
+    let tail: f64 = (0..=k).map(|j| (ln_choose(j) + ln_half).exp()).sum();
+    (2.0 * tail).min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +295,37 @@ mod tests {
         assert!((ln_gamma(5.0) - 24f64.ln()).abs() < 1e-12);
         assert!((ln_gamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-12);
         assert!((ln_gamma(100.0) - 359.134_205_369_575_4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn mcnemar_matches_the_binomial_tail() {
+        // b = 0, c = 5: p = 2 / 32.
+        assert!((mcnemar_exact(0, 5) - 0.0625).abs() < 1e-12);
+        // b = 2, c = 8 (m = 10): 2 * (1 + 10 + 45) / 1024.
+        assert!((mcnemar_exact(2, 8) - 112.0 / 1024.0).abs() < 1e-12);
+        assert_eq!(mcnemar_exact(3, 3), 1.0);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+    }
+
+    #[test]
+    fn paired_differences_see_a_shift_the_unpaired_intervals_miss() {
+        // 200 points; the second model is right on 12 more (and wrong on 2 others).
+        let a: Vec<f64> = (0..200).map(|i| f64::from(u8::from(i % 2 == 0))).collect();
+        let mut b = a.clone();
+        for v in b.iter_mut().skip(1).step_by(2).take(12) {
+            *v = 1.0;
+        }
+        b[0] = 0.0;
+        b[2] = 0.0;
+        let d = paired_difference(&a, &b);
+        assert_eq!((d.better, d.worse), (12, 2));
+        assert!((d.mean - 0.05).abs() < 1e-12);
+        assert!(d.significant() && d.lo > 0.0 && d.hi > d.mean, "{d:?}");
+        // Unpaired, the two accuracies' intervals overlap.
+        let (pa, pb) = (Proportion::new(100, 200), Proportion::new(110, 200));
+        assert!(pb.lo < pa.hi);
+        // The same scores: no difference, an interval of zero width.
+        let same = paired_difference(&a, &a);
+        assert!(!same.significant() && same.lo == 0.0 && same.hi == 0.0);
     }
 }

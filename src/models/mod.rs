@@ -46,6 +46,39 @@ pub trait Model {
     fn describe(&self) -> String;
 }
 
+/// A model whose randomness was measured: `is_stochastic` reports the measurement (two calls
+/// on the same images differ) instead of the model's declaration, and everything else is the
+/// inner model's. Evaluations hand attacks this, so the rule an attack follows on a random
+/// model ([`crate::attacks::select`]) rests on what was measured.
+pub struct Measured<'a> {
+    pub inner: &'a dyn Model,
+    pub stochastic: bool,
+}
+
+impl Model for Measured<'_> {
+    fn logits(&self, images: &Tensor) -> Tensor {
+        self.inner.logits(images)
+    }
+    fn num_classes(&self) -> usize {
+        self.inner.num_classes()
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+    fn is_stochastic(&self) -> bool {
+        self.stochastic
+    }
+    fn draws_per_sample(&self) -> bool {
+        self.inner.draws_per_sample()
+    }
+    fn work_size(&self) -> Option<usize> {
+        self.inner.work_size()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
 impl Model for Classifier {
     fn logits(&self, images: &Tensor) -> Tensor {
         self.forward_t(images, false)

@@ -42,6 +42,35 @@ fn row(name: &str, s: &Scores) -> String {
     )
 }
 
+/// The name of the worst-case row: robust accuracy only where an attack differentiated the
+/// defended model; with transfer attacks alone it is transfer accuracy.
+pub fn worst_label(e: &RobustEvaluation, bold: bool) -> String {
+    let label = if e.adaptive() {
+        "worst case per point (clean and all attacks)"
+    } else {
+        "transfer accuracy, worst case per point (not robust accuracy: no attack differentiated the defended model)"
+    };
+    if bold {
+        format!("**{label}**")
+    } else {
+        label.into()
+    }
+}
+
+/// Which attack broke the most points, in words.
+pub fn strongest_line(e: &RobustEvaluation) -> Option<String> {
+    let (ai, alone) = e.strongest()?;
+    let a = &e.attacks[ai];
+    Some(format!(
+        "Strongest attack: {} ({:.2} % single-draw accuracy, {} of {} points broken on an average draw; {} broken by it alone, majority vote).",
+        a.attack,
+        100.0 * a.scores.single.value,
+        ((1.0 - a.scores.single.value) * e.n as f64).round(),
+        e.n,
+        alone
+    ))
+}
+
 /// The budget line: norm, eps (also as k/255 for Linf), iterations, EOT, restarts.
 pub fn budget(e: &RobustEvaluation) -> String {
     let s = &e.config.settings;
@@ -137,14 +166,10 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
         };
         let _ = writeln!(s, "{}", row(&name, &a.scores));
     }
-    let _ = writeln!(
-        s,
-        "{}\n",
-        row(
-            "**worst case per point (clean and all attacks)**",
-            &e.worst_case
-        )
-    );
+    let _ = writeln!(s, "{}\n", row(&worst_label(e, true), &e.worst_case));
+    if let Some(line) = strongest_line(e) {
+        let _ = writeln!(s, "{line}\n");
+    }
     let _ = writeln!(s, "## Attacks\n");
     let _ = writeln!(
         s,
@@ -285,7 +310,10 @@ pub fn terminal(e: &RobustEvaluation, p: &Provenance) -> String {
         };
         line(&name, &r.scores);
     }
-    line("worst case per point", &e.worst_case);
+    line(&worst_label(e, false), &e.worst_case);
+    if let Some(l) = strongest_line(e) {
+        let _ = writeln!(s, "{l}");
+    }
     for c in &e.checks {
         let _ = writeln!(s, "  [{}] {}: {}", c.status, c.name, c.detail);
     }

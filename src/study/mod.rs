@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::attacks::{AttackSettings, Budget, Norm, parse_eps};
 use crate::eval::plan::Plan;
+use crate::eval::robust::{PointScores, RobustEvaluation};
 use crate::eval::robust::{RobustConfig, Scores, parse_attacks};
+use crate::eval::stats::{McNemar, PairedDifference, paired_difference};
 use crate::eval::target::{ModelData, TargetSpec};
 use crate::models::checkpoint;
 use crate::train::atop::TrainAtopConfig;
@@ -405,6 +407,93 @@ pub struct Row {
     pub robust: Scores,
     pub results: PathBuf,
     pub minutes: f64,
+    /// The attack that broke the most points (lowest single-draw accuracy).
+    pub strongest: String,
+    /// At least one attack differentiated the defended model (else: transfer accuracy).
+    pub adaptive: bool,
+}
+
+/// AToP against the pre-trained purifier at one budget, point by point: the same points and
+/// the same scoring draws (the draw seeds depend on the evaluation seed, the image set and the
+/// batch, not on the purifier).
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub eps: String,
+    /// Per-point share of draws right on the clean image: AToP minus pre-trained.
+    pub clean: PairedDifference,
+    /// Per-point share of draws right on the clean and every attacked image.
+    pub robust: PairedDifference,
+    /// Majority-vote robustness and clean correctness, right only with AToP (b) or only with
+    /// the pre-trained purifier (c), with the exact McNemar test.
+    pub robust_majority: McNemar,
+    pub clean_majority: McNemar,
+}
+
+impl Comparison {
+    /// The comparison of two evaluations of the same points; an error if they are not paired.
+    pub fn of(eps: &str, pre: &RobustEvaluation, tuned: &RobustEvaluation) -> Result<Comparison> {
+        let same = pre.indices == tuned.indices
+            && pre.config.seed == tuned.config.seed
+            && pre.config.draws == tuned.config.draws
+            && pre.records.len() == tuned.records.len()
+            && pre
+                .records
+                .iter()
+                .zip(&tuned.records)
+                .all(|(a, b)| a.position == b.position && a.label == b.label);
+        if !same {
+            bail!(
+                "the evaluations at {eps} are not of the same points, seed and draws: they cannot be compared point by point"
+            );
+        }
+        let (a, b): (Vec<PointScores>, Vec<PointScores>) = (
+            pre.records.iter().map(|r| r.scores()).collect(),
+            tuned.records.iter().map(|r| r.scores()).collect(),
+        );
+        let col =
+            |v: &[PointScores], f: fn(&PointScores) -> f64| v.iter().map(f).collect::<Vec<_>>();
+        let bits =
+            |v: &[PointScores], f: fn(&PointScores) -> bool| v.iter().map(f).collect::<Vec<_>>();
+        Ok(Comparison {
+            eps: eps.into(),
+            clean: paired_difference(&col(&a, |p| p.clean_single), &col(&b, |p| p.clean_single)),
+            robust: paired_difference(&col(&a, |p| p.robust_single), &col(&b, |p| p.robust_single)),
+            robust_majority: McNemar::of(
+                &bits(&a, |p| p.robust_majority),
+                &bits(&b, |p| p.robust_majority),
+            ),
+            clean_majority: McNemar::of(
+                &bits(&a, |p| p.clean_majority),
+                &bits(&b, |p| p.clean_majority),
+            ),
+        })
+    }
+
+    /// The sentence under the table, as the paired test reads.
+    pub fn sentence(&self) -> String {
+        let verdict = |d: &PairedDifference| {
+            if !d.significant() {
+                "no difference these points can resolve (the paired interval includes 0)"
+            } else if d.mean > 0.0 {
+                "a gain (the paired interval excludes 0)"
+            } else {
+                "a loss (the paired interval excludes 0)"
+            }
+        };
+        let m = &self.robust_majority;
+        format!(
+            "At {}, point by point on the same {} points and scoring draws: AToP changes robust accuracy (single draw, worst case over the attacks) by {}: {}; clean accuracy by {}: {}. Majority vote: robust under AToP only on {} points, under the pre-trained purifier only on {} (exact McNemar p = {:.3}).",
+            self.eps,
+            self.robust.n,
+            self.robust.show(),
+            verdict(&self.robust),
+            self.clean.show(),
+            verdict(&self.clean),
+            m.b,
+            m.c,
+            m.p
+        )
+    }
 }
 
 /// What a stage took and gave.
@@ -431,6 +520,8 @@ pub struct StudySummary {
     /// R: draws of the model per scored image.
     pub draws: usize,
     pub rows: Vec<Row>,
+    /// Per budget, AToP against the pre-trained purifier point by point.
+    pub comparisons: Vec<Comparison>,
     pub report: PathBuf,
     pub provenance: String,
 }
@@ -481,6 +572,7 @@ pub fn run(plan: &StudyPlan, out: &Path, device: tch::Device) -> Result<StudySum
         )?,
     ];
     let mut rows = Vec::new();
+    let mut evaluations = Vec::new();
     for (label, folder, purifier) in [
         ("pre-trained", "pretrained", &pretrained),
         ("AToP", "atop", &tuned),
@@ -497,14 +589,32 @@ pub fn run(plan: &StudyPlan, out: &Path, device: tch::Device) -> Result<StudySum
             // Always through the evaluation: a finished one is read back when its settings,
             // weights and images match those now in place (a retrained stage is not reused).
             let results = evaluate(plan, &classifier, purifier, *eps, &dir, device)?;
+            let e = results.evaluation;
             rows.push(Row {
                 purifier: label.into(),
                 eps: eps_name.clone(),
-                clean: results.evaluation.clean.clone(),
-                robust: results.evaluation.worst_case.clone(),
+                clean: e.clean.clone(),
+                robust: e.worst_case.clone(),
                 results: dir.join("report.md"),
-                minutes: results.evaluation.seconds / 60.0,
+                minutes: e.seconds / 60.0,
+                strongest: e
+                    .strongest()
+                    .map_or("-".into(), |(ai, _)| e.attacks[ai].attack.clone()),
+                adaptive: e.adaptive(),
             });
+            evaluations.push((label, eps_name.clone(), e));
+        }
+    }
+    let mut comparisons = Vec::new();
+    for (label, eps, pre) in &evaluations {
+        if *label != "pre-trained" {
+            continue;
+        }
+        if let Some((_, _, tuned)) = evaluations
+            .iter()
+            .find(|(l, e, _)| *l == "AToP" && e == eps)
+        {
+            comparisons.push(Comparison::of(eps, pre, tuned)?);
         }
     }
     let engine = crate::runtime::engine_info();
@@ -515,6 +625,7 @@ pub fn run(plan: &StudyPlan, out: &Path, device: tch::Device) -> Result<StudySum
         protocol: protocol(&plan.eval),
         draws: plan.eval.draws,
         rows,
+        comparisons,
         report: out.join("report.md"),
         provenance: format!(
             "atop {}, torch {}, {device:?}, {} threads, {}; finished {}",
@@ -726,40 +837,59 @@ pub fn markdown(s: &StudySummary) -> String {
         "\n## Robustness: pre-trained against AToP-fine-tuned purifier\n"
     );
     let _ = writeln!(m, "Protocol: {}.\n", s.protocol);
-    let (r, draws) = (s.rows.first().map_or(0, |r| r.robust.single.n), s.draws);
+    let draws = s.draws;
+    let adaptive = s.rows.iter().all(|r| r.adaptive);
+    let what = if adaptive {
+        "robust"
+    } else {
+        "transfer accuracy (no attack differentiated the defended model: not robust accuracy)"
+    };
     let _ = writeln!(
         m,
-        "| purifier | eps | clean, single draw | robust, single draw | robust, majority of {draws} | robust, worst of {draws} | minutes |"
+        "| purifier | eps | clean, single draw | {what}, single draw | {what}, majority of {draws} | {what}, worst of {draws} | strongest attack | minutes |"
     );
-    let _ = writeln!(m, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|");
     for row in &s.rows {
         let [single, majority, worst] = show(&row.robust);
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {single} | {majority} | {worst} | {:.1} |",
+            "| {} | {} | {} | {single} | {majority} | {worst} | {} | {:.1} |",
             row.purifier,
             row.eps,
             show(&row.clean)[0],
+            row.strongest,
             row.minutes
         );
     }
+    let _ = writeln!(
+        m,
+        "\nThe intervals in the table are each model's own (95 % Clopper-Pearson over the points). The two models are scored on the same points and the same draws, so the comparison below is paired: per point the share of draws right under AToP minus under the pre-trained purifier, averaged, with a 95 % interval from {} bootstrap resamples of the points.\n",
+        crate::eval::stats::BOOTSTRAP_RESAMPLES
+    );
+    let _ = writeln!(
+        m,
+        "| eps | robust, single draw: AToP - pre-trained | points better / worse | clean, single draw: AToP - pre-trained | points better / worse | robust majority: only AToP / only pre-trained (McNemar p) |"
+    );
+    let _ = writeln!(m, "|---|---|---|---|---|---|");
+    for c in &s.comparisons {
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} / {} | {} | {} / {} | {} / {} ({:.3}) |",
+            c.eps,
+            c.robust.show(),
+            c.robust.better,
+            c.robust.worse,
+            c.clean.show(),
+            c.clean.better,
+            c.clean.worse,
+            c.robust_majority.b,
+            c.robust_majority.c,
+            c.robust_majority.p
+        );
+    }
     let _ = writeln!(m);
-    for pre in s.rows.iter().filter(|r| r.purifier == "pre-trained") {
-        if let Some(tuned) = s
-            .rows
-            .iter()
-            .find(|r| r.purifier == "AToP" && r.eps == pre.eps)
-        {
-            let d = |a: f64, b: f64| format!("{:+.2}", 100.0 * (a - b));
-            let _ = writeln!(
-                m,
-                "- At {}, AToP changes clean accuracy by {} points and robust accuracy by {} points on one draw ({} on the majority vote), on {r} points: differences inside the intervals are not evidence.",
-                pre.eps,
-                d(tuned.clean.single.value, pre.clean.single.value),
-                d(tuned.robust.single.value, pre.robust.single.value),
-                d(tuned.robust.majority.value, pre.robust.majority.value),
-            );
-        }
+    for c in &s.comparisons {
+        let _ = writeln!(m, "- {}", c.sentence());
     }
     let _ = writeln!(
         m,

@@ -638,7 +638,7 @@ pub fn train(
 
 fn eval_description(e: &AtopEvalConfig) -> String {
     format!(
-        "{} seeded test images; whole-model PGD-{} (step eps/4, random start) x EOT {} with exact gradients at Linf {:.5}; transfer: the same PGD against the classifier alone, scored on the defended model; robust = the defended model right on the clean and the attacked image",
+        "{} seeded test images; whole-model PGD-{} (step eps/4, random start) x EOT {} with exact gradients at Linf {:.5}, then selective EOT at the same budget on the points PGD left (the iterate that fooled most of its draws; each image judged on one fresh seeded draw); transfer: the same PGD against the classifier alone, scored on the defended model; robust = the defended model right on the clean and the attacked images",
         e.subset, e.steps, e.eot, e.eps
     )
 }
@@ -886,13 +886,13 @@ impl AtopTask<'_> {
         let whole = t.defended((x.size()[2], x.size()[3]))?;
         let mut settings = AttackSettings::new(Budget::new(Norm::Linf, e.eps)?);
         settings.steps = Some(e.steps);
-        let run = |model: &dyn Model, eot: usize| {
+        let run = |model: &dyn Model, eot: usize, attacks: Vec<AttackName>| {
             let mut settings = settings.clone();
             settings.eot = eot;
             Runner {
                 model,
                 config: RunnerConfig {
-                    attacks: vec![AttackName::Pgd],
+                    attacks,
                     settings,
                     batch_size: e.batch_size,
                     seed: t.cfg.seed,
@@ -903,8 +903,12 @@ impl AtopTask<'_> {
             }
             .run(x, y, &self.eval.indices)
         };
-        let whole_report = run(&whole, e.eot)?;
-        let transfer = run(&t.f, 1)?;
+        let whole_report = run(
+            &whole,
+            e.eot,
+            vec![AttackName::Pgd, AttackName::SelectiveEot],
+        )?;
+        let transfer = run(&t.f, 1, vec![AttackName::Pgd])?;
         // The transferred images on the defended model, where it classified the clean image
         // correctly (one draw each, seeded).
         tch::manual_seed(t.cfg.seed as i64 ^ 0x5eed);
