@@ -26,7 +26,7 @@ use tch::{Kind, Tensor};
 
 use super::grad::{GradStats, evaluate};
 use super::norm::sparse_direction;
-use super::select::{Keeper, Selection, claim_of};
+use super::select::{Keeper, Selection, claim_of, reclaim};
 use super::{Attack, AttackOutput, Budget, Norm, loss, on_remaining};
 use crate::models::Model;
 
@@ -284,6 +284,10 @@ impl Attack for Apgd {
     fn run(&self, model: &dyn Model, x: &Tensor, y: &Tensor, seed: u64) -> Result<AttackOutput> {
         let classes = model.num_classes();
         let mut stats = GradStats::default();
+        let runs = match self.loss {
+            ApgdLoss::DlrTargeted { targets } => targets * self.restarts,
+            _ => self.restarts,
+        };
         let (x_adv, claimed) = match self.loss {
             ApgdLoss::DlrTargeted { targets } => {
                 if classes < 4 {
@@ -313,6 +317,12 @@ impl Attack for Apgd {
                     self.run_once(model, xs, ys, None, &mut stats)
                 })
             }
+        };
+        let claimed = if runs > 1 {
+            let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
+            reclaim(model, self.selection, self.eot, &x_adv, claimed, &fooled)
+        } else {
+            claimed
         };
         Ok(AttackOutput {
             x_adv,

@@ -20,7 +20,7 @@ use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
 use super::grad::{GradStats, evaluate, predict};
-use super::select::{Keeper, Selection, claim_of, share_fooled};
+use super::select::{Keeper, Selection, claim_of, reclaim, share_fooled};
 use super::{Attack, AttackOutput, Budget, Norm, on_remaining};
 use crate::models::Model;
 
@@ -225,13 +225,17 @@ impl Attack for FabT {
         }
         let mut stats = GradStats::default();
         let order = super::target_order(model, x, y);
-        let (x_adv, claimed) =
+        let (x_adv, mut claimed) =
             on_remaining(x, y, targets * self.restarts, seed, |r, idx, xs, ys| {
                 let t = order
                     .index_select(0, idx)
                     .select(1, (r / self.restarts) as i64);
                 self.single_run(model, xs, ys, &t, r % self.restarts > 0, &mut stats)
             });
+        if targets * self.restarts > 1 {
+            let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
+            claimed = reclaim(model, self.selection, self.eot, &x_adv, claimed, &fooled);
+        }
         Ok(AttackOutput {
             x_adv,
             claimed,

@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::grad::{GradStats, evaluate};
 use super::loss::{self, LossKind};
-use super::select::{Keeper, Selection, claim_of};
+use super::select::{Keeper, Selection, claim_of, reclaim};
 use super::{Attack, AttackOutput, Budget, on_remaining};
 use crate::models::Model;
 
@@ -101,10 +101,20 @@ impl Attack for Pgd {
     }
     fn run(&self, model: &dyn Model, x: &Tensor, y: &Tensor, seed: u64) -> Result<AttackOutput> {
         let mut stats = GradStats::default();
-        let (x_adv, claimed) = on_remaining(x, y, self.restarts, seed, |_, idx, xs, ys| {
+        let (x_adv, mut claimed) = on_remaining(x, y, self.restarts, seed, |_, idx, xs, ys| {
             let target = self.target.as_ref().map(|t| t.index_select(0, idx));
             self.single_run(model, xs, ys, target.as_ref(), &mut stats)
         });
+        if self.restarts > 1 {
+            let fooled = |z: &Tensor| {
+                let pred = z.argmax(-1, false);
+                match &self.target {
+                    Some(t) => pred.eq_tensor(t),
+                    None => pred.ne_tensor(y),
+                }
+            };
+            claimed = reclaim(model, self.selection, self.eot, &x_adv, claimed, &fooled);
+        }
         Ok(AttackOutput {
             x_adv,
             claimed,

@@ -180,6 +180,24 @@ impl Keeper {
     }
 }
 
+/// The claims for images chosen among several attempts (restarts, target classes) by their
+/// claims: measured again on K fresh draws on a random model, since picking the best of several
+/// noisy estimates favours lucky ones. Elsewhere the claims stand.
+pub fn reclaim(
+    model: &dyn Model,
+    rule: Selection,
+    eot: usize,
+    images: &Tensor,
+    claimed: Tensor,
+    fooled: Fooled<'_>,
+) -> Tensor {
+    if model.is_stochastic() && rule != Selection::FirstDraw {
+        share_fooled(&grad::predict(model, images, eot.max(1)), fooled)
+    } else {
+        claimed
+    }
+}
+
 /// Per point, the share of K draws (K x N x C logits) that `fooled` counts.
 pub fn share_fooled(draws: &Tensor, fooled: Fooled<'_>) -> Tensor {
     let k = draws.size()[0];

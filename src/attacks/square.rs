@@ -20,7 +20,7 @@
 use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
-use super::select::{Keeper, Selection, claim_of};
+use super::select::{Keeper, Selection, claim_of, reclaim};
 use super::{Attack, AttackOutput, Budget, GradStats, Norm, on_remaining};
 use crate::models::Model;
 
@@ -334,9 +334,13 @@ impl Attack for Square {
         if h < 2 || w < 2 {
             bail!("square: images must be at least 2x2 pixels");
         }
-        let (x_adv, claimed) = on_remaining(x, y, self.restarts, seed, |_, _, xs, ys| {
+        let (x_adv, mut claimed) = on_remaining(x, y, self.restarts, seed, |_, _, xs, ys| {
             self.single_run(model, xs, ys)
         });
+        if self.restarts > 1 {
+            let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
+            claimed = reclaim(model, self.selection, self.eot, &x_adv, claimed, &fooled);
+        }
         Ok(AttackOutput {
             x_adv,
             claimed,
