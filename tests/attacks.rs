@@ -1202,6 +1202,52 @@ fn eval_robust_scores_a_random_defence_over_r_draws_resumes_after_a_kill_and_sha
     );
 }
 
+/// Inputs that make a random defence's numbers meaningless are said so in the report: one
+/// scoring draw (R = 1) and a plan of transfer attacks only, whose worst case is transfer
+/// accuracy, never robust accuracy.
+#[test]
+fn one_draw_and_transfer_only_plans_are_flagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t");
+    let r = run_json(&mut robust_cmd(
+        &out,
+        &[
+            "--transform",
+            "noise",
+            "--sigma",
+            "0.005",
+            "--attack",
+            "transfer",
+            "--steps",
+            "2",
+            "--n",
+            "16",
+            "--draws",
+            "1",
+            "--check-points",
+            "0",
+        ],
+    ));
+    assert_eq!(r["stochastic"], true);
+    let status = |name: &str| {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {}", r["checks"]))["status"]
+            .clone()
+    };
+    assert_eq!(status("scoring draws on a random model"), "WARN");
+    assert_eq!(status("an attack on the defended model"), "WARN");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("transfer accuracy, worst case per point (not robust accuracy"),
+        "{report}"
+    );
+    assert!(!report.contains("worst case per point (clean and all attacks)"));
+}
+
 #[test]
 fn eval_robust_on_a_deterministic_classifier_and_bad_inputs() {
     let tmp = tempfile::tempdir().unwrap();
