@@ -87,7 +87,7 @@ impl Attack for CarliniWagner {
         let w0 = ((x * 2.0 - 1.0) * (1.0 - 1e-6)).atanh();
         let to_image = |w: &Tensor| (w.tanh() + 1.0) * 0.5;
         let fooled = |z: &Tensor| loss::margin(z, y).gt(self.kappa);
-        let mut keep = Keeper::for_model(model, self.selection, self.eot, x);
+        let mut keep = Keeper::for_model(model, self.selection.for_min_norm(), self.eot, x);
         let eps2 = self.budget.eps * self.budget.eps * (1.0 + 1e-6);
         for _ in 0..self.search_steps {
             let mut w = w0.copy();

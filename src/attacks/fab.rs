@@ -158,7 +158,7 @@ impl FabT {
         };
         let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
         let within = |d: &Tensor| d.le(eps * (1.0 + 1e-6));
-        let mut keep = Keeper::for_model(model, self.selection, self.eot, x);
+        let mut keep = Keeper::for_model(model, self.selection.for_min_norm(), self.eot, x);
         for _ in 0..self.steps {
             let e = evaluate(model, &x1, y, &objective, self.eot, stats);
             let w = e.grad;

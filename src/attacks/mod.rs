@@ -492,6 +492,7 @@ impl AttackSettings {
                 step_size: self.step_size.unwrap_or(b.eps / 4.0),
                 random_start: self.random_start,
                 eot: self.eot,
+                selection: self.selection,
             }),
             AttackName::Square => Box::new(square::Square {
                 budget: b,

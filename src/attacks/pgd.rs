@@ -2,8 +2,7 @@
 //! from a random start, with restarts. On a deterministic model a sample counts as broken as
 //! soon as any iterate is misclassified (or reaches the target); that iterate is the one
 //! returned. On a random model the iterate returned follows the selection rule of
-//! [`super::select`] (by default the one that fooled most of its EOT draws), and success is
-//! claimed on fresh draws.
+//! [`super::select`] (by default the last iterate), and success is claimed on fresh draws.
 
 use anyhow::Result;
 use tch::{Kind, Tensor};

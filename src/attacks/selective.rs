@@ -2,10 +2,10 @@
 //! model, plain EOT averages the gradients of all K draws, and draws on which the attack has
 //! no chance pull the step away from the draws it is about to fool. Here each step draws K
 //! samples, ranks them per image by their loss, and follows only the gradients of the top half,
-//! the draws that share the vulnerability being exploited. The image returned per sample is the
-//! iterate that fooled the largest share of its K draws, the quantity an N-evaluation scores,
-//! rather than the first iterate one lucky draw misclassified (the most-fooled rule of
-//! [`super::select`], whatever the settings' rule), and success is claimed on fresh draws.
+//! the draws that share the vulnerability being exploited. The image returned per sample follows
+//! the rule of [`super::select`] (by default the last iterate; `most-fooled`, also for
+//! `first-draw`, the iterate that fooled the largest share of its K draws), never the first
+//! iterate one lucky draw misclassified; success is claimed on fresh draws.
 
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -23,6 +23,9 @@ pub struct SelectiveEot {
     pub random_start: bool,
     /// K: draws per step (the gradient evaluations per step, as for plain EOT).
     pub eot: usize,
+    /// The iterate returned: the last, or the most-fooled one (also for `first-draw`, a rule
+    /// selective EOT never had).
+    pub selection: Selection,
 }
 
 impl SelectiveEot {
@@ -52,7 +55,11 @@ impl Attack for SelectiveEot {
         } else {
             x.copy()
         };
-        let mut keep = Keeper::new(Selection::MostFooled, k as usize, &adv);
+        let rule = match self.selection {
+            Selection::Last => Selection::Last,
+            _ => Selection::MostFooled,
+        };
+        let mut keep = Keeper::new(rule, k as usize, &adv);
         let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
         for _ in 0..self.steps {
             // Each draw's own gradient is needed, so each stack of copies is its own leaf.

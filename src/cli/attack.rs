@@ -126,12 +126,13 @@ pub struct SettingsArgs {
     /// Gradient samples averaged per step (Expectation over Transformation).
     #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
     pub eot: usize,
-    /// On a model measured random, the image an attack returns per point: most-fooled (the
-    /// iterate that fooled most of its EOT draws), last (the last iterate, as Madry's PGD), or
+    /// On a model measured random, the image an attack returns per point: last (the last
+    /// iterate, as Madry's PGD and torchattacks' EOTPGD; FAB and C&W: the most-fooled iterate
+    /// inside the budget), most-fooled (the iterate that fooled most of its EOT draws), or
     /// first-draw (the first iterate whose EOT-averaged logits were wrong: atop's rule before
-    /// 2026-12-06, kept to compare against). With most-fooled and last an attack claims success
+    /// 2026-12-06, kept to compare against). With last and most-fooled an attack claims success
     /// on fresh draws of the image it returns.
-    #[arg(long, default_value = "most-fooled", value_parser = |s: &str| s.parse::<Selection>())]
+    #[arg(long, default_value = "last", value_parser = |s: &str| s.parse::<Selection>())]
     pub selection: Selection,
 }
 
