@@ -11,7 +11,7 @@ use super::Global;
 
 #[derive(Debug, ClapArgs)]
 pub struct RunArgs {
-    /// A named study: cpu-15min (7 minutes on 2 CPU cores), cpu-study (the CPU study of
+    /// A named study: cpu-15min (under 10 minutes on 2 CPU cores), cpu-study (the CPU study of
     /// docs/atop.md, about 3 hours), paper-gpu (the paper's settings, for a GPU).
     #[arg(long, conflicts_with = "config")]
     pub preset: Option<String>,
