@@ -17,7 +17,7 @@
 # Environment: STEPS (50), EOT (10), N (512), DRAWS (10), EPS ("8/255 4/255"),
 # ATTACKS ("pgd,selective-eot").
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n 2,13p "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,15p "$0" >&2; exit 2; }
 classifier=$1 out=$2
 shift 2
 atop=${ATOP:-target/release/atop}
