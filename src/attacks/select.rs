@@ -61,6 +61,15 @@ impl Selection {
             other => other,
         }
     }
+
+    /// The rule of an attack defined for random models alone (selective EOT): it never had the
+    /// first-draw rule, so `first-draw` keeps the most-fooled candidate there.
+    pub fn for_random_only(self) -> Selection {
+        match self {
+            Selection::FirstDraw => Selection::MostFooled,
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for Selection {

@@ -55,11 +55,7 @@ impl Attack for SelectiveEot {
         } else {
             x.copy()
         };
-        let rule = match self.selection {
-            Selection::Last => Selection::Last,
-            _ => Selection::MostFooled,
-        };
-        let mut keep = Keeper::new(rule, k as usize, &adv);
+        let mut keep = Keeper::new(self.selection.for_random_only(), k as usize, &adv);
         let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
         for _ in 0..self.steps {
             // Each draw's own gradient is needed, so each stack of copies is its own leaf.
