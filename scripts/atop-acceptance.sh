@@ -2,7 +2,7 @@
 # The AToP acceptance measurement of docs/atop.md: the classifier behind the pre-trained
 # purifier and behind each fine-tuned one, attacked by whole-model PGD and selective EOT with
 # exact gradients and EOT (default 50 steps x EOT 10 each, step eps/4, random start; on a random
-# model each returns the iterate that fooled most of its draws) on 512 seeded CIFAR-10 test
+# model each returns its last iterate) on 512 seeded CIFAR-10 test
 # images, at Linf 8/255 and 4/255, each adversarial image scored by R = 10 draws of the
 # defended model (atop eval robust). The headline is the worst case per point over the clean
 # image and both attacks. Prints one table row per purifier and budget, naming the attack that
@@ -11,7 +11,7 @@
 #
 #   scripts/atop-acceptance.sh CLASSIFIER OUT_DIR PURIFIER [PURIFIER ...]
 #
-# Then, for each later PURIFIER, the paired difference to the first (same points, same draws).
+# Then, per budget, each later PURIFIER against the first, point by point (atop eval compare).
 # e.g. scripts/atop-acceptance.sh runs/cifar10-small runs/acceptance runs/purifier-cpu runs/atop-fastat
 # A PURIFIER may also be a generator file of a checkpoint (an AToP run's generator-live.safetensors).
 # Environment: STEPS (50), EOT (10), N (512), DRAWS (10), EPS ("8/255 4/255"),
@@ -61,37 +61,14 @@ EOF
 done
 # Paired, against the first purifier: both scored on the same points and scoring draws, per
 # point the share of its R draws right (clean; robust = the clean image and every attack right
-# on the same draw), the later purifier minus the first; the mean with a 95 % percentile
-# interval from 10,000 seeded bootstrap resamples of the points (the study report's comparison).
+# on the same draw), the later purifier minus the first, with a 95 % bootstrap interval and the
+# exact McNemar test of the majority votes (atop eval compare, the study report's comparison).
 [ $# -ge 2 ] || exit 0
-echo
-echo "| purifier vs $1 | eps | defended clean: difference [95 %], points up / down | robust, single draw: difference [95 %], points up / down |"
-echo "|---|---|---|---|"
 base=$1
 shift
-for purifier in "$@"; do
-  for eps in ${EPS:-8/255 4/255}; do
-    python3 - "$out/$(name "$base")-eps${eps%/255}/results.json" "$out/$(name "$purifier")-eps${eps%/255}/results.json" "$purifier" "$eps" <<'EOF2'
-import json, random, sys
-a, b = (json.load(open(p)) for p in sys.argv[1:3])
-if [r["index"] for r in a["records"]] != [r["index"] for r in b["records"]] or a["config"]["seed"] != b["config"]["seed"]:
-    sys.exit(f"{sys.argv[2]}: not the points and seed of {sys.argv[1]}: no paired comparison")
-def shares(r):
-    clean, robust = [], []
-    for rec in r["records"]:
-        y, c = rec["label"], rec["clean"]["preds"]
-        ok = [c[k] == y and all(at["preds"][k] == y for at in rec["attacks"]) for k in range(len(c))]
-        clean.append(sum(p == y for p in c) / len(c))
-        robust.append(sum(ok) / len(ok))
-    return clean, robust
-rng, cells = random.Random(0), []
-for x, y in zip(shares(a), shares(b)):
-    d = [q - p for p, q in zip(x, y)]
-    n = len(d)
-    boot = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(10000))
-    cells.append(f"{100 * sum(d) / n:+.2f} [{100 * boot[249]:+.2f}, {100 * boot[9749]:+.2f}], "
-                 f"{sum(v > 0 for v in d)} / {sum(v < 0 for v in d)}")
-print(f"| {sys.argv[3]} | {sys.argv[4]} | {cells[0]} | {cells[1]} |")
-EOF2
-  done
+for eps in ${EPS:-8/255 4/255}; do
+  echo
+  dirs=()
+  for purifier in "$@"; do dirs+=("$out/$(name "$purifier")-eps${eps%/255}"); done
+  "$atop" eval compare "$out/$(name "$base")-eps${eps%/255}" "${dirs[@]}"
 done

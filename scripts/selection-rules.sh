@@ -2,9 +2,10 @@
 # Which image an attack should return on a random model (docs/evaluation.md, "Which iterate to
 # return"): the same `atop eval robust` once per --selection rule (first-draw, last,
 # most-fooled), on the same points and the same scoring draws, then one table row per rule and
-# attack: the three scores, what the attack claimed at attack time against the R fresh scoring
-# draws, and the single-draw difference to the most-fooled rule point by point (with a 95 %
-# paired-bootstrap interval). A finished evaluation is read back, an interrupted one resumes.
+# attack: the three scores and what the attack claimed at attack time against the R fresh
+# scoring draws; then each rule against the most-fooled one point by point (atop eval compare:
+# worst case per point, 95 % paired-bootstrap interval, McNemar). A finished evaluation is read
+# back, an interrupted one resumes.
 #
 #   scripts/selection-rules.sh OUT_DIR EVAL_ROBUST_ARGS...
 #
@@ -22,7 +23,7 @@ for rule in first-draw last most-fooled; do
     "$atop" --quiet eval robust "$@" --selection "$rule" --out "$out/$rule" > /dev/null
 done
 python3 - "$out" <<'PY'
-import json, random, sys
+import json, sys
 rules = ["first-draw", "last", "most-fooled"]
 res = {r: json.load(open(f"{sys.argv[1]}/{r}/results.json")) for r in rules}
 
@@ -33,24 +34,17 @@ def right(rec, i):
     p = rec["attacks"][i]["preds"]
     return sum(q == rec["label"] for q in p) / len(p)
 
-def paired(a, b):
-    """mean(b - a) in points, 95 % percentile interval over 10,000 seeded resamples of the points."""
-    d = [y - x for x, y in zip(a, b)]
-    rng = random.Random(0)
-    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(10000))
-    return f"{100 * sum(d) / len(d):+.2f} [{100 * means[250]:+.2f}, {100 * means[9749]:+.2f}]"
-
-print("| rule | attack | single draw | majority of R | worst of R | claimed at attack time - fresh draws (points) | single draw - most-fooled's, paired (points, 95 % interval) |")
-print("|---|---|---|---|---|---|---|")
+print("| rule | attack | single draw | majority of R | worst of R | claimed at attack time - fresh draws (points) |")
+print("|---|---|---|---|---|---|")
 for rule in rules:
     r = res[rule]
     for i, a in enumerate(r["attacks"]):
         pairs = [(rec["claimed"][i], 1 - right(rec, i))
                  for rec in r["records"] if rec.get("claimed") and rec["claimed"][i] is not None]
         excess = f"{100 * sum(c - f for c, f in pairs) / len(pairs):+.2f}" if pairs else "-"
-        base = [right(rec, i) for rec in res["most-fooled"]["records"]]
-        diff = paired(base, [right(rec, i) for rec in r["records"]]) if rule != "most-fooled" else ""
         s = a["scores"]
         print(f"| {rule} | {a['attack']} | {show(s['single'])} | {show(s['majority'])} "
-              f"| {show(s['worst_of_r'])} | {excess} | {diff} |")
+              f"| {show(s['worst_of_r'])} | {excess} |")
 PY
+echo
+"$atop" eval compare "$out/most-fooled" "$out/first-draw" "$out/last"

@@ -207,6 +207,38 @@ fn a_study_trains_every_stage_resumes_and_reports_both_defended_models() {
         );
     }
 
+    // `atop eval compare` on the study's two evaluations gives the report's comparison (the
+    // same library call, named by the folders) ...
+    let compared = run_json(
+        atop()
+            .args(["--json", "eval", "compare"])
+            .arg(out.join("eval/pretrained-eps8"))
+            .arg(out.join("eval/atop-eps8")),
+    );
+    let compared = &compared.as_array().unwrap()[0];
+    for key in ["clean", "robust", "robust_majority", "clean_majority"] {
+        assert_eq!(compared[key], c[key], "{key}");
+    }
+    assert_eq!(compared["second"], "atop-eps8");
+    // ... and refuses evaluations whose scoring draws are not the same.
+    let reseeded = tmp.path().join("reseeded");
+    std::fs::create_dir(&reseeded).unwrap();
+    let mut r = results("atop-eps8");
+    r["config"]["seed"] = serde_json::json!(6);
+    std::fs::write(reseeded.join("results.json"), r.to_string()).unwrap();
+    let refused = atop()
+        .args(["eval", "compare"])
+        .arg(out.join("eval/pretrained-eps8"))
+        .arg(&reseeded)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("cannot be compared point by point: they differ in seed"),
+        "{err}"
+    );
+
     // A rerun of the finished study changes no file.
     let before = files(&out);
     let again = run_json(&mut run_cmd(&config, &out));

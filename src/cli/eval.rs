@@ -28,6 +28,19 @@ pub enum EvalCommand {
     /// Merges the shards of one `eval robust` run (`--shard i/n`, any order) into the report
     /// the unsharded run gives.
     Merge(MergeArgs),
+    /// Compares finished `eval robust` runs point by point with the first: the same points and
+    /// scoring draws, so per-point differences with a bootstrap interval and an exact McNemar
+    /// test (e.g. a fine-tuned purifier against the pre-trained one, or two attack settings).
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct CompareArgs {
+    /// The evaluation folder every other is compared with.
+    pub first: PathBuf,
+    /// Evaluation folders of the same points, seed, draws and budget.
+    #[arg(required = true, num_args = 1..)]
+    pub others: Vec<PathBuf>,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -131,6 +144,7 @@ pub fn run(cmd: EvalCommand, global: &Global) -> Result<()> {
         EvalCommand::Clean(args) => clean(*args, global),
         EvalCommand::Robust(args) => robust(*args, global),
         EvalCommand::Merge(args) => merge(args, global),
+        EvalCommand::Compare(args) => compare(args, global),
     }
 }
 
@@ -337,4 +351,17 @@ fn merge(a: MergeArgs, global: &Global) -> Result<()> {
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let written = atop::report::robust::write_results(&a.out, &merged)?;
     print_robust(&merged, &written, global)
+}
+
+fn compare(a: CompareArgs, global: &Global) -> Result<()> {
+    let comparisons = atop::report::robust::compare_results(&a.first, &a.others)?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&comparisons)?);
+    } else {
+        print!(
+            "{}",
+            atop::report::robust::comparison_markdown(&comparisons)
+        );
+    }
+    Ok(())
 }

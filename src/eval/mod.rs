@@ -2,6 +2,7 @@
 //! draws, with exact intervals).
 
 pub mod clean;
+pub mod compare;
 pub mod device;
 pub mod plan;
 pub mod robust;

@@ -554,3 +554,79 @@ pub fn write_grid(
     rows.push(("perturbation", amplified));
     super::grid::save_tensor_rows(&rows, path)
 }
+
+/// Each of `others` against `first` (`atop eval compare`): finished evaluations (folders of
+/// `results.json`) of the same points, draws and budget, named by their folders.
+pub fn compare_results(
+    first: &Path,
+    others: &[PathBuf],
+) -> Result<Vec<crate::eval::compare::Comparison>> {
+    use crate::eval::compare::{Comparison, eps_label};
+    let name = |p: &Path| {
+        p.file_name()
+            .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+    };
+    let base = read_results(first)?.evaluation;
+    let budget = base.config.settings.budget;
+    others
+        .iter()
+        .map(|dir| {
+            let other = read_results(dir)?.evaluation;
+            let b = other.config.settings.budget;
+            if b.norm != budget.norm || b.eps != budget.eps {
+                anyhow::bail!(
+                    "{} is at {} eps {}, {} at {} eps {}: compare evaluations at one budget",
+                    dir.display(),
+                    b.norm,
+                    b.eps,
+                    first.display(),
+                    budget.norm,
+                    budget.eps
+                );
+            }
+            Comparison::of(
+                &eps_label(budget.eps),
+                (&name(first), &base),
+                (&name(dir), &other),
+            )
+        })
+        .collect()
+}
+
+/// The paired table of [`compare_results`] (one row per comparison) and its sentences.
+pub fn comparison_markdown(cs: &[crate::eval::compare::Comparison]) -> String {
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "| second vs first | eps | points | clean, single draw: difference [95 %] | points better / worse | robust, single draw: difference [95 %] | points better / worse | robust majority: only second / only first (McNemar p) |"
+    );
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|");
+    for c in cs {
+        let _ = writeln!(
+            m,
+            "| {} vs {} | {} | {} | {} | {} / {} | {} | {} / {} | {} / {} ({:.3}) |",
+            c.second,
+            c.first,
+            c.eps,
+            c.robust.n,
+            c.clean.show(),
+            c.clean.better,
+            c.clean.worse,
+            c.robust.show(),
+            c.robust.better,
+            c.robust.worse,
+            c.robust_majority.b,
+            c.robust_majority.c,
+            c.robust_majority.p
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\nPer point, the share of its R draws right (robust: on the clean image and every attacked image on the same draw), second minus first, averaged; 95 % interval from {} seeded bootstrap resamples of the points.\n",
+        crate::eval::stats::BOOTSTRAP_RESAMPLES
+    );
+    for c in cs {
+        let _ = writeln!(m, "- {}", c.sentence());
+    }
+    m
+}

@@ -19,10 +19,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::attacks::{AttackSettings, Budget, Norm, parse_eps};
+use crate::eval::compare::{Comparison, eps_label};
 use crate::eval::plan::Plan;
-use crate::eval::robust::{PointScores, RobustEvaluation};
 use crate::eval::robust::{RobustConfig, Scores, parse_attacks};
-use crate::eval::stats::{McNemar, PairedDifference, paired_difference};
 use crate::eval::target::{ModelData, TargetSpec};
 use crate::models::checkpoint;
 use crate::train::atop::TrainAtopConfig;
@@ -228,16 +227,6 @@ fn refuse_keys(stage: &str, s: &StageSource, keys: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// An eps label for names and tables: "8/255" where eps is k/255, else the number.
-fn eps_label(eps: f64) -> String {
-    let k = eps * 255.0;
-    if (k - k.round()).abs() < 1e-6 {
-        format!("{}/255", k.round() as i64)
-    } else {
-        format!("{eps}")
-    }
-}
-
 impl StudyPlan {
     /// Resolves `cfg` for the study folder `out`; every setting is validated here.
     pub fn new(cfg: &StudyConfig, out: &Path) -> Result<StudyPlan> {
@@ -419,89 +408,6 @@ pub struct Row {
     pub adaptive: bool,
 }
 
-/// AToP against the pre-trained purifier at one budget, point by point: the same points and
-/// the same scoring draws (the draw seeds depend on the evaluation seed, the image set and the
-/// batch, not on the purifier).
-#[derive(Debug, Clone, Serialize)]
-pub struct Comparison {
-    pub eps: String,
-    /// Per-point share of draws right on the clean image: AToP minus pre-trained.
-    pub clean: PairedDifference,
-    /// Per-point share of draws right on the clean and every attacked image.
-    pub robust: PairedDifference,
-    /// Majority-vote robustness and clean correctness, right only with AToP (b) or only with
-    /// the pre-trained purifier (c), with the exact McNemar test.
-    pub robust_majority: McNemar,
-    pub clean_majority: McNemar,
-}
-
-impl Comparison {
-    /// The comparison of two evaluations of the same points; an error if they are not paired.
-    pub fn of(eps: &str, pre: &RobustEvaluation, tuned: &RobustEvaluation) -> Result<Comparison> {
-        let same = pre.indices == tuned.indices
-            && pre.config.seed == tuned.config.seed
-            && pre.config.draws == tuned.config.draws
-            && pre.records.len() == tuned.records.len()
-            && pre
-                .records
-                .iter()
-                .zip(&tuned.records)
-                .all(|(a, b)| a.position == b.position && a.label == b.label);
-        if !same {
-            bail!(
-                "the evaluations at {eps} are not of the same points, seed and draws: they cannot be compared point by point"
-            );
-        }
-        let (a, b): (Vec<PointScores>, Vec<PointScores>) = (
-            pre.records.iter().map(|r| r.scores()).collect(),
-            tuned.records.iter().map(|r| r.scores()).collect(),
-        );
-        let col =
-            |v: &[PointScores], f: fn(&PointScores) -> f64| v.iter().map(f).collect::<Vec<_>>();
-        let bits =
-            |v: &[PointScores], f: fn(&PointScores) -> bool| v.iter().map(f).collect::<Vec<_>>();
-        Ok(Comparison {
-            eps: eps.into(),
-            clean: paired_difference(&col(&a, |p| p.clean_single), &col(&b, |p| p.clean_single)),
-            robust: paired_difference(&col(&a, |p| p.robust_single), &col(&b, |p| p.robust_single)),
-            robust_majority: McNemar::of(
-                &bits(&a, |p| p.robust_majority),
-                &bits(&b, |p| p.robust_majority),
-            ),
-            clean_majority: McNemar::of(
-                &bits(&a, |p| p.clean_majority),
-                &bits(&b, |p| p.clean_majority),
-            ),
-        })
-    }
-
-    /// The sentence under the table, as the paired test reads.
-    pub fn sentence(&self) -> String {
-        let verdict = |d: &PairedDifference| {
-            if !d.significant() {
-                "no difference these points can resolve (the paired interval includes 0)"
-            } else if d.mean > 0.0 {
-                "a gain (the paired interval excludes 0)"
-            } else {
-                "a loss (the paired interval excludes 0)"
-            }
-        };
-        let m = &self.robust_majority;
-        format!(
-            "At {}, point by point on the same {} points and scoring draws: AToP changes robust accuracy (single draw, worst case over the attacks) by {}: {}; clean accuracy by {}: {}. Majority vote: robust under AToP only on {} points, under the pre-trained purifier only on {} (exact McNemar p = {:.3}).",
-            self.eps,
-            self.robust.n,
-            self.robust.show(),
-            verdict(&self.robust),
-            self.clean.show(),
-            verdict(&self.clean),
-            m.b,
-            m.c,
-            m.p
-        )
-    }
-}
-
 /// What a stage took and gave.
 #[derive(Debug, Clone, Serialize)]
 pub struct StageReport {
@@ -620,7 +526,11 @@ pub fn run(plan: &StudyPlan, out: &Path, device: tch::Device) -> Result<StudySum
             .iter()
             .find(|(l, e, _)| *l == "AToP" && e == eps)
         {
-            comparisons.push(Comparison::of(eps, pre, tuned)?);
+            comparisons.push(Comparison::of(
+                eps,
+                ("the pre-trained purifier", pre),
+                ("AToP", tuned),
+            )?);
         }
     }
     let engine = crate::runtime::engine_info();
