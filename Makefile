@@ -18,11 +18,16 @@ demo: setup
 	./target/release/atop run --preset cpu-15min --out $(DEMO)
 	@echo "report: $(DEMO)/report.md"
 
-# Lint first (fast to fail), then the whole suite.
+# Lint first (fast to fail), then the whole suite, then sharded evaluation through a real
+# single-node Slurm (scripts/test-slurm.sh: exit 77, reported as SKIPPED, where Slurm and
+# munge are not installed or not run as root).
 test: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets --quiet -- -D warnings
 	cargo test --release
+	@./scripts/test-slurm.sh; rc=$$?; \
+	  if [ $$rc = 77 ]; then echo "SKIPPED: scripts/test-slurm.sh (see the line above)"; \
+	  elif [ $$rc != 0 ]; then exit $$rc; fi
 
 bench: setup
 	cargo run --release --quiet -- bench data
