@@ -8,6 +8,7 @@
 pub mod attacks;
 pub mod data;
 pub mod eval;
+pub mod figures;
 pub mod io;
 pub mod models;
 pub mod progress;

@@ -8,8 +8,8 @@ use anyhow::Result;
 use atop::attacks::loss::LossKind;
 use atop::attacks::runner::{self, Runner, RunnerConfig};
 use atop::attacks::{AttackSettings, Budget, Norm, Selection, parse_eps};
+use atop::figures::grid;
 use atop::models::Model;
-use atop::report::grid;
 use atop::transforms::TransformKind;
 use clap::Args as ClapArgs;
 use serde::Serialize;
@@ -330,7 +330,7 @@ fn write_grid(
     let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
     let clean = x.index_select(0, &pos).to_kind(Kind::Float);
     let adv = report.x_adv.index_select(0, &pos);
-    let amplified = atop::report::grid::amplified(&(&adv - &clean));
+    let amplified = atop::figures::grid::amplified(&(&adv - &clean));
     let label = |i: usize| {
         let r = &report.records[i];
         let name = |k: i64| {

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use atop::data::download::{self, ImagenetteVariant};
 use atop::data::subset::seeded_subset;
 use atop::data::{DataConfig, DatasetKind, ImageSet, Split};
-use atop::report::grid::{self, Row};
+use atop::figures::grid::{self, Row};
 use clap::{Args as ClapArgs, Subcommand};
 use serde::Serialize;
 

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use anyhow::Result;
 use atop::data::Split;
 use atop::data::subset::seeded_subset;
-use atop::eval::clean::evaluate;
+use atop::figures::{grid, plot};
 use atop::models::Model;
+use atop::models::accuracy::evaluate;
 use atop::models::checkpoint;
 use atop::purifier::defended::{Defence, defended};
-use atop::report::{grid, plot};
 use atop::transforms::{TransformConfig, TransformKind};
 use clap::{Args as ClapArgs, Subcommand};
 use serde::Serialize;
@@ -133,7 +133,7 @@ struct Output {
     subset_seed: Option<u64>,
     subset_indices: Option<Vec<usize>>,
     #[serde(flatten)]
-    report: atop::eval::clean::CleanReport,
+    report: atop::models::accuracy::CleanReport,
     classes: Vec<String>,
     json: PathBuf,
     confusion_png: PathBuf,

@@ -400,15 +400,17 @@ mod tests {
             .remainder(0.37)
             * 2.5;
         let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
-        let preset = crate::train::purifier::TrainPurifierConfig::preset("purifier-demo").unwrap();
+        // The demo purifier (presets/purifier-demo.toml: RT2, width 8), at twice the image size.
         let purifier = PurifierConfig {
+            width: 8,
+            disc_width: 16,
             work_size: Some(64),
-            ..preset.purifier
+            ..PurifierConfig::default()
         };
         let s = DeviceCheckSettings {
             device: Device::Cpu,
             purifier,
-            transform: preset.transform,
+            transform: crate::transforms::TransformConfig::default(),
             purifier_images: 2,
             pgd_steps: 2,
             eps: 8.0 / 255.0,

@@ -1,7 +1,8 @@
-//! Evaluation: clean accuracy, and robust accuracy of any model (stochastic ones scored over R
-//! draws, with exact intervals).
+//! Evaluation: robust accuracy of any model (stochastic ones scored over R draws, with exact
+//! intervals), paired comparisons of two evaluations, the device check. Clean accuracy is a
+//! measurement of the model ([`crate::models::accuracy`]), re-exported here as `clean`.
 
-pub mod clean;
+pub use crate::models::accuracy as clean;
 pub mod compare;
 pub mod device;
 pub mod plan;

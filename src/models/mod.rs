@@ -2,6 +2,7 @@
 //! and ImageNet stems). Inputs are always RGB in [0,1]; the mean/std normalisation is part of
 //! the model, so attacks and purifiers never need to know about it.
 
+pub mod accuracy;
 pub mod airnet;
 pub mod checkpoint;
 pub mod pickle;

@@ -1,5 +1,4 @@
-//! Reports: image grids now; tables and plots as the pipeline grows.
+//! Reports: what an evaluation returned, rendered for a reader (Markdown, CSV, terminal) and
+//! as figures.
 
-pub mod grid;
-pub mod plot;
 pub mod robust;

@@ -322,7 +322,7 @@ pub fn terminal(e: &RobustEvaluation, p: &Provenance) -> String {
 
 /// Accuracy vs eps, vs iterations and vs EOT samples of the check runs, side by side.
 pub fn curves_png(e: &RobustEvaluation) -> Option<image::RgbImage> {
-    use super::plot::{Series, hconcat, line_chart};
+    use crate::figures::plot::{Series, hconcat, line_chart};
     let c = &e.curves;
     if c.points == 0 || c.eps.len() < 2 {
         return None;
@@ -383,7 +383,7 @@ pub fn write_results(out: &Path, results: &RobustResults) -> Result<PathBuf> {
     write_text("records.csv", csv(e))?;
     write_text("report.md", markdown(e, &results.provenance))?;
     if let Some(img) = curves_png(e) {
-        super::grid::save_png(&img, &out.join("checks.png"))?;
+        crate::figures::grid::save_png(&img, &out.join("checks.png"))?;
     }
     Ok(path)
 }
@@ -543,7 +543,7 @@ pub fn write_grid(
     let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
     let clean = x_clean.index_select(0, &pos).to_kind(Kind::Float);
     let adv = x_adv[ai].index_select(0, &pos);
-    let amplified = super::grid::amplified(&(&adv - &clean));
+    let amplified = crate::figures::grid::amplified(&(&adv - &clean));
     let mut rows = vec![("clean", clean), ("adversarial", adv.shallow_clone())];
     if let Some((p, t)) = purify {
         tch::manual_seed(e.config.seed as i64);
@@ -552,7 +552,7 @@ pub fn write_grid(
         rows.push(("purified", pass.purified.to_device(Device::Cpu)));
     }
     rows.push(("perturbation", amplified));
-    super::grid::save_tensor_rows(&rows, path)
+    crate::figures::grid::save_tensor_rows(&rows, path)
 }
 
 /// Each of `others` against `first` (`atop eval compare`): finished evaluations (folders of

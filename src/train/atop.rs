@@ -35,13 +35,13 @@ use crate::data::augment::Augment;
 use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
 use crate::data::{DataConfig, Split};
-use crate::eval::clean::count_correct;
+use crate::figures::{grid, plot};
+use crate::models::accuracy::count_correct;
 use crate::models::checkpoint;
 use crate::models::pipeline::Pipeline;
 use crate::models::{Classifier, Model};
 use crate::purifier::defended::{Defence, defended};
 use crate::purifier::{self, GanPurifier, PurifierSidecar};
-use crate::report::{grid, plot};
 use crate::runtime::{Precision, autocast};
 use crate::transforms::TransformConfig;
 

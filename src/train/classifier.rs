@@ -24,10 +24,10 @@ use crate::data::augment::Augment;
 use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
 use crate::data::{DataConfig, ImageSet, Split};
-use crate::eval::clean::evaluate;
+use crate::figures::plot;
+use crate::models::accuracy::evaluate;
 use crate::models::checkpoint::{self, Sidecar};
 use crate::models::{Arch, Classifier, ModelSpec, dataset_normalisation};
-use crate::report::plot;
 use crate::runtime::{Precision, autocast};
 
 pub use super::runlog::CONFIG;
@@ -482,7 +482,7 @@ fn write_curves(run: &Path) -> Result<()> {
             series("test", &|e| 100.0 * e.test_acc),
         ],
     );
-    crate::report::grid::save_png(&plot::hconcat(&[loss, acc]), &run.join(CURVES))
+    crate::figures::grid::save_png(&plot::hconcat(&[loss, acc]), &run.join(CURVES))
 }
 
 /// `runs/classifier-<dataset>-<arch>`, the run folder when no `--out` is given.

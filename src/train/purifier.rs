@@ -26,11 +26,11 @@ use crate::data::augment::Augment;
 use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
 use crate::data::{DataConfig, Split};
-use crate::eval::clean::count_correct;
+use crate::figures::grid;
+use crate::models::accuracy::count_correct;
 use crate::models::checkpoint;
 use crate::models::{Classifier, Model};
 use crate::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
-use crate::report::grid;
 use crate::runtime::{Precision, autocast};
 use crate::transforms::TransformConfig;
 

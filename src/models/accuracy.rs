@@ -1,13 +1,14 @@
-//! Clean accuracy, per-class accuracy, mean loss and the confusion matrix of a classifier.
+//! Clean accuracy, per-class accuracy, mean loss and the confusion matrix of a classifier: a
+//! measurement of a model, below the trainers (which score each epoch with it) and `eval`.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use super::Model;
 use crate::data::ImageSet;
 use crate::data::loader::{Loader, LoaderConfig};
-use crate::models::Model;
 use crate::runtime::{Precision, autocast};
 
 #[derive(Debug, Clone, Serialize)]
