@@ -315,14 +315,14 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         data: target.data.clone(),
         plan: plan.map(|p| p.description),
     };
-    let (results, written) =
-        atop::report::robust::evaluate_into(&target, &config, a.shard, &out, global.device)?;
-    print_robust(&results, &written, global)
+    let run = atop::eval::run::evaluate_into(&target, &config, a.shard, &out, global.device)?;
+    let written = atop::report::robust::write_run(&out, &run, &target)?;
+    print_robust(&run.results, &written, global)
 }
 
 /// Prints the summary (or the whole results as JSON with --json).
 fn print_robust(
-    results: &atop::report::robust::RobustResults,
+    results: &atop::eval::run::RobustResults,
     written: &std::path::Path,
     global: &Global,
 ) -> Result<()> {
@@ -346,7 +346,7 @@ fn merge(a: MergeArgs, global: &Global) -> Result<()> {
             a.out.display()
         );
     }
-    let merged = atop::report::robust::merge_results(&a.shards)?;
+    let merged = atop::eval::run::merge_results(&a.shards)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let written = atop::report::robust::write_results(&a.out, &merged)?;

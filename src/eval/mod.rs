@@ -7,5 +7,6 @@ pub mod compare;
 pub mod device;
 pub mod plan;
 pub mod robust;
+pub mod run;
 pub mod stats;
 pub mod target;

@@ -5,30 +5,10 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 
 use crate::attacks::Norm;
 use crate::eval::robust::{Draws, RobustEvaluation, Scores, Target};
-
-/// Where the numbers came from.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct Provenance {
-    pub atop_version: String,
-    pub torch_version: String,
-    pub device: String,
-    pub threads: usize,
-    /// The CPU's model name and whether atop tuned glibc's allocator: both move the timings.
-    /// (Absent from results written before 2026-12-03.)
-    #[serde(default)]
-    pub cpu: String,
-    #[serde(default)]
-    pub allocator_tuned: bool,
-    /// The checkpoint and the defence in front of it.
-    pub model: String,
-    pub defence: String,
-    pub data: String,
-    pub started: String,
-}
+use crate::eval::run::{Provenance, RobustResults, Run, read_results};
 
 fn row(name: &str, s: &Scores) -> String {
     format!(
@@ -360,20 +340,10 @@ pub fn curves_png(e: &RobustEvaluation) -> Option<image::RgbImage> {
     Some(hconcat(&charts))
 }
 
-/// `results.json`: what `eval robust` writes and `eval merge` reads back.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct RobustResults {
-    pub provenance: Provenance,
-    #[serde(flatten)]
-    pub evaluation: RobustEvaluation,
-}
-
-/// Writes `results.json`, `records.csv`, `report.md` and `checks.png` into `out`, each
-/// atomically; returns the path of `results.json`.
+/// Writes `records.csv`, `report.md` and `checks.png` into `out`, each atomically, then
+/// `results.json` (last: a folder with it is finished); returns the path of `results.json`.
 pub fn write_results(out: &Path, results: &RobustResults) -> Result<PathBuf> {
     let e = &results.evaluation;
-    let path = out.join("results.json");
-    crate::io::write_json(&path, results)?;
     let write_text = |name: &str, text: String| {
         crate::io::write_atomic(&out.join(name), |w| {
             std::io::Write::write_all(w, text.as_bytes())
@@ -385,85 +355,20 @@ pub fn write_results(out: &Path, results: &RobustResults) -> Result<PathBuf> {
     if let Some(img) = curves_png(e) {
         crate::figures::grid::save_png(&img, &out.join("checks.png"))?;
     }
-    Ok(path)
+    crate::eval::run::write_results_json(out, results)
 }
 
-/// One robust evaluation of `target` under `config` into `out` (`atop eval robust`): resumes
-/// what `out` holds, writes `results.json`, `records.csv`, `report.md`, the check curves and
-/// `grid.png`; returns the results and the path of `results.json`.
-pub fn evaluate_into(
-    target: &crate::eval::target::Target,
-    config: &crate::eval::robust::RobustConfig,
-    shard: Option<crate::eval::robust::Shard>,
-    out: &Path,
-    device: tch::Device,
-) -> Result<(RobustResults, PathBuf)> {
-    use crate::eval::robust::{Points, Surrogates, evaluate};
-    use crate::models::Model;
-    crate::eval::robust::check_output_dir(out)?;
-    // A finished evaluation of this very model, data and settings is read back as it is (its
-    // timings and provenance kept); the config holds the weights' and images' content hashes.
-    let path = out.join("results.json");
-    if let Some(done) = crate::io::read_json_opt::<RobustResults>(&path, "robust results")?
-        && done.evaluation.config == *config
-        && done.evaluation.shard == shard
-    {
-        return Ok((done, path));
-    }
-    let pipeline = target.model()?;
-    config.validate()?;
-    for spec in &config.attacks {
-        config
-            .settings
-            .fit_model(spec.attack, pipeline.num_classes())?;
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let started = crate::io::utc_now();
-    // Built only when asked for: without a defence stage it is an error naming the options.
-    let wants_bpda = config.attacks.iter().any(|s| s.target == Target::Bpda);
-    let bpda = if wants_bpda {
-        Some(target.bpda_model()?)
-    } else {
-        None
+/// The files of an evaluation [`crate::eval::run::evaluate_into`] just finished in `out`: the
+/// report and results ([`write_results`]) and `grid.png`. One read back finished is left as
+/// it is. Returns the path of `results.json`.
+pub fn write_run(out: &Path, run: &Run, target: &crate::eval::target::Target) -> Result<PathBuf> {
+    let Some(x_adv) = &run.x_adv else {
+        return Ok(out.join(crate::eval::run::RESULTS));
     };
-    let surrogates = Surrogates {
-        classifier: Some(&target.classifier),
-        bpda: bpda.as_ref().map(|m| m as &dyn Model),
-    };
-    let (evaluation, x_adv) = evaluate(
-        &pipeline,
-        surrogates,
-        Points {
-            x: &target.x,
-            y: &target.y,
-            indices: &target.indices,
-        },
-        config,
-        shard,
-        Some(out),
-    )?;
-    let engine = crate::runtime::engine_info();
-    let provenance = Provenance {
-        atop_version: engine.atop_version.into(),
-        torch_version: engine.torch_version.into(),
-        device: format!("{device:?}"),
-        threads: engine.threads,
-        cpu: engine.cpu,
-        allocator_tuned: engine.allocator_tuned,
-        model: target.dir.display().to_string(),
-        defence: pipeline.describe(),
-        data: target.data.clone(),
-        started,
-    };
-    let results = RobustResults {
-        provenance,
-        evaluation,
-    };
-    let written = write_results(out, &results)?;
     write_grid(
-        &results.evaluation,
+        &run.results.evaluation,
         &target.x,
-        &x_adv,
+        x_adv,
         // The purifier behind the transform the model runs with (by default its own).
         target.purifier.as_ref().map(|(p, sidecar)| {
             (
@@ -477,31 +382,7 @@ pub fn evaluate_into(
         }),
         &out.join("grid.png"),
     )?;
-    Ok((results, written))
-}
-
-/// Reads the `results.json` of a finished evaluation (or shard) in `dir`.
-pub fn read_results(dir: &Path) -> Result<RobustResults> {
-    crate::io::read_json(
-        &dir.join("results.json"),
-        "the results of a finished atop eval robust (or shard)",
-    )
-}
-
-/// The shards' results as one evaluation, with the first shard's provenance.
-pub fn merge_results(dirs: &[PathBuf]) -> Result<RobustResults> {
-    let mut parts = Vec::new();
-    let mut provenance = None;
-    for dir in dirs {
-        let r = read_results(dir)?;
-        provenance.get_or_insert(r.provenance);
-        parts.push(r.evaluation);
-    }
-    let evaluation = crate::eval::robust::merge(parts)?;
-    Ok(RobustResults {
-        provenance: provenance.context("no shard given")?,
-        evaluation,
-    })
+    write_results(out, &run.results)
 }
 
 /// The image grid of an evaluation: rows clean, adversarial (from the strongest whole-model

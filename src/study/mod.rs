@@ -677,7 +677,7 @@ fn evaluate(
     eps: f64,
     dir: &Path,
     device: tch::Device,
-) -> Result<crate::report::robust::RobustResults> {
+) -> Result<crate::eval::run::RobustResults> {
     let e = &plan.eval;
     let target = TargetSpec {
         model: classifier.to_path_buf(),
@@ -689,8 +689,9 @@ fn evaluate(
     }
     .load(device)?;
     let config = e.config(eps, target.describe()?, target.data.clone())?;
-    let (results, _) = crate::report::robust::evaluate_into(&target, &config, None, dir, device)?;
-    Ok(results)
+    let run = crate::eval::run::evaluate_into(&target, &config, None, dir, device)?;
+    crate::report::robust::write_run(dir, &run, &target)?;
+    Ok(run.results)
 }
 
 fn protocol(e: &EvalPlan) -> String {
