@@ -20,6 +20,7 @@ steps = 3
 eot = 2
 n = 24
 draws = 3
+check_points = 0
 seed = 5
 batch_size = 12
 "#;

@@ -312,12 +312,38 @@ impl AttackOverride {
     }
 }
 
+/// Every attack setting's default, declared once: [`AttackSettings::new`], serde and the
+/// CLI's flags (and the AToP adversary's budget) read them.
+pub mod defaults {
+    use super::{Norm, Selection, loss::LossKind};
+
+    pub const NORM: Norm = Norm::Linf;
+    /// The budget as the flags write it, and as a number (a test ties the two).
+    pub const EPS_TEXT: &str = "8/255";
+    pub const EPS: f64 = 8.0 / 255.0;
+    pub const RESTARTS: usize = 1;
+    pub const RANDOM_START: bool = true;
+    pub const LOSS: LossKind = LossKind::Ce;
+    /// APGD-T and FAB-T target classes (AutoAttack's).
+    pub const TARGETS: usize = 9;
+    pub const EOT: usize = 1;
+    /// Square: queries per point and the initial window fraction (AutoAttack's).
+    pub const QUERIES: usize = 5000;
+    pub const P_INIT: f64 = 0.8;
+    /// C&W: binary-search steps, first constant, confidence margin (torchattacks' CW uses
+    /// the same search).
+    pub const SEARCH_STEPS: usize = 9;
+    pub const INITIAL_CONST: f64 = 1e-3;
+    pub const KAPPA: f64 = 0.0;
+    pub const SELECTION: Selection = Selection::Last;
+}
+
 fn default_search_steps() -> usize {
-    9
+    defaults::SEARCH_STEPS
 }
 
 fn default_initial_const() -> f64 {
-    1e-3
+    defaults::INITIAL_CONST
 }
 
 impl AttackSettings {
@@ -326,19 +352,19 @@ impl AttackSettings {
             budget,
             steps: None,
             step_size: None,
-            restarts: 1,
-            random_start: true,
-            loss: loss::LossKind::Ce,
-            targets: 9,
-            eot: 1,
-            queries: 5000,
-            p_init: 0.8,
+            restarts: defaults::RESTARTS,
+            random_start: defaults::RANDOM_START,
+            loss: defaults::LOSS,
+            targets: defaults::TARGETS,
+            eot: defaults::EOT,
+            queries: defaults::QUERIES,
+            p_init: defaults::P_INIT,
             square_rescale: false,
             large_eps: false,
-            search_steps: default_search_steps(),
-            initial_const: default_initial_const(),
-            kappa: 0.0,
-            selection: Selection::default(),
+            search_steps: defaults::SEARCH_STEPS,
+            initial_const: defaults::INITIAL_CONST,
+            kappa: defaults::KAPPA,
+            selection: defaults::SELECTION,
             overrides: Vec::new(),
         }
     }
@@ -534,6 +560,7 @@ mod tests {
     #[test]
     fn eps_parses_fractions_and_rejects_nonsense() {
         assert!((parse_eps("8/255").unwrap() - 8.0 / 255.0).abs() < 1e-15);
+        assert_eq!(parse_eps(defaults::EPS_TEXT).unwrap(), defaults::EPS);
         assert_eq!(parse_eps("0.5").unwrap(), 0.5);
         assert!(parse_eps("-1").unwrap_err().contains("non-negative"));
         assert!(parse_eps("nan").unwrap_err().contains("finite"));

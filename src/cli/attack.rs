@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use atop::attacks::loss::LossKind;
 use atop::attacks::runner::{self, Runner, RunnerConfig};
-use atop::attacks::{AttackSettings, Budget, Norm, Selection, parse_eps};
+use atop::attacks::{AttackSettings, Budget, Norm, Selection, defaults, parse_eps};
 use atop::figures::grid;
 use atop::models::Model;
 use atop::transforms::TransformKind;
@@ -79,10 +79,10 @@ pub struct TargetArgs {
 #[derive(Debug, ClapArgs)]
 pub struct SettingsArgs {
     /// Threat model: linf, l2 or l1.
-    #[arg(long, default_value = "linf", value_parser = |s: &str| s.parse::<Norm>())]
+    #[arg(long, default_value_t = defaults::NORM, value_parser = |s: &str| s.parse::<Norm>())]
     pub norm: Norm,
     /// Budget: a number or a fraction such as 8/255.
-    #[arg(long, default_value = "8/255", value_parser = parse_eps)]
+    #[arg(long, default_value = defaults::EPS_TEXT, value_parser = parse_eps)]
     pub eps: f64,
     /// Iterations (default: PGD 20, APGD and FAB 100, C&W 1,000 Adam steps per search step).
     #[arg(long)]
@@ -90,22 +90,22 @@ pub struct SettingsArgs {
     /// PGD step size (default eps/4).
     #[arg(long, value_parser = parse_eps)]
     pub step_size: Option<f64>,
-    #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = defaults::RESTARTS)]
     pub restarts: usize,
     /// PGD starts at a random point of the ball (pass false for the classic zero start).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = defaults::RANDOM_START, action = clap::ArgAction::Set)]
     pub random_start: bool,
     /// PGD objective.
-    #[arg(long, value_enum, default_value = "ce")]
+    #[arg(long, value_enum, default_value_t = defaults::LOSS)]
     pub loss: LossKind,
     /// APGD-T and FAB-T target classes.
-    #[arg(value_parser = crate::cli::positive, long, default_value_t = 9)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = defaults::TARGETS)]
     pub targets: usize,
     /// Square: queries per sample.
-    #[arg(value_parser = crate::cli::positive, long, default_value_t = 5000)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = defaults::QUERIES)]
     pub queries: usize,
     /// Square: initial fraction of the image a proposal window covers.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = defaults::P_INIT)]
     pub p_init: f64,
     /// Square: stretch the window schedule as if the budget were 10,000 queries (the original
     /// Square code and torchattacks do; AutoAttack does not).
@@ -115,16 +115,16 @@ pub struct SettingsArgs {
     #[arg(long)]
     pub large_eps: bool,
     /// C&W: binary-search steps over the constant c.
-    #[arg(value_parser = crate::cli::positive, long, default_value_t = 9)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = defaults::SEARCH_STEPS)]
     pub search_steps: usize,
     /// C&W: the first constant c.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = defaults::INITIAL_CONST)]
     pub initial_const: f64,
     /// C&W: confidence margin kappa.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = defaults::KAPPA)]
     pub kappa: f64,
     /// Gradient samples averaged per step (Expectation over Transformation).
-    #[arg(value_parser = crate::cli::positive, long, default_value_t = 1)]
+    #[arg(value_parser = crate::cli::positive, long, default_value_t = defaults::EOT)]
     pub eot: usize,
     /// On a model measured random, the image an attack returns per point: last (the last
     /// iterate, as Madry's PGD and torchattacks' EOTPGD; FAB and C&W: the most-fooled iterate
@@ -132,7 +132,7 @@ pub struct SettingsArgs {
     /// first-draw (the first iterate whose EOT-averaged logits were wrong: atop's rule before
     /// 2026-12-06, kept to compare against). With last and most-fooled an attack claims success
     /// on fresh draws of the image it returns.
-    #[arg(long, default_value = "last", value_parser = |s: &str| s.parse::<Selection>())]
+    #[arg(long, default_value_t = defaults::SELECTION, value_parser = |s: &str| s.parse::<Selection>())]
     pub selection: Selection,
 }
 

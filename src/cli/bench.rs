@@ -56,7 +56,7 @@ pub struct DeviceBenchArgs {
     /// PGD iterations on the classifier (Linf, no random start, step eps / 4).
     #[arg(value_parser = crate::cli::positive, long, default_value_t = 10)]
     pub pgd_steps: usize,
-    #[arg(long, default_value = "8/255", value_parser = atop::attacks::parse_eps)]
+    #[arg(long, default_value = atop::attacks::defaults::EPS_TEXT, value_parser = atop::attacks::parse_eps)]
     pub eps: f64,
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use atop::data::Split;
 use atop::data::subset::seeded_subset;
+use atop::eval::defaults;
 use atop::figures::{grid, plot};
 use atop::models::Model;
 use atop::models::accuracy::evaluate;
@@ -61,7 +62,7 @@ pub struct RobustArgs {
     /// selective-eot, the compositions autoattack-standard and autoattack-rand, and transfer (PGD on the
     /// classifier alone, scored on the whole model) and bpda (PGD with the identity backward
     /// through the defence, scored on the whole model); comma-separated.
-    #[arg(long, default_value = "pgd,transfer")]
+    #[arg(long, default_value = defaults::ATTACKS)]
     pub attack: String,
     /// Take the attacks, their budgets, N, R and the check points from a plan:
     /// eval-robust-cpu (scaled to 2 CPU cores, and said so in the report) or eval-robust-full
@@ -74,13 +75,13 @@ pub struct RobustArgs {
     #[command(flatten)]
     pub settings: super::attack::SettingsArgs,
     /// R: independent draws of the model per scored image.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::DRAWS)]
     pub draws: usize,
     /// Points (the first evaluated ones) for the checks that run PGD themselves: eps grid and
     /// unbounded eps, doubled iterations, doubled EOT, one fixed draw (0: skip them).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = defaults::CHECK_POINTS)]
     pub check_points: usize,
-    #[arg(value_parser = crate::cli::batch, long, default_value_t = 128)]
+    #[arg(value_parser = crate::cli::batch, long, default_value_t = defaults::BATCH_SIZE)]
     pub batch_size: usize,
     /// Evaluate one deterministic slice: batch b of the seeded points belongs to shard
     /// b mod n (0-based i of n, e.g. `--shard $SLURM_ARRAY_TASK_ID/4`); `atop eval merge` joins them.
@@ -255,9 +256,6 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
     Ok(())
 }
 
-/// Without --n, `eval robust` takes 512 seeded test images.
-const ROBUST_N: usize = 512;
-
 fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
     use atop::eval::robust::{RobustConfig, parse_attacks};
 
@@ -288,7 +286,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
             (parse_attacks(&a.attack, &mut settings)?, settings)
         }
     };
-    a.target.n.get_or_insert(ROBUST_N);
+    a.target.n.get_or_insert(defaults::N);
     let out = a.out.clone().unwrap_or_else(|| {
         let names: Vec<String> = attacks.iter().map(|s| s.label()).collect();
         PathBuf::from("runs").join(format!(

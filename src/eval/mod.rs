@@ -4,6 +4,7 @@
 
 pub use crate::models::accuracy as clean;
 pub mod compare;
+pub mod defaults;
 pub mod device;
 pub mod plan;
 pub mod robust;

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attacks::{AttackSettings, Budget, Norm, parse_eps};
 use crate::eval::compare::{Comparison, eps_label};
+use crate::eval::defaults;
 use crate::eval::plan::Plan;
 use crate::eval::robust::{RobustConfig, Scores, parse_attacks};
 use crate::eval::target::{ModelData, TargetSpec};
@@ -78,13 +79,13 @@ pub struct StudyEval {
     /// An evaluation plan (`eval-robust-cpu`, `eval-robust-full`): it sets the attacks, their
     /// iterations and EOT, n, the draws and the check points.
     pub plan: Option<String>,
-    /// Attack names as for `eval robust --attack` (default [`DEFAULT_ATTACKS`]).
+    /// Attack names as for `eval robust --attack` (default [`crate::eval::defaults::STUDY_ATTACKS`]).
     pub attacks: Option<Vec<String>>,
     /// Linf budgets, each a number or a fraction such as "8/255".
     pub eps: Vec<String>,
     /// Iterations of every attack (default: each attack's reference default).
     pub steps: Option<usize>,
-    /// Gradient samples per step (EOT; default [`DEFAULT_EOT`]).
+    /// Gradient samples per step (EOT; default [`crate::eval::defaults::STUDY_EOT`]).
     pub eot: Option<usize>,
     /// Seeded test points.
     pub n: Option<usize>,
@@ -98,15 +99,8 @@ pub struct StudyEval {
     pub batch_size: usize,
 }
 
-/// A study's attacks when it names none: the strongest set for a random defence, whole-model
-/// PGD and selective EOT, with the classifier-only transfer attack as a check.
-pub const DEFAULT_ATTACKS: &str = "pgd,selective-eot,transfer";
-/// A study's EOT when it names none: a purifier pipeline is random, and one draw per step is
-/// what the checks warn about.
-pub const DEFAULT_EOT: usize = 10;
-
 fn default_eval_batch() -> usize {
-    128
+    crate::eval::defaults::BATCH_SIZE
 }
 
 impl StudyConfig {
@@ -335,14 +329,16 @@ impl EvalPlan {
             attacks: e
                 .attacks
                 .as_ref()
-                .map_or_else(|| DEFAULT_ATTACKS.to_string(), |a| a.join(",")),
-            n: p.map_or(e.n.unwrap_or(512), |p| p.n),
-            draws: p.map_or(e.draws.unwrap_or(10), |p| p.draws),
-            check_points: p.map_or(e.check_points.unwrap_or(0), |p| p.check_points),
+                .map_or_else(|| defaults::STUDY_ATTACKS.to_string(), |a| a.join(",")),
+            n: p.map_or(e.n.unwrap_or(defaults::N), |p| p.n),
+            draws: p.map_or(e.draws.unwrap_or(defaults::DRAWS), |p| p.draws),
+            check_points: p.map_or(e.check_points.unwrap_or(defaults::CHECK_POINTS), |p| {
+                p.check_points
+            }),
             seed: e.seed,
             batch_size: e.batch_size,
             steps: e.steps,
-            eot: e.eot.unwrap_or(DEFAULT_EOT),
+            eot: e.eot.unwrap_or(defaults::STUDY_EOT),
             plan,
         };
         if ev.n == 0 {

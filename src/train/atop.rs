@@ -106,7 +106,7 @@ impl Default for AdversaryConfig {
         AdversaryConfig {
             attack: AdversaryKind::Fgsm,
             target: AdversaryTarget::Classifier,
-            eps: 8.0 / 255.0,
+            eps: crate::attacks::defaults::EPS,
             steps: 10,
             step_size: None,
             eot: 1,
@@ -216,7 +216,7 @@ impl Default for AtopEvalConfig {
     fn default() -> Self {
         AtopEvalConfig {
             subset: 256,
-            eps: 8.0 / 255.0,
+            eps: crate::attacks::defaults::EPS,
             steps: 10,
             eot: 4,
             batch_size: 64,
