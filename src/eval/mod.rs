@@ -3,11 +3,15 @@
 //! measurement of the model ([`crate::models::accuracy`]), re-exported here as `clean`.
 
 pub use crate::models::accuracy as clean;
+pub mod checks;
 pub mod compare;
 pub mod defaults;
 pub mod device;
 pub mod plan;
 pub mod robust;
 pub mod run;
+pub mod scores;
+pub mod spec;
+pub mod state;
 pub mod stats;
 pub mod target;

@@ -1,0 +1,374 @@
+//! A robust evaluation's saved progress (resume after every batch), the assembly of its
+//! per-point records into the finished evaluation (scores, worst case, checks), and the merge
+//! of shards.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::checks::*;
+use super::scores::*;
+use super::spec::*;
+use crate::attacks::GradStats;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct State {
+    pub(super) config: RobustConfig,
+    #[serde(default)]
+    pub(super) shard: Option<Shard>,
+    pub(super) indices: Vec<usize>,
+    pub(super) stochastic: bool,
+    pub(super) max_logit_change: f64,
+    pub(super) clean: Vec<Option<Draws>>,
+    /// [attack][point]
+    pub(super) done: Vec<Vec<Option<Draws>>>,
+    pub(super) norms: Vec<Vec<f64>>,
+    /// [attack][point]: what the attack claimed of its image at attack time (None where not
+    /// recorded: states written before 2026-12-06).
+    #[serde(default)]
+    pub(super) claimed: Vec<Vec<Option<f64>>>,
+    pub(super) grad: Vec<GradStats>,
+    pub(super) seconds: Vec<f64>,
+    /// Batch files (attack, first point), in order.
+    pub(super) batches: Vec<String>,
+    /// Finished check runs: name -> single-draw accuracy.
+    #[serde(default)]
+    pub(super) check_runs: std::collections::BTreeMap<String, f64>,
+}
+
+pub(super) const STATE: &str = "state.json";
+pub(super) const BATCHES: &str = "batches";
+
+/// Refuses an output folder that holds anything but an evaluation's own files (state, batches,
+/// results, report, plots), or finished results without the state to resume them (a merged
+/// report): an evaluation writes only into a new or empty folder or resumes its own.
+pub fn check_output_dir(out: &Path) -> Result<()> {
+    crate::io::check_output_dir(
+        out,
+        &[
+            STATE,
+            "batches/",
+            "results.json",
+            "records.csv",
+            "report.md",
+            "grid.png",
+            "checks.png",
+        ],
+        "--out",
+    )?;
+    let occupied = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !out.join(STATE).exists() {
+        bail!(
+            "{} is not empty and holds no robust evaluation to resume: choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// The whole evaluation from all its shards (any order): the same records, scores and checks
+/// as an unsharded run; gradient statistics and seconds are summed.
+pub fn merge(mut shards: Vec<RobustEvaluation>) -> Result<RobustEvaluation> {
+    let Some(first) = shards.first() else {
+        bail!("nothing to merge");
+    };
+    let count = match first.shard {
+        Some(s) => s.count,
+        None => bail!("not a shard: an evaluation run without --shard needs no merge"),
+    };
+    for e in &shards {
+        if e.config != first.config || e.indices != first.indices {
+            bail!(
+                "shards of different evaluations (settings, model, data or points differ): {} vs {}",
+                e.config.model,
+                first.config.model
+            );
+        }
+        if e.stochastic != first.stochastic || e.classes != first.classes {
+            bail!("shards of different models (measured randomness or classes differ)");
+        }
+        match e.shard {
+            Some(s) if s.count == count => {}
+            _ => bail!("shards split {count} ways and otherwise mixed"),
+        }
+    }
+    shards.sort_by_key(|e| e.shard.map_or(0, |s| s.index));
+    let got: Vec<usize> = shards
+        .iter()
+        .filter_map(|e| e.shard.map(|s| s.index))
+        .collect();
+    if got != (0..count).collect::<Vec<_>>() {
+        bail!("expected shards 0..{count} once each, got {got:?}");
+    }
+    let n = shards[0].indices.len();
+    let mut records: Vec<PointRecord> = shards.iter().flat_map(|e| e.records.clone()).collect();
+    records.sort_by_key(|r| r.position);
+    if records.len() != n || records.iter().enumerate().any(|(i, r)| r.position != i) {
+        bail!("the shards' points do not cover the {n} evaluated points exactly once");
+    }
+    let attacks = shards[0].config.attacks.len();
+    let mut per_attack = vec![(GradStats::default(), 0.0); attacks];
+    for e in &shards {
+        for (ai, a) in e.attacks.iter().enumerate() {
+            per_attack[ai].0.add(a.grad);
+            per_attack[ai].1 += a.seconds;
+        }
+    }
+    let first = &shards[0];
+    Ok(assemble(Parts {
+        config: first.config.clone(),
+        shard: None,
+        indices: first.indices.clone(),
+        stochastic: first.stochastic,
+        max_logit_change: first.max_logit_change,
+        declared_stochastic: first.declared_stochastic,
+        classes: first.classes,
+        records,
+        per_attack,
+        curves: first.curves.clone(),
+        seconds: shards.iter().map(|e| e.seconds).sum(),
+    }))
+}
+
+pub(super) fn load_state(
+    dir: Option<&Path>,
+    config: &RobustConfig,
+    shard: Option<Shard>,
+    indices: &[usize],
+) -> Result<Option<State>> {
+    let Some(dir) = dir else {
+        return Ok(None);
+    };
+    let path = dir.join(STATE);
+    let Some(state) = crate::io::read_json_opt::<State>(&path, "a robust-evaluation state file")?
+    else {
+        return Ok(None);
+    };
+    if &state.config != config || state.indices != indices || state.shard != shard {
+        bail!(
+            "{} holds an evaluation with different settings (attacks, budgets, draws, seed, model, data or shard); resume it with the same settings or choose another --out",
+            path.display()
+        );
+    }
+    let n = indices.len();
+    let attacks = config.attacks.len();
+    let corrupt = |what: String| {
+        anyhow::anyhow!(
+            "{}: {what}: the resume state is corrupt; delete {} to start over",
+            path.display(),
+            dir.display()
+        )
+    };
+    for (field, len, want) in [
+        ("clean", state.clean.len(), n),
+        ("done", state.done.len(), attacks),
+        ("norms", state.norms.len(), attacks),
+        ("grad", state.grad.len(), attacks),
+        ("seconds", state.seconds.len(), attacks),
+    ] {
+        if len != want {
+            return Err(corrupt(format!(
+                "{field} holds {len} entries, expected {want} ({n} points, {attacks} attacks)"
+            )));
+        }
+    }
+    let mut state = state;
+    if state.claimed.is_empty() {
+        // Written before claims were recorded: the finished batches have none.
+        state.claimed = vec![vec![None; n]; attacks];
+    }
+    if state.claimed.len() != attacks || state.claimed.iter().any(|c| c.len() != n) {
+        return Err(corrupt(format!(
+            "claimed holds {} lists, expected {attacks} of {n} entries",
+            state.claimed.len()
+        )));
+    }
+    for (ai, (done, norms)) in state.done.iter().zip(&state.norms).enumerate() {
+        if done.len() != n || norms.len() != n {
+            return Err(corrupt(format!(
+                "done[{ai}] / norms[{ai}] hold {} / {} entries, expected {n} (one per point)",
+                done.len(),
+                norms.len()
+            )));
+        }
+    }
+    let draws = std::iter::once(("clean".to_string(), &state.clean)).chain(
+        state
+            .done
+            .iter()
+            .enumerate()
+            .map(|(ai, d)| (format!("done[{ai}]"), d)),
+    );
+    for (field, list) in draws {
+        for (i, d) in list.iter().enumerate() {
+            if let Some(d) = d
+                && d.preds.len() != config.draws
+            {
+                return Err(corrupt(format!(
+                    "{field}[{i}] holds {} predictions, expected R = {}",
+                    d.preds.len(),
+                    config.draws
+                )));
+            }
+        }
+    }
+    tracing::info!("resuming the evaluation in {}", dir.display());
+    Ok(Some(state))
+}
+
+pub(super) fn save_state(dir: Option<&Path>, state: &State) -> Result<()> {
+    match dir {
+        Some(d) => crate::io::write_json(&d.join(STATE), state),
+        None => Ok(()),
+    }
+}
+
+/// The path of batch file `file` of the state in `dir`.
+pub(super) fn batch_file(dir: Option<&Path>, file: &str) -> PathBuf {
+    dir.unwrap_or(Path::new(".")).join(BATCHES).join(file)
+}
+
+/// (attack index, first point, images) of a batch file named `AA-SSSSSS.safetensors`,
+/// checked against the run: an attack of the config, a batch of the points (its first point
+/// and length), one image of the points' shape per point.
+pub(super) fn read_batch(
+    dir: Option<&Path>,
+    file: &str,
+    config: &RobustConfig,
+    x: &Tensor,
+) -> Result<(usize, usize, Tensor)> {
+    let dir = dir.context("batch files without a state folder")?;
+    let path: PathBuf = batch_file(Some(dir), file);
+    let corrupt = |what: String| {
+        anyhow::anyhow!(
+            "{}: {what}: the resume state is corrupt; delete {} to start over",
+            path.display(),
+            dir.display()
+        )
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (a, s) = file
+        .strip_suffix(".safetensors")
+        .and_then(|stem| stem.split_once('-'))
+        .filter(|(a, s)| digits(a) && digits(s))
+        .and_then(|(a, s)| Some((a.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
+        .ok_or_else(|| {
+            corrupt("unexpected batch file name (expected AA-SSSSSS.safetensors)".into())
+        })?;
+    let n = x.size()[0] as usize;
+    if a >= config.attacks.len() {
+        return Err(corrupt(format!(
+            "the batch is from attack {a}, but the evaluation has {} attacks (0 to {})",
+            config.attacks.len(),
+            config.attacks.len() - 1
+        )));
+    }
+    if s >= n || !s.is_multiple_of(config.batch_size) {
+        return Err(corrupt(format!(
+            "the batch starts at point {s}, which does not start a batch of {} among the {n} points",
+            config.batch_size
+        )));
+    }
+    let t = crate::models::checkpoint::read_tensors(&path)?;
+    let images = t
+        .into_iter()
+        .find(|(n, _)| n == "images")
+        .map(|(_, v)| v)
+        .with_context(|| format!("{}: no tensor 'images'", path.display()))?;
+    let mut want = x.size();
+    want[0] = (n - s).min(config.batch_size) as i64;
+    if images.size() != want {
+        return Err(corrupt(format!(
+            "images have shape {:?}; expected {want:?} (points {s} to {} of {n})",
+            images.size(),
+            s as i64 + want[0] - 1
+        )));
+    }
+    let images = images.to_kind(Kind::Float);
+    if !bool::try_from(images.isfinite().all())? {
+        return Err(corrupt("images hold NaN or infinite values".into()));
+    }
+    Ok((a, s, images))
+}
+
+/// What an evaluation (or the merge of its shards) is computed from.
+pub(super) struct Parts {
+    pub(super) config: RobustConfig,
+    pub(super) shard: Option<Shard>,
+    pub(super) indices: Vec<usize>,
+    pub(super) stochastic: bool,
+    pub(super) max_logit_change: f64,
+    pub(super) declared_stochastic: bool,
+    pub(super) classes: usize,
+    pub(super) records: Vec<PointRecord>,
+    /// Per attack: gradient statistics and seconds.
+    pub(super) per_attack: Vec<(GradStats, f64)>,
+    pub(super) curves: CheckCurves,
+    pub(super) seconds: f64,
+}
+
+/// Scores, worst case and checks from per-point records.
+pub(super) fn assemble(p: Parts) -> RobustEvaluation {
+    let cfg = &p.config;
+    let score = |draws: &dyn Fn(&PointRecord) -> &Draws| {
+        let correct: Vec<Vec<bool>> = p
+            .records
+            .iter()
+            .map(|r| draws(r).correct(r.label))
+            .collect();
+        let majority: Vec<bool> = p
+            .records
+            .iter()
+            .map(|r| draws(r).majority_correct(r.label))
+            .collect();
+        (correct, majority)
+    };
+    let (clean_correct, clean_majority) = score(&|r| &r.clean);
+    let mut worst_correct = clean_correct.clone();
+    let mut worst_majority = clean_majority.clone();
+    let mut attacks = Vec::new();
+    for (ai, spec) in cfg.attacks.iter().enumerate() {
+        let (c, m) = score(&|r| &r.attacks[ai]);
+        for i in 0..p.records.len() {
+            for (w, v) in worst_correct[i].iter_mut().zip(&c[i]) {
+                *w &= *v;
+            }
+            worst_majority[i] &= m[i];
+        }
+        let settings = attack_settings(cfg, spec, p.stochastic);
+        let (grad, seconds) = p.per_attack[ai];
+        let cost = cost(spec.attack, &settings);
+        attacks.push(AttackResult {
+            attack: spec.label(),
+            target: spec.target,
+            scores: Scores::from(&c, &m),
+            seconds,
+            grad,
+            budget: cost.words,
+            eot: settings.eot,
+            gradient_evaluations_per_point: cost.gradients,
+            queries_per_point: cost.queries,
+        });
+    }
+    let mut evaluation = RobustEvaluation {
+        config: p.config.clone(),
+        shard: p.shard,
+        n: p.records.len(),
+        indices: p.indices,
+        declared_stochastic: p.declared_stochastic,
+        classes: p.classes,
+        stochastic: p.stochastic,
+        max_logit_change: p.max_logit_change,
+        clean: Scores::from(&clean_correct, &clean_majority),
+        attacks,
+        worst_case: Scores::from(&worst_correct, &worst_majority),
+        checks: Vec::new(),
+        curves: p.curves,
+        records: p.records,
+        seconds: p.seconds,
+    };
+    evaluation.checks = checks(&evaluation);
+    evaluation
+}
