@@ -10,10 +10,9 @@ use atop::data::Split;
 use atop::data::subset::seeded_subset;
 use atop::figures::grid;
 use atop::models::Classifier;
-use atop::models::accuracy::count_correct;
 use atop::models::checkpoint;
+use atop::purifier::apply::{self, PurifyScores};
 use atop::purifier::{self, GanPurifier, PurifierConfig};
-use atop::runtime::Precision;
 use atop::transforms::{Resize, TransformConfig, TransformKind};
 use clap::{Args as ClapArgs, Subcommand};
 use serde::Serialize;
@@ -280,18 +279,8 @@ pub struct PurifyArgs {
 /// Results for one transform.
 #[derive(Debug, Serialize)]
 struct PurifyResult {
-    transform: TransformConfig,
-    n: usize,
-    psnr: f64,
-    ssim: f64,
-    /// PSNR of the transformed input (noisy, holes grey, at the classifier's size), for
-    /// comparison.
-    transformed_psnr: f64,
-    clean_accuracy: Option<f64>,
-    /// The classifier on the transformed images without purification (holes grey; RT3: the first
-    /// masked copy), for scale.
-    transformed_accuracy: Option<f64>,
-    purified_accuracy: Option<f64>,
+    #[serde(flatten)]
+    scores: PurifyScores,
     images: PathBuf,
     grid: PathBuf,
 }
@@ -303,6 +292,87 @@ struct PurifyReport {
     data: String,
     seconds: f64,
     results: Vec<PurifyResult>,
+}
+
+/// The images to purify: a dataset split (labels known) or a folder (names kept), with a
+/// description of them.
+struct Images {
+    x: Tensor,
+    y: Option<Tensor>,
+    names: Option<Vec<String>>,
+    desc: String,
+}
+
+fn load_images(
+    a: &PurifyArgs,
+    sidecar: &purifier::PurifierSidecar,
+    classifier: Option<&Classifier>,
+) -> Result<Images> {
+    if let Some(folder) = &a.input {
+        let (x, names) = read_folder(folder)?;
+        return Ok(Images {
+            x: x.to_kind(Kind::Float),
+            y: None,
+            names: Some(names),
+            desc: folder.display().to_string(),
+        });
+    }
+    let mut cfg = sidecar
+        .data_config()
+        .context("the purifier does not say which dataset it was trained on: pass --dataset")?;
+    a.data.apply(&mut cfg);
+    let set = cfg.load(a.split)?;
+    let idx = match a.n {
+        Some(n) => seeded_subset(set.len(), n, a.seed)?,
+        None => (0..set.len()).collect(),
+    };
+    let (x, y) = set.tensors(&idx);
+    if let Some(c) = classifier
+        && c.spec.num_classes != set.num_classes()
+    {
+        bail!(
+            "the classifier has {} classes, {} has {}",
+            c.spec.num_classes,
+            set.name,
+            set.num_classes()
+        );
+    }
+    Ok(Images {
+        x: x.to_kind(Kind::Float),
+        y: Some(y),
+        names: None,
+        desc: format!(
+            "{} {} n={} seed={}",
+            cfg.dataset.as_str(),
+            a.split.as_str(),
+            idx.len(),
+            a.seed
+        ),
+    })
+}
+
+/// The output folder, checked: only purify's own files in it, and apart from the input.
+fn purify_out(a: &PurifyArgs, kinds: &[TransformKind]) -> Result<PathBuf> {
+    let out = a.out.clone().unwrap_or_else(|| {
+        let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        PathBuf::from("runs").join(format!("purify-{}", names.join("+")))
+    });
+    let mut own = vec!["purify.json", "grid-*.png", "purified-*.safetensors"];
+    let folders: Vec<String> = kinds.iter().map(|k| format!("{}/", k.as_str())).collect();
+    own.extend(folders.iter().map(String::as_str));
+    atop::io::check_output_dir(&out, &own, "--out")?;
+    if let Some(input) = &a.input
+        && let (Ok(i), Ok(o)) = (input.canonicalize(), out.canonicalize())
+        && (i.starts_with(&o) || o.starts_with(&i))
+    {
+        bail!(
+            "--out {} and --input {} overlap: purify never writes over or beside its inputs; choose another --out",
+            out.display(),
+            input.display()
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    Ok(out)
 }
 
 pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
@@ -339,115 +409,35 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         );
     }
     let classifier = classifier.map(|(m, _)| m);
-
-    // The images: a dataset split (labels known) or a folder (names kept).
-    let (x, y, names, data_desc) = match &a.input {
-        Some(folder) => {
-            let (x, names) = read_folder(folder)?;
-            (x, None, Some(names), folder.display().to_string())
-        }
-        None => {
-            let mut cfg = sidecar.data_config().context(
-                "the purifier does not say which dataset it was trained on: pass --dataset",
-            )?;
-            a.data.apply(&mut cfg);
-            let set = cfg.load(a.split)?;
-            let idx = match a.n {
-                Some(n) => seeded_subset(set.len(), n, a.seed)?,
-                None => (0..set.len()).collect(),
-            };
-            let (x, y) = set.tensors(&idx);
-            if let Some(c) = &classifier
-                && c.spec.num_classes != set.num_classes()
-            {
-                bail!(
-                    "the classifier has {} classes, {} has {}",
-                    c.spec.num_classes,
-                    set.name,
-                    set.num_classes()
-                );
-            }
-            let desc = format!(
-                "{} {} n={} seed={}",
-                cfg.dataset.as_str(),
-                a.split.as_str(),
-                idx.len(),
-                a.seed
-            );
-            (x, Some(y), None, desc)
-        }
-    };
-    let x = x.to_kind(Kind::Float);
-    let (h, w) = (x.size()[2], x.size()[3]);
-    let out = a.out.clone().unwrap_or_else(|| {
-        let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-        PathBuf::from("runs").join(format!("purify-{}", names.join("+")))
-    });
-    let mut own = vec!["purify.json", "grid-*.png", "purified-*.safetensors"];
-    let folders: Vec<String> = kinds.iter().map(|k| format!("{}/", k.as_str())).collect();
-    own.extend(folders.iter().map(String::as_str));
-    atop::io::check_output_dir(&out, &own, "--out")?;
-    if let Some(input) = &a.input
-        && let (Ok(i), Ok(o)) = (input.canonicalize(), out.canonicalize())
-        && (i.starts_with(&o) || o.starts_with(&i))
-    {
-        anyhow::bail!(
-            "--out {} and --input {} overlap: purify never writes over or beside its inputs; choose another --out",
-            out.display(),
-            input.display()
-        );
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-
-    let accuracy = |c: &Classifier, images: &Tensor, y: &Tensor| {
-        count_correct(c, images, y, a.batch_size, global.device, Precision::F32) as f64
-            / images.size()[0].max(1) as f64
-    };
-    // The same images for every transform: one clean accuracy.
-    let clean_accuracy = match (&classifier, &y) {
-        (Some(c), Some(y)) => Some(accuracy(c, &x, y)),
-        _ => None,
-    };
+    let images = load_images(&a, &sidecar, classifier.as_ref())?;
+    let out = purify_out(&a, &kinds)?;
     let mut results = Vec::new();
+    let mut clean = None;
     for kind in kinds {
         let mut t = TransformConfig {
             kind,
             ..sidecar.transform.clone()
         };
         a.transform_settings.apply(&mut t);
-        p.config.check_images(h, w, &t)?;
-        // Seeded per transform: the same command draws the same noise and masks.
-        tch::manual_seed(a.seed as i64);
-        let n = x.size()[0];
-        let mut purified = Vec::new();
-        let mut shown = Vec::new();
-        let bar = atop::progress::bar(n as u64, &format!("purify {kind}"));
-        for start in (0..n).step_by(a.batch_size) {
-            let len = (n - start).min(a.batch_size as i64);
-            let xb = x.narrow(0, start, len).to_device(global.device);
-            let pass = tch::no_grad(|| p.pass(&xb, &t));
-            shown.push(pass.shown().to_device(Device::Cpu));
-            purified.push(pass.purified.to_device(Device::Cpu));
-            bar.inc(len as u64);
-        }
-        bar.finish_and_clear();
-        let purified = Tensor::cat(&purified, 0);
-        let shown = Tensor::cat(&shown, 0);
-        let mean = |t: Tensor| t.mean(Kind::Float).double_value(&[]);
-        let psnr = mean(purifier::psnr(&purified, &x));
-        let ssim = mean(purifier::ssim(&purified, &x));
-        let transformed_psnr = mean(purifier::psnr(&shown, &x));
-        let (transformed_accuracy, purified_accuracy) = match (&classifier, &y) {
-            (Some(c), Some(y)) => (
-                Some(accuracy(c, &shown, y)),
-                Some(accuracy(c, &purified, y)),
-            ),
-            _ => (None, None),
+        let labelled = match (&classifier, &images.y) {
+            (Some(c), Some(y)) => Some((c as &dyn atop::models::Model, y, clean)),
+            _ => None,
         };
-        let images = match &names {
+        let done = apply::purify(
+            &p,
+            &images.x,
+            &t,
+            labelled,
+            a.seed,
+            a.batch_size,
+            global.device,
+        )?;
+        // The same images for every transform: one clean accuracy.
+        clean = done.scores.clean_accuracy;
+        let written = match &images.names {
             Some(names) => {
                 let folder = out.join(kind.as_str());
-                write_folder(&folder, &purified, names)?;
+                write_folder(&folder, &done.purified, names)?;
                 folder
             }
             None => {
@@ -455,40 +445,39 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
                 atop::io::write_safetensors(
                     &file,
                     &[
-                        ("images".into(), purified.shallow_clone()),
-                        ("clean".into(), x.shallow_clone()),
+                        ("images".into(), done.purified.shallow_clone()),
+                        ("clean".into(), images.x.shallow_clone()),
                     ],
                 )?;
                 file
             }
         };
         let grid_path = out.join(format!("grid-{kind}.png"));
-        write_grid(&x, &shown, &purified, &grid_path)?;
+        write_grid(&images.x, &done.shown, &done.purified, &grid_path)?;
         results.push(PurifyResult {
-            transform: t,
-            n: n as usize,
-            psnr,
-            ssim,
-            transformed_psnr,
-            clean_accuracy,
-            transformed_accuracy,
-            purified_accuracy,
-            images,
+            scores: done.scores,
+            images: written,
             grid: grid_path,
         });
     }
     let report = PurifyReport {
         purifier: purifier::source(&a.purifier)?,
         classifier: a.classifier.clone(),
-        data: data_desc,
+        data: images.desc,
         seconds: started.elapsed().as_secs_f64(),
         results,
     };
     atop::io::write_json(&out.join("purify.json"), &report)?;
     if global.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+    } else {
+        print_purify(&report);
+        println!("wrote {}", out.join("purify.json").display());
     }
+    Ok(())
+}
+
+fn print_purify(report: &PurifyReport) {
     println!(
         "{} on {} ({:.1} s)",
         report.purifier.display(),
@@ -496,6 +485,7 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
         report.seconds
     );
     for r in &report.results {
+        let r = &r.scores;
         let acc = match (
             r.clean_accuracy,
             r.transformed_accuracy,
@@ -518,8 +508,6 @@ pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
             r.ssim
         );
     }
-    println!("wrote {}", out.join("purify.json").display());
-    Ok(())
 }
 
 /// Every png/jpg in `folder` (sorted by name), all of one size, as N x 3 x H x W in [0,1].
