@@ -69,145 +69,187 @@ pub(super) fn pgd_accuracy(
 
 /// The sanity checks that need no further attack runs.
 pub(super) fn checks(e: &RobustEvaluation) -> Vec<Check> {
-    let mut out = Vec::new();
+    let mut out = vec![randomness_check(e)];
+    out.extend(eot_check(e));
+    out.extend(gradient_check(e));
+    out.extend(ordering_checks(e));
+    out.extend(survival_checks(e));
+    out.extend(one_draw_check(e));
+    out.extend(adaptive_check(e));
+    out.extend(curve_checks(&e.curves, e.classes));
+    out.extend(random_scores_info(e));
+    out
+}
+
+/// Measured randomness against what the model declares.
+fn randomness_check(e: &RobustEvaluation) -> Check {
     let declared = e.declared_stochastic;
-    out.push(Check {
+    Check {
         name: "randomness".into(),
-        status: if declared == e.stochastic { "PASS" } else { "WARN" }.into(),
+        status: if declared == e.stochastic {
+            "PASS"
+        } else {
+            "WARN"
+        }
+        .into(),
         detail: format!(
             "two calls on the same clean images differ by up to {:.3e} in a logit: the model is {} (it declares itself {})",
             e.max_logit_change,
-            if e.stochastic { "random" } else { "deterministic" },
+            if e.stochastic {
+                "random"
+            } else {
+                "deterministic"
+            },
             if declared { "random" } else { "deterministic" }
         ),
-    });
-    if e.stochastic
-        && let Some(eot) = min_white_box_eot(&e.config, true)
-    {
-        out.push(Check::new(
-            "eot on a random model",
-            eot > 1,
-            format!("the white-box attacks average at least {eot} gradient sample(s) per step"),
-        ));
     }
+}
+
+/// On a random model, the white-box attacks average more than one gradient sample per step.
+fn eot_check(e: &RobustEvaluation) -> Option<Check> {
+    let eot = min_white_box_eot(&e.config, true).filter(|_| e.stochastic)?;
+    Some(Check::new(
+        "eot on a random model",
+        eot > 1,
+        format!("the white-box attacks average at least {eot} gradient sample(s) per step"),
+    ))
+}
+
+/// At most 1 % of the whole-model gradient evaluations zero or not finite.
+fn gradient_check(e: &RobustEvaluation) -> Option<Check> {
     let (mut evals, mut bad) = (0u64, 0u64);
     for a in e.attacks.iter().filter(|a| a.target == Target::Whole) {
         evals += a.grad.evaluations;
         bad += a.grad.zero + a.grad.non_finite;
     }
-    if evals > 0 {
-        let share = bad as f64 / evals as f64;
-        out.push(Check::new(
-            "input gradients",
-            share <= 0.01,
-            format!(
-                "{bad} of {evals} gradient evaluations ({:.1} %) were zero or not finite{}",
-                100.0 * share,
-                if share > 0.01 {
-                    ": gradient masking; attack the offending stage with BPDA"
-                } else {
-                    ""
-                }
-            ),
-        ));
+    if evals == 0 {
+        return None;
     }
-    // Orderings that hold for a sound evaluation, compared point by point on majority-vote
-    // correctness: the weaker attack must not break more (by 2) of the points the strongest iterative
-    // exact-gradient attack leaves standing (b) than the reverse (c); on a random model, not
-    // clearly more (a sign test: b - c > 2 sqrt(b + c), and at least 2 points).
+    let share = bad as f64 / evals as f64;
+    Some(Check::new(
+        "input gradients",
+        share <= 0.01,
+        format!(
+            "{bad} of {evals} gradient evaluations ({:.1} %) were zero or not finite{}",
+            100.0 * share,
+            if share > 0.01 {
+                ": gradient masking; attack the offending stage with BPDA"
+            } else {
+                ""
+            }
+        ),
+    ))
+}
+
+/// Orderings that hold for a sound evaluation, compared point by point on majority-vote
+/// correctness: the weaker attack (transfer, black-box, single-step) must not break more (by 2)
+/// of the points the strongest iterative exact-gradient attack leaves standing (b) than the
+/// reverse (c); on a random model, not clearly more (a sign test: b - c > 2 sqrt(b + c), and
+/// at least 2 points).
+fn ordering_checks(e: &RobustEvaluation) -> Vec<Check> {
     let majority = |ai: usize| -> Vec<bool> {
         e.records
             .iter()
             .map(|r| r.attacks[ai].majority_correct(r.label))
             .collect()
     };
-    let strongest = e
+    let Some(si) = e
         .attacks
         .iter()
         .enumerate()
         .filter(|(_, a)| a.target == Target::Whole && a.attack != "square" && a.attack != "fgsm")
         .min_by(|a, b| a.1.scores.single.value.total_cmp(&b.1.scores.single.value))
-        .map(|(i, _)| i);
-    if let Some(si) = strongest {
-        let strong = majority(si);
-        let strong_name = e.attacks[si].attack.clone();
-        for (ai, a) in e.attacks.iter().enumerate() {
-            let spec = &e.config.attacks[ai];
-            let (name, what) = match spec.target {
-                Target::Transfer => (
-                    "transfer not stronger than adaptive",
-                    "a stronger transfer attack means the adaptive attacks do not find the model's own gradients",
-                ),
-                Target::Whole if spec.black_box() => (
-                    "black-box not stronger than white-box",
-                    "a stronger black-box attack is the classic sign of gradient masking",
-                ),
-                Target::Whole if spec.attack == AttackName::Fgsm => (
-                    "single-step not stronger than iterative",
-                    "a stronger single step means the iterative attacks are stuck",
-                ),
-                _ => continue,
-            };
-            let weak = majority(ai);
-            let b = strong
-                .iter()
-                .zip(&weak)
-                .filter(|(s, w)| **s && !**w)
-                .count();
-            let c = strong
-                .iter()
-                .zip(&weak)
-                .filter(|(s, w)| !**s && **w)
-                .count();
-            // A deterministic model's outcomes are exact; only the attacks' own random starts
-            // differ, so more than one point of net difference is real.
-            let stronger = if e.stochastic {
-                b >= c + 2 && (b - c) as f64 > 2.0 * ((b + c) as f64).sqrt()
-            } else {
-                b > c + 1
-            };
-            out.push(Check::new(
-                name,
-                !stronger,
-                format!(
-                    "{} breaks {b} point(s) that {strong_name} leaves robust, and leaves {c} robust that {strong_name} breaks (majority vote; single draw {:.2} % vs {:.2} %); WARN when clearly more: {what}",
-                    a.attack,
-                    100.0 * a.scores.single.value,
-                    100.0 * e.attacks[si].scores.single.value
-                ),
-            ));
-        }
-    }
-    out.extend(survival_checks(e));
-    if e.stochastic && e.config.draws == 1 {
+        .map(|(i, _)| i)
+    else {
+        return Vec::new();
+    };
+    let strong = majority(si);
+    let strong_name = e.attacks[si].attack.clone();
+    let mut out = Vec::new();
+    for (ai, a) in e.attacks.iter().enumerate() {
+        let spec = &e.config.attacks[ai];
+        let (name, what) = match spec.target {
+            Target::Transfer => (
+                "transfer not stronger than adaptive",
+                "a stronger transfer attack means the adaptive attacks do not find the model's own gradients",
+            ),
+            Target::Whole if spec.black_box() => (
+                "black-box not stronger than white-box",
+                "a stronger black-box attack is the classic sign of gradient masking",
+            ),
+            Target::Whole if spec.attack == AttackName::Fgsm => (
+                "single-step not stronger than iterative",
+                "a stronger single step means the iterative attacks are stuck",
+            ),
+            _ => continue,
+        };
+        let weak = majority(ai);
+        let b = strong
+            .iter()
+            .zip(&weak)
+            .filter(|(s, w)| **s && !**w)
+            .count();
+        let c = strong
+            .iter()
+            .zip(&weak)
+            .filter(|(s, w)| !**s && **w)
+            .count();
+        // A deterministic model's outcomes are exact; only the attacks' own random starts
+        // differ, so more than one point of net difference is real.
+        let stronger = if e.stochastic {
+            b >= c + 2 && (b - c) as f64 > 2.0 * ((b + c) as f64).sqrt()
+        } else {
+            b > c + 1
+        };
         out.push(Check::new(
+            name,
+            !stronger,
+            format!(
+                "{} breaks {b} point(s) that {strong_name} leaves robust, and leaves {c} robust that {strong_name} breaks (majority vote; single draw {:.2} % vs {:.2} %); WARN when clearly more: {what}",
+                a.attack,
+                100.0 * a.scores.single.value,
+                100.0 * e.attacks[si].scores.single.value
+            ),
+        ));
+    }
+    out
+}
+
+/// R = 1 on a random model: nothing fresh to judge an attack's success on.
+fn one_draw_check(e: &RobustEvaluation) -> Option<Check> {
+    (e.stochastic && e.config.draws == 1).then(|| {
+        Check::new(
             "scoring draws on a random model",
             false,
             "R = 1: each image is scored by one draw, so majority and worst of R are that draw, and an attack's success is set against a single fresh draw; use R >= 10".into(),
-        ));
-    }
-    if !e.adaptive() {
-        out.push(Check::new(
+        )
+    })
+}
+
+/// Transfer attacks alone give transfer accuracy, not robust accuracy.
+fn adaptive_check(e: &RobustEvaluation) -> Option<Check> {
+    (!e.adaptive()).then(|| {
+        Check::new(
             "an attack on the defended model",
             false,
             "every attack differentiated the classifier alone (transfer): the scores are transfer accuracy, not robust accuracy; add pgd, selective-eot or bpda".into(),
-        ));
-    }
-    out.extend(curve_checks(&e.curves, e.classes));
-    if e.stochastic {
-        let w = &e.worst_case;
-        out.push(Check {
-            name: "scores of a random model".into(),
-            status: "INFO".into(),
-            detail: format!(
-                "worst case per point: single draw {:.2} %, majority {:.2} %, worst of R {:.2} %: a defence that is only robust on average is not robust on every draw",
-                100.0 * w.single.value,
-                100.0 * w.majority.value,
-                100.0 * w.worst_of_r.value
-            ),
-        });
-    }
-    out
+        )
+    })
+}
+
+/// On a random model, the three worst-case scores side by side.
+fn random_scores_info(e: &RobustEvaluation) -> Option<Check> {
+    let w = &e.worst_case;
+    e.stochastic.then(|| Check {
+        name: "scores of a random model".into(),
+        status: "INFO".into(),
+        detail: format!(
+            "worst case per point: single draw {:.2} %, majority {:.2} %, worst of R {:.2} %: a defence that is only robust on average is not robust on every draw",
+            100.0 * w.single.value,
+            100.0 * w.majority.value,
+            100.0 * w.worst_of_r.value
+        ),
+    })
 }
 
 /// Does each attack's success survive fresh draws? Per point i, c_i is the share of draws the
