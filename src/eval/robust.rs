@@ -46,60 +46,13 @@ pub fn evaluate(
 ) -> Result<(RobustEvaluation, Vec<Tensor>)> {
     config.validate()?;
     let Points { x, y, indices } = points;
-    let n = x.size()[0] as usize;
-    if indices.len() != n || y.size() != [n as i64] {
-        bail!(
-            "{n} images, {} labels and {} indices",
-            y.numel(),
-            indices.len()
-        );
-    }
-    if n == 0 {
-        bail!("no images to evaluate");
-    }
-    let k = model.num_classes() as i64;
-    let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
-    if lo < 0 || hi >= k {
-        bail!(
-            "labels range over [{lo}, {hi}] but the model has {k} classes (expected 0..{})",
-            k - 1
-        );
-    }
-    for a in &config.attacks {
-        match a.target {
-            Target::Transfer if surrogates.classifier.is_none() => {
-                bail!("a transfer attack needs the undefended classifier")
-            }
-            Target::Bpda if surrogates.bpda.is_none() => {
-                bail!("a BPDA attack needs a defence stage to differentiate as the identity")
-            }
-            _ => {}
-        }
-    }
+    let n = check_inputs(model, &surrogates, &points, config)?;
     let started = Instant::now();
     let device = model.device();
     let labels = Vec::<i64>::try_from(y.to_device(Device::Cpu))?;
     let mut state = match load_state(state_dir, config, shard, indices)? {
         Some(s) => s,
-        None => {
-            let (stochastic, change) =
-                measure_randomness(model, x, config.batch_size, config.seed)?;
-            State {
-                config: config.clone(),
-                shard,
-                indices: indices.to_vec(),
-                stochastic,
-                max_logit_change: change,
-                clean: vec![None; n],
-                done: vec![vec![None; n]; config.attacks.len()],
-                norms: vec![vec![0.0; n]; config.attacks.len()],
-                claimed: vec![vec![None; n]; config.attacks.len()],
-                grad: vec![GradStats::default(); config.attacks.len()],
-                seconds: vec![0.0; config.attacks.len()],
-                batches: Vec::new(),
-                check_runs: Default::default(),
-            }
-        }
+        None => new_state(model, x, config, shard, indices)?,
     };
     if state.stochastic && min_white_box_eot(config, true) == Some(1) {
         tracing::warn!(
@@ -107,20 +60,7 @@ pub fn evaluate(
             state.max_logit_change
         );
     }
-    let batches: Vec<(usize, usize)> = (0..n)
-        .step_by(config.batch_size)
-        .enumerate()
-        .filter(|(b, _)| shard.is_none_or(|sh| sh.owns(*b)))
-        .map(|(_, s)| (s, (n - s).min(config.batch_size)))
-        .collect();
-    if batches.is_empty() {
-        bail!(
-            "shard {} holds no batch: {n} points in batches of {} make only {} batches",
-            shard.map_or(String::new(), |s| s.to_string()),
-            config.batch_size,
-            n.div_ceil(config.batch_size)
-        );
-    }
+    let batches = owned_batches(n, config, shard)?;
     let slice = |t: &Tensor, s: usize, len: usize| t.narrow(0, s as i64, len as i64);
     // The clean draws.
     for &(s, len) in &batches {
@@ -135,54 +75,10 @@ pub fn evaluate(
         save_state(state_dir, &state)?;
     }
     // Adversarial images: start from clean, replay finished batches.
-    let x_adv: Vec<Tensor> = config
-        .attacks
-        .iter()
-        .map(|_| x.to_device(Device::Cpu).to_kind(Kind::Float).copy())
-        .collect();
-    for b in &state.batches {
-        // Checked against the run (attack, points, shape): a tampered file must not crash it.
-        let (ai, s, images) = read_batch(state_dir, b, config, x)?;
-        let len = images.size()[0] as usize;
-        let xb = slice(x, s, len).to_device(Device::Cpu).to_kind(Kind::Float);
-        // Resumed images are re-checked: a tampered or truncated file must not enter a report.
-        check_budget(
-            &images,
-            &xb,
-            &config.settings.budget,
-            &format!("{} (resumed from {b})", config.attacks[ai].label()),
-        )
-        .with_context(|| {
-            format!(
-                "{}: the resume state is corrupt; delete {} to start over",
-                batch_file(state_dir, b).display(),
-                state_dir.map_or(Path::new("."), |d| d).display()
-            )
-        })?;
-        x_adv[ai].narrow(0, s as i64, len as i64).copy_(&images);
-    }
+    let x_adv = replay(x, config, &state, state_dir)?;
     for (ai, spec) in config.attacks.iter().enumerate() {
         let settings = attack_settings(config, spec, state.stochastic);
-        // Each attack follows the rule for random models where its model is measured random:
-        // the whole model and its BPDA twin (the same forward pass) as measured above, the
-        // classifier alone by its own measurement.
-        let attacked = match spec.target {
-            Target::Whole => Measured {
-                inner: model,
-                stochastic: state.stochastic,
-            },
-            Target::Bpda => Measured {
-                inner: surrogates.bpda.expect("checked above"),
-                stochastic: state.stochastic,
-            },
-            Target::Transfer => {
-                let f = surrogates.classifier.expect("checked above");
-                Measured {
-                    inner: f,
-                    stochastic: measure_randomness(f, x, config.batch_size, config.seed)?.0,
-                }
-            }
-        };
+        let attacked = attacked_model(spec, model, &surrogates, state.stochastic, x, config)?;
         let attack = settings.build(spec.attack)?;
         let todo: Vec<&(usize, usize)> = batches
             .iter()
@@ -248,6 +144,168 @@ pub fn evaluate(
         started.elapsed().as_secs_f64(),
     )?;
     Ok((evaluation, x_adv))
+}
+
+/// The state of an evaluation that starts now: the model's randomness measured, nothing done.
+fn new_state(
+    model: &dyn Model,
+    x: &Tensor,
+    config: &RobustConfig,
+    shard: Option<Shard>,
+    indices: &[usize],
+) -> Result<State> {
+    let n = indices.len();
+    let (stochastic, change) = measure_randomness(model, x, config.batch_size, config.seed)?;
+    let per_attack = config.attacks.len();
+    Ok(State {
+        config: config.clone(),
+        shard,
+        indices: indices.to_vec(),
+        stochastic,
+        max_logit_change: change,
+        clean: vec![None; n],
+        done: vec![vec![None; n]; per_attack],
+        norms: vec![vec![0.0; n]; per_attack],
+        claimed: vec![vec![None; n]; per_attack],
+        grad: vec![GradStats::default(); per_attack],
+        seconds: vec![0.0; per_attack],
+        batches: Vec::new(),
+        check_runs: Default::default(),
+    })
+}
+
+/// The points are consistent (as many images, labels and indices; labels in the model's
+/// range) and every attack has the model it needs; returns the number of points.
+fn check_inputs(
+    model: &dyn Model,
+    surrogates: &Surrogates<'_>,
+    points: &Points<'_>,
+    config: &RobustConfig,
+) -> Result<usize> {
+    let Points { x, y, indices } = *points;
+    let n = x.size()[0] as usize;
+    if indices.len() != n || y.size() != [n as i64] {
+        bail!(
+            "{n} images, {} labels and {} indices",
+            y.numel(),
+            indices.len()
+        );
+    }
+    if n == 0 {
+        bail!("no images to evaluate");
+    }
+    let k = model.num_classes() as i64;
+    let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
+    if lo < 0 || hi >= k {
+        bail!(
+            "labels range over [{lo}, {hi}] but the model has {k} classes (expected 0..{})",
+            k - 1
+        );
+    }
+    for a in &config.attacks {
+        match a.target {
+            Target::Transfer if surrogates.classifier.is_none() => {
+                bail!("a transfer attack needs the undefended classifier")
+            }
+            Target::Bpda if surrogates.bpda.is_none() => {
+                bail!("a BPDA attack needs a defence stage to differentiate as the identity")
+            }
+            _ => {}
+        }
+    }
+    Ok(n)
+}
+
+/// The batches this run (or shard) owns, as (start, length).
+fn owned_batches(
+    n: usize,
+    config: &RobustConfig,
+    shard: Option<Shard>,
+) -> Result<Vec<(usize, usize)>> {
+    let batches: Vec<(usize, usize)> = (0..n)
+        .step_by(config.batch_size)
+        .enumerate()
+        .filter(|(b, _)| shard.is_none_or(|sh| sh.owns(*b)))
+        .map(|(_, s)| (s, (n - s).min(config.batch_size)))
+        .collect();
+    if batches.is_empty() {
+        bail!(
+            "shard {} holds no batch: {n} points in batches of {} make only {} batches",
+            shard.map_or(String::new(), |s| s.to_string()),
+            config.batch_size,
+            n.div_ceil(config.batch_size)
+        );
+    }
+    Ok(batches)
+}
+
+/// Every attack's images: the clean ones, with the finished batches of the saved state copied
+/// in (each re-checked against the budget).
+fn replay(
+    x: &Tensor,
+    config: &RobustConfig,
+    state: &State,
+    state_dir: Option<&Path>,
+) -> Result<Vec<Tensor>> {
+    let slice = |t: &Tensor, s: usize, len: usize| t.narrow(0, s as i64, len as i64);
+    let x_adv: Vec<Tensor> = config
+        .attacks
+        .iter()
+        .map(|_| x.to_device(Device::Cpu).to_kind(Kind::Float).copy())
+        .collect();
+    for b in &state.batches {
+        // Checked against the run (attack, points, shape): a tampered file must not crash it.
+        let (ai, s, images) = read_batch(state_dir, b, config, x)?;
+        let len = images.size()[0] as usize;
+        let xb = slice(x, s, len).to_device(Device::Cpu).to_kind(Kind::Float);
+        // Resumed images are re-checked: a tampered or truncated file must not enter a report.
+        check_budget(
+            &images,
+            &xb,
+            &config.settings.budget,
+            &format!("{} (resumed from {b})", config.attacks[ai].label()),
+        )
+        .with_context(|| {
+            format!(
+                "{}: the resume state is corrupt; delete {} to start over",
+                batch_file(state_dir, b).display(),
+                state_dir.map_or(Path::new("."), |d| d).display()
+            )
+        })?;
+        x_adv[ai].narrow(0, s as i64, len as i64).copy_(&images);
+    }
+    Ok(x_adv)
+}
+
+/// The model an attack differentiates, with its measured randomness.
+fn attacked_model<'a>(
+    spec: &AttackSpec,
+    model: &'a dyn Model,
+    surrogates: &Surrogates<'a>,
+    stochastic: bool,
+    x: &Tensor,
+    config: &RobustConfig,
+) -> Result<Measured<'a>> {
+    // Each attack follows the rule for random models where its model is measured random:
+    // the whole model and its BPDA twin (the same forward pass) as measured above, the
+    // classifier alone by its own measurement.
+    Ok(match spec.target {
+        Target::Whole => Measured {
+            inner: model,
+            stochastic,
+        },
+        Target::Bpda => Measured {
+            inner: surrogates.bpda.expect("checked above"),
+            stochastic,
+        },
+        Target::Transfer => {
+            let f = surrogates.classifier.expect("checked above");
+            Measured {
+                inner: f,
+                stochastic: measure_randomness(f, x, config.batch_size, config.seed)?.0,
+            }
+        }
+    })
 }
 
 pub(super) fn finish(
