@@ -1,8 +1,7 @@
 //! Evaluation: robust accuracy of any model (stochastic ones scored over R draws, with exact
 //! intervals), paired comparisons of two evaluations, the device check. Clean accuracy is a
-//! measurement of the model ([`crate::models::accuracy`]), re-exported here as `clean`.
+//! measurement of the model ([`crate::models::accuracy`]).
 
-pub use crate::models::accuracy as clean;
 pub mod checks;
 pub mod compare;
 pub mod defaults;

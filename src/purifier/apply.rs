@@ -37,7 +37,7 @@ pub struct PurifyScores {
 }
 
 /// A classifier's accuracy on `images` with labels `y`.
-pub fn accuracy(c: &dyn Model, images: &Tensor, y: &Tensor, batch: usize, device: Device) -> f64 {
+fn accuracy(c: &dyn Model, images: &Tensor, y: &Tensor, batch: usize, device: Device) -> f64 {
     count_correct(c, images, y, batch, device, Precision::F32) as f64
         / images.size()[0].max(1) as f64
 }

@@ -459,10 +459,10 @@ pub fn compare_results(
                     "{} is at {} eps {}, {} at {} eps {}: compare evaluations at one budget",
                     dir.display(),
                     b.norm,
-                    b.eps,
+                    eps_label(b.eps),
                     first.display(),
                     budget.norm,
-                    budget.eps
+                    eps_label(budget.eps)
                 );
             }
             Comparison::of(
