@@ -506,7 +506,10 @@ probes_tampered_resume() {
     selected "$name" || return 0
     if [ "$kind" = attack ]; then base attack abase; local b=$abase; else base robust rbase; local b=$rbase; fi
     [ "$b" = FAILED ] && { result SKIP "$name" "no base run"; return 0; }
+    # A robust evaluation with its results.json reads those back: without it, the copy is an
+    # interrupted run that resumes from the tampered files.
     newdir; cp -r "$b" "$D/run"; SETUP="in a copy of a finished run (run/): $code"
+    [ "$kind" = attack ] || { rm -f "$D/run/results.json"; SETUP="in a copy of a finished run (run/) without its results.json: $code"; }
     (cd "$D/run" && eval "$code") || { result SKIP "$name" "could not tamper: $code"; return 0; }
     if [ "$kind" = attack ]; then want_refusal "$name" "$pat" 60 "$D" "${attack[@]}"
     else want_refusal "$name" "$pat" 60 "$D" "${robust[@]}"; fi
@@ -514,6 +517,7 @@ probes_tampered_resume() {
   # The attack's batches are named by their first queued point, and the queue holds only the
   # points the classifier gets right, so the second FGSM batch's name depends on the model:
   # it is looked up in the copied run (eval robust attacks every point: its names are fixed).
+  # Both are one engine's state (state.json: clean, done, norms, ...); the attack is its cascade.
   local ab='"$(ls batches/00-fgsm-*.safetensors | sed -n 2p)"' rb=batches/00-000002.safetensors
   local an='00-fgsm-[0-9]{6}'
   tamper attack-batch-truncated attack "$an" "truncate -s 100 $ab"
@@ -524,12 +528,10 @@ probes_tampered_resume() {
   tamper attack-batch-images-outside-budget attack "$an|budget|eps|ball" "py st-fill $ab images 1.0"
   tamper attack-batch-file-missing attack "$an" "rm $ab"
   tamper attack-state-truncated attack 'state.json' "truncate -s 50 state.json"
-  tamper attack-state-wrong-types attack 'state.json' "py json-set state.json records '\"x\"'"
-  tamper attack-state-partial-queue-out-of-range attack 'state.json|queue' \
-    "py json-set state.json next_attack 1 && py json-set state.json queue '[0, 9999]'"
-  tamper attack-state-partial-records-empty attack 'state.json|records' \
-    "py json-set state.json next_attack 1 && py json-set state.json records '[]'"
-  tamper attack-state-next-attack-huge attack 'state.json|next_attack' "py json-set state.json next_attack 99"
+  tamper attack-state-wrong-types attack 'state.json' "py json-set state.json clean '\"x\"'"
+  tamper attack-state-done-short attack 'state.json|done' "py json-set state.json done.1 '[null]'"
+  tamper attack-state-clean-empty attack 'state.json|clean' "py json-set state.json clean '[]'"
+  tamper attack-state-seconds-missing attack 'state.json|seconds' "py json-set state.json seconds '[]'"
   # A batch name that leaves the run folder: /dev/zero never ends (no read may follow it).
   tamper attack-state-batch-path-escape attack 'state.json|batch' \
     "py json-set state.json batches.0 '\"../../../../../../../../dev/zero\"'"

@@ -74,9 +74,8 @@ pub fn tune_allocator() -> bool {
 /// is bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16 or AMX) and
 /// f32 elsewhere: on a CPU without them bf16 is emulated and about 10x slower than f32
 /// (measured on an AVX2-only EPYC: 608 s against 60 s for the same training run).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use atop::attacks::loss::LossKind;
 use atop::attacks::pgd::Pgd;
-use atop::attacks::runner::{Runner, RunnerConfig, check_budget};
+use atop::attacks::sweep::check_budget;
 use atop::attacks::{Attack, AttackName, AttackSettings, Budget, Norm};
 use atop::data::subset::seeded_subset;
 use atop::data::{DataConfig, DatasetKind, Split};
+use atop::eval::attack::{Runner, RunnerConfig};
 use atop::models::pipeline::{Bpda, Pipeline, Quantize};
 use atop::models::{Classifier, Model, checkpoint};
 use atop::train::classifier::{TrainClassifierConfig, train};
@@ -626,21 +627,67 @@ fn bad_attack_inputs_are_clear_errors() {
     assert!(err.contains("logits of shape [8, 5]"), "{err}");
 }
 
-/// Runs bench/reference/attacks_reference.py (torchattacks) on the same weights and images.
+/// Runs bench/reference/attacks_reference.py (torchattacks) on the same weights and images, or
+/// reads its recorded output: a reference run costs up to 15 CPU-minutes, so each output is
+/// kept in `tests/golden/torchattacks.json` under the SHA-256 of everything it was computed
+/// from (the script, the classifier's weights, the images and labels, the attack and its
+/// arguments). A key that is not there (other weights: the fixture classifier trained on
+/// another kind of CPU; other images or settings) runs the reference, and
+/// `ATOP_WRITE_GOLDEN=1` records it (`scripts/regenerate-goldens.sh`). The comparison that
+/// follows is the same either way.
 fn reference(attack: &str, data: &Path, extra: &[&str]) -> serde_json::Value {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference/attacks_reference.py");
+    use sha2::{Digest, Sha256};
+    static WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("bench/reference/attacks_reference.py");
+    let golden = root.join("tests/golden/torchattacks.json");
     let ckpt = checkpoint::resolve(model_dir()).unwrap();
-    run_json(
+    let mut key = Sha256::new();
+    key.update(std::fs::read(&script).unwrap());
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    weights.sort();
+    assert!(!weights.is_empty(), "no weights in {}", ckpt.display());
+    for w in &weights {
+        key.update(std::fs::read(w).unwrap());
+    }
+    key.update(std::fs::read(data).unwrap());
+    key.update(format!("{attack} {extra:?}"));
+    let key: String = key.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let read = || -> serde_json::Map<String, serde_json::Value> {
+        std::fs::read(&golden)
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .unwrap_or_default()
+    };
+    if let Some(v) = read().get(&key) {
+        eprintln!("{attack}: torchattacks output recorded under {key}");
+        return v.clone();
+    }
+    let v = run_json(
         Command::new(atop::runtime::venv_python())
-            .arg(script)
+            .arg(&script)
             .arg("--model")
-            .arg(ckpt)
+            .arg(&ckpt)
             .arg("--data")
             .arg(data)
             .args(["--attack", attack])
             .args(extra),
-    )
+    );
+    if std::env::var("ATOP_WRITE_GOLDEN").is_ok_and(|w| w == "1") {
+        let _guard = WRITE.lock().unwrap();
+        let mut all = read();
+        all.insert(key.clone(), v.clone());
+        let part = golden.with_extension("json.tmp");
+        std::fs::write(&part, serde_json::to_string_pretty(&all).unwrap() + "\n").unwrap();
+        std::fs::rename(&part, &golden).unwrap();
+        eprintln!("{attack}: torchattacks ran; recorded under {key}");
+    } else {
+        eprintln!("{attack}: torchattacks ran (no recorded output under {key})");
+    }
+    v
 }
 
 #[test]
@@ -699,7 +746,7 @@ fn agrees_with_torchattacks_on_the_same_weights_and_images() {
     // AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) at the original budgets: within
     // 1 point.
     let mut s = settings(Norm::Linf, eps);
-    let attacks = atop::attacks::runner::expand("autoattack-standard", &mut s).unwrap();
+    let attacks = atop::attacks::compositions::expand("autoattack-standard", &mut s).unwrap();
     let ours = Runner {
         model: &m,
         config: RunnerConfig {
@@ -815,6 +862,7 @@ fn pgd_on_a_random_defence_is_not_weaker_than_plain_eot_pgd() {
             model: "test".into(),
             data: "test".into(),
             plan: None,
+            cascade: false,
         }
     };
     let points = Points {

@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use atop::attacks::runner::{Runner, RunnerConfig};
 use atop::attacks::{AttackName, AttackSettings, Budget, Norm};
+use atop::eval::attack::{Runner, RunnerConfig};
 use atop::eval::robust::{AttackSpec, Points, RobustConfig, Surrogates, Target, evaluate};
 use atop::models::Model;
 use tch::{Device, Kind, Tensor};
@@ -132,6 +132,7 @@ fn eval_robust_refuses_tampered_resume_files_by_name() {
         model: "linear".into(),
         data: "random".into(),
         plan: None,
+        cascade: false,
     };
     let run = |dir: &Path| {
         evaluate(
@@ -286,41 +287,48 @@ fn attack_runner_refuses_tampered_resume_files_by_name() {
             "00-fgsm-000002.safetensors: images outside the threat model",
         ),
         (
-            "records-empty",
-            Box::new(|d: &Path| edit_state(d, &set("records", serde_json::json!([])))),
-            "state.json: records holds 0 entries but the run has 6 points",
+            "clean-empty",
+            Box::new(|d: &Path| edit_state(d, &set("clean", serde_json::json!([])))),
+            "state.json: clean holds 0 entries, expected 6",
         ),
         (
-            "records-other-point",
-            Box::new(|d: &Path| edit_state(d, &|s| s["records"][3]["index"] = 99.into())),
-            "state.json: records[3] is dataset index 99",
+            "other-point",
+            Box::new(|d: &Path| edit_state(d, &|s| s["indices"][3] = 99.into())),
+            "state.json: indices hold 6 dataset indices that are not the 6 points of this run",
         ),
         (
-            "queue-out-of-range",
+            "done-short",
+            Box::new(|d: &Path| edit_state(d, &|s| s["done"][1] = serde_json::json!([null]))),
+            "state.json: done[1] / norms[1] hold 1 / 6 entries, expected 6",
+        ),
+        (
+            "attacks-extra",
             Box::new(|d: &Path| {
                 edit_state(d, &|s| {
-                    s["next_attack"] = 1.into();
-                    s["queue"] = serde_json::json!([9999]);
+                    let extra = s["done"][0].clone();
+                    s["done"].as_array_mut().unwrap().push(extra);
                 })
             }),
-            "state.json: queue holds position 9999 but the run has 6 points",
+            "state.json: done holds 3 entries, expected 2",
         ),
         (
-            "next-attack-huge",
-            Box::new(|d: &Path| edit_state(d, &set("next_attack", 99.into()))),
-            "state.json: next_attack is 99 but the run has 2 attacks",
+            "seconds-missing",
+            Box::new(|d: &Path| edit_state(d, &set("seconds", serde_json::json!([])))),
+            "state.json: seconds holds 0 entries",
         ),
         (
-            "steps-missing",
-            Box::new(|d: &Path| edit_state(d, &set("steps", serde_json::json!([])))),
-            "state.json: steps holds 0 entries",
+            "draws-long",
+            Box::new(|d: &Path| {
+                edit_state(d, &|s| s["done"][0][4]["preds"] = serde_json::json!([1, 1]))
+            }),
+            "state.json: done[0][4] holds 2 predictions, expected R = 1",
         ),
         (
             "batch-path-escape",
             Box::new(|d: &Path| {
                 edit_state(d, &|s| s["batches"][0] = "../../../../dev/zero".into())
             }),
-            "state.json: batches[0] is '../../../../dev/zero', not a batch file name",
+            "../../../../dev/zero: not a batch file name of this run",
         ),
     ];
     assert_each_refused(&base, tmp.path(), cases, run);

@@ -124,6 +124,41 @@ impl Apgd {
         (out.images, out.claimed)
     }
 
+    /// The loss APGD ascends (the target chosen by `run` for the targeted DLR loss).
+    fn objective(&self, z: &Tensor, y: &Tensor, target: Option<&Tensor>) -> Tensor {
+        match (self.loss, target) {
+            (ApgdLoss::Ce, _) => loss::ce(z, y),
+            (ApgdLoss::Dlr, _) => loss::dlr(z, y),
+            (ApgdLoss::Margin, _) => loss::margin(z, y),
+            (ApgdLoss::DlrTargeted { .. }, Some(t)) => loss::dlr_targeted(z, y, t),
+            (ApgdLoss::DlrTargeted { .. }, None) => unreachable!("targets chosen by run()"),
+        }
+    }
+
+    /// At a checkpoint (Linf and L2), the points whose step halves: the loss rose in at most a
+    /// share rho of the steps since the last checkpoint, or the step was not halved there and
+    /// the best loss has not improved since (`best` = (at the last checkpoint, now)).
+    fn to_halve(
+        &self,
+        history: &[Tensor],
+        since_check: usize,
+        halved_at_check: &Tensor,
+        (best_at_check, best): (&Tensor, &Tensor),
+    ) -> Tensor {
+        let len = history.len();
+        let mut increases = Tensor::zeros_like(best);
+        for j in 0..since_check {
+            increases += history[len - 1 - j]
+                .gt_tensor(&history[len - 2 - j])
+                .to_kind(Kind::Float);
+        }
+        let oscillating = increases.le(since_check as f64 * self.rho);
+        let stalled = halved_at_check
+            .logical_not()
+            .logical_and(&best_at_check.ge_tensor(best));
+        oscillating.logical_or(&stalled)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn single_run(
         &self,
@@ -138,30 +173,11 @@ impl Apgd {
     ) -> RunOutput {
         let norm = self.budget.norm;
         let l1 = norm == Norm::L1;
-        let objective = |z: &Tensor| match (self.loss, target) {
-            (ApgdLoss::Ce, _) => loss::ce(z, y),
-            (ApgdLoss::Dlr, _) => loss::dlr(z, y),
-            (ApgdLoss::Margin, _) => loss::margin(z, y),
-            (ApgdLoss::DlrTargeted { .. }, Some(t)) => loss::dlr_targeted(z, y, t),
-            (ApgdLoss::DlrTargeted { .. }, None) => unreachable!("targets chosen by run()"),
-        };
+        let objective = |z: &Tensor| self.objective(z, y, target);
         let n = x.size()[0];
         let dims = x.size()[1..].iter().product::<i64>() as f64;
         let opts = (Kind::Float, x.device());
-        // L1: the fraction of coordinates a step moves, and the support at the last check
-        // (from a given start, its support; from a random one, 20 % and all coordinates).
-        let (mut x_adv, mut support, mut topk) = match init {
-            Some(p) => {
-                let support = l0(&(&p - x));
-                let topk = &support / dims / 1.5;
-                (p, support, topk)
-            }
-            None => (
-                norm.random_start(x, eps),
-                Tensor::full([n], dims, opts),
-                Tensor::full([n], 0.2, opts),
-            ),
-        };
+        let (mut x_adv, mut support, mut topk) = start(norm, x, eps, init);
         let fooled = |z: &Tensor| z.argmax(-1, false).ne_tensor(y);
         let mut keep = Keeper::for_model(model, self.selection, self.eot, &x_adv);
         let e = evaluate(model, &x_adv, y, &objective, self.eot, stats);
@@ -229,18 +245,12 @@ impl Apgd {
                     support = now;
                     shrank
                 } else {
-                    let len = history.len();
-                    let mut increases = Tensor::zeros([n], opts);
-                    for j in 0..since_check {
-                        increases += history[len - 1 - j]
-                            .gt_tensor(&history[len - 2 - j])
-                            .to_kind(Kind::Float);
-                    }
-                    let oscillating = increases.le(since_check as f64 * self.rho);
-                    let stalled = halved_at_check
-                        .logical_not()
-                        .logical_and(&loss_best_at_check.ge_tensor(&loss_best));
-                    let halve = oscillating.logical_or(&stalled);
+                    let halve = self.to_halve(
+                        &history,
+                        since_check,
+                        &halved_at_check,
+                        (&loss_best_at_check, &loss_best),
+                    );
                     step = (&step * 0.5).where_self(&rows(&halve), &step);
                     halved_at_check = halve.shallow_clone();
                     loss_best_at_check = loss_best.copy();
@@ -265,6 +275,27 @@ impl Apgd {
             images,
             claimed,
             best: x_best,
+        }
+    }
+}
+
+/// The first iterate, and for L1 the support at the last check and the fraction of coordinates
+/// a step moves (from a given start, its support; from a random one, all coordinates and 20 %).
+fn start(norm: Norm, x: &Tensor, eps: f64, init: Option<Tensor>) -> (Tensor, Tensor, Tensor) {
+    let dims = x.size()[1..].iter().product::<i64>() as f64;
+    match init {
+        Some(p) => {
+            let support = l0(&(&p - x));
+            let topk = &support / dims / 1.5;
+            (p, support, topk)
+        }
+        None => {
+            let (n, opts) = (x.size()[0], (Kind::Float, x.device()));
+            (
+                norm.random_start(x, eps),
+                Tensor::full([n], dims, opts),
+                Tensor::full([n], 0.2, opts),
+            )
         }
     }
 }

@@ -1,11 +1,12 @@
 //! Attacks on any [`Model`](crate::models::Model), at the reference budgets of the papers that
-//! introduced them. One file per attack; [`runner`] runs a sequence of them on the points that
-//! are still robust (AutoAttack's protocol) and keeps a resumable state file.
+//! introduced them. One file per attack; [`sweep`] runs a list of them over points in batches
+//! (the loop under every evaluation), [`compositions`] names AutoAttack's.
 //!
 //! Every attack returns images inside the eps-ball around the input and inside [0,1]; the
-//! runner checks this again before it records a result.
+//! sweep checks this again before it records a result.
 
 pub mod apgd;
+pub mod compositions;
 pub mod cw;
 pub mod fab;
 pub mod fgsm;
@@ -13,10 +14,10 @@ pub mod grad;
 pub mod loss;
 pub mod norm;
 pub mod pgd;
-pub mod runner;
 pub mod select;
 pub mod selective;
 pub mod square;
+pub mod sweep;
 
 use std::fmt;
 use std::str::FromStr;
@@ -208,7 +209,7 @@ impl FromStr for AttackName {
                 format!(
                     "unknown attack '{s}': expected one of {} or a composition ({})",
                     names.join(", "),
-                    runner::COMPOSITIONS.join(", ")
+                    compositions::COMPOSITIONS.join(", ")
                 )
             })
     }

@@ -5,9 +5,10 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use atop::attacks::compositions;
 use atop::attacks::loss::LossKind;
-use atop::attacks::runner::{self, Runner, RunnerConfig};
 use atop::attacks::{AttackSettings, Budget, Norm, Selection, defaults, parse_eps};
+use atop::eval::attack::{self as runner, Runner, RunnerConfig};
 use atop::figures::grid;
 use atop::models::Model;
 use atop::transforms::TransformKind;
@@ -198,7 +199,7 @@ struct Output<'a> {
 
 pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
     let mut settings = a.settings.settings()?;
-    let attacks = runner::expand(&a.attack, &mut settings)?;
+    let attacks = compositions::expand(&a.attack, &mut settings)?;
     for name in &attacks {
         settings.build(*name)?;
     }

@@ -312,6 +312,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
         model: target.describe()?,
         data: target.data.clone(),
         plan: plan.map(|p| p.description),
+        cascade: false,
     };
     let run = atop::eval::run::evaluate_into(&target, &config, a.shard, &out, global.device)?;
     let written = atop::report::robust::write_run(&out, &run, &target)?;

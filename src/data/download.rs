@@ -20,16 +20,17 @@ pub struct Archive {
     pub md5: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum ImagenetteVariant {
     /// Full-size images (1.5 GB).
     Full,
     /// Shorter side 320 px (326 MB).
     #[default]
-    #[value(name = "320")]
+    #[cfg_attr(feature = "cli", value(name = "320"))]
     Px320,
     /// Shorter side 160 px (94 MB).
-    #[value(name = "160")]
+    #[cfg_attr(feature = "cli", value(name = "160"))]
     Px160,
 }
 

@@ -21,13 +21,14 @@ use tch::Tensor;
 pub use error::DataError;
 use error::Result;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
     /// The held-out split (`test` for CIFAR, `val` for ImageNette); what evaluations default to.
     #[default]
-    #[value(alias = "val")]
+    #[cfg_attr(feature = "cli", value(alias = "val"))]
     #[serde(alias = "val")]
     Test,
 }
@@ -41,7 +42,8 @@ impl Split {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum DatasetKind {
     Cifar10,

@@ -22,6 +22,44 @@ use crate::purifier::{GanPurifier, PurifierConfig, purified_from};
 use crate::runtime::synchronize;
 use crate::transforms::{TransformConfig, Transformed};
 
+impl DeviceCheck {
+    /// A check on `images` images whose CPU and device runs took `tc` and `td` seconds for
+    /// `work` images' worth of passes; its thresholds come from `within` and `agreeing`.
+    fn new(
+        step: String,
+        images: i64,
+        compared: &str,
+        detail: String,
+        ((tc, td), work): ((f64, f64), i64),
+    ) -> Self {
+        DeviceCheck {
+            step,
+            images,
+            compared: compared.into(),
+            difference: None,
+            max_difference: None,
+            agreement: None,
+            min_agreement: None,
+            detail,
+            cpu_ms_per_image: per_image(tc, work),
+            device_ms_per_image: per_image(td, work),
+            passed: false,
+        }
+    }
+
+    /// Passes only with `difference` at most `max`.
+    fn within(mut self, difference: f64, max: f64) -> Self {
+        (self.difference, self.max_difference) = (Some(difference), Some(max));
+        self
+    }
+
+    /// Passes only with `agreement` at least `min`.
+    fn agreeing(mut self, agreement: f64, min: f64) -> Self {
+        (self.agreement, self.min_agreement) = (Some(agreement), Some(min));
+        self
+    }
+}
+
 /// What to compare, beyond the classifier and the images.
 #[derive(Debug, Clone)]
 pub struct DeviceCheckSettings {
@@ -100,65 +138,24 @@ pub fn compare(
     let (ld, td) = timed(dev, || tch::no_grad(|| f_dev.logits(&xd)));
     let ld = ld.to_device(Device::Cpu);
     let same = fraction(&lc.argmax(-1, false).eq_tensor(&ld.argmax(-1, false)));
-    checks.push(DeviceCheck {
-        step: "classifier forward".into(),
-        images: n,
-        compared: "logits: max |cpu - device| / max |cpu|; argmax agreement".into(),
-        difference: Some(max_abs(&(&lc - &ld)) / max_abs(&lc)),
-        max_difference: Some(1e-2),
-        agreement: Some(same),
-        min_agreement: Some(0.99),
-        detail: format!(
-            "accuracy cpu {:.2} %, device {:.2} %",
-            100.0 * accuracy(&lc, y),
-            100.0 * accuracy(&ld, y)
-        ),
-        cpu_ms_per_image: per_image(tc, n),
-        device_ms_per_image: per_image(td, n),
-        passed: false,
-    });
+    checks.push(
+        DeviceCheck::new(
+            "classifier forward".to_string(),
+            n,
+            "logits: max |cpu - device| / max |cpu|; argmax agreement",
+            format!(
+                "accuracy cpu {:.2} %, device {:.2} %",
+                100.0 * accuracy(&lc, y),
+                100.0 * accuracy(&ld, y)
+            ),
+            ((tc, td), n),
+        )
+        .within(max_abs(&(&lc - &ld)) / max_abs(&lc), 1e-2)
+        .agreeing(same, 0.99),
+    );
 
     // PGD on the classifier (before its training step changes it).
-    let pgd = Pgd {
-        budget: Budget::new(Norm::Linf, s.eps)?,
-        steps: s.pgd_steps,
-        step_size: s.eps / 4.0,
-        random_start: false,
-        restarts: 1,
-        loss: LossKind::Ce,
-        target: None,
-        eot: 1,
-        selection: Default::default(),
-    };
-    let (ac, tc) = timed(Device::Cpu, || pgd.run(&f_cpu, x, y, s.seed));
-    let (ad, td) = timed(dev, || pgd.run(&f_dev, &xd, &yd, s.seed));
-    let (ac, ad) = (ac?.x_adv, ad?.x_adv.to_device(Device::Cpu));
-    let broken_c = tch::no_grad(|| f_cpu.logits(&ac))
-        .argmax(-1, false)
-        .ne_tensor(y);
-    let broken_d = tch::no_grad(|| f_dev.logits(&ad.to_device(dev)))
-        .argmax(-1, false)
-        .to_device(Device::Cpu)
-        .ne_tensor(y);
-    let pixels = fraction(&(&ac - &ad).abs().le(1e-4));
-    checks.push(DeviceCheck {
-        step: format!("PGD-{} on the classifier", s.pgd_steps),
-        images: n,
-        compared: "per-image attack success agreement".into(),
-        difference: None,
-        max_difference: None,
-        agreement: Some(fraction(&broken_c.eq_tensor(&broken_d))),
-        min_agreement: Some(0.97),
-        detail: format!(
-            "robust accuracy cpu {:.2} %, device {:.2} %; {:.2} % of adversarial pixels equal",
-            100.0 * (1.0 - fraction(&broken_c)),
-            100.0 * (1.0 - fraction(&broken_d)),
-            100.0 * pixels
-        ),
-        cpu_ms_per_image: per_image(tc, n * s.pgd_steps as i64),
-        device_ms_per_image: per_image(td, n * s.pgd_steps as i64),
-        passed: false,
-    });
+    checks.push(pgd_check((&f_cpu, &f_dev), (x, y), (&xd, &yd), s)?);
 
     checks.extend(purifier_checks(&f_cpu, &f_dev, x, y, s)?);
 
@@ -178,19 +175,16 @@ pub fn compare(
     };
     let (loss_c, tc) = timed(Device::Cpu, || sgd_step(&mut f_cpu, x, y));
     let (loss_d, td) = timed(dev, || sgd_step(&mut f_dev, &xd, &yd));
-    checks.push(DeviceCheck {
-        step: "classifier training step (SGD)".into(),
-        images: n,
-        compared: "weights after two steps: ||cpu - device|| / ||cpu update||".into(),
-        difference: Some(weight_gap(&before, &f_cpu.vs, &f_dev.vs)),
-        max_difference: Some(5e-2),
-        agreement: None,
-        min_agreement: None,
-        detail: format!("loss cpu {loss_c:.5}, device {loss_d:.5}"),
-        cpu_ms_per_image: per_image(tc, n),
-        device_ms_per_image: per_image(td, n),
-        passed: false,
-    });
+    checks.push(
+        DeviceCheck::new(
+            "classifier training step (SGD)".to_string(),
+            n,
+            "weights after two steps: ||cpu - device|| / ||cpu update||",
+            format!("loss cpu {loss_c:.5}, device {loss_d:.5}"),
+            ((tc, td), n),
+        )
+        .within(weight_gap(&before, &f_cpu.vs, &f_dev.vs), 5e-2),
+    );
     for c in &mut checks {
         c.passed = c
             .difference
@@ -199,6 +193,52 @@ pub fn compare(
             && c.agreement.zip(c.min_agreement).is_none_or(|(a, m)| a >= m);
     }
     Ok(checks)
+}
+
+/// PGD on the classifier on both devices, from the same images: does each image's attack
+/// succeed on both or on neither?
+fn pgd_check(
+    (f_cpu, f_dev): (&Classifier, &Classifier),
+    (x, y): (&Tensor, &Tensor),
+    (xd, yd): (&Tensor, &Tensor),
+    s: &DeviceCheckSettings,
+) -> Result<DeviceCheck> {
+    let (n, dev) = (x.size()[0], s.device);
+    let pgd = Pgd {
+        budget: Budget::new(Norm::Linf, s.eps)?,
+        steps: s.pgd_steps,
+        step_size: s.eps / 4.0,
+        random_start: false,
+        restarts: 1,
+        loss: LossKind::Ce,
+        target: None,
+        eot: 1,
+        selection: Default::default(),
+    };
+    let (ac, tc) = timed(Device::Cpu, || pgd.run(f_cpu, x, y, s.seed));
+    let (ad, td) = timed(dev, || pgd.run(f_dev, xd, yd, s.seed));
+    let (ac, ad) = (ac?.x_adv, ad?.x_adv.to_device(Device::Cpu));
+    let broken_c = tch::no_grad(|| f_cpu.logits(&ac))
+        .argmax(-1, false)
+        .ne_tensor(y);
+    let broken_d = tch::no_grad(|| f_dev.logits(&ad.to_device(dev)))
+        .argmax(-1, false)
+        .to_device(Device::Cpu)
+        .ne_tensor(y);
+    let pixels = fraction(&(&ac - &ad).abs().le(1e-4));
+    Ok(DeviceCheck::new(
+        format!("PGD-{} on the classifier", s.pgd_steps),
+        n,
+        "per-image attack success agreement",
+        format!(
+            "robust accuracy cpu {:.2} %, device {:.2} %; {:.2} % of adversarial pixels equal",
+            100.0 * (1.0 - fraction(&broken_c)),
+            100.0 * (1.0 - fraction(&broken_d)),
+            100.0 * pixels
+        ),
+        ((tc, td), n * s.pgd_steps as i64),
+    )
+    .agreeing(fraction(&broken_c.eq_tensor(&broken_d)), 0.97))
 }
 
 fn purifier_checks(
@@ -239,19 +279,16 @@ fn purifier_checks(
     let (oc, tc) = timed(Device::Cpu, || pass(&p_cpu, Device::Cpu));
     let (od, td) = timed(dev, || pass(&p_dev, dev));
     let od = od.to_device(Device::Cpu);
-    checks.push(DeviceCheck {
-        step: format!("purifier forward at {side} px"),
-        images: k,
-        compared: "generator output: max |cpu - device| / max |cpu|".into(),
-        difference: Some(max_abs(&(&oc - &od)) / max_abs(&oc)),
-        max_difference: Some(1e-2),
-        agreement: None,
-        min_agreement: None,
-        detail: s.purifier.describe(),
-        cpu_ms_per_image: per_image(tc, k),
-        device_ms_per_image: per_image(td, k),
-        passed: false,
-    });
+    checks.push(
+        DeviceCheck::new(
+            format!("purifier forward at {side} px"),
+            k,
+            "generator output: max |cpu - device| / max |cpu|",
+            s.purifier.describe(),
+            ((tc, td), k),
+        )
+        .within(max_abs(&(&oc - &od)) / max_abs(&oc), 1e-2),
+    );
 
     // The whole defended model's input gradient, f(down(g(t(up(x))))), with the drawn noise
     // and mask: what a whole-model attack step computes.
@@ -275,22 +312,19 @@ fn purifier_checks(
     let (gd, td) = timed(dev, || grad(&p_dev, f_dev, dev));
     let cosine = (&gc * &gd).sum(Kind::Double).double_value(&[])
         / (gc.norm().double_value(&[]) * gd.norm().double_value(&[])).max(f64::MIN_POSITIVE);
-    checks.push(DeviceCheck {
-        step: format!("whole-model input gradient at {side} px"),
-        images: k,
-        compared: "cosine similarity of the gradients w.r.t. the images".into(),
-        difference: None,
-        max_difference: None,
-        agreement: Some(cosine),
-        min_agreement: Some(0.99),
-        detail: format!(
-            "{:.2} % of gradient signs equal",
-            100.0 * fraction(&gc.sign().eq_tensor(&gd.sign()))
-        ),
-        cpu_ms_per_image: per_image(tc, k),
-        device_ms_per_image: per_image(td, k),
-        passed: false,
-    });
+    checks.push(
+        DeviceCheck::new(
+            format!("whole-model input gradient at {side} px"),
+            k,
+            "cosine similarity of the gradients w.r.t. the images",
+            format!(
+                "{:.2} % of gradient signs equal",
+                100.0 * fraction(&gc.sign().eq_tensor(&gd.sign()))
+            ),
+            ((tc, td), k),
+        )
+        .agreeing(cosine, 0.99),
+    );
 
     // Generator training steps (L1 of both outputs to the clean image, Adam: the
     // reconstruction part of the purifier's and AToP's losses), one untimed and one timed.
@@ -310,19 +344,16 @@ fn purifier_checks(
     };
     let (loss_c, tc) = timed(Device::Cpu, || step(&mut p_cpu, Device::Cpu));
     let (loss_d, td) = timed(dev, || step(&mut p_dev, dev));
-    checks.push(DeviceCheck {
-        step: format!("purifier training step at {side} px (L1, Adam)"),
-        images: k,
-        compared: "generator weights after two steps: ||cpu - device|| / ||cpu update||".into(),
-        difference: Some(weight_gap(&before, &p_cpu.g_vs, &p_dev.g_vs)),
-        max_difference: Some(5e-2),
-        agreement: None,
-        min_agreement: None,
-        detail: format!("loss cpu {loss_c:.5}, device {loss_d:.5}"),
-        cpu_ms_per_image: per_image(tc, k),
-        device_ms_per_image: per_image(td, k),
-        passed: false,
-    });
+    checks.push(
+        DeviceCheck::new(
+            format!("purifier training step at {side} px (L1, Adam)"),
+            k,
+            "generator weights after two steps: ||cpu - device|| / ||cpu update||",
+            format!("loss cpu {loss_c:.5}, device {loss_d:.5}"),
+            ((tc, td), k),
+        )
+        .within(weight_gap(&before, &p_cpu.g_vs, &p_dev.g_vs), 5e-2),
+    );
     Ok(checks)
 }
 

@@ -2,6 +2,7 @@
 //! intervals), paired comparisons of two evaluations, the device check. Clean accuracy is a
 //! measurement of the model ([`crate::models::accuracy`]).
 
+pub mod attack;
 pub mod checks;
 pub mod compare;
 pub mod defaults;

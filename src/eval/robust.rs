@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::checks::*;
 use super::state::*;
-use crate::attacks::runner::{BatchResult, attack_batch, check_budget};
+use crate::attacks::sweep::{BatchResult, Pass, Task, cascade_seed, check_budget, sweep};
 use crate::attacks::{AttackName, AttackSettings, GradStats};
 use crate::models::{Measured, Model};
 
@@ -45,6 +45,9 @@ pub fn evaluate(
     state_dir: Option<&Path>,
 ) -> Result<(RobustEvaluation, Vec<Tensor>)> {
     config.validate()?;
+    if config.cascade && shard.is_some() {
+        bail!("a cascade (each attack on the points still robust) runs unsharded");
+    }
     let Points { x, y, indices } = points;
     let n = check_inputs(model, &surrogates, &points, config)?;
     let started = Instant::now();
@@ -76,65 +79,36 @@ pub fn evaluate(
     }
     // Adversarial images: start from clean, replay finished batches.
     let x_adv = replay(x, config, &state, state_dir)?;
-    for (ai, spec) in config.attacks.iter().enumerate() {
-        let settings = attack_settings(config, spec, state.stochastic);
-        let attacked = attacked_model(spec, model, &surrogates, state.stochastic, x, config)?;
-        let attack = settings.build(spec.attack)?;
-        let todo: Vec<&(usize, usize)> = batches
-            .iter()
-            .filter(|(s, _)| state.done[ai][*s].is_none())
-            .collect();
-        if todo.is_empty() {
-            continue;
-        }
-        let bar = crate::progress::bar(
-            todo.iter().map(|(_, l)| *l as u64).sum(),
-            &format!("{} ({}/{})", spec.label(), ai + 1, config.attacks.len()),
-        );
-        for &&(s, len) in &todo {
-            let t = Instant::now();
-            let xb = slice(x, s, len).to_device(device).to_kind(Kind::Float);
-            let yb = slice(y, s, len).to_device(device);
-            let seed = config.seed ^ ((ai as u64 + 1) << 40) ^ (s as u64).wrapping_mul(0x9E37_79B9);
-            // Attacks that draw nothing themselves (FGSM) still meet a random model: fix its
-            // draws too, so a resumed run attacks exactly as an uninterrupted one.
-            tch::manual_seed(seed as i64);
-            let BatchResult {
-                adv,
-                norms,
-                claimed,
-                grad,
-            } = attack_batch(attack.as_ref(), &attacked, (&xb, &yb), seed, &spec.label())?;
-            let draws = draw(model, &adv, config.draws, config.seed, ai, s)?;
-            let adv_cpu = adv.to_device(Device::Cpu);
-            let file = format!("{ai:02}-{:06}.safetensors", s);
-            if let Some(dir) = state_dir {
-                crate::io::write_safetensors(
-                    &dir.join(BATCHES).join(&file),
-                    &[("images".into(), adv_cpu.shallow_clone())],
-                )?;
-            }
-            x_adv[ai].narrow(0, s as i64, len as i64).copy_(&adv_cpu);
-            for (j, d) in draws.into_iter().enumerate() {
-                state.done[ai][s + j] = Some(d);
-                state.norms[ai][s + j] = norms[j];
-                state.claimed[ai][s + j] = Some(claimed[j]);
-            }
-            state.grad[ai].add(grad);
-            state.seconds[ai] += t.elapsed().as_secs_f64();
-            state.batches.push(file);
-            save_state(state_dir, &state)?;
-            bar.inc(len as u64);
-        }
-        bar.finish_and_clear();
-    }
+    let passes = config
+        .attacks
+        .iter()
+        .map(|spec| {
+            let settings = attack_settings(config, spec, state.stochastic);
+            Ok(Pass {
+                label: spec.label(),
+                attack: settings.build(spec.attack)?,
+                model: attacked_model(spec, model, &surrogates, state.stochastic, x, config)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let owned: Vec<usize> = batches.iter().flat_map(|&(s, len)| s..s + len).collect();
+    let mut engine = Engine {
+        model,
+        config,
+        labels: &labels,
+        owned: &owned,
+        state: &mut state,
+        state_dir,
+        x_adv,
+    };
+    sweep(&passes, (x, y), config.batch_size, &mut engine)?;
+    let x_adv = engine.x_adv;
     // The check runs belong to the first shard (on the first points of the whole set).
     let curves = if shard.is_none_or(|s| s.index == 0) {
         check_runs(model, x, y, config, &mut state, state_dir)?
     } else {
         CheckCurves::default()
     };
-    let owned: Vec<usize> = batches.iter().flat_map(|&(s, len)| s..s + len).collect();
     let evaluation = finish(
         &state,
         &labels,
@@ -144,6 +118,137 @@ pub fn evaluate(
         started.elapsed().as_secs_f64(),
     )?;
     Ok((evaluation, x_adv))
+}
+
+/// The evaluation as a task of the attack sweep: which points each attack sees, what is done,
+/// and the scoring and saving of each attacked batch.
+struct Engine<'a> {
+    model: &'a dyn Model,
+    config: &'a RobustConfig,
+    labels: &'a [i64],
+    /// The positions this run (or shard) owns.
+    owned: &'a [usize],
+    state: &'a mut State,
+    state_dir: Option<&'a Path>,
+    /// Per attack, every point's image so far.
+    x_adv: Vec<Tensor>,
+}
+
+impl Engine<'_> {
+    /// Right on every draw of the clean image and of each attack before `ai`.
+    fn robust_before(&self, ai: usize, p: usize) -> bool {
+        let label = self.labels[p];
+        let right = |d: &Option<Draws>| {
+            d.as_ref()
+                .is_some_and(|d| d.preds.iter().all(|&q| q == label))
+        };
+        right(&self.state.clean[p]) && self.state.done[..ai].iter().all(|a| right(&a[p]))
+    }
+}
+
+impl Task for Engine<'_> {
+    /// Every owned point; in a cascade, only the points still robust, the others keeping the
+    /// image (and draws) that broke them.
+    fn queue(&mut self, ai: usize) -> Result<Vec<usize>> {
+        if !self.config.cascade {
+            return Ok(self.owned.to_vec());
+        }
+        let (queue, carried): (Vec<usize>, Vec<usize>) =
+            self.owned.iter().partition(|&&p| self.robust_before(ai, p));
+        if ai > 0 && !carried.is_empty() {
+            let pos = Tensor::from_slice(&carried.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let before = self.x_adv[ai - 1].index_select(0, &pos);
+            let _ = self.x_adv[ai].index_copy_(0, &pos, &before);
+        }
+        let mut changed = false;
+        for &p in &carried {
+            if self.state.done[ai][p].is_none() {
+                let (draws, norm) = match ai {
+                    0 => (self.state.clean[p].clone(), 0.0),
+                    _ => (
+                        self.state.done[ai - 1][p].clone(),
+                        self.state.norms[ai - 1][p],
+                    ),
+                };
+                self.state.done[ai][p] = draws;
+                self.state.norms[ai][p] = norm;
+                changed = true;
+            }
+        }
+        if changed {
+            save_state(self.state_dir, self.state)?;
+        }
+        Ok(queue)
+    }
+
+    fn done(&self, ai: usize, first: usize) -> bool {
+        self.state.done[ai][first].is_some()
+    }
+
+    fn seed(&self, ai: usize, first: usize) -> u64 {
+        let seed = self.config.seed;
+        if self.config.cascade {
+            cascade_seed(seed, ai, first)
+        } else {
+            seed ^ ((ai as u64 + 1) << 40) ^ (first as u64).wrapping_mul(0x9E37_79B9)
+        }
+    }
+
+    fn record(
+        &mut self,
+        ai: usize,
+        positions: &[usize],
+        r: BatchResult,
+        seconds: f64,
+    ) -> Result<()> {
+        let BatchResult {
+            adv,
+            norms,
+            claimed,
+            grad,
+        } = r;
+        let first = positions[0];
+        let draws = draw(
+            self.model,
+            &adv,
+            self.config.draws,
+            self.config.seed,
+            ai,
+            first,
+        )?;
+        let adv_cpu = adv.to_device(Device::Cpu);
+        let pos = Tensor::from_slice(&positions.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let (file, tensors) = if self.config.cascade {
+            let name = self.config.attacks[ai].label();
+            (
+                format!("{ai:02}-{name}-{first:06}.safetensors"),
+                vec![
+                    ("positions".to_string(), pos.shallow_clone()),
+                    ("images".to_string(), adv_cpu.shallow_clone()),
+                ],
+            )
+        } else {
+            (
+                format!("{ai:02}-{first:06}.safetensors"),
+                vec![("images".to_string(), adv_cpu.shallow_clone())],
+            )
+        };
+        if let Some(dir) = self.state_dir {
+            crate::io::write_safetensors(&dir.join(BATCHES).join(&file), &tensors)?;
+        }
+        let _ = self.x_adv[ai].index_copy_(0, &pos, &adv_cpu);
+        let state = &mut *self.state;
+        for (j, d) in draws.into_iter().enumerate() {
+            let p = positions[j];
+            state.done[ai][p] = Some(d);
+            state.norms[ai][p] = norms[j];
+            state.claimed[ai][p] = Some(claimed[j]);
+        }
+        state.grad[ai].add(grad);
+        state.seconds[ai] += seconds;
+        state.batches.push(file);
+        save_state(self.state_dir, state)
+    }
 }
 
 /// The state of an evaluation that starts now: the model's randomness measured, nothing done.
@@ -248,12 +353,17 @@ fn replay(
     state_dir: Option<&Path>,
 ) -> Result<Vec<Tensor>> {
     let slice = |t: &Tensor, s: usize, len: usize| t.narrow(0, s as i64, len as i64);
-    let x_adv: Vec<Tensor> = config
+    let mut x_adv: Vec<Tensor> = config
         .attacks
         .iter()
         .map(|_| x.to_device(Device::Cpu).to_kind(Kind::Float).copy())
         .collect();
     for b in &state.batches {
+        if config.cascade {
+            let (ai, pos, images) = read_cascade_batch(state_dir, b, config, x)?;
+            let _ = x_adv[ai].index_copy_(0, &pos, &images);
+            continue;
+        }
         // Checked against the run (attack, points, shape): a tampered file must not crash it.
         let (ai, s, images) = read_batch(state_dir, b, config, x)?;
         let len = images.size()[0] as usize;

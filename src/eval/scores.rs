@@ -1,6 +1,6 @@
 //! What a robust evaluation returns: per-point draws, the three scores, checks, records.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -278,6 +278,13 @@ pub(super) fn draw(
             .wrapping_add(d as u64);
         tch::manual_seed(s as i64);
         let logits = tch::no_grad(|| model.logits(x));
+        let want = [n as i64, model.num_classes() as i64];
+        if logits.size() != want {
+            bail!(
+                "the model returned logits of shape {:?} for {n} images; expected {want:?}",
+                logits.size()
+            );
+        }
         let p = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?;
         for (i, v) in p.into_iter().enumerate() {
             preds[i].push(v);

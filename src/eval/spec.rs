@@ -106,7 +106,7 @@ pub fn parse_attacks(list: &str, settings: &mut AttackSettings) -> Result<Vec<At
             });
             continue;
         }
-        for attack in crate::attacks::runner::expand(part, settings)? {
+        for attack in crate::attacks::compositions::expand(part, settings)? {
             out.push(AttackSpec {
                 attack,
                 target: Target::Whole,
@@ -148,6 +148,10 @@ pub struct RobustConfig {
     /// The plan (`--preset` / `--config`) the attacks and budgets came from, in words.
     #[serde(default)]
     pub plan: Option<String>,
+    /// AutoAttack's order: each attack sees only the points still right on every draw so far
+    /// (`atop attack`); otherwise every attack sees every point.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cascade: bool,
 }
 
 impl RobustConfig {

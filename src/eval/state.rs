@@ -146,7 +146,7 @@ pub(super) fn load_state(
     else {
         return Ok(None);
     };
-    if &state.config != config || state.indices != indices || state.shard != shard {
+    if &state.config != config || state.shard != shard {
         bail!(
             "{} holds an evaluation with different settings (attacks, budgets, draws, seed, model, data or shard); resume it with the same settings or choose another --out",
             path.display()
@@ -161,6 +161,13 @@ pub(super) fn load_state(
             dir.display()
         )
     };
+    if state.indices != indices {
+        // The same settings and data describe the same points: other indices are an edit.
+        return Err(corrupt(format!(
+            "indices hold {} dataset indices that are not the {n} points of this run",
+            state.indices.len()
+        )));
+    }
     for (field, len, want) in [
         ("clean", state.clean.len(), n),
         ("done", state.done.len(), attacks),
@@ -291,6 +298,97 @@ pub(super) fn read_batch(
         return Err(corrupt("images hold NaN or infinite values".into()));
     }
     Ok((a, s, images))
+}
+
+/// (attack index, positions, images) of a cascade's batch file `AA-ATTACK-SSSSSS.safetensors`
+/// (positions and images), checked against the run: an attack of the config, distinct positions
+/// of the points starting at the one the name gives, one image per position inside the budget.
+pub(super) fn read_cascade_batch(
+    dir: Option<&Path>,
+    file: &str,
+    config: &RobustConfig,
+    x: &Tensor,
+) -> Result<(usize, Tensor, Tensor)> {
+    let dir = dir.context("batch files without a state folder")?;
+    let path = batch_file(Some(dir), file);
+    let bad = |what: String| {
+        anyhow::anyhow!(
+            "{}: {what}: the resume state is corrupt; delete {} to start over",
+            path.display(),
+            dir.display()
+        )
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (ai, start) = file
+        .strip_suffix(".safetensors")
+        .and_then(|stem| stem.split_once('-'))
+        .and_then(|(a, rest)| Some((a, rest.rsplit_once('-')?)))
+        .filter(|(a, (_, s))| digits(a) && digits(s))
+        .and_then(|(a, (name, s))| {
+            let ai = a.parse::<usize>().ok()?;
+            (config.attacks.get(ai)?.label() == name).then_some((ai, s.parse::<i64>().ok()?))
+        })
+        .ok_or_else(|| bad("not a batch file name of this run".into()))?;
+    let t = crate::models::checkpoint::read_tensors(&path)?;
+    let get = |name: &str| {
+        t.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.shallow_clone())
+            .ok_or_else(|| bad(format!("no tensor '{name}'")))
+    };
+    let (pos, images) = (get("positions")?, get("images")?);
+    let n = x.size()[0];
+    let len = pos.size().first().copied().unwrap_or(0);
+    if pos.kind() != Kind::Int64 || pos.dim() != 1 || !(1..=config.batch_size as i64).contains(&len)
+    {
+        return Err(bad(format!(
+            "positions are {:?} of shape {:?}; expected 1 to {} int64 positions",
+            pos.kind(),
+            pos.size(),
+            config.batch_size
+        )));
+    }
+    let list = Vec::<i64>::try_from(&pos)?;
+    let mut seen = std::collections::HashSet::new();
+    for &p in &list {
+        if !(0..n).contains(&p) {
+            return Err(bad(format!(
+                "positions hold {p} but the run has {n} points"
+            )));
+        }
+        if !seen.insert(p) {
+            return Err(bad(format!("positions hold {p} twice")));
+        }
+    }
+    if list[0] != start {
+        return Err(bad(format!(
+            "positions start at {} but the file name says {start}",
+            list[0]
+        )));
+    }
+    let mut want = x.size();
+    want[0] = len;
+    if images.size() != want {
+        return Err(bad(format!(
+            "images have shape {:?}; expected {want:?} (one image per position)",
+            images.size()
+        )));
+    }
+    let images = images.to_kind(Kind::Float);
+    if !bool::try_from(images.isfinite().all())? {
+        return Err(bad("images hold NaN or infinite values".into()));
+    }
+    let clean = x
+        .index_select(0, &pos.to_device(x.device()))
+        .to_device(tch::Device::Cpu)
+        .to_kind(Kind::Float);
+    let label = config.attacks[ai].label();
+    let budget = attack_settings(config, &config.attacks[ai], true)
+        .build(config.attacks[ai].attack)?
+        .budget();
+    crate::attacks::sweep::check_budget(&images, &clean, &budget, &format!("{label} (resumed)"))
+        .map_err(|e| bad(format!("images outside the threat model ({e})")))?;
+    Ok((ai, pos, images))
 }
 
 /// What an evaluation (or the merge of its shards) is computed from.

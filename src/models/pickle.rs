@@ -316,6 +316,40 @@ impl Machine {
     }
 }
 
+/// The unread rest of a pickle.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.bytes.len() - self.pos {
+            bail!(
+                "pickle ends in the middle of an instruction at byte {}",
+                self.pos
+            );
+        }
+        let s = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    /// A newline-terminated argument (GLOBAL's module and name).
+    fn line(&mut self) -> Result<String> {
+        let start = self.pos;
+        let Some(len) = self.bytes[start..].iter().position(|&b| b == b'\n') else {
+            bail!("pickle ends in the middle of a GLOBAL at byte {start}");
+        };
+        self.pos = start + len + 1;
+        Ok(String::from_utf8_lossy(&self.bytes[start..start + len]).into_owned())
+    }
+}
+
+fn u32_le(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
 /// Interprets `bytes` (a `data.pkl`) as data.
 pub fn load(bytes: &[u8]) -> Result<Value> {
     let mut m = Machine {
@@ -325,54 +359,56 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
         spent: 0,
         at: 0,
     };
-    let mut pos = 0usize;
-    let take = |pos: &mut usize, n: usize| -> Result<&[u8]> {
-        if n > bytes.len() - *pos {
+    let mut r = Reader { bytes, pos: 0 };
+    loop {
+        m.at = r.pos;
+        let op = r.take(1)?[0];
+        if op == b'.' {
+            return Ok(m.pop()?.v);
+        }
+        if !m.constant(op, &mut r)? && !m.structure(op, &mut r)? {
             bail!(
-                "pickle ends in the middle of an instruction at byte {}",
-                *pos
+                "pickle opcode 0x{op:02x} at byte {} is not accepted (only plain data and tensors are)",
+                m.at
             );
         }
-        let s = &bytes[*pos..*pos + n];
-        *pos += n;
-        Ok(s)
-    };
-    let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    loop {
-        m.at = pos;
-        let op = take(&mut pos, 1)?[0];
+    }
+}
+
+impl Machine {
+    /// Opcodes that push one value read from the pickle (protocol and frame markers push
+    /// nothing); false for any other opcode.
+    fn constant(&mut self, op: u8, r: &mut Reader<'_>) -> Result<bool> {
         match op {
             0x80 => {
-                let proto = take(&mut pos, 1)?[0];
+                let proto = r.take(1)?[0];
                 if proto > 5 {
                     bail!("pickle protocol {proto} is not supported");
                 }
             }
             0x95 => {
-                take(&mut pos, 8)?; // FRAME: length only
+                r.take(8)?; // FRAME: length only
             }
-            b'.' => return Ok(m.pop()?.v),
-            b'(' => m.mark()?,
-            b'}' => m.push(Value::Dict(Vec::new()), 1)?,
-            b']' => m.push(Value::List(Vec::new()), 1)?,
-            b')' => m.push(Value::Tuple(Vec::new()), 1)?,
-            b'N' => m.push(Value::None, 0)?,
-            0x88 => m.push(Value::Bool(true), 0)?,
-            0x89 => m.push(Value::Bool(false), 0)?,
-            b'K' => m.push(Value::Int(take(&mut pos, 1)?[0] as i64), 0)?,
+            b'N' => self.push(Value::None, 0)?,
+            0x88 => self.push(Value::Bool(true), 0)?,
+            0x89 => self.push(Value::Bool(false), 0)?,
+            b'K' => self.push(Value::Int(r.take(1)?[0] as i64), 0)?,
             b'M' => {
-                let b = take(&mut pos, 2)?;
-                m.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64), 0)?;
+                let b = r.take(2)?;
+                self.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64), 0)?;
             }
             b'J' => {
-                let b = take(&mut pos, 4)?;
-                m.push(Value::Int(u32_at(b) as i32 as i64), 0)?;
+                let b = r.take(4)?;
+                self.push(Value::Int(u32_le(b) as i32 as i64), 0)?;
             }
             0x8a => {
-                let n = take(&mut pos, 1)?[0] as usize;
-                let b = take(&mut pos, n)?;
+                let n = r.take(1)?[0] as usize;
+                let b = r.take(n)?;
                 if n > 8 {
-                    bail!("pickle: integer of {n} bytes at byte {} is too large", m.at);
+                    bail!(
+                        "pickle: integer of {n} bytes at byte {} is too large",
+                        self.at
+                    );
                 }
                 let mut v: i64 = 0;
                 for (i, &byte) in b.iter().enumerate() {
@@ -381,125 +417,130 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
                 if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
                     v -= 1i64 << (8 * n); // sign-extend
                 }
-                m.push(Value::Int(v), 0)?;
+                self.push(Value::Int(v), 0)?;
             }
             b'G' => {
-                let b = take(&mut pos, 8)?;
+                let b = r.take(8)?;
                 let mut a = [0u8; 8];
                 a.copy_from_slice(b);
-                m.push(Value::Float(f64::from_be_bytes(a)), 0)?;
+                self.push(Value::Float(f64::from_be_bytes(a)), 0)?;
             }
             b'X' => {
-                let n = u32_at(take(&mut pos, 4)?) as usize;
-                let s = String::from_utf8_lossy(take(&mut pos, n)?).into_owned();
-                m.push(Value::Str(s), 0)?;
+                let n = u32_le(r.take(4)?) as usize;
+                let s = String::from_utf8_lossy(r.take(n)?).into_owned();
+                self.push(Value::Str(s), 0)?;
             }
             0x8c => {
-                let n = take(&mut pos, 1)?[0] as usize;
-                let s = String::from_utf8_lossy(take(&mut pos, n)?).into_owned();
-                m.push(Value::Str(s), 0)?;
+                let n = r.take(1)?[0] as usize;
+                let s = String::from_utf8_lossy(r.take(n)?).into_owned();
+                self.push(Value::Str(s), 0)?;
             }
             b'U' => {
-                let n = take(&mut pos, 1)?[0] as usize;
-                m.push(Value::Bytes(take(&mut pos, n)?.to_vec()), 0)?;
+                let n = r.take(1)?[0] as usize;
+                self.push(Value::Bytes(r.take(n)?.to_vec()), 0)?;
             }
             b'T' | b'B' => {
-                let n = u32_at(take(&mut pos, 4)?) as usize;
-                m.push(Value::Bytes(take(&mut pos, n)?.to_vec()), 0)?;
-            }
-            b'q' => {
-                let i = take(&mut pos, 1)?[0] as u32;
-                m.put(i)?;
-            }
-            b'r' => {
-                let i = u32_at(take(&mut pos, 4)?);
-                m.put(i)?;
-            }
-            0x94 => {
-                let i = m.memo.len() as u32;
-                m.put(i)?;
-            }
-            b'h' => {
-                let i = take(&mut pos, 1)?[0] as u32;
-                m.get(i)?;
-            }
-            b'j' => {
-                let i = u32_at(take(&mut pos, 4)?);
-                m.get(i)?;
+                let n = u32_le(r.take(4)?) as usize;
+                self.push(Value::Bytes(r.take(n)?.to_vec()), 0)?;
             }
             b'c' => {
-                let line = |pos: &mut usize| -> Result<String> {
-                    let start = *pos;
-                    let Some(len) = bytes[start..].iter().position(|&b| b == b'\n') else {
-                        bail!("pickle ends in the middle of a GLOBAL at byte {start}");
-                    };
-                    *pos = start + len + 1;
-                    Ok(String::from_utf8_lossy(&bytes[start..start + len]).into_owned())
-                };
-                let module = line(&mut pos)?;
-                let name = line(&mut pos)?;
-                m.push(global(&format!("{module}.{name}"))?, 0)?;
+                let module = r.line()?;
+                let name = r.line()?;
+                self.push(global(&format!("{module}.{name}"))?, 0)?;
             }
             0x93 => {
-                let name = m.pop()?.v;
-                let module = m.pop()?.v;
+                let name = self.pop()?.v;
+                let module = self.pop()?.v;
                 match (module, name) {
-                    (Value::Str(a), Value::Str(b)) => m.push(global(&format!("{a}.{b}"))?, 0)?,
-                    _ => bail!("pickle: STACK_GLOBAL without names at byte {}", m.at),
+                    (Value::Str(a), Value::Str(b)) => self.push(global(&format!("{a}.{b}"))?, 0)?,
+                    _ => bail!("pickle: STACK_GLOBAL without names at byte {}", self.at),
                 }
             }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Opcodes that build containers, use the memo or call the few accepted constructors;
+    /// false for any other opcode.
+    fn structure(&mut self, op: u8, r: &mut Reader<'_>) -> Result<bool> {
+        match op {
+            b'(' => self.mark()?,
+            b'}' => self.push(Value::Dict(Vec::new()), 1)?,
+            b']' => self.push(Value::List(Vec::new()), 1)?,
+            b')' => self.push(Value::Tuple(Vec::new()), 1)?,
+            b'q' => {
+                let i = r.take(1)?[0] as u32;
+                self.put(i)?;
+            }
+            b'r' => {
+                let i = u32_le(r.take(4)?);
+                self.put(i)?;
+            }
+            0x94 => {
+                let i = self.memo.len() as u32;
+                self.put(i)?;
+            }
+            b'h' => {
+                let i = r.take(1)?[0] as u32;
+                self.get(i)?;
+            }
+            b'j' => {
+                let i = u32_le(r.take(4)?);
+                self.get(i)?;
+            }
             b't' => {
-                let items = m.pop_mark()?;
-                m.push_container(items, |v| Ok(Value::Tuple(v)))?;
+                let items = self.pop_mark()?;
+                self.push_container(items, |v| Ok(Value::Tuple(v)))?;
             }
             0x85..=0x87 => {
                 let k = (op - 0x84) as usize;
                 let mut items = Vec::with_capacity(k);
                 for _ in 0..k {
-                    items.push(m.pop()?);
+                    items.push(self.pop()?);
                 }
                 items.reverse();
-                m.push_container(items, |v| Ok(Value::Tuple(v)))?;
+                self.push_container(items, |v| Ok(Value::Tuple(v)))?;
             }
             b'l' => {
-                let items = m.pop_mark()?;
-                m.push_container(items, |v| Ok(Value::List(v)))?;
+                let items = self.pop_mark()?;
+                self.push_container(items, |v| Ok(Value::List(v)))?;
             }
             b'd' => {
-                let items = m.pop_mark()?;
-                m.push_container(items, |v| Ok(Value::Dict(pairs(v)?)))?;
+                let items = self.pop_mark()?;
+                self.push_container(items, |v| Ok(Value::Dict(pairs(v)?)))?;
             }
             b'a' => {
-                let v = m.pop()?;
-                m.extend_top(vec![v], "APPEND")?;
+                let v = self.pop()?;
+                self.extend_top(vec![v], "APPEND")?;
             }
             b'e' => {
-                let items = m.pop_mark()?;
-                m.extend_top(items, "APPENDS")?;
+                let items = self.pop_mark()?;
+                self.extend_top(items, "APPENDS")?;
             }
             b's' => {
-                let v = m.pop()?;
-                let k = m.pop()?;
-                m.extend_top(vec![k, v], "SETITEM")?;
+                let v = self.pop()?;
+                let k = self.pop()?;
+                self.extend_top(vec![k, v], "SETITEM")?;
             }
             b'u' => {
-                let items = m.pop_mark()?;
-                m.extend_top(items, "SETITEMS")?;
+                let items = self.pop_mark()?;
+                self.extend_top(items, "SETITEMS")?;
             }
             b'Q' => {
-                let pid = m.pop()?.v;
-                m.push(persistent(pid)?, 1)?;
+                let pid = self.pop()?.v;
+                self.push(persistent(pid)?, 1)?;
             }
             b'R' => {
-                let args = m.pop()?.v;
-                let func = m.pop()?.v;
-                m.push(reduce(func, args)?, 1)?;
+                let args = self.pop()?.v;
+                let func = self.pop()?.v;
+                self.push(reduce(func, args)?, 1)?;
             }
             b'b' => {
                 // BUILD: object state (e.g. a state dict's `_metadata`); it carries no tensors.
-                let _state = m.pop()?;
+                let _state = self.pop()?;
                 if !matches!(
-                    m.stack.last(),
+                    self.stack.last(),
                     Some(Item {
                         v: Value::Dict(_),
                         ..
@@ -507,15 +548,13 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
                 ) {
                     bail!(
                         "pickle: BUILD on something other than a dict at byte {}",
-                        m.at
+                        self.at
                     );
                 }
             }
-            other => bail!(
-                "pickle opcode 0x{other:02x} at byte {} is not accepted (only plain data and tensors are)",
-                m.at
-            ),
+            _ => return Ok(false),
         }
+        Ok(true)
     }
 }
 

@@ -79,6 +79,21 @@ pub fn budget(e: &RobustEvaluation) -> String {
 
 pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
     let mut s = String::new();
+    header(&mut s, e, p);
+    accuracy(&mut s, e);
+    attacks(&mut s, e);
+    checks(&mut s, e);
+    let _ = writeln!(
+        s,
+        "\nThe grid (`grid.png`) shows, for the points the strongest attack broke first: clean, \
+         adversarial, and where a purifier is present the transformed and purified images, then \
+         the perturbation amplified to the full range."
+    );
+    s
+}
+
+/// What was evaluated, how, where and when.
+fn header(s: &mut String, e: &RobustEvaluation, p: &Provenance) {
     let _ = writeln!(s, "# Robust evaluation\n");
     let _ = writeln!(s, "- model: `{}`", p.model);
     let _ = writeln!(s, "- defence: {}", p.defence);
@@ -125,6 +140,10 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
         p.started,
         e.seconds
     );
+}
+
+/// The three scores of the clean images, each attack and the worst case.
+fn accuracy(s: &mut String, e: &RobustEvaluation) {
     let _ = writeln!(s, "## Accuracy\n");
     let _ = writeln!(
         s,
@@ -150,6 +169,10 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
     if let Some(line) = strongest_line(e) {
         let _ = writeln!(s, "{line}\n");
     }
+}
+
+/// Each attack: its target, budget, cost and gradient tally.
+fn attacks(s: &mut String, e: &RobustEvaluation) {
     let _ = writeln!(s, "## Attacks\n");
     let _ = writeln!(
         s,
@@ -177,6 +200,10 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
             a.seconds
         );
     }
+}
+
+/// The sanity checks and the check runs behind them.
+fn checks(s: &mut String, e: &RobustEvaluation) {
     let _ = writeln!(s, "\n## Sanity checks\n");
     let _ = writeln!(s, "| check | status | numbers |");
     let _ = writeln!(s, "|---|---|---|");
@@ -211,13 +238,6 @@ pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
             );
         }
     }
-    let _ = writeln!(
-        s,
-        "\nThe grid (`grid.png`) shows, for the points the strongest attack broke first: clean, \
-         adversarial, and where a purifier is present the transformed and purified images, then \
-         the perturbation amplified to the full range."
-    );
-    s
 }
 
 /// One row per point and image set (clean, then each attack): the R predictions joined by `;`.

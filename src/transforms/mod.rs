@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 /// Which combination of noise and masks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum TransformKind {
     /// No transform: the purifier sees the image itself (with an empty mask).

@@ -13,7 +13,8 @@ use super::TransformConfig;
 use crate::models::pipeline::Stage;
 
 /// How images are resized to and from the working size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Resize {
     Nearest,

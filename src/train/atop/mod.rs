@@ -14,6 +14,9 @@
 //! and under the classifier-only transfer attack (PGD on f alone, then the defended model),
 //! labelled as such; `curves.png` plots them.
 
+mod config;
+mod tuner;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,382 +24,29 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::adam::{Adam, AdamConfig};
-use super::ema::Ema;
-use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
-use super::purifier::{adversarial_terms, kl_to_clean_prediction, restore_state, save_state};
+use super::learner::{EpochSummary, RunFolder, Step, Task};
+use super::purifier::{restore_state, save_state};
 use super::runlog;
-use super::schedule::{Schedule, lr_at};
+use super::schedule::lr_at;
 use crate::attacks::grad::{GradStats, evaluate as gradient};
 use crate::attacks::loss;
-use crate::attacks::runner::{Runner, RunnerConfig};
+use crate::attacks::sweep::one_draw_cascade;
 use crate::attacks::{AttackName, AttackSettings, Budget, Norm};
 use crate::data::augment::Augment;
 use crate::data::loader::{EpochIter, Loader, LoaderConfig};
 use crate::data::subset::seeded_subset;
-use crate::data::{DataConfig, Split};
+use crate::data::{ImageSet, Split};
 use crate::figures::{grid, plot};
 use crate::models::accuracy::count_correct;
 use crate::models::checkpoint;
-use crate::models::pipeline::Pipeline;
 use crate::models::{Classifier, Model};
 use crate::purifier::defended::{Defence, defended};
 use crate::purifier::{self, GanPurifier, PurifierSidecar};
 use crate::runtime::{Precision, autocast};
 use crate::transforms::TransformConfig;
 
-/// What the generator reconstructs (the released code has both).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Reconstruction {
-    /// The clean image (the authors' logged run; atop's default).
-    #[default]
-    Clean,
-    /// The adversarial input x' itself (the released notebooks; the printed equation).
-    Adversarial,
-}
-
-/// The attack that makes x' for training.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum AdversaryKind {
-    /// One step of eps (the authors' code).
-    #[default]
-    Fgsm,
-    /// `steps` projected steps of `step_size` from a random start.
-    Pgd,
-}
-
-/// Which model the training attack differentiates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum AdversaryTarget {
-    /// The classifier alone, on the clean image (the authors' code).
-    #[default]
-    Classifier,
-    /// The whole defended model f(g(t(.))) with exact gradients and EOT (the paper's Eq. 9).
-    Defended,
-}
-
-/// How x' is made.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdversaryConfig {
-    pub attack: AdversaryKind,
-    pub target: AdversaryTarget,
-    /// Linf budget.
-    pub eps: f64,
-    /// PGD iterations (FGSM: one step of eps).
-    pub steps: usize,
-    /// PGD step size (default: 2.5 * eps / steps, Madry et al.).
-    pub step_size: Option<f64>,
-    /// Gradient samples averaged per step against the defended model.
-    pub eot: usize,
-    /// Share of each batch made adversarial; the rest stays clean (mixed batches, as in
-    /// Goodfellow et al. 2015), so the generator keeps seeing the images it must not spoil.
-    /// 1 = every image is x' (Eq. 9).
-    pub fraction: f64,
-    /// Arithmetic of the attack's passes: f32, or bf16 autocast (as the generator's training
-    /// step may use) for a faster x'. The per-epoch evaluation attacks in f32 whatever this is.
-    pub precision: Precision,
-}
-
-impl Default for AdversaryConfig {
-    fn default() -> Self {
-        AdversaryConfig {
-            attack: AdversaryKind::Fgsm,
-            target: AdversaryTarget::Classifier,
-            eps: crate::attacks::defaults::EPS,
-            steps: 10,
-            step_size: None,
-            eot: 1,
-            fraction: 1.0,
-            precision: Precision::F32,
-        }
-    }
-}
-
-impl AdversaryConfig {
-    pub fn validate(&self) -> Result<()> {
-        Budget::new(Norm::Linf, self.eps).context("adversary.eps")?;
-        if self.attack == AdversaryKind::Pgd && self.steps == 0 {
-            bail!("adversary.steps = 0: PGD needs at least one step");
-        }
-        if self.eot == 0 {
-            bail!("adversary.eot = 0: expected at least 1 gradient sample per step");
-        }
-        crate::attacks::check_caps("adversary", self.steps, self.eot)?;
-        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
-            bail!(
-                "adversary.fraction = {}: expected a share of the batch in (0, 1]",
-                self.fraction
-            );
-        }
-        if let Some(s) = self.step_size
-            && !(s.is_finite() && s > 0.0)
-        {
-            bail!("adversary.step_size = {s}: expected a positive number");
-        }
-        Ok(())
-    }
-
-    /// (steps, step size, random start) of the attack.
-    pub fn schedule(&self) -> (usize, f64, bool) {
-        match self.attack {
-            AdversaryKind::Fgsm => (1, self.eps, false),
-            AdversaryKind::Pgd => (
-                self.steps,
-                self.step_size
-                    .unwrap_or(2.5 * self.eps / self.steps.max(1) as f64),
-                true,
-            ),
-        }
-    }
-
-    /// How many of `n` images a batch makes adversarial (at least one; the first ones of
-    /// the shuffled batch).
-    pub fn adversarial_count(&self, n: i64) -> i64 {
-        ((self.fraction * n as f64 + 0.5).floor() as i64).clamp(1, n.max(1))
-    }
-
-    pub fn describe(&self) -> String {
-        let share = if self.fraction < 1.0 {
-            format!(
-                ", on {:.0} % of each batch (the rest clean)",
-                100.0 * self.fraction
-            )
-        } else {
-            String::new()
-        };
-        let arithmetic = match self.precision {
-            Precision::F32 => "",
-            Precision::Bf16 => ", in bf16 autocast",
-            Precision::Auto => ", in bf16 autocast where the hardware has it",
-        };
-        format!("{}{share}{arithmetic}", self.describe_attack())
-    }
-
-    fn describe_attack(&self) -> String {
-        let (steps, size, _) = self.schedule();
-        let what = match self.attack {
-            AdversaryKind::Fgsm => "FGSM".to_string(),
-            AdversaryKind::Pgd => format!("PGD-{steps} (step {size:.5})"),
-        };
-        match self.target {
-            AdversaryTarget::Classifier => {
-                format!(
-                    "{what} at Linf {:.5} against the classifier alone",
-                    self.eps
-                )
-            }
-            AdversaryTarget::Defended => format!(
-                "{what} at Linf {:.5} against the whole defended model (exact gradients, EOT {})",
-                self.eps, self.eot
-            ),
-        }
-    }
-}
-
-/// The per-epoch evaluation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AtopEvalConfig {
-    /// Seeded test images.
-    pub subset: usize,
-    /// Linf budget of both attacks.
-    pub eps: f64,
-    /// PGD iterations (step eps/4, random start) of both attacks.
-    pub steps: usize,
-    /// EOT samples of the whole-model attack.
-    pub eot: usize,
-    pub batch_size: usize,
-}
-
-impl Default for AtopEvalConfig {
-    fn default() -> Self {
-        AtopEvalConfig {
-            subset: 256,
-            eps: crate::attacks::defaults::EPS,
-            steps: 10,
-            eot: 4,
-            batch_size: 64,
-        }
-    }
-}
-
-/// Everything that defines an AToP fine-tuning run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainAtopConfig {
-    /// The frozen classifier f (a checkpoint folder, file in it, or training run).
-    #[serde(default)]
-    pub classifier: Option<PathBuf>,
-    /// The pre-trained purifier g.
-    #[serde(default)]
-    pub purifier: Option<PathBuf>,
-    /// The training data (default: the purifier's).
-    #[serde(default)]
-    pub data: Option<DataConfig>,
-    /// The random transform t (default: the one the purifier was trained with).
-    #[serde(default)]
-    pub transform: Option<TransformConfig>,
-    pub epochs: usize,
-    pub batch_size: usize,
-    /// Weight of CE(y, f(g(t(x')))) (paper: 0.1; the authors' CIFAR-10 notebooks: 0.05).
-    #[serde(default = "default_lambda")]
-    pub lambda: f64,
-    #[serde(default)]
-    pub reconstruction: Reconstruction,
-    /// Epochs of plain reconstruction on x' before the CE term starts (the authors: 2).
-    #[serde(default)]
-    pub ce_after_epochs: usize,
-    /// Weight of KL(f(x) || f(g(t(x')))), the frozen classifier's own prediction on the clean
-    /// image as a soft target (as TRADES keeps clean predictions); 0 (default) is Eq. 9 as
-    /// published. Starts with the CE term (`ce_after_epochs`).
-    #[serde(default)]
-    pub kl_weight: f64,
-    /// Weight of each L1 term.
-    #[serde(default = "one")]
-    pub l1_weight: f64,
-    /// Weight of the generator's GAN term (0 also skips the discriminator).
-    #[serde(default = "one")]
-    pub gan_weight: f64,
-    /// Adam, the paper's lr 1e-4 and betas (0.5, 0.999) by default.
-    #[serde(default)]
-    pub generator_optimizer: AdamConfig,
-    #[serde(default)]
-    pub discriminator_optimizer: AdamConfig,
-    #[serde(default = "constant")]
-    pub schedule: Schedule,
-    #[serde(default)]
-    pub warmup_steps: usize,
-    #[serde(default)]
-    pub adversary: AdversaryConfig,
-    #[serde(default)]
-    pub eval: AtopEvalConfig,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default = "yes")]
-    pub flip: bool,
-    #[serde(default)]
-    pub train_subset: Option<usize>,
-    /// Write a sample grid every this many steps (0: after each epoch only).
-    #[serde(default)]
-    pub sample_every: usize,
-    #[serde(default)]
-    pub precision: Precision,
-    /// Fine-tune a wider generator than the pre-trained one: its weights copied into the first
-    /// channels of a generator of this width, the extra channels starting at zero, so the
-    /// pipeline computes the same function at step 0 with more capacity to learn the new task
-    /// (None: the purifier's own width).
-    #[serde(default)]
-    pub widen: Option<usize>,
-    /// Decay of an exponential moving average of the generator's weights, updated after every
-    /// step; the checkpoints then export the average (the live weights are kept beside it for
-    /// resuming) and the per-epoch evaluation measures both. 0 (default): no average.
-    #[serde(default)]
-    pub ema_decay: f64,
-}
-
-fn default_lambda() -> f64 {
-    0.1
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn constant() -> Schedule {
-    Schedule::Constant
-}
-
-/// Named presets (TOML files in `presets/`, compiled in).
-pub const PRESETS: &[(&str, &str)] = &[
-    ("atop-demo", include_str!("../../presets/atop-demo.toml")),
-    (
-        "atop-cifar10-cpu",
-        include_str!("../../presets/atop-cifar10-cpu.toml"),
-    ),
-    (
-        "atop-cifar10-paper",
-        include_str!("../../presets/atop-cifar10-paper.toml"),
-    ),
-];
-
-impl TrainAtopConfig {
-    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        toml::from_str(text).with_context(|| format!("{origin}: not a valid AToP training config"))
-    }
-
-    pub fn preset(name: &str) -> Result<Self> {
-        runlog::preset(PRESETS, name, "AToP")
-    }
-
-    /// Checks every setting that needs no file; errors name the field.
-    pub fn validate(&self) -> Result<()> {
-        if self.classifier.is_none() {
-            bail!("no classifier: set classifier = \"CKPT\" or pass --classifier");
-        }
-        if self.purifier.is_none() {
-            bail!("no purifier: set purifier = \"CKPT\" or pass --purifier (a pre-trained one)");
-        }
-        if self.epochs == 0 {
-            bail!("invalid setting epochs = 0: expected at least 1");
-        }
-        if self.batch_size == 0 {
-            bail!("invalid setting batch_size = 0: expected at least 1");
-        }
-        for (name, w) in [
-            ("lambda", self.lambda),
-            ("kl_weight", self.kl_weight),
-            ("l1_weight", self.l1_weight),
-            ("gan_weight", self.gan_weight),
-        ] {
-            if !(w.is_finite() && w >= 0.0) {
-                bail!("invalid setting {name} = {w}: expected a non-negative number");
-            }
-        }
-        self.generator_optimizer.validate("generator_optimizer")?;
-        self.discriminator_optimizer
-            .validate("discriminator_optimizer")?;
-        self.adversary.validate()?;
-        if let Some(t) = &self.transform {
-            t.validate(None)?;
-        }
-        let e = &self.eval;
-        Budget::new(Norm::Linf, e.eps).context("eval.eps")?;
-        for (name, v) in [
-            ("eval.subset", e.subset),
-            ("eval.steps", e.steps),
-            ("eval.eot", e.eot),
-            ("eval.batch_size", e.batch_size),
-        ] {
-            if v == 0 {
-                bail!("invalid setting {name} = 0: expected at least 1");
-            }
-        }
-        crate::attacks::check_caps("eval", e.steps, e.eot)?;
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            bail!(
-                "invalid setting ema_decay = {}: expected a number in [0, 1) (0: no weight average)",
-                self.ema_decay
-            );
-        }
-        if let Some(w) = self.widen
-            && (w < 4 || !w.is_multiple_of(4) || w > purifier::MAX_WIDTH)
-        {
-            bail!(
-                "invalid setting widen = {w}: expected a generator width, a multiple of 4 up to {}",
-                purifier::MAX_WIDTH
-            );
-        }
-        Ok(())
-    }
-}
+pub use config::*;
+pub use tuner::FineTuner;
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -502,6 +152,94 @@ pub fn train(
 ) -> Result<AtopSummary> {
     cfg.validate()?;
     let folder = RunFolder::open(run, resume)?;
+    let Inputs {
+        cfg,
+        f,
+        p,
+        p_sidecar,
+        train_set,
+        test_set,
+        transform,
+    } = load_inputs(cfg, device)?;
+
+    let eval_idx = seeded_subset(
+        test_set.len(),
+        cfg.eval.subset.min(test_set.len()),
+        cfg.seed,
+    )?;
+    let (ex, ey) = test_set.tensors(&eval_idx);
+    let eval = EvalSet {
+        x: ex.to_kind(Kind::Float).to_device(device),
+        y: ey.to_device(device),
+        indices: eval_idx.clone(),
+    };
+    // Measured, not assumed: the training attack must get gradients from its model.
+    check_adversary(&f, &p, &transform, &cfg.adversary, &eval)?;
+
+    let train_set = Arc::new(train_set);
+    let augment = if cfg.flip {
+        Augment::CropFlip { pad: 0 }
+    } else {
+        Augment::None
+    };
+    let loader = Loader::new(
+        train_set.clone(),
+        LoaderConfig::train(cfg.batch_size, augment, cfg.seed),
+    );
+    if loader.batches_per_epoch() == 0 {
+        bail!(
+            "batch_size {} is larger than the {} training images",
+            cfg.batch_size,
+            train_set.len()
+        );
+    }
+    let clean_acc = count_correct(
+        &f,
+        &eval.x,
+        &eval.y,
+        cfg.eval.batch_size,
+        device,
+        Precision::F32,
+    ) as f64
+        / eval_idx.len().max(1) as f64;
+    let mut task = AtopTask {
+        tuner: FineTuner::new(&cfg, f, p, transform)?,
+        device,
+        sidecar: p_sidecar,
+        loader,
+        batches: None,
+        eval,
+        clean_acc,
+        lr: 0.0,
+    };
+    let fitted = folder.fit(&cfg, &mut task)?;
+    Ok(AtopSummary {
+        run: fitted.run,
+        epochs: fitted.epochs,
+        resumed_from_epoch: fitted.resumed_from_epoch,
+        adversary: cfg.adversary.describe(),
+        evaluation: eval_description(&cfg.eval),
+        last: fitted.last,
+        seconds: fitted.seconds,
+        checkpoint: fitted.checkpoint,
+    })
+}
+
+/// A run's inputs, loaded and checked against each other, with the effective settings (every
+/// default resolved): what the run records.
+struct Inputs {
+    cfg: TrainAtopConfig,
+    f: Classifier,
+    p: GanPurifier,
+    p_sidecar: PurifierSidecar,
+    train_set: ImageSet,
+    test_set: ImageSet,
+    transform: TransformConfig,
+}
+
+/// The classifier, the (widened) pre-trained purifier, the data and the transform of `cfg`:
+/// each refused by name where it does not fit the others.
+fn load_inputs(cfg: &TrainAtopConfig, device: Device) -> Result<Inputs> {
     let (classifier_path, purifier_path) = (
         cfg.classifier.clone().unwrap_or_default(),
         cfg.purifier.clone().unwrap_or_default(),
@@ -572,67 +310,14 @@ pub fn train(
     let mut cfg = cfg.clone();
     cfg.data = Some(data);
     cfg.transform = Some(transform.clone());
-
-    let eval_idx = seeded_subset(
-        test_set.len(),
-        cfg.eval.subset.min(test_set.len()),
-        cfg.seed,
-    )?;
-    let (ex, ey) = test_set.tensors(&eval_idx);
-    let eval = EvalSet {
-        x: ex.to_kind(Kind::Float).to_device(device),
-        y: ey.to_device(device),
-        indices: eval_idx.clone(),
-    };
-    // Measured, not assumed: the training attack must get gradients from its model.
-    check_adversary(&f, &p, &transform, &cfg.adversary, &eval)?;
-
-    let train_set = Arc::new(train_set);
-    let augment = if cfg.flip {
-        Augment::CropFlip { pad: 0 }
-    } else {
-        Augment::None
-    };
-    let loader = Loader::new(
-        train_set.clone(),
-        LoaderConfig::train(cfg.batch_size, augment, cfg.seed),
-    );
-    if loader.batches_per_epoch() == 0 {
-        bail!(
-            "batch_size {} is larger than the {} training images",
-            cfg.batch_size,
-            train_set.len()
-        );
-    }
-    let clean_acc = count_correct(
-        &f,
-        &eval.x,
-        &eval.y,
-        cfg.eval.batch_size,
-        device,
-        Precision::F32,
-    ) as f64
-        / eval_idx.len().max(1) as f64;
-    let mut task = AtopTask {
-        tuner: FineTuner::new(&cfg, f, p, transform)?,
-        device,
-        sidecar: p_sidecar,
-        loader,
-        batches: None,
-        eval,
-        clean_acc,
-        lr: 0.0,
-    };
-    let fitted = folder.fit(&cfg, &mut task)?;
-    Ok(AtopSummary {
-        run: fitted.run,
-        epochs: fitted.epochs,
-        resumed_from_epoch: fitted.resumed_from_epoch,
-        adversary: cfg.adversary.describe(),
-        evaluation: eval_description(&cfg.eval),
-        last: fitted.last,
-        seconds: fitted.seconds,
-        checkpoint: fitted.checkpoint,
+    Ok(Inputs {
+        cfg,
+        f,
+        p,
+        p_sidecar,
+        train_set,
+        test_set,
+        transform,
     })
 }
 
@@ -686,182 +371,6 @@ fn check_adversary(
     Ok(())
 }
 
-/// The fine-tuning itself: the frozen classifier, the purifier and its optimizers, and one step
-/// of Algorithm 1 on a batch.
-pub struct FineTuner<'a> {
-    pub cfg: &'a TrainAtopConfig,
-    pub f: Classifier,
-    pub p: GanPurifier,
-    pub transform: TransformConfig,
-    pub opt_g: Adam,
-    pub opt_d: Adam,
-    /// The generator's weight average (with `ema_decay` > 0).
-    pub ema: Option<Ema>,
-}
-
-impl<'a> FineTuner<'a> {
-    /// Freezes `f` (no gradient into its weights; it always runs in evaluation mode).
-    pub fn new(
-        cfg: &'a TrainAtopConfig,
-        mut f: Classifier,
-        p: GanPurifier,
-        transform: TransformConfig,
-    ) -> Result<Self> {
-        f.vs.freeze();
-        let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
-        let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
-        let ema = if cfg.ema_decay > 0.0 {
-            Some(Ema::new(&p.g_vs, cfg.ema_decay)?)
-        } else {
-            None
-        };
-        Ok(FineTuner {
-            cfg,
-            f,
-            p,
-            transform,
-            opt_g,
-            opt_d,
-            ema,
-        })
-    }
-
-    /// Runs `f` on the generator the run exports: the weight average if there is one.
-    pub fn with_exported<T>(&self, f: impl FnOnce() -> T) -> T {
-        match &self.ema {
-            Some(ema) => ema.with_average(&self.p.g_vs, f),
-            None => f(),
-        }
-    }
-
-    /// The defended model f(down(g(t(up(.))))) on the current generator, for images of h x w.
-    pub fn defended(&self, (h, w): (i64, i64)) -> Result<Pipeline<'_>> {
-        let defence = Defence {
-            transform: Some(self.transform.clone()),
-            ..Default::default()
-        };
-        defended(&self.f, Some((&self.p, &self.transform)), &defence, (h, w))
-    }
-
-    /// x' for a batch: the configured attack on f alone or on the whole defended model (its
-    /// current generator, fresh transforms), last iterate.
-    pub fn adversarial(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let adv = &self.cfg.adversary;
-        let (steps, size, random_start) = adv.schedule();
-        let whole = self.defended((x.size()[2], x.size()[3]))?;
-        let (model, eot): (&dyn Model, usize) = match adv.target {
-            AdversaryTarget::Classifier => (&self.f, 1),
-            AdversaryTarget::Defended => (&whole, adv.eot),
-        };
-        let norm = Norm::Linf;
-        let mut a = if random_start {
-            norm.random_start(x, adv.eps)
-        } else {
-            x.copy()
-        };
-        let mut stats = GradStats::default();
-        autocast(x.device(), adv.precision, || {
-            for _ in 0..steps {
-                let e = gradient(model, &a, y, &|z| loss::ce(z, y), eot, &mut stats);
-                a = norm.project(&(&a + norm.direction(&e.grad) * size), x, adv.eps);
-            }
-        });
-        Ok(a.detach())
-    }
-
-    /// The training batch: x' for the first `adversary.fraction` of the images, the rest clean.
-    pub fn mixed(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let n = x.size()[0];
-        let k = self.cfg.adversary.adversarial_count(n);
-        if k >= n {
-            return self.adversarial(x, y);
-        }
-        let adv = self.adversarial(&x.narrow(0, 0, k), &y.narrow(0, 0, k))?;
-        Ok(Tensor::cat(&[adv, x.narrow(0, k, n - k)], 0))
-    }
-
-    /// One step of Algorithm 1 on clean images `x` with labels `y`: x' is made, D takes a hinge
-    /// step, G a step on Eq. 9 (the CE term only from `ce_after_epochs` on). `lr_g`/`lr_d` are
-    /// this step's learning rates. A step whose loss terms are not finite leaves G unchanged.
-    pub fn step(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        epoch: usize,
-        lr: (f64, f64),
-    ) -> Result<AtopLosses> {
-        let cfg = self.cfg;
-        let device = x.device();
-        self.opt_g.set_lr(lr.0);
-        self.opt_d.set_lr(lr.1);
-        let x_adv = self.mixed(x, y)?;
-        let p = &mut self.p;
-        let transform = &self.transform;
-        let pass = autocast(device, cfg.precision, || p.pass(&x_adv, transform));
-        let masks = &pass.masks;
-        let copies = pass.drawn.masks.len() as i64;
-        let reference = match cfg.reconstruction {
-            Reconstruction::Clean => p.config.resolution().to_work(x),
-            Reconstruction::Adversarial => pass.clean.shallow_clone(),
-        };
-        let target = (reference * 2.0 - 1.0).repeat([copies, 1, 1, 1]);
-        let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
-        let zero = || Tensor::zeros([], (Kind::Float, device));
-        let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
-            adversarial_terms(p, &mut self.opt_d, &target, &x2, masks, cfg.precision)
-        } else {
-            (zero(), zero())
-        };
-        let g_l1 =
-            (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
-        // Gradients flow through the frozen classifier (eval mode, no weight gradients) into g.
-        let f = &self.f;
-        let logits = autocast(device, cfg.precision, || {
-            f.logits(&pass.purified.to_kind(Kind::Float))
-        })
-        .to_kind(Kind::Float);
-        let guided = epoch >= cfg.ce_after_epochs;
-        let g_ce = if guided && cfg.lambda > 0.0 {
-            logits.cross_entropy_for_logits(y)
-        } else {
-            zero()
-        };
-        let g_kl = if guided && cfg.kl_weight > 0.0 {
-            kl_to_clean_prediction(f, x, &logits, cfg.precision)
-        } else {
-            zero()
-        };
-        let adv_acc = logits
-            .argmax(-1, false)
-            .eq_tensor(y)
-            .to_kind(Kind::Float)
-            .mean(Kind::Float)
-            .double_value(&[]);
-        let g_loss = &g_gan * cfg.gan_weight
-            + &g_l1 * cfg.l1_weight
-            + &g_ce * cfg.lambda
-            + &g_kl * cfg.kl_weight;
-        let losses = AtopLosses {
-            d_loss: d_loss.double_value(&[]),
-            g_gan: g_gan.double_value(&[]),
-            g_l1: g_l1.double_value(&[]),
-            g_ce: g_ce.double_value(&[]),
-            g_kl: g_kl.double_value(&[]),
-            adv_acc,
-        };
-        if losses.terms().iter().all(|(_, v)| v.is_finite()) {
-            self.opt_g.zero_grad();
-            g_loss.backward();
-            self.opt_g.step();
-            if let Some(ema) = &mut self.ema {
-                ema.update(&p.g_vs);
-            }
-        }
-        p.d_vs.unfreeze();
-        Ok(losses)
-    }
-}
-
 struct AtopTask<'a> {
     tuner: FineTuner<'a>,
     device: Device,
@@ -886,47 +395,38 @@ impl AtopTask<'_> {
         let whole = t.defended((x.size()[2], x.size()[3]))?;
         let mut settings = AttackSettings::new(Budget::new(Norm::Linf, e.eps)?);
         settings.steps = Some(e.steps);
-        let run = |model: &dyn Model, eot: usize, attacks: Vec<AttackName>| {
+        let run = |model: &dyn Model, eot: usize, attacks: &[AttackName]| {
             let mut settings = settings.clone();
             settings.eot = eot;
-            Runner {
-                model,
-                config: RunnerConfig {
-                    attacks,
-                    settings,
-                    batch_size: e.batch_size,
-                    seed: t.cfg.seed,
-                    model: model.describe(),
-                    data: "AToP evaluation subset".into(),
-                },
-                state_dir: None,
-            }
-            .run(x, y, &self.eval.indices)
+            let attacks: Vec<_> = attacks.iter().map(|&a| (a, settings.clone())).collect();
+            one_draw_cascade(model, &attacks, (x, y), e.batch_size, t.cfg.seed)
         };
-        let whole_report = run(
-            &whole,
-            e.eot,
-            vec![AttackName::Pgd, AttackName::SelectiveEot],
-        )?;
-        let transfer = run(&t.f, 1, vec![AttackName::Pgd])?;
+        let whole_report = run(&whole, e.eot, &[AttackName::Pgd, AttackName::SelectiveEot])?;
+        let transfer = run(&t.f, 1, &[AttackName::Pgd])?;
         // The transferred images on the defended model, where it classified the clean image
         // correctly (one draw each, seeded).
         tch::manual_seed(t.cfg.seed as i64 ^ 0x5eed);
-        // (the runner hands its images back on the CPU)
+        // (the sweep hands its images back on the CPU)
         let on_adv = tch::no_grad(|| whole.logits(&transfer.x_adv.to_device(y.device())))
             .argmax(-1, false)
             .eq_tensor(y);
         let on_adv = Vec::<bool>::try_from(on_adv.to_device(Device::Cpu))?;
-        let kept = whole_report
-            .records
-            .iter()
+        let labels = Vec::<i64>::try_from(y.to_device(Device::Cpu))?;
+        let kept = (whole_report.clean_pred.iter().zip(&labels))
             .zip(&on_adv)
-            .filter(|(r, ok)| r.clean_pred == r.label && **ok)
+            .filter(|((p, l), ok)| p == l && **ok)
             .count();
+        let share = |v: &[bool]| v.iter().filter(|&&b| b).count() as f64 / v.len().max(1) as f64;
+        let clean_right: Vec<bool> = whole_report
+            .clean_pred
+            .iter()
+            .zip(&labels)
+            .map(|(p, l)| p == l)
+            .collect();
         let n = self.eval.indices.len().max(1) as f64;
         Ok(Accuracies {
-            defended_clean_acc: whole_report.clean_accuracy,
-            robust_acc: whole_report.robust_accuracy,
+            defended_clean_acc: share(&clean_right),
+            robust_acc: share(&whole_report.robust),
             transfer_acc: kept as f64 / n,
         })
     }

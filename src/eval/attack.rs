@@ -1,0 +1,183 @@
+//! `atop attack`: attacks in AutoAttack's order (each only on the points still robust), each
+//! adversarial image judged by one seeded draw of the model, every sample recording which attack
+//! broke it. A case of the robust evaluation (one draw, a cascade, no checks): the same engine,
+//! resume, batch files and checks of what it resumes; its report keeps `atop attack`'s form.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::robust::{AttackSpec, Points, RobustConfig, Surrogates, Target, evaluate};
+use crate::attacks::{AttackName, AttackSettings, GradStats};
+use crate::models::Model;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    pub attacks: Vec<AttackName>,
+    pub settings: AttackSettings,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Identifies the model and data, so a state file is never resumed against other inputs.
+    pub model: String,
+    pub data: String,
+}
+
+/// One sample's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SampleRecord {
+    /// Index in the dataset split.
+    pub index: usize,
+    pub label: i64,
+    pub clean_pred: i64,
+    /// Prediction on the returned image (the clean one for points misclassified clean).
+    pub adv_pred: i64,
+    /// "clean" for points misclassified without attack, an attack name, or None if robust.
+    pub broken_by: Option<String>,
+    /// Norm of the returned perturbation, in the budget's norm.
+    pub perturbation_norm: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttackStep {
+    pub attack: String,
+    pub robust_after: usize,
+    pub robust_accuracy: f64,
+    pub seconds: f64,
+    pub grad: GradStats,
+    /// Set when a noticeable share of gradients were zero or non-finite.
+    pub warning: Option<String>,
+}
+
+/// The result of a run.
+#[derive(Debug, Serialize)]
+pub struct RobustReport {
+    pub config: RunnerConfig,
+    pub n: usize,
+    pub clean_accuracy: f64,
+    pub robust_accuracy: f64,
+    pub steps: Vec<AttackStep>,
+    pub records: Vec<SampleRecord>,
+    pub seconds: f64,
+    /// Final adversarial images (clean images for the points no attack touched), N x C x H x W.
+    #[serde(skip)]
+    pub x_adv: Tensor,
+}
+
+pub struct Runner<'a> {
+    pub model: &'a dyn Model,
+    pub config: RunnerConfig,
+    /// Folder for the state file and batch files; None keeps everything in memory.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Runner<'_> {
+    /// Attacks `x` (N x C x H x W in [0,1], any device) with labels `y`; `indices` name the
+    /// samples in reports.
+    pub fn run(&self, x: &Tensor, y: &Tensor, indices: &[usize]) -> Result<RobustReport> {
+        let cfg = &self.config;
+        let config = RobustConfig {
+            attacks: cfg
+                .attacks
+                .iter()
+                .map(|&attack| AttackSpec {
+                    attack,
+                    target: Target::Whole,
+                })
+                .collect(),
+            settings: cfg.settings.clone(),
+            draws: 1,
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            check_points: 0,
+            model: cfg.model.clone(),
+            data: cfg.data.clone(),
+            plan: None,
+            cascade: true,
+        };
+        let points = Points { x, y, indices };
+        let (e, mut x_adv) = evaluate(
+            self.model,
+            Surrogates::default(),
+            points,
+            &config,
+            None,
+            self.state_dir.as_deref(),
+        )?;
+        let n = e.records.len();
+        let records: Vec<SampleRecord> = e
+            .records
+            .iter()
+            .map(|r| {
+                let first = |d: &super::robust::Draws| d.preds[0];
+                let clean_pred = first(&r.clean);
+                let broken_by = if clean_pred != r.label {
+                    Some("clean".to_string())
+                } else {
+                    (r.attacks.iter().position(|d| first(d) != r.label))
+                        .map(|ai| cfg.attacks[ai].to_string())
+                };
+                SampleRecord {
+                    index: r.index,
+                    label: r.label,
+                    clean_pred,
+                    adv_pred: r.attacks.last().map_or(clean_pred, first),
+                    broken_by,
+                    perturbation_norm: r.perturbation_norms.last().copied().unwrap_or(0.0),
+                }
+            })
+            .collect();
+        let share = |count: usize| count as f64 / n.max(1) as f64;
+        let steps = e
+            .attacks
+            .iter()
+            .enumerate()
+            .map(|(ai, a)| {
+                let robust_after = e
+                    .records
+                    .iter()
+                    .filter(|r| {
+                        r.clean.preds[0] == r.label
+                            && r.attacks[..=ai].iter().all(|d| d.preds[0] == r.label)
+                    })
+                    .count();
+                let masked = a.grad.masked_fraction();
+                let step = AttackStep {
+                    attack: cfg.attacks[ai].to_string(),
+                    robust_after,
+                    robust_accuracy: share(robust_after),
+                    seconds: a.seconds,
+                    grad: a.grad,
+                    warning: (masked > 0.01).then(|| format!(
+                        "{:.1} % of gradient evaluations were zero or non-finite: a sign of gradient masking, not robustness; attack through the offending stage with BPDA, or average stochastic gradients with --eot",
+                        100.0 * masked
+                    )),
+                };
+                tracing::info!(
+                    "{}: robust accuracy {:.2} % ({robust_after}/{n}) after {:.1} s",
+                    step.attack,
+                    100.0 * step.robust_accuracy,
+                    step.seconds
+                );
+                if let Some(w) = &step.warning {
+                    tracing::warn!("{}: {w}", step.attack);
+                }
+                step
+            })
+            .collect::<Vec<_>>();
+        let clean = records.iter().filter(|r| r.clean_pred == r.label).count();
+        let robust = records.iter().filter(|r| r.broken_by.is_none()).count();
+        Ok(RobustReport {
+            config: cfg.clone(),
+            n,
+            clean_accuracy: share(clean),
+            robust_accuracy: share(robust),
+            steps,
+            records,
+            seconds: e.seconds,
+            x_adv: x_adv.pop().expect("at least one attack"),
+        })
+    }
+}
