@@ -178,12 +178,12 @@ impl DeviceSpec {
                 let n = tch::Cuda::device_count() as usize;
                 if n == 0 {
                     bail!(
-                        "--device cuda:{i}: libtorch sees no CUDA device (use --device cpu or auto)"
+                        "`device` cuda:{i}: libtorch sees no CUDA device (use `device` cpu or auto)"
                     );
                 }
                 if i >= n {
                     bail!(
-                        "--device cuda:{i}: only {n} CUDA device(s) visible (cuda:0..cuda:{})",
+                        "`device` cuda:{i}: only {n} CUDA device(s) visible (cuda:0..cuda:{})",
                         n - 1
                     );
                 }

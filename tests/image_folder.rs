@@ -192,7 +192,7 @@ fn corrupt_image_is_named_or_skipped_and_counted() {
     assert!(matches!(e, DataError::CorruptImage { .. }), "{e}");
     let msg = e.to_string();
     assert!(
-        msg.contains("train/cat/001.JPEG") && msg.contains("--skip-corrupt"),
+        msg.contains("train/cat/001.JPEG") && msg.contains("`skip_corrupt`"),
         "{msg}"
     );
 

@@ -1,6 +1,6 @@
 """PyTorch reference of one AToP fine-tuning step (Eq. 9), for `atop bench atop`.
 
-The same step as atop's trainer (src/train/atop.rs, FineTuner::step), written independently:
+The same step as atop's trainer (src/train/atop/tuner.rs, FineTuner::step), written independently:
   1. x' by FGSM (one step of eps) or PGD-k (uniform random start, sign steps, projection) on the
      CE loss, against the frozen classifier alone or the whole defended model
      f(down(g(t(up(x))))) with EOT samples averaged per step (float32 like atop's attack, or

@@ -47,7 +47,7 @@ pub fn expand(list: &str, settings: &mut AttackSettings) -> Result<Vec<AttackNam
         }
     }
     if out.is_empty() {
-        bail!("--attack: no attack given");
+        bail!("`attack`: no attack given");
     }
     Ok(out)
 }

@@ -70,7 +70,7 @@ impl Attack for CarliniWagner {
     fn run(&self, model: &dyn Model, x: &Tensor, y: &Tensor, seed: u64) -> Result<AttackOutput> {
         if self.budget.norm != Norm::L2 {
             bail!(
-                "cw is the L2 attack of Carlini & Wagner; for linf use pgd with --loss margin (the same objective)"
+                "cw is the L2 attack of Carlini & Wagner; for linf use pgd with `loss` margin (the same objective)"
             );
         }
         tch::manual_seed(seed as i64);

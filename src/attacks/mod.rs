@@ -493,7 +493,7 @@ impl AttackSettings {
                 selection: self.selection,
             }),
             AttackName::Cw if b.norm != Norm::L2 => bail!(
-                "cw is the L2 attack of Carlini & Wagner (the norm is {}); for linf, pgd with --loss margin uses the same objective",
+                "cw is the L2 attack of Carlini & Wagner (the norm is {}); for linf, pgd with `loss` margin uses the same objective",
                 b.norm
             ),
             AttackName::Cw => Box::new(cw::CarliniWagner {

@@ -300,7 +300,7 @@ fn robust(mut a: RobustArgs, global: &Global) -> Result<()> {
             ))
         ))
     });
-    atop::eval::robust::check_output_dir(&out)?;
+    atop::eval::state::check_output_dir(&out)?;
     let target = a.target.load(global.device)?;
     let config = RobustConfig {
         attacks,

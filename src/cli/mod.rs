@@ -2,7 +2,7 @@
 //! turned into the library's settings structs in one place per command.
 
 mod attack;
-mod bench;
+mod benches;
 mod data;
 mod eval;
 mod import;
@@ -70,7 +70,7 @@ pub enum Command {
     Run(Box<run::RunArgs>),
     /// Benchmarks (timings measured here, printed side by side).
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(benches::BenchCommand),
 }
 
 /// Settings every command receives.
@@ -123,7 +123,7 @@ pub fn run(args: Args) -> Result<()> {
         Command::Attack(args) => attack::run(*args, &global),
         Command::Import(args) => import::run(args, &global),
         Command::Run(args) => run::run(*args, &global),
-        Command::Bench(cmd) => bench::run(cmd, &global),
+        Command::Bench(cmd) => benches::run(cmd, &global),
     }
 }
 
@@ -206,4 +206,63 @@ pub fn rounds(s: &str) -> Result<usize, String> {
 /// runs on, and a typo would only fail inside an allocation).
 pub fn batch(s: &str) -> Result<usize, String> {
     at_most(s, 65_536, "images per batch")
+}
+
+/// Library errors name a setting by its config key in backticks (`quantize`, `skip_corrupt`);
+/// on the command line each key that is one of atop's flags is written as that flag
+/// (`--quantize`, `--skip-corrupt`), and any other stays a config key.
+pub fn with_flags(message: &str) -> String {
+    use clap::CommandFactory;
+    fn collect(c: &clap::Command, flags: &mut std::collections::HashSet<String>) {
+        flags.extend(
+            c.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string)),
+        );
+        for s in c.get_subcommands() {
+            collect(s, flags);
+        }
+    }
+    let mut flags = std::collections::HashSet::new();
+    collect(&Args::command(), &mut flags);
+    let is_key = |k: &str| {
+        !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    let (mut out, mut rest) = (String::new(), message);
+    while let Some(i) = rest.find('`') {
+        let after = &rest[i + 1..];
+        match after.find('`').filter(|&j| is_key(&after[..j])) {
+            Some(j) => {
+                let flag = after[..j].replace('_', "-");
+                out.push_str(&rest[..i]);
+                if flags.contains(&flag) {
+                    out.push_str("--");
+                    out.push_str(&flag);
+                } else {
+                    out.push_str(&rest[i..i + j + 2]);
+                }
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push_str(&rest[..=i]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_keys_in_errors_become_flags() {
+        assert_eq!(
+            super::with_flags(
+                "a quantisation (`quantize` 8); use `skip_corrupt`; `not_a_flag` stays; `x y` too"
+            ),
+            "a quantisation (--quantize 8); use --skip-corrupt; `not_a_flag` stays; `x y` too"
+        );
+    }
 }

@@ -60,7 +60,7 @@ pub fn official(dataset: DatasetKind, variant: ImagenetteVariant) -> Result<Arch
             ),
         },
         DatasetKind::Folder => {
-            bail!("'folder' datasets have no official archive; pass --url and --md5")
+            bail!("'folder' datasets have no official archive; pass `url` and `md5`")
         }
     };
     Ok(Archive {

@@ -32,10 +32,10 @@ pub enum DataError {
     },
     #[error("{path}: {what}")]
     BadMeta { path: PathBuf, what: String },
-    #[error("{path}: cannot decode image: {reason} (use --skip-corrupt to skip such files)")]
+    #[error("{path}: cannot decode image: {reason} (use `skip_corrupt` to skip such files)")]
     CorruptImage { path: PathBuf, reason: String },
     #[error(
-        "{path}: not an image file (expected .jpg, .jpeg or .png; use --skip-corrupt to skip it)"
+        "{path}: not an image file (expected .jpg, .jpeg or .png; use `skip_corrupt` to skip it)"
     )]
     NotAnImage { path: PathBuf },
     #[error("{path}: class folder holds no images")]

@@ -135,7 +135,7 @@ impl DataConfig {
                 field: "root",
                 value: "(none)".into(),
                 expected: format!(
-                    "a dataset folder or archive for {} (pass --root, or set ATOP_DATA_DIR to a folder holding one)",
+                    "a dataset folder or archive for {} (pass `root`, or set ATOP_DATA_DIR to a folder holding one)",
                     self.dataset.as_str()
                 ),
             });
@@ -149,7 +149,7 @@ impl DataConfig {
             .ok_or_else(|| DataError::NotFound {
                 path: dir.clone(),
                 what: format!(
-                    "ATOP_DATA_DIR holds none of {:?} for {}; pass --root",
+                    "ATOP_DATA_DIR holds none of {:?} for {}; pass `root`",
                     self.dataset.default_names(),
                     self.dataset.as_str()
                 ),

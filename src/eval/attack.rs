@@ -151,7 +151,7 @@ impl Runner<'_> {
                     seconds: a.seconds,
                     grad: a.grad,
                     warning: (masked > 0.01).then(|| format!(
-                        "{:.1} % of gradient evaluations were zero or non-finite: a sign of gradient masking, not robustness; attack through the offending stage with BPDA, or average stochastic gradients with --eot",
+                        "{:.1} % of gradient evaluations were zero or non-finite: a sign of gradient masking, not robustness; attack through the offending stage with BPDA, or average stochastic gradients with `eot`",
                         100.0 * masked
                     )),
                 };

@@ -20,10 +20,8 @@ use crate::attacks::sweep::{BatchResult, Pass, Task, cascade_seed, check_budget,
 use crate::attacks::{AttackName, AttackSettings, GradStats};
 use crate::models::{Measured, Model};
 
-pub use super::checks::survival_checks;
 pub use super::scores::*;
 pub use super::spec::*;
-pub use super::state::{check_output_dir, merge};
 
 /// The evaluated points: images N x C x H x W in [0,1], labels, dataset indices.
 #[derive(Clone, Copy)]

@@ -54,7 +54,7 @@ pub fn evaluate_into(
 ) -> Result<Run> {
     use super::robust::{Points, Surrogates, evaluate};
     use crate::models::Model;
-    super::robust::check_output_dir(out)?;
+    super::state::check_output_dir(out)?;
     // A finished evaluation of this very model, data and settings is read back as it is (its
     // timings and provenance kept); the config holds the weights' and images' content hashes.
     let path = out.join(RESULTS);
@@ -139,7 +139,7 @@ pub fn merge_results(dirs: &[PathBuf]) -> Result<RobustResults> {
         provenance.get_or_insert(r.provenance);
         parts.push(r.evaluation);
     }
-    let evaluation = super::robust::merge(parts)?;
+    let evaluation = super::state::merge(parts)?;
     Ok(RobustResults {
         provenance: provenance.context("no shard given")?,
         evaluation,

@@ -114,12 +114,12 @@ pub fn parse_attacks(list: &str, settings: &mut AttackSettings) -> Result<Vec<At
         }
     }
     if out.is_empty() {
-        bail!("--attack: no attack given");
+        bail!("`attack`: no attack given");
     }
     let mut seen = std::collections::HashSet::new();
     for a in &out {
         if !seen.insert(a.label()) {
-            bail!("--attack: {} is listed twice", a.label());
+            bail!("`attack`: {} is listed twice", a.label());
         }
     }
     Ok(out)

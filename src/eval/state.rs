@@ -56,12 +56,12 @@ pub fn check_output_dir(out: &Path) -> Result<()> {
             "grid.png",
             "checks.png",
         ],
-        "--out",
+        "`out`",
     )?;
     let occupied = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
     if occupied && !out.join(STATE).exists() {
         bail!(
-            "{} is not empty and holds no robust evaluation to resume: choose another --out",
+            "{} is not empty and holds no robust evaluation to resume: choose another `out`",
             out.display()
         );
     }
@@ -76,7 +76,7 @@ pub fn merge(mut shards: Vec<RobustEvaluation>) -> Result<RobustEvaluation> {
     };
     let count = match first.shard {
         Some(s) => s.count,
-        None => bail!("not a shard: an evaluation run without --shard needs no merge"),
+        None => bail!("not a shard: an evaluation run without `shard` needs no merge"),
     };
     for e in &shards {
         if e.config != first.config || e.indices != first.indices {
@@ -148,7 +148,7 @@ pub(super) fn load_state(
     };
     if &state.config != config || state.shard != shard {
         bail!(
-            "{} holds an evaluation with different settings (attacks, budgets, draws, seed, model, data or shard); resume it with the same settings or choose another --out",
+            "{} holds an evaluation with different settings (attacks, budgets, draws, seed, model, data or shard); resume it with the same settings or choose another `out`",
             path.display()
         );
     }

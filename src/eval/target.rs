@@ -45,7 +45,7 @@ impl ModelData {
             // CIFAR-10 model on ImageNette would be a number without meaning. A folder of
             // images is the user's own choice of data for the model.
             (Some(d), Some(o)) if d != o && d != DatasetKind::Folder => anyhow::bail!(
-                "--dataset {}: the model at {} was trained on {}, whose classes are not {}'s",
+                "`dataset` {}: the model at {} was trained on {}, whose classes are not {}'s",
                 d.as_str(),
                 model_dir.display(),
                 o.as_str(),
@@ -54,7 +54,7 @@ impl ModelData {
             (Some(d), _) => d,
             (None, Some(o)) => o,
             (None, None) => anyhow::bail!(
-                "{}: the model does not say which dataset it is for; pass --dataset",
+                "{}: the model does not say which dataset it is for; pass `dataset`",
                 model_dir.display()
             ),
         };

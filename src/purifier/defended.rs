@@ -66,14 +66,14 @@ pub fn defended<'a>(
 ) -> Result<Pipeline<'a>> {
     if defence.quantize.is_some() && (purifier.is_some() || defence.transform.is_some()) {
         bail!(
-            "quantisation (--quantize) and a transform or purifier are different defences: choose one"
+            "quantisation (`quantize`) and a transform or purifier are different defences: choose one"
         );
     }
     let stage: Option<Box<dyn Stage + 'a>> = match (defence.quantize, purifier, &defence.transform)
     {
         (Some(levels), _, _) => {
             if levels < 2 {
-                bail!("quantize = {levels}: expected at least 2 grey levels (--quantize)");
+                bail!("quantize = {levels}: expected at least 2 grey levels (`quantize`)");
             }
             Some(Box::new(Quantize { levels }))
         }
@@ -104,7 +104,7 @@ pub fn defended<'a>(
         (Some(s), true) => vec![Box::new(Bpda::identity(s))],
         (Some(s), false) => vec![s],
         (None, true) => bail!(
-            "BPDA needs a stage to approximate: a quantisation (--quantize 8), a transform (--transform rt2) or a purifier (--purifier CKPT)"
+            "BPDA needs a stage to approximate: a quantisation (`quantize` 8), a transform (`transform` rt2) or a purifier (`purifier` CKPT)"
         ),
         (None, false) => Vec::new(),
     };

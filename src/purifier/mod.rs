@@ -645,7 +645,7 @@ pub fn write_interpolated(
         Some(s) => s.to_path_buf(),
         None => sidecar.fine_tuned_from().with_context(|| {
             format!(
-                "{}: its description records no fine-tuning start: name the purifier it started from with --start",
+                "{}: its description records no fine-tuning start: name the purifier it started from with `start`",
                 tuned.display()
             )
         })?,
@@ -670,7 +670,7 @@ pub fn write_interpolated(
         && before >= after
     {
         bail!(
-            "{} records {before} training epochs, {} only {after}: it cannot be the start of that fine-tuning; name its start with --start",
+            "{} records {before} training epochs, {} only {after}: it cannot be the start of that fine-tuning; name its start with `start`",
             start.display(),
             tuned.display()
         );
@@ -680,7 +680,7 @@ pub fn write_interpolated(
             && i == o
         {
             bail!(
-                "--out {} is an input's folder: interpolate never writes over its inputs; choose another --out",
+                "`out` {} is an input's folder: interpolate never writes over its inputs; choose another `out`",
                 out.display()
             );
         }
@@ -693,7 +693,7 @@ pub fn write_interpolated(
     // A folder holding only these files is an earlier write of this command: an unfinished
     // one (no description yet, written last) is redone, a finished one of the same
     // interpolation is the result, any other purifier is kept.
-    crate::io::check_output_dir(out, &[GENERATOR, DISCRIMINATOR, SIDECAR], "--out")?;
+    crate::io::check_output_dir(out, &[GENERATOR, DISCRIMINATOR, SIDECAR], "`out`")?;
     if out.join(SIDECAR).exists() {
         let earlier = read_sidecar(out)?.interpolation;
         if earlier.as_ref().is_some_and(|e| {
@@ -703,7 +703,7 @@ pub fn write_interpolated(
             return Ok(record);
         }
         bail!(
-            "--out {} holds another purifier ({}): choose a new folder",
+            "`out` {} holds another purifier ({}): choose a new folder",
             out.display(),
             match earlier {
                 Some(e) => format!("alpha {} from {} to {}", e.alpha, e.start, e.tuned),

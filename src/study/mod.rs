@@ -209,7 +209,7 @@ fn open(plan: &StudyPlan, out: &Path) -> Result<()> {
                 .find(|k| saved.get(k) != wanted.get(k))
                 .unwrap_or("settings");
             bail!(
-                "{} holds a study with other settings ({stage} differs): rerun its own settings to resume it, or choose another --out",
+                "{} holds a study with other settings ({stage} differs): rerun its own settings to resume it, or choose another `out`",
                 out.display()
             );
         }

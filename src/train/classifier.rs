@@ -20,8 +20,9 @@ use super::learner::{EpochSummary, RunFolder, Step, Task};
 use super::optim::{Sgd, SgdConfig};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
+use super::setup;
 use crate::data::augment::Augment;
-use crate::data::loader::{EpochIter, Loader, LoaderConfig};
+use crate::data::loader::{EpochIter, Loader};
 use crate::data::subset::seeded_subset;
 use crate::data::{DataConfig, ImageSet, Split};
 use crate::figures::plot;
@@ -241,18 +242,13 @@ pub fn train(
         model.init_from_data(&train_set.tensors(&sample).0);
     }
     let opt = Sgd::new(&model.vs, cfg.sgd.clone());
-    let loader = Loader::new(
+    let loader = setup::loader(
         train_set.clone(),
-        LoaderConfig::train(cfg.batch_size, cfg.augment_for(&train_set), cfg.seed),
-    );
+        cfg.batch_size,
+        cfg.augment_for(&train_set),
+        cfg.seed,
+    )?;
     let steps_per_epoch = loader.batches_per_epoch();
-    if steps_per_epoch == 0 {
-        bail!(
-            "batch_size {} is larger than the {} training images",
-            cfg.batch_size,
-            train_set.len()
-        );
-    }
     let mut task = ClassifierTask {
         cfg,
         device,
@@ -433,14 +429,8 @@ impl Task for ClassifierTask<'_> {
 }
 
 fn load_data(cfg: &TrainClassifierConfig) -> Result<(Arc<ImageSet>, Arc<ImageSet>)> {
-    let mut train = cfg.data.load(Split::Train)?;
-    let mut test = cfg.data.load(Split::Test)?;
-    if let Some(n) = cfg.train_subset {
-        train = train.select(&seeded_subset(train.len(), n, cfg.seed)?);
-    }
-    if let Some(n) = cfg.test_subset {
-        test = test.select(&seeded_subset(test.len(), n, cfg.seed)?);
-    }
+    let train = setup::subset(cfg.data.load(Split::Train)?, cfg.train_subset, cfg.seed)?;
+    let test = setup::subset(cfg.data.load(Split::Test)?, cfg.test_subset, cfg.seed)?;
     if train.classes != test.classes {
         bail!(
             "train and test splits of {} have different classes",

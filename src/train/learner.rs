@@ -295,7 +295,7 @@ fn lock(run: &Path) -> Result<File> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{} is in use by another training process (it holds {}): wait for it, or choose another --out",
+            "{} is in use by another training process (it holds {}): wait for it, or choose another `out`",
             run.display(),
             path.display()
         ),

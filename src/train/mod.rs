@@ -11,3 +11,4 @@ pub mod optim;
 pub mod purifier;
 pub mod runlog;
 pub mod schedule;
+pub mod setup;

@@ -22,8 +22,8 @@ use super::adam::{Adam, AdamConfig};
 use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
-use crate::data::augment::Augment;
-use crate::data::loader::{EpochIter, Loader, LoaderConfig};
+use super::setup::{self, EvalImages};
+use crate::data::loader::{EpochIter, Loader};
 use crate::data::subset::seeded_subset;
 use crate::data::{DataConfig, Split};
 use crate::figures::grid;
@@ -150,31 +150,20 @@ impl TrainPurifierConfig {
         self.generator_optimizer.validate("generator_optimizer")?;
         self.discriminator_optimizer
             .validate("discriminator_optimizer")?;
-        if self.epochs == 0 {
-            bail!("invalid setting epochs = 0: expected at least 1");
-        }
-        if self.batch_size == 0 {
-            bail!("invalid setting batch_size = 0: expected at least 1");
-        }
-        for (name, w) in [
+        setup::check_counts(self.epochs, self.batch_size)?;
+        setup::check_weights(&[
             ("l1_weight", self.l1_weight),
             ("gan_weight", self.gan_weight),
             ("ce_weight", self.ce_weight),
             ("kl_weight", self.kl_weight),
-        ] {
-            if !(w.is_finite() && w >= 0.0) {
-                bail!("invalid setting {name} = {w}: expected a non-negative number");
-            }
-        }
+        ])?;
         if let Some(side) = self.data.image_size {
             let side = side as i64;
             self.purifier.check_images(side, side, &self.transform)?;
         }
         for (name, w) in [("ce_weight", self.ce_weight), ("kl_weight", self.kl_weight)] {
             if w > 0.0 && self.classifier.is_none() {
-                bail!(
-                    "{name} = {w} needs a classifier (set classifier = \"CKPT\" or --classifier)"
-                );
+                bail!("{name} = {w} needs a classifier (set `classifier` to a checkpoint)");
             }
         }
         Ok(())
@@ -249,21 +238,15 @@ pub fn train(
 ) -> Result<PurifierSummary> {
     cfg.validate()?;
     let folder = RunFolder::open(run, resume)?;
-    let mut train_set = cfg.data.load(Split::Train)?;
+    let train_set = setup::subset(cfg.data.load(Split::Train)?, cfg.train_subset, cfg.seed)?;
     let test_set = cfg.data.load(Split::Test)?;
-    if let Some(n) = cfg.train_subset {
-        train_set = train_set.select(&seeded_subset(train_set.len(), n, cfg.seed)?);
-    }
     cfg.purifier.check_images(
         train_set.height as i64,
         train_set.width as i64,
         &cfg.transform,
     )?;
-    let eval_idx = seeded_subset(
-        test_set.len(),
-        cfg.eval_subset.min(test_set.len()),
-        cfg.seed,
-    )?;
+    let EvalImages { x, y, indices } =
+        setup::eval_images(&test_set, cfg.eval_subset, cfg.seed, device)?;
     let classifier = match &cfg.classifier {
         Some(path) => {
             let (mut c, _) = checkpoint::load(path, device)?;
@@ -281,14 +264,9 @@ pub fn train(
         }
         None => None,
     };
-    let (ex, ey) = test_set.tensors(&eval_idx);
-    let (x, y) = (
-        ex.to_kind(Kind::Float).to_device(device),
-        ey.to_device(device),
-    );
     let clean_acc = classifier.as_ref().map(|f| {
         count_correct(f, &x, &y, EVAL_BATCH, device, cfg.precision) as f64
-            / eval_idx.len().max(1) as f64
+            / indices.len().max(1) as f64
     });
     let eval = EvalSet { x, y, clean_acc };
     tch::manual_seed(cfg.seed as i64);
@@ -300,23 +278,13 @@ pub fn train(
     }
     let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
     let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
-    let train_set = Arc::new(train_set);
-    let augment = if cfg.flip {
-        Augment::CropFlip { pad: 0 }
-    } else {
-        Augment::None
-    };
-    let loader = Loader::new(
-        train_set.clone(),
-        LoaderConfig::train(cfg.batch_size, augment, cfg.seed),
-    );
-    if loader.batches_per_epoch() == 0 {
-        bail!(
-            "batch_size {} is larger than the {} training images",
-            cfg.batch_size,
-            train_set.len()
-        );
-    }
+    let image_size = train_set.height as i64;
+    let loader = setup::loader(
+        Arc::new(train_set),
+        cfg.batch_size,
+        setup::flips(cfg.flip),
+        cfg.seed,
+    )?;
     let mut task = PurifierTask {
         cfg,
         device,
@@ -327,7 +295,7 @@ pub fn train(
         batches: None,
         classifier,
         eval,
-        image_size: train_set.height as i64,
+        image_size,
     };
     let fitted = folder.fit(cfg, &mut task)?;
     Ok(PurifierSummary {

@@ -91,7 +91,7 @@ pub fn check_fresh(run: &Path, config_file: &str, resume: bool) -> Result<()> {
     let has_run = run.join(checkpoint::LAST).exists() || run.join(config_file).exists();
     if has_run && !resume {
         anyhow::bail!(
-            "{} already holds a training run: pass --resume {} to continue it, or choose another --out",
+            "{} already holds a training run: pass `resume` {} to continue it, or choose another `out`",
             run.display(),
             run.display()
         );
@@ -102,7 +102,7 @@ pub fn check_fresh(run: &Path, config_file: &str, resume: bool) -> Result<()> {
         && let Some(Ok(entry)) = entries.next()
     {
         anyhow::bail!(
-            "{} holds {} and no training run: a new run starts in an empty or new folder (--out)",
+            "{} holds {} and no training run: a new run starts in an empty or new folder (`out`)",
             run.display(),
             entry.file_name().to_string_lossy()
         );

@@ -13,6 +13,7 @@ use crate::runtime::Precision;
 use crate::train::adam::AdamConfig;
 use crate::train::runlog;
 use crate::train::schedule::Schedule;
+use crate::train::setup;
 use crate::transforms::TransformConfig;
 
 /// What the generator reconstructs (the released code has both).
@@ -312,27 +313,18 @@ impl TrainAtopConfig {
     /// Checks every setting that needs no file; errors name the field.
     pub fn validate(&self) -> Result<()> {
         if self.classifier.is_none() {
-            bail!("no classifier: set classifier = \"CKPT\" or pass --classifier");
+            bail!("no classifier: set `classifier` to a checkpoint");
         }
         if self.purifier.is_none() {
-            bail!("no purifier: set purifier = \"CKPT\" or pass --purifier (a pre-trained one)");
+            bail!("no purifier: set `purifier` to a pre-trained one");
         }
-        if self.epochs == 0 {
-            bail!("invalid setting epochs = 0: expected at least 1");
-        }
-        if self.batch_size == 0 {
-            bail!("invalid setting batch_size = 0: expected at least 1");
-        }
-        for (name, w) in [
+        setup::check_counts(self.epochs, self.batch_size)?;
+        setup::check_weights(&[
             ("lambda", self.lambda),
             ("kl_weight", self.kl_weight),
             ("l1_weight", self.l1_weight),
             ("gan_weight", self.gan_weight),
-        ] {
-            if !(w.is_finite() && w >= 0.0) {
-                bail!("invalid setting {name} = {w}: expected a non-negative number");
-            }
-        }
+        ])?;
         self.generator_optimizer.validate("generator_optimizer")?;
         self.discriminator_optimizer
             .validate("discriminator_optimizer")?;

@@ -22,19 +22,18 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::learner::{EpochSummary, RunFolder, Step, Task};
 use super::purifier::{restore_state, save_state};
 use super::runlog;
 use super::schedule::lr_at;
+use super::setup::{self, EvalImages};
 use crate::attacks::grad::{GradStats, evaluate as gradient};
 use crate::attacks::loss;
 use crate::attacks::sweep::one_draw_cascade;
 use crate::attacks::{AttackName, AttackSettings, Budget, Norm};
-use crate::data::augment::Augment;
-use crate::data::loader::{EpochIter, Loader, LoaderConfig};
-use crate::data::subset::seeded_subset;
+use crate::data::loader::{EpochIter, Loader};
 use crate::data::{ImageSet, Split};
 use crate::figures::{grid, plot};
 use crate::models::accuracy::count_correct;
@@ -162,37 +161,16 @@ pub fn train(
         transform,
     } = load_inputs(cfg, device)?;
 
-    let eval_idx = seeded_subset(
-        test_set.len(),
-        cfg.eval.subset.min(test_set.len()),
-        cfg.seed,
-    )?;
-    let (ex, ey) = test_set.tensors(&eval_idx);
-    let eval = EvalSet {
-        x: ex.to_kind(Kind::Float).to_device(device),
-        y: ey.to_device(device),
-        indices: eval_idx.clone(),
-    };
+    let eval = setup::eval_images(&test_set, cfg.eval.subset, cfg.seed, device)?;
     // Measured, not assumed: the training attack must get gradients from its model.
     check_adversary(&f, &p, &transform, &cfg.adversary, &eval)?;
 
-    let train_set = Arc::new(train_set);
-    let augment = if cfg.flip {
-        Augment::CropFlip { pad: 0 }
-    } else {
-        Augment::None
-    };
-    let loader = Loader::new(
-        train_set.clone(),
-        LoaderConfig::train(cfg.batch_size, augment, cfg.seed),
-    );
-    if loader.batches_per_epoch() == 0 {
-        bail!(
-            "batch_size {} is larger than the {} training images",
-            cfg.batch_size,
-            train_set.len()
-        );
-    }
+    let loader = setup::loader(
+        Arc::new(train_set),
+        cfg.batch_size,
+        setup::flips(cfg.flip),
+        cfg.seed,
+    )?;
     let clean_acc = count_correct(
         &f,
         &eval.x,
@@ -201,7 +179,7 @@ pub fn train(
         device,
         Precision::F32,
     ) as f64
-        / eval_idx.len().max(1) as f64;
+        / eval.indices.len().max(1) as f64;
     let mut task = AtopTask {
         tuner: FineTuner::new(&cfg, f, p, transform)?,
         device,
@@ -278,7 +256,7 @@ fn load_inputs(cfg: &TrainAtopConfig, device: Device) -> Result<Inputs> {
             pdir.display()
         );
     }
-    let mut train_set = data.load(Split::Train)?;
+    let train_set = data.load(Split::Train)?;
     let test_set = data.load(Split::Test)?;
     if train_set.num_classes() != f.spec.num_classes {
         bail!(
@@ -298,9 +276,7 @@ fn load_inputs(cfg: &TrainAtopConfig, device: Device) -> Result<Inputs> {
             pdir.display()
         );
     }
-    if let Some(n) = cfg.train_subset {
-        train_set = train_set.select(&seeded_subset(train_set.len(), n, cfg.seed)?);
-    }
+    let train_set = setup::subset(train_set, cfg.train_subset, cfg.seed)?;
     let transform = cfg
         .transform
         .clone()
@@ -328,13 +304,6 @@ fn eval_description(e: &AtopEvalConfig) -> String {
     )
 }
 
-struct EvalSet {
-    x: Tensor,
-    y: Tensor,
-    /// Their indices in the test split.
-    indices: Vec<usize>,
-}
-
 /// One gradient evaluation of the training attack on a few evaluation images: an error if the
 /// gradients are zero or not finite (the attack could not move x').
 fn check_adversary(
@@ -342,7 +311,7 @@ fn check_adversary(
     p: &GanPurifier,
     transform: &TransformConfig,
     adv: &AdversaryConfig,
-    eval: &EvalSet,
+    eval: &EvalImages,
 ) -> Result<()> {
     let n = eval.x.size()[0].min(4);
     let (x, y) = (eval.x.narrow(0, 0, n), eval.y.narrow(0, 0, n));
@@ -378,7 +347,7 @@ struct AtopTask<'a> {
     sidecar: PurifierSidecar,
     loader: Loader,
     batches: Option<EpochIter>,
-    eval: EvalSet,
+    eval: EvalImages,
     clean_acc: f64,
     lr: f64,
 }
@@ -642,6 +611,7 @@ pub fn write_curves(run: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn every_preset_parses_and_validates() {

@@ -1,9 +1,9 @@
 //! `atop bench ...`: timings measured on this machine, printed as a table (or JSON).
 
-mod atop_step;
 mod attacks;
 mod data;
 mod device;
+mod finetune;
 mod models;
 mod purifier;
 
@@ -225,7 +225,7 @@ pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
         BenchCommand::Models(args) => models::models(args, global),
         BenchCommand::Attacks(args) => attacks::attacks(args, global),
         BenchCommand::Purifier(args) => purifier::purifier(*args, global),
-        BenchCommand::Atop(args) => atop_step::atop_step(*args, global),
+        BenchCommand::Atop(args) => finetune::atop_step(*args, global),
         BenchCommand::Device(args) => device::device(*args, global),
     }
 }
