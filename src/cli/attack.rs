@@ -8,13 +8,8 @@ use anyhow::Result;
 use atop::attacks::compositions;
 use atop::attacks::loss::LossKind;
 use atop::attacks::{AttackSettings, Budget, Norm, Selection, defaults, parse_eps};
-use atop::eval::attack::{self as runner, Runner, RunnerConfig};
-use atop::figures::grid;
-use atop::models::Model;
 use atop::transforms::TransformKind;
 use clap::Args as ClapArgs;
-use serde::Serialize;
-use tch::{Kind, Tensor};
 
 use super::Global;
 
@@ -185,18 +180,6 @@ impl TargetArgs {
     }
 }
 
-#[derive(Serialize)]
-struct Output<'a> {
-    model: PathBuf,
-    defence: String,
-    dataset: String,
-    #[serde(flatten)]
-    report: &'a runner::RobustReport,
-    results: PathBuf,
-    images: PathBuf,
-    grid: PathBuf,
-}
-
 pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
     let mut settings = a.settings.settings()?;
     let attacks = compositions::expand(&a.attack, &mut settings)?;
@@ -204,13 +187,6 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
         settings.build(*name)?;
     }
     let target = a.target.load(global.device)?;
-    let (x, y, indices) = (&target.x, &target.y, &target.indices);
-    let pipeline = target.model()?;
-    let model: &dyn Model = &pipeline;
-    if model.is_stochastic() && settings.eot == 1 {
-        tracing::warn!("the model is stochastic and --eot is 1: gradients are single samples");
-    }
-
     let names: Vec<String> = attacks.iter().map(|a| a.to_string()).collect();
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
@@ -220,59 +196,14 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
             a.settings.eps
         ))
     });
-    atop::io::check_output_dir(
-        &out,
-        &[
-            "state.json",
-            "batches/",
-            "results.json",
-            "adversarial.safetensors",
-            "grid.png",
-        ],
-        "--out",
-    )?;
-    let config = RunnerConfig {
+    let output = atop::eval::attack::attack_into(
+        &target,
         attacks,
         settings,
-        batch_size: a.batch_size,
-        seed: a.target.seed,
-        model: target.describe()?,
-        data: target.data.clone(),
-    };
-    for name in &config.attacks {
-        config.settings.fit_model(*name, model.num_classes())?;
-    }
-    let runner = Runner {
-        model,
-        config,
-        state_dir: Some(out.clone()),
-    };
-    let report = runner.run(x, y, indices)?;
-
-    let results = out.join("results.json");
-    let images = out.join("adversarial.safetensors");
-    let grid_path = out.join("grid.png");
-    let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
-    atop::io::write_safetensors(
-        &images,
-        &[
-            ("images".into(), report.x_adv.shallow_clone()),
-            ("clean".into(), x.to_kind(Kind::Float)),
-            ("indices".into(), idx),
-            ("labels".into(), y.shallow_clone()),
-        ],
+        (a.batch_size, a.target.seed),
+        &out,
     )?;
-    write_grid(x, &report, &grid_path, &target.class_names)?;
-    let output = Output {
-        model: target.dir.clone(),
-        defence: model.describe(),
-        dataset: target.dataset.clone(),
-        report: &report,
-        results: results.clone(),
-        images,
-        grid: grid_path,
-    };
-    atop::io::write_json(&results, &output)?;
+    let report = &output.report;
     if global.json {
         println!("{}", serde_json::to_string_pretty(&output)?);
         return Ok(());
@@ -304,56 +235,4 @@ pub fn run(a: AttackArgs, global: &Global) -> Result<()> {
         output.grid.display()
     );
     Ok(())
-}
-
-/// Rows: clean, adversarial, perturbation amplified to the full range, for up to 8 samples
-/// (broken ones first).
-fn write_grid(
-    x: &Tensor,
-    report: &runner::RobustReport,
-    path: &std::path::Path,
-    class_names: &[String],
-) -> Result<()> {
-    let mut order: Vec<usize> = (0..report.n)
-        .filter(|&i| {
-            report.records[i]
-                .broken_by
-                .as_deref()
-                .is_some_and(|b| b != "clean")
-        })
-        .collect();
-    let rest: Vec<usize> = (0..report.n).filter(|i| !order.contains(i)).collect();
-    order.extend(rest);
-    order.truncate(8);
-    if order.is_empty() {
-        return Ok(());
-    }
-    let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
-    let clean = x.index_select(0, &pos).to_kind(Kind::Float);
-    let adv = report.x_adv.index_select(0, &pos);
-    let amplified = atop::figures::grid::amplified(&(&adv - &clean));
-    let label = |i: usize| {
-        let r = &report.records[i];
-        let name = |k: i64| {
-            class_names
-                .get(k as usize)
-                .cloned()
-                .unwrap_or(k.to_string())
-        };
-        format!("{} -> {}", name(r.clean_pred), name(r.adv_pred))
-    };
-    let caption = order
-        .iter()
-        .map(|&i| label(i))
-        .collect::<Vec<_>>()
-        .join(" | ");
-    tracing::info!("grid columns: {caption}");
-    grid::save_tensor_rows(
-        &[
-            ("clean", clean),
-            ("adversarial", adv),
-            ("perturbation", amplified),
-        ],
-        path,
-    )
 }

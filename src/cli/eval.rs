@@ -1,20 +1,14 @@
 //! `atop eval clean`: accuracy, per-class accuracy and the confusion matrix of a checkpoint.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Result;
-use atop::data::Split;
-use atop::data::subset::seeded_subset;
+use atop::eval::clean::{CleanSettings, clean_into};
 use atop::eval::defaults;
-use atop::figures::{grid, plot};
-use atop::models::Model;
-use atop::models::accuracy::evaluate;
 use atop::models::checkpoint;
-use atop::purifier::defended::{Defence, defended};
+use atop::purifier::defended::Defence;
 use atop::transforms::{TransformConfig, TransformKind};
 use clap::{Args as ClapArgs, Subcommand};
-use serde::Serialize;
 
 use super::Global;
 
@@ -124,22 +118,6 @@ pub struct CleanArgs {
     pub out: Option<PathBuf>,
 }
 
-#[derive(Serialize)]
-struct Output {
-    model: PathBuf,
-    /// What was evaluated: the classifier, or the transform in front of it.
-    defence: String,
-    dataset: String,
-    split: Split,
-    subset_seed: Option<u64>,
-    subset_indices: Option<Vec<usize>>,
-    #[serde(flatten)]
-    report: atop::models::accuracy::CleanReport,
-    classes: Vec<String>,
-    json: PathBuf,
-    confusion_png: PathBuf,
-}
-
 pub fn run(cmd: EvalCommand, global: &Global) -> Result<()> {
     match cmd {
         EvalCommand::Clean(args) => clean(*args, global),
@@ -152,40 +130,22 @@ pub fn run(cmd: EvalCommand, global: &Global) -> Result<()> {
 fn clean(a: CleanArgs, global: &Global) -> Result<()> {
     let dir = checkpoint::resolve(&a.model)?;
     let (model, sidecar) = checkpoint::load(&dir, global.device)?;
-    let (cfg, mut data) = a.data.load_for(&sidecar, &dir)?;
-    let dataset = cfg.dataset;
-    let indices = match a.subset {
-        Some(n) => {
-            let idx = seeded_subset(data.len(), n, a.seed)?;
-            data = data.select(&idx);
-            Some(idx)
-        }
-        None => None,
+    let (cfg, data) = a.data.load_for(&sidecar, &dir)?;
+    let settings = CleanSettings {
+        subset: a.subset,
+        seed: a.seed,
+        batch_size: a.batch_size,
+        precision: a.precision,
+        defence: Defence {
+            transform: a.transform.map(|kind| {
+                let mut t = TransformConfig::with_kind(kind);
+                a.transform_settings.apply(&mut t);
+                t
+            }),
+            work_size: a.work_size,
+            ..Default::default()
+        },
     };
-    let names = data.class_names.clone();
-    let defence = Defence {
-        transform: a.transform.map(|kind| {
-            let mut t = TransformConfig::with_kind(kind);
-            a.transform_settings.apply(&mut t);
-            t
-        }),
-        work_size: a.work_size,
-        ..Default::default()
-    };
-    let pipeline = defended(
-        &model,
-        None,
-        &defence,
-        (data.height as i64, data.width as i64),
-    )?;
-    tch::manual_seed(a.seed as i64);
-    let report = evaluate(
-        &pipeline,
-        Arc::new(data),
-        a.batch_size,
-        global.device,
-        a.precision,
-    )?;
     let out = a.out.clone().unwrap_or_else(|| {
         if a.model.is_dir() {
             a.model.clone()
@@ -193,44 +153,13 @@ fn clean(a: CleanArgs, global: &Global) -> Result<()> {
             dir.clone()
         }
     });
-    // A transform gets its own file names: the plain evaluation's stay as they are.
-    let tag = match &pipeline.stages.first() {
-        Some(s) => format!(
-            "{}-{}",
-            a.data.split.as_str(),
-            s.describe()
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '.' {
-                    c
-                } else {
-                    '-'
-                })
-                .collect::<String>()
-                .trim_matches('-')
-        ),
-        None => a.data.split.as_str().to_string(),
-    };
-    // Beside the model (the default) or in a folder of its own: never into another
-    // command's results.
-    if a.out.is_some() {
-        atop::io::check_output_dir(&out, &["eval-clean-*.json", "confusion-*.png"], "--out")?;
-    }
-    let json = out.join(format!("eval-clean-{tag}.json"));
-    let png = out.join(format!("confusion-{tag}.png"));
-    grid::save_png(&plot::confusion_matrix(&report.confusion, &names), &png)?;
-    let output = Output {
-        model: dir,
-        defence: pipeline.describe(),
-        dataset: dataset.as_str().into(),
-        split: a.data.split,
-        subset_seed: a.subset.map(|_| a.seed),
-        subset_indices: indices,
-        report,
-        classes: names,
-        json: json.clone(),
-        confusion_png: png,
-    };
-    atop::io::write_json(&json, &output)?;
+    let output = clean_into(
+        (&dir, &model),
+        (cfg.dataset, a.data.split, data),
+        &settings,
+        (&out, a.out.is_some()),
+        global.device,
+    )?;
     if global.json {
         println!("{}", serde_json::to_string_pretty(&output)?);
         return Ok(());

@@ -3,13 +3,14 @@
 //! broke it. A case of the robust evaluation (one draw, a cascade, no checks): the same engine,
 //! resume, batch files and checks of what it resumes; its report keeps `atop attack`'s form.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use super::robust::{AttackSpec, Points, RobustConfig, Surrogates, Target, evaluate};
+use super::robust::{AttackSpec, Points, RobustConfig, Surrogates, Target as Attacked, evaluate};
+use super::target::Target;
 use crate::attacks::{AttackName, AttackSettings, GradStats};
 use crate::models::Model;
 
@@ -84,7 +85,7 @@ impl Runner<'_> {
                 .iter()
                 .map(|&attack| AttackSpec {
                     attack,
-                    target: Target::Whole,
+                    target: Attacked::Whole,
                 })
                 .collect(),
             settings: cfg.settings.clone(),
@@ -180,4 +181,138 @@ impl Runner<'_> {
             x_adv: x_adv.pop().expect("at least one attack"),
         })
     }
+}
+
+/// What `atop attack` writes to `results.json` (and prints with `--json`).
+#[derive(Serialize)]
+pub struct AttackRun {
+    pub model: PathBuf,
+    pub defence: String,
+    pub dataset: String,
+    #[serde(flatten)]
+    pub report: RobustReport,
+    pub results: PathBuf,
+    pub images: PathBuf,
+    pub grid: PathBuf,
+}
+
+/// The files of an attack run's folder: its resume state, then its outputs.
+pub const OUTPUTS: &[&str] = &[
+    "state.json",
+    "batches/",
+    "results.json",
+    "adversarial.safetensors",
+    "grid.png",
+];
+
+/// `atop attack` into the folder `out` (new, empty, or an earlier run of the same command,
+/// which resumes): `attacks` with `settings` on the target's points, in batches of `batch` with
+/// `seed`; writes the adversarial images (with the clean ones, indices and labels), a grid of
+/// up to 8 of them and `results.json`, last.
+pub fn attack_into(
+    target: &Target,
+    attacks: Vec<AttackName>,
+    settings: AttackSettings,
+    (batch_size, seed): (usize, u64),
+    out: &Path,
+) -> Result<AttackRun> {
+    crate::io::check_output_dir(out, OUTPUTS, "`out`")?;
+    let pipeline = target.model()?;
+    let model: &dyn Model = &pipeline;
+    if model.is_stochastic() && settings.eot == 1 {
+        tracing::warn!("the model is stochastic and `eot` is 1: gradients are single samples");
+    }
+    let config = RunnerConfig {
+        attacks,
+        settings,
+        batch_size,
+        seed,
+        model: target.describe()?,
+        data: target.data.clone(),
+    };
+    for name in &config.attacks {
+        config.settings.fit_model(*name, model.num_classes())?;
+    }
+    let (x, y, indices) = (&target.x, &target.y, &target.indices);
+    let report = Runner {
+        model,
+        config,
+        state_dir: Some(out.to_path_buf()),
+    }
+    .run(x, y, indices)?;
+    let images = out.join("adversarial.safetensors");
+    let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    crate::io::write_safetensors(
+        &images,
+        &[
+            ("images".into(), report.x_adv.shallow_clone()),
+            ("clean".into(), x.to_kind(Kind::Float)),
+            ("indices".into(), idx),
+            ("labels".into(), y.shallow_clone()),
+        ],
+    )?;
+    let grid = out.join("grid.png");
+    write_grid(x, &report, &grid, &target.class_names)?;
+    let run = AttackRun {
+        model: target.dir.clone(),
+        defence: model.describe(),
+        dataset: target.dataset.clone(),
+        report,
+        results: out.join("results.json"),
+        images,
+        grid,
+    };
+    crate::io::write_json(&run.results, &run)?;
+    Ok(run)
+}
+
+/// Rows: clean, adversarial, perturbation amplified to the full range, for up to 8 samples
+/// (broken ones first).
+fn write_grid(
+    x: &Tensor,
+    report: &RobustReport,
+    path: &Path,
+    class_names: &[String],
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..report.n)
+        .filter(|&i| {
+            report.records[i]
+                .broken_by
+                .as_deref()
+                .is_some_and(|b| b != "clean")
+        })
+        .collect();
+    let rest: Vec<usize> = (0..report.n).filter(|i| !order.contains(i)).collect();
+    order.extend(rest);
+    order.truncate(8);
+    if order.is_empty() {
+        return Ok(());
+    }
+    let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let clean = x.index_select(0, &pos).to_kind(Kind::Float);
+    let adv = report.x_adv.index_select(0, &pos);
+    let amplified = crate::figures::grid::amplified(&(&adv - &clean));
+    let name = |k: i64| {
+        class_names
+            .get(k as usize)
+            .cloned()
+            .unwrap_or(k.to_string())
+    };
+    let caption = order
+        .iter()
+        .map(|&i| {
+            let r = &report.records[i];
+            format!("{} -> {}", name(r.clean_pred), name(r.adv_pred))
+        })
+        .collect::<Vec<_>>()
+        .join(" | ");
+    tracing::info!("grid columns: {caption}");
+    crate::figures::grid::save_tensor_rows(
+        &[
+            ("clean", clean),
+            ("adversarial", adv),
+            ("perturbation", amplified),
+        ],
+        path,
+    )
 }

@@ -104,7 +104,7 @@ impl Comparison {
         };
         let m = &self.robust_majority;
         format!(
-            "At {}, point by point on the same {} points and scoring draws: {} changes robust accuracy (single draw, worst case over the attacks) by {}: {}; clean accuracy by {}: {}. Majority vote: robust under {} only on {} points, under {} only on {} (exact McNemar p = {:.3}).",
+            "At {}, point by point on the same {} points and scoring draws: {} changes robust accuracy (single draw, worst case over the attacks) by {}: {}; clean accuracy by {}: {}. Majority vote: robust under {} only on {} points, under {} only on {} (exact McNemar p {}).",
             self.eps,
             self.robust.n,
             self.second,
@@ -116,7 +116,10 @@ impl Comparison {
             m.b,
             self.first,
             m.c,
-            m.p
+            match m.p {
+                p if p < 0.001 => "< 0.001".to_string(),
+                p => format!("= {}", super::stats::p_value(p)),
+            }
         )
     }
 }

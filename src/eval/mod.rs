@@ -4,6 +4,7 @@
 
 pub mod attack;
 pub mod checks;
+pub mod clean;
 pub mod compare;
 pub mod defaults;
 pub mod device;

@@ -505,7 +505,7 @@ pub fn comparison_markdown(cs: &[crate::eval::compare::Comparison]) -> String {
     for c in cs {
         let _ = writeln!(
             m,
-            "| {} vs {} | {} | {} | {} | {} / {} | {} | {} / {} | {} / {} ({:.3}) |",
+            "| {} vs {} | {} | {} | {} | {} / {} | {} | {} / {} | {} / {} ({}) |",
             c.second,
             c.first,
             c.eps,
@@ -518,7 +518,7 @@ pub fn comparison_markdown(cs: &[crate::eval::compare::Comparison]) -> String {
             c.robust.worse,
             c.robust_majority.b,
             c.robust_majority.c,
-            c.robust_majority.p
+            crate::eval::stats::p_value(c.robust_majority.p)
         );
     }
     let _ = writeln!(

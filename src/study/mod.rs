@@ -417,34 +417,9 @@ pub fn markdown(s: &StudySummary) -> String {
     }
     let _ = writeln!(
         m,
-        "\nThe intervals in the table are each model's own (95 % Clopper-Pearson over the points). The two models are scored on the same points and the same draws, so the comparison below is paired: per point the share of draws right under AToP minus under the pre-trained purifier, averaged, with a 95 % interval from {} bootstrap resamples of the points.\n",
-        crate::eval::stats::BOOTSTRAP_RESAMPLES
+        "\nThe intervals in the table are each model's own (95 % Clopper-Pearson over the points). The two models are scored on the same points and the same draws, so the comparison below is paired (`atop eval compare`: AToP second, the pre-trained purifier first).\n"
     );
-    let _ = writeln!(
-        m,
-        "| eps | robust, single draw: AToP - pre-trained | points better / worse | clean, single draw: AToP - pre-trained | points better / worse | robust majority: only AToP / only pre-trained (McNemar p) |"
-    );
-    let _ = writeln!(m, "|---|---|---|---|---|---|");
-    for c in &s.comparisons {
-        let _ = writeln!(
-            m,
-            "| {} | {} | {} / {} | {} | {} / {} | {} / {} ({:.3}) |",
-            c.eps,
-            c.robust.show(),
-            c.robust.better,
-            c.robust.worse,
-            c.clean.show(),
-            c.clean.better,
-            c.clean.worse,
-            c.robust_majority.b,
-            c.robust_majority.c,
-            c.robust_majority.p
-        );
-    }
-    let _ = writeln!(m);
-    for c in &s.comparisons {
-        let _ = writeln!(m, "- {}", c.sentence());
-    }
+    m.push_str(&crate::report::robust::comparison_markdown(&s.comparisons));
     let _ = writeln!(
         m,
         "\nEach evaluation's own report (every attack, the sanity checks, per-point records):"
