@@ -465,12 +465,12 @@ fn train_atop(args: AtopArgs, global: &Global) -> Result<()> {
     }
     println!(
         "{}: {} epochs ({:.0} s); x' by {}",
-        summary.run.display(),
-        summary.epochs,
-        summary.seconds,
+        summary.fitted.run.display(),
+        summary.fitted.epochs,
+        summary.fitted.seconds,
         summary.adversary
     );
-    if let Some(m) = &summary.last {
+    if let Some(m) = &summary.fitted.last {
         println!(
             "  defended clean {:.2}%, whole-model PGD {:.2}%, classifier-only transfer {:.2}% (classifier alone, clean: {:.2}%)",
             100.0 * m.defended_clean_acc,
@@ -480,7 +480,7 @@ fn train_atop(args: AtopArgs, global: &Global) -> Result<()> {
         );
     }
     println!("  evaluation: {}", summary.evaluation);
-    println!("  checkpoint {}", summary.checkpoint.display());
+    println!("  checkpoint {}", summary.fitted.checkpoint.display());
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::adam::{Adam, AdamConfig};
-use super::learner::{EpochSummary, Losses, RunFolder, Step, Task};
+use super::learner::{EpochSummary, Fitted, Losses, RunFolder, Step, Task};
 use super::runlog;
 use super::schedule::{Schedule, lr_at};
 use super::setup::{self, EvalImages};
@@ -197,15 +197,8 @@ impl runlog::EpochRecord for PurifierEpoch {
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct PurifierSummary {
-    pub run: PathBuf,
-    pub epochs: usize,
-    pub resumed_from_epoch: Option<usize>,
-    pub last: Option<PurifierEpoch>,
-    pub seconds: f64,
-    pub checkpoint: PathBuf,
-}
+/// What a pre-training run did.
+pub type PurifierSummary = Fitted<PurifierEpoch>;
 
 /// Loads a run's saved settings (for `--resume`).
 pub fn saved_config(run: &Path) -> Result<TrainPurifierConfig> {
@@ -297,15 +290,7 @@ pub fn train(
         eval,
         image_size,
     };
-    let fitted = folder.fit(cfg, &mut task)?;
-    Ok(PurifierSummary {
-        run: fitted.run,
-        epochs: fitted.epochs,
-        resumed_from_epoch: fitted.resumed_from_epoch,
-        last: fitted.last,
-        seconds: fitted.seconds,
-        checkpoint: fitted.checkpoint,
-    })
+    folder.fit(cfg, &mut task)
 }
 
 crate::losses! {

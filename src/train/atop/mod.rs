@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use super::learner::{EpochSummary, RunFolder, Step, Task};
+use super::learner::{EpochSummary, Fitted, RunFolder, Step, Task};
 use super::purifier::{restore_state, save_state};
 use super::runlog;
 use super::schedule::lr_at;
@@ -97,14 +97,10 @@ impl runlog::EpochRecord for AtopEpoch {
 
 #[derive(Debug, Serialize)]
 pub struct AtopSummary {
-    pub run: PathBuf,
-    pub epochs: usize,
-    pub resumed_from_epoch: Option<usize>,
+    #[serde(flatten)]
+    pub fitted: Fitted<AtopEpoch>,
     pub adversary: String,
     pub evaluation: String,
-    pub last: Option<AtopEpoch>,
-    pub seconds: f64,
-    pub checkpoint: PathBuf,
 }
 
 pub fn saved_config(run: &Path) -> Result<TrainAtopConfig> {
@@ -192,14 +188,9 @@ pub fn train(
     };
     let fitted = folder.fit(&cfg, &mut task)?;
     Ok(AtopSummary {
-        run: fitted.run,
-        epochs: fitted.epochs,
-        resumed_from_epoch: fitted.resumed_from_epoch,
+        fitted,
         adversary: cfg.adversary.describe(),
         evaluation: eval_description(&cfg.eval),
-        last: fitted.last,
-        seconds: fitted.seconds,
-        checkpoint: fitted.checkpoint,
     })
 }
 
