@@ -102,17 +102,22 @@ fn gather(positions: &[usize], x: &Tensor, y: &Tensor) -> (Tensor, Tensor) {
             y.narrow(0, first as i64, len),
         );
     }
-    let pos = Tensor::from_slice(&positions.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let pos = index_tensor(positions);
     (
         x.index_select(0, &pos.to_device(x.device())),
         y.index_select(0, &pos.to_device(y.device())),
     )
 }
 
-/// The seed of a batch of an attack that sees only the points still robust (AutoAttack's
-/// order): by the attack and the batch's first position.
-pub fn cascade_seed(seed: u64, ai: usize, first: usize) -> u64 {
-    seed ^ ((ai as u64) << 40) ^ (first as u64).wrapping_mul(0x9E37_79B9)
+/// The seed of a batch: by the run's seed, the attack's slot and the batch's first position
+/// only, never by history. (A cascade's slot is the attack's index; `eval robust`'s, one more.)
+pub fn batch_seed(seed: u64, slot: usize, first: usize) -> u64 {
+    seed ^ ((slot as u64) << 40) ^ (first as u64).wrapping_mul(0x9E37_79B9)
+}
+
+/// Positions as the int64 index tensor `index_select` and `index_copy_` take.
+pub fn index_tensor(positions: &[usize]) -> Tensor {
+    Tensor::from_slice(&positions.iter().map(|&i| i as i64).collect::<Vec<_>>())
 }
 
 /// One draw per image, in memory: the result of [`one_draw_cascade`].
@@ -201,7 +206,7 @@ impl Task for InMemory<'_> {
         false
     }
     fn seed(&self, ai: usize, first: usize) -> u64 {
-        cascade_seed(self.seed, ai, first)
+        batch_seed(self.seed, ai, first)
     }
     fn record(&mut self, _: usize, positions: &[usize], r: BatchResult, _: f64) -> Result<()> {
         let pred = tch::no_grad(|| self.model.logits(&r.adv)).argmax(-1, false);
@@ -210,7 +215,7 @@ impl Task for InMemory<'_> {
             self.adv_pred[p] = pred[j];
             self.robust[p] = pred[j] == self.labels[p];
         }
-        let pos = Tensor::from_slice(&positions.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let pos = index_tensor(positions);
         let _ = self
             .x_adv
             .index_copy_(0, &pos, &r.adv.to_device(Device::Cpu));

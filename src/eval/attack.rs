@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::robust::{AttackSpec, Points, RobustConfig, Surrogates, Target as Attacked, evaluate};
 use super::target::Target;
+use crate::attacks::sweep::index_tensor;
 use crate::attacks::{AttackName, AttackSettings, GradStats};
 use crate::models::Model;
 
@@ -108,24 +109,33 @@ impl Runner<'_> {
             self.state_dir.as_deref(),
         )?;
         let n = e.records.len();
-        let records: Vec<SampleRecord> = e
+        // Per point, the stage its one draw first went wrong: 0 the clean image, ai + 1 attack
+        // ai, None never.
+        let first = |d: &super::robust::Draws| d.preds[0];
+        let broken_at: Vec<Option<usize>> = e
             .records
             .iter()
             .map(|r| {
-                let first = |d: &super::robust::Draws| d.preds[0];
+                std::iter::once(&r.clean)
+                    .chain(&r.attacks)
+                    .position(|d| first(d) != r.label)
+            })
+            .collect();
+        let records: Vec<SampleRecord> = e
+            .records
+            .iter()
+            .zip(&broken_at)
+            .map(|(r, &at)| {
                 let clean_pred = first(&r.clean);
-                let broken_by = if clean_pred != r.label {
-                    Some("clean".to_string())
-                } else {
-                    (r.attacks.iter().position(|d| first(d) != r.label))
-                        .map(|ai| cfg.attacks[ai].to_string())
-                };
                 SampleRecord {
                     index: r.index,
                     label: r.label,
                     clean_pred,
                     adv_pred: r.attacks.last().map_or(clean_pred, first),
-                    broken_by,
+                    broken_by: at.map(|s| match s {
+                        0 => "clean".to_string(),
+                        s => cfg.attacks[s - 1].to_string(),
+                    }),
                     perturbation_norm: r.perturbation_norms.last().copied().unwrap_or(0.0),
                 }
             })
@@ -136,14 +146,7 @@ impl Runner<'_> {
             .iter()
             .enumerate()
             .map(|(ai, a)| {
-                let robust_after = e
-                    .records
-                    .iter()
-                    .filter(|r| {
-                        r.clean.preds[0] == r.label
-                            && r.attacks[..=ai].iter().all(|d| d.preds[0] == r.label)
-                    })
-                    .count();
+                let robust_after = broken_at.iter().filter(|b| b.is_none_or(|s| s > ai + 1)).count();
                 let masked = a.grad.masked_fraction();
                 let step = AttackStep {
                     attack: cfg.attacks[ai].to_string(),
@@ -241,7 +244,7 @@ pub fn attack_into(
     }
     .run(x, y, indices)?;
     let images = out.join("adversarial.safetensors");
-    let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let idx = index_tensor(indices);
     crate::io::write_safetensors(
         &images,
         &[
@@ -288,7 +291,7 @@ fn write_grid(
     if order.is_empty() {
         return Ok(());
     }
-    let pos = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let pos = index_tensor(&order);
     let clean = x.index_select(0, &pos).to_kind(Kind::Float);
     let adv = report.x_adv.index_select(0, &pos);
     let amplified = crate::figures::grid::amplified(&(&adv - &clean));

@@ -16,7 +16,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::checks::*;
 use super::state::*;
-use crate::attacks::sweep::{BatchResult, Pass, Task, cascade_seed, check_budget, sweep};
+use crate::attacks::sweep::{
+    BatchResult, Pass, Task, batch_seed, check_budget, index_tensor, sweep,
+};
 use crate::attacks::{AttackName, AttackSettings, GradStats};
 use crate::models::{Measured, Model};
 
@@ -154,7 +156,7 @@ impl Task for Engine<'_> {
         let (queue, carried): (Vec<usize>, Vec<usize>) =
             self.owned.iter().partition(|&&p| self.robust_before(ai, p));
         if ai > 0 && !carried.is_empty() {
-            let pos = Tensor::from_slice(&carried.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let pos = index_tensor(&carried);
             let before = self.x_adv[ai - 1].index_select(0, &pos);
             let _ = self.x_adv[ai].index_copy_(0, &pos, &before);
         }
@@ -184,12 +186,9 @@ impl Task for Engine<'_> {
     }
 
     fn seed(&self, ai: usize, first: usize) -> u64 {
-        let seed = self.config.seed;
-        if self.config.cascade {
-            cascade_seed(seed, ai, first)
-        } else {
-            seed ^ ((ai as u64 + 1) << 40) ^ (first as u64).wrapping_mul(0x9E37_79B9)
-        }
+        // Every attack on every point keeps the slots its states were written with.
+        let slot = ai + usize::from(!self.config.cascade);
+        batch_seed(self.config.seed, slot, first)
     }
 
     fn record(
@@ -215,7 +214,7 @@ impl Task for Engine<'_> {
             first,
         )?;
         let adv_cpu = adv.to_device(Device::Cpu);
-        let pos = Tensor::from_slice(&positions.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let pos = index_tensor(positions);
         let (file, tensors) = if self.config.cascade {
             let name = self.config.attacks[ai].label();
             (
