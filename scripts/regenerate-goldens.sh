@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Records the torchattacks reference outputs of the agreement tests (tests/attacks.rs,
-# `reference`) for this machine's fixture classifier in tests/golden/torchattacks.json, keyed by
+# `reference`) for the committed fixture classifier (tests/fixtures/attack-classifier) in tests/golden/torchattacks.json, keyed by
 # the SHA-256 of the script, weights, images and settings they were computed from. The tests
 # read a recorded output instead of rerunning torchattacks (up to 15 CPU-minutes each) when the
 # key matches, and run it otherwise; the comparison is the same either way. Commit the file.

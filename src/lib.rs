@@ -3,9 +3,11 @@
 //!
 //! The modules read as the pipeline: `data -> models -> transforms -> purifier -> attacks ->
 //! train -> eval -> report -> study` (`atop run`: every stage in one command), with `runtime`
-//! (device, threads) underneath and the CLI on top.
+//! (device, threads) underneath, `bench` (timings against the PyTorch references) on the
+//! floor of `study`, and the CLI on top.
 
 pub mod attacks;
+pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod figures;

@@ -4,11 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use atop::data::download::{self, ImagenetteVariant};
-use atop::data::subset::seeded_subset;
+use atop::data::inspect::InspectSpec;
 use atop::data::{DataConfig, DatasetKind, ImageSet, Split};
-use atop::figures::grid::{self, Row};
 use clap::{Args as ClapArgs, Subcommand};
-use serde::Serialize;
 
 use super::Global;
 
@@ -47,33 +45,7 @@ impl DataArgs {
     }
 }
 
-/// Optional data flags that override a config's (training) or a model's (evaluation) data.
-#[derive(Debug, Clone, ClapArgs)]
-pub struct DataOverrides {
-    /// Dataset (default: the config's, or the one the model was trained on).
-    #[arg(long, value_enum)]
-    pub dataset: Option<DatasetKind>,
-    #[arg(long)]
-    pub root: Option<PathBuf>,
-    /// Image size (default: the config's, or the model's training run's).
-    #[arg(long)]
-    pub image_size: Option<u32>,
-}
-
-impl DataOverrides {
-    /// Writes the given flags into `cfg`.
-    pub fn apply(&self, cfg: &mut DataConfig) {
-        if let Some(d) = self.dataset {
-            cfg.dataset = d;
-        }
-        if self.root.is_some() {
-            cfg.root = self.root.clone();
-        }
-        if self.image_size.is_some() {
-            cfg.image_size = self.image_size;
-        }
-    }
-}
+pub use atop::data::DataOverrides;
 
 /// Data flags of commands that evaluate a model: each defaults to what the model was trained on.
 #[derive(Debug, Clone, ClapArgs)]
@@ -152,75 +124,16 @@ pub fn run(cmd: DataCommand, global: &Global) -> Result<()> {
     }
 }
 
-#[derive(Serialize)]
-struct ClassCount {
-    label: usize,
-    class: String,
-    name: String,
-    count: usize,
-}
-
-#[derive(Serialize)]
-struct InspectReport {
-    dataset: String,
-    split: Split,
-    source: PathBuf,
-    images: usize,
-    height: usize,
-    width: usize,
-    classes: Vec<ClassCount>,
-    coarse_classes: Option<Vec<String>>,
-    skipped: Vec<atop::data::Skipped>,
-    subset_seed: Option<u64>,
-    subset_indices: Option<Vec<usize>>,
-    grid: PathBuf,
-    seconds: f64,
-}
-
 fn inspect(args: InspectArgs, global: &Global) -> Result<()> {
-    let cfg = args.data.config();
-    let start = std::time::Instant::now();
-    let full = cfg.load(args.split)?;
-    let seconds = start.elapsed().as_secs_f64();
-    let (set, indices) = match args.subset {
-        Some(n) => {
-            let idx = seeded_subset(full.len(), n, args.seed)?;
-            (full.select(&idx), Some(idx))
-        }
-        None => (full, None),
-    };
-    let grid_path = args
-        .grid
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{}-{}-grid.png", set.name, args.split.as_str())));
-    let img = sample_grid(&set, args.per_class, args.max_classes, args.seed);
-    grid::save_png(&img, &grid_path)?;
-
-    let counts = set.class_counts();
-    let report = InspectReport {
-        dataset: set.name.clone(),
+    let report = atop::data::inspect::inspect(&InspectSpec {
+        data: args.data.config(),
         split: args.split,
-        source: set.source.clone(),
-        images: set.len(),
-        height: set.height,
-        width: set.width,
-        classes: counts
-            .iter()
-            .enumerate()
-            .map(|(i, &count)| ClassCount {
-                label: i,
-                class: set.classes[i].clone(),
-                name: set.class_names[i].clone(),
-                count,
-            })
-            .collect(),
-        coarse_classes: set.coarse.as_ref().map(|c| c.classes.clone()),
-        skipped: set.skipped.clone(),
-        subset_seed: args.subset.map(|_| args.seed),
-        subset_indices: indices,
-        grid: grid_path,
-        seconds,
-    };
+        subset: args.subset,
+        seed: args.seed,
+        per_class: args.per_class,
+        max_classes: args.max_classes,
+        grid: args.grid,
+    })?;
     if global.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -270,30 +183,6 @@ fn inspect(args: InspectArgs, global: &Global) -> Result<()> {
     }
     println!("grid: {}", report.grid.display());
     Ok(())
-}
-
-/// `per_class` seeded samples of each of the first `max_classes` classes, one row per class.
-fn sample_grid(set: &ImageSet, per_class: usize, max_classes: usize, seed: u64) -> image::RgbImage {
-    let classes = set.num_classes().min(max_classes);
-    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
-    for (i, &l) in set.labels.iter().enumerate() {
-        if (l as usize) < classes {
-            by_class[l as usize].push(i);
-        }
-    }
-    let rows: Vec<Row> = by_class
-        .iter()
-        .enumerate()
-        .map(|(c, members)| {
-            let k = per_class.min(members.len());
-            let picks = seeded_subset(members.len(), k, seed).expect("k <= len");
-            Row {
-                label: set.class_names[c].clone(),
-                images: picks.iter().map(|&p| set.image(members[p])).collect(),
-            }
-        })
-        .collect();
-    grid::labelled_rows(&rows, set.height, set.width)
 }
 
 fn download(args: DownloadArgs, global: &Global) -> Result<()> {

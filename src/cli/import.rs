@@ -3,21 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use atop::data::DatasetKind;
-use atop::models::checkpoint::{self, Sidecar};
-use atop::models::{Arch, Classifier, ModelSpec, dataset_normalisation, pytorch};
+use atop::models::Arch;
+use atop::models::pytorch::{self, ImportSpec, Normalisation};
 use clap::Args as ClapArgs;
 
 use super::Global;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Normalisation {
-    /// The dataset's mean/std (models trained on normalised inputs, e.g. torchvision-style).
-    Dataset,
-    /// None: the model takes [0,1] images directly (RobustBench models).
-    None,
-}
 
 #[derive(Debug, ClapArgs)]
 pub struct ImportArgs {
@@ -42,42 +34,24 @@ pub struct ImportArgs {
 }
 
 pub fn run(a: ImportArgs, global: &Global) -> Result<()> {
-    // Never over an existing checkpoint (or anything else) unless asked to.
-    let own: &[&str] = if a.force {
-        &["model.safetensors", "model.json"]
-    } else {
-        &[]
-    };
-    atop::io::check_output_dir(&a.out, own, "--out")
-        .map_err(|e| anyhow::anyhow!("{e:#} (or pass --force to replace a checkpoint there)"))?;
-    let (mean, std) = match a.normalisation {
-        Normalisation::Dataset => dataset_normalisation(a.dataset),
-        Normalisation::None => ([0.0; 3], [1.0; 3]),
-    };
-    let spec = ModelSpec::new(a.arch, a.num_classes, mean, std)?;
-    let tensors = pytorch::read_state_dict(&a.input)?;
-    let mut model = Classifier::new(spec.clone(), tch::Device::Cpu);
-    checkpoint::copy_named(&mut model, tensors, &a.input)?;
-    let config = serde_json::json!({
-        "imported_from": a.input.display().to_string(),
-        "normalisation": format!("{:?}", a.normalisation).to_lowercase(),
-    });
-    let classes = (0..a.num_classes).map(|i| i.to_string()).collect();
-    let sidecar = Sidecar::new(spec, Some(a.dataset.as_str().into()), classes, None, config);
-    checkpoint::save(&model, &sidecar, &a.out)
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    let done = pytorch::import(&ImportSpec {
+        input: a.input.clone(),
+        arch: a.arch,
+        num_classes: a.num_classes,
+        dataset: a.dataset,
+        normalisation: a.normalisation,
+        out: a.out,
+        force: a.force,
+    })?;
     if global.json {
-        println!(
-            "{}",
-            serde_json::json!({"out": a.out, "arch": a.arch.to_string(), "parameters": model.num_parameters()})
-        );
+        println!("{}", serde_json::to_string(&done)?);
     } else {
         println!(
             "{} -> {} ({}, {} parameters)",
             a.input.display(),
-            a.out.display(),
-            a.arch,
-            model.num_parameters()
+            done.out.display(),
+            done.arch,
+            done.parameters
         );
     }
     Ok(())

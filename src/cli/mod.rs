@@ -83,7 +83,7 @@ pub fn run(args: Args) -> Result<()> {
     let quiet = args.quiet || args.json;
     atop::progress::set_quiet(quiet);
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| FlagStderr)
         // Colour codes only on a terminal: a log file or pipe gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_max_level(if quiet {
@@ -222,8 +222,13 @@ pub fn with_flags(message: &str) -> String {
             collect(s, flags);
         }
     }
-    let mut flags = std::collections::HashSet::new();
-    collect(&Args::command(), &mut flags);
+    static FLAGS: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    let flags = FLAGS.get_or_init(|| {
+        let mut flags = std::collections::HashSet::new();
+        collect(&Args::command(), &mut flags);
+        flags
+    });
     let is_key = |k: &str| {
         !k.is_empty()
             && k.bytes()
@@ -252,6 +257,22 @@ pub fn with_flags(message: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Standard error for log lines, which speak the CLI's language too: each write (one event) goes
+/// through [`with_flags`].
+struct FlagStderr;
+
+impl std::io::Write for FlagStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(with_flags(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 #[cfg(test)]

@@ -3,20 +3,15 @@
 //! purify a dataset split or a folder of images; PSNR/SSIM against the originals and, with a
 //! classifier, accuracy on clean and purified images).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use atop::data::Split;
-use atop::data::subset::seeded_subset;
-use atop::figures::grid;
-use atop::models::Classifier;
-use atop::models::checkpoint;
-use atop::purifier::apply::{self, PurifyScores};
+use atop::purifier::apply::{self, PurifyInput, PurifyJob, PurifyReport};
 use atop::purifier::{self, GanPurifier, PurifierConfig};
 use atop::transforms::{Resize, TransformConfig, TransformKind};
 use clap::{Args as ClapArgs, Subcommand};
-use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 use super::Global;
 use super::data::DataOverrides;
@@ -160,18 +155,6 @@ pub struct InfoArgs {
     pub image_size: i64,
 }
 
-#[derive(Serialize)]
-struct Info {
-    purifier: PurifierConfig,
-    generator_parameters: i64,
-    discriminator_parameters: i64,
-    image_size: i64,
-    /// The generator's output at the working size.
-    work_shape: Vec<i64>,
-    output_shape: Vec<i64>,
-    discriminator_scores_per_image: i64,
-}
-
 pub fn run(cmd: PurifierCommand, global: &Global) -> Result<()> {
     match cmd {
         PurifierCommand::Info(a) => info(a, global),
@@ -202,23 +185,7 @@ fn info(a: InfoArgs, global: &Global) -> Result<()> {
             GanPurifier::new(cfg, Device::Cpu)?
         }
     };
-    let rt2 = TransformConfig::default();
-    p.config.check_images(a.image_size, a.image_size, &rt2)?;
-    let x = Tensor::rand(
-        [1, 3, a.image_size, a.image_size],
-        (Kind::Float, Device::Cpu),
-    );
-    let pass = tch::no_grad(|| p.pass(&x, &rt2));
-    let d = tch::no_grad(|| p.discriminator.forward_t(&pass.x2, &pass.masks, false));
-    let out = Info {
-        purifier: p.config.clone(),
-        generator_parameters: p.generator_parameters(),
-        discriminator_parameters: p.discriminator_parameters(),
-        image_size: a.image_size,
-        work_shape: pass.x2.size(),
-        output_shape: pass.purified.size(),
-        discriminator_scores_per_image: d.size()[1],
-    };
+    let out = apply::info(&p, a.image_size)?;
     if global.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -276,198 +243,36 @@ pub struct PurifyArgs {
     pub out: Option<PathBuf>,
 }
 
-/// Results for one transform.
-#[derive(Debug, Serialize)]
-struct PurifyResult {
-    #[serde(flatten)]
-    scores: PurifyScores,
-    images: PathBuf,
-    grid: PathBuf,
-}
-
-#[derive(Serialize)]
-struct PurifyReport {
-    purifier: PathBuf,
-    classifier: Option<PathBuf>,
-    data: String,
-    seconds: f64,
-    results: Vec<PurifyResult>,
-}
-
-/// The images to purify: a dataset split (labels known) or a folder (names kept), with a
-/// description of them.
-struct Images {
-    x: Tensor,
-    y: Option<Tensor>,
-    names: Option<Vec<String>>,
-    desc: String,
-}
-
-fn load_images(
-    a: &PurifyArgs,
-    sidecar: &purifier::PurifierSidecar,
-    classifier: Option<&Classifier>,
-) -> Result<Images> {
-    if let Some(folder) = &a.input {
-        let (x, names) = read_folder(folder)?;
-        return Ok(Images {
-            x: x.to_kind(Kind::Float),
-            y: None,
-            names: Some(names),
-            desc: folder.display().to_string(),
-        });
-    }
-    let mut cfg = sidecar
-        .data_config()
-        .context("the purifier does not say which dataset it was trained on: pass --dataset")?;
-    a.data.apply(&mut cfg);
-    let set = cfg.load(a.split)?;
-    let idx = match a.n {
-        Some(n) => seeded_subset(set.len(), n, a.seed)?,
-        None => (0..set.len()).collect(),
-    };
-    let (x, y) = set.tensors(&idx);
-    if let Some(c) = classifier
-        && c.spec.num_classes != set.num_classes()
-    {
-        bail!(
-            "the classifier has {} classes, {} has {}",
-            c.spec.num_classes,
-            set.name,
-            set.num_classes()
-        );
-    }
-    Ok(Images {
-        x: x.to_kind(Kind::Float),
-        y: Some(y),
-        names: None,
-        desc: format!(
-            "{} {} n={} seed={}",
-            cfg.dataset.as_str(),
-            a.split.as_str(),
-            idx.len(),
-            a.seed
-        ),
-    })
-}
-
-/// The output folder, checked: only purify's own files in it, and apart from the input.
-fn purify_out(a: &PurifyArgs, kinds: &[TransformKind]) -> Result<PathBuf> {
-    let out = a.out.clone().unwrap_or_else(|| {
-        let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-        PathBuf::from("runs").join(format!("purify-{}", names.join("+")))
-    });
-    let mut own = vec!["purify.json", "grid-*.png", "purified-*.safetensors"];
-    let folders: Vec<String> = kinds.iter().map(|k| format!("{}/", k.as_str())).collect();
-    own.extend(folders.iter().map(String::as_str));
-    atop::io::check_output_dir(&out, &own, "--out")?;
-    if let Some(input) = &a.input
-        && let (Ok(i), Ok(o)) = (input.canonicalize(), out.canonicalize())
-        && (i.starts_with(&o) || o.starts_with(&i))
-    {
-        bail!(
-            "--out {} and --input {} overlap: purify never writes over or beside its inputs; choose another --out",
-            out.display(),
-            input.display()
-        );
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    Ok(out)
-}
-
 pub fn purify(a: PurifyArgs, global: &Global) -> Result<()> {
-    let started = std::time::Instant::now();
-    let dir = purifier::resolve(&a.purifier)?;
-    let (p, sidecar) = purifier::load(&a.purifier, global.device)?;
-    p.config
-        .expect_work_size(a.work_size, &dir.display().to_string())?;
-    let kinds: Vec<TransformKind> = match &a.transform {
-        Some(list) => list
-            .split(',')
-            .map(|s| s.parse().map_err(anyhow::Error::msg))
-            .collect::<Result<_>>()?,
-        None => vec![sidecar.transform.kind],
-    };
-    if a.batch_size == 0 {
-        bail!("--batch-size 0: expected at least 1");
-    }
-    let classifier = a
-        .classifier
+    let transforms = a
+        .transform
         .as_ref()
-        .map(|c| checkpoint::load(c, global.device))
+        .map(|list| {
+            list.split(',')
+                .map(|s| s.parse().map_err(anyhow::Error::msg))
+                .collect::<Result<Vec<TransformKind>>>()
+        })
         .transpose()?;
-    // A classifier scored on another named dataset's images: numbers without meaning.
-    if let (Some((_, cs)), Some(d)) = (&classifier, a.data.dataset)
-        && let Some(own) = &cs.dataset
-        && own != d.as_str()
-        && d != atop::data::DatasetKind::Folder
-    {
-        bail!(
-            "--dataset {}: the classifier was trained on {own}, whose classes are not {}'s",
-            d.as_str(),
-            d.as_str()
-        );
-    }
-    let classifier = classifier.map(|(m, _)| m);
-    let images = load_images(&a, &sidecar, classifier.as_ref())?;
-    let out = purify_out(&a, &kinds)?;
-    let mut results = Vec::new();
-    let mut clean = None;
-    for kind in kinds {
-        let mut t = TransformConfig {
-            kind,
-            ..sidecar.transform.clone()
-        };
-        a.transform_settings.apply(&mut t);
-        let labelled = match (&classifier, &images.y) {
-            (Some(c), Some(y)) => Some((c as &dyn atop::models::Model, y, clean)),
-            _ => None,
-        };
-        let done = apply::purify(
-            &p,
-            &images.x,
-            &t,
-            labelled,
-            a.seed,
-            a.batch_size,
-            global.device,
-        )?;
-        // The same images for every transform: one clean accuracy.
-        clean = done.scores.clean_accuracy;
-        let written = match &images.names {
-            Some(names) => {
-                let folder = out.join(kind.as_str());
-                write_folder(&folder, &done.purified, names)?;
-                folder
-            }
-            None => {
-                let file = out.join(format!("purified-{kind}.safetensors"));
-                atop::io::write_safetensors(
-                    &file,
-                    &[
-                        ("images".into(), done.purified.shallow_clone()),
-                        ("clean".into(), images.x.shallow_clone()),
-                    ],
-                )?;
-                file
-            }
-        };
-        let grid_path = out.join(format!("grid-{kind}.png"));
-        write_grid(&images.x, &done.shown, &done.purified, &grid_path)?;
-        results.push(PurifyResult {
-            scores: done.scores,
-            images: written,
-            grid: grid_path,
-        });
-    }
-    let report = PurifyReport {
-        purifier: purifier::source(&a.purifier)?,
-        classifier: a.classifier.clone(),
-        data: images.desc,
-        seconds: started.elapsed().as_secs_f64(),
-        results,
+    let input = match a.input {
+        Some(folder) => PurifyInput::Folder(folder),
+        None => PurifyInput::Split {
+            data: a.data,
+            split: a.split,
+            n: a.n,
+        },
     };
-    atop::io::write_json(&out.join("purify.json"), &report)?;
+    let job = PurifyJob {
+        purifier: a.purifier,
+        classifier: a.classifier,
+        input,
+        transforms,
+        transform: a.transform_settings.overrides(),
+        work_size: a.work_size,
+        seed: a.seed,
+        batch_size: a.batch_size,
+        out: a.out,
+    };
+    let (out, report) = apply::purify_into(&job, global.device)?;
     if global.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -508,86 +313,4 @@ fn print_purify(report: &PurifyReport) {
             r.ssim
         );
     }
-}
-
-/// Every png/jpg in `folder` (sorted by name), all of one size, as N x 3 x H x W in [0,1].
-fn read_folder(folder: &Path) -> Result<(Tensor, Vec<String>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
-        .with_context(|| format!("cannot read {}", folder.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("{}: no .png or .jpg images", folder.display());
-    }
-    let mut size = None;
-    let mut bytes = Vec::new();
-    let mut names = Vec::new();
-    for f in &files {
-        let img = image::open(f)
-            .with_context(|| format!("{}: not a readable image", f.display()))?
-            .to_rgb8();
-        let dims = img.dimensions();
-        match size {
-            None => size = Some(dims),
-            Some(s) if s != dims => bail!(
-                "{}: {}x{} pixels, but {} is {}x{}: all images of a folder must have one size",
-                f.display(),
-                dims.0,
-                dims.1,
-                files[0].display(),
-                s.0,
-                s.1
-            ),
-            _ => {}
-        }
-        bytes.extend_from_slice(img.as_raw());
-        names.push(
-            f.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned(),
-        );
-    }
-    let (w, h) = size.expect("at least one image");
-    let x = Tensor::from_slice(&bytes)
-        .view([files.len() as i64, h as i64, w as i64, 3])
-        .permute([0, 3, 1, 2])
-        .to_kind(Kind::Float)
-        / 255.0;
-    Ok((x, names))
-}
-
-/// PNG files named after the inputs (extension replaced by .png).
-fn write_folder(folder: &Path, images: &Tensor, names: &[String]) -> Result<()> {
-    std::fs::create_dir_all(folder)
-        .with_context(|| format!("cannot create {}", folder.display()))?;
-    let (h, w) = (images.size()[2] as u32, images.size()[3] as u32);
-    for (bytes, name) in grid::to_hwc_bytes(images)?.into_iter().zip(names) {
-        let img = image::RgbImage::from_raw(w, h, bytes).expect("buffer matches the image size");
-        let stem = Path::new(name)
-            .file_stem()
-            .unwrap_or_default()
-            .to_string_lossy();
-        grid::save_png(&img, &folder.join(format!("{stem}.png")))?;
-    }
-    Ok(())
-}
-
-fn write_grid(clean: &Tensor, shown: &Tensor, purified: &Tensor, path: &Path) -> Result<()> {
-    let k = clean.size()[0].min(8);
-    grid::save_tensor_rows(
-        &[
-            ("clean", clean.narrow(0, 0, k)),
-            ("transformed", shown.narrow(0, 0, k)),
-            ("purified", purified.narrow(0, 0, k)),
-        ],
-        path,
-    )
 }

@@ -431,3 +431,59 @@ pub fn resize_center_crop(img: RgbImage, size: u32) -> RgbImage {
     let top = (nh - size) / 2;
     image::imageops::crop_imm(&resized, left, top, size, size).to_image()
 }
+
+/// Every png/jpg directly in `folder` (sorted by name), all of one size, as N x 3 x H x W floats
+/// in [0,1], with the file names (`atop purify --input`).
+pub fn read_flat(folder: &Path) -> anyhow::Result<(tch::Tensor, Vec<String>)> {
+    use anyhow::{Context, bail};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .with_context(|| format!("cannot read {}", folder.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no .png or .jpg images", folder.display());
+    }
+    let mut size = None;
+    let mut bytes = Vec::new();
+    let mut names = Vec::new();
+    for f in &files {
+        let img = image::open(f)
+            .with_context(|| format!("{}: not a readable image", f.display()))?
+            .to_rgb8();
+        let dims = img.dimensions();
+        match size {
+            None => size = Some(dims),
+            Some(s) if s != dims => bail!(
+                "{}: {}x{} pixels, but {} is {}x{}: all images of a folder must have one size",
+                f.display(),
+                dims.0,
+                dims.1,
+                files[0].display(),
+                s.0,
+                s.1
+            ),
+            _ => {}
+        }
+        bytes.extend_from_slice(img.as_raw());
+        names.push(
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    let (w, h) = size.expect("at least one image");
+    let x = tch::Tensor::from_slice(&bytes)
+        .view([files.len() as i64, h as i64, w as i64, 3])
+        .permute([0, 3, 1, 2])
+        .to_kind(tch::Kind::Float)
+        / 255.0;
+    Ok((x, names))
+}

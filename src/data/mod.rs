@@ -9,6 +9,7 @@ pub mod cifar;
 pub mod download;
 pub mod error;
 pub mod folder;
+pub mod inspect;
 pub mod loader;
 pub mod source;
 pub mod subset;
@@ -98,6 +99,35 @@ impl DatasetKind {
 
 /// The largest image side atop decodes to (a 4096 x 4096 RGB image is 200 MB in f32).
 pub const MAX_IMAGE_SIZE: u32 = 4096;
+
+/// Optional data flags that override a config's (training) or a model's (evaluation) data.
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct DataOverrides {
+    /// Dataset (default: the config's, or the one the model was trained on).
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub dataset: Option<DatasetKind>,
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub root: Option<PathBuf>,
+    /// Image size (default: the config's, or the model's training run's).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub image_size: Option<u32>,
+}
+
+impl DataOverrides {
+    /// Writes the given flags into `cfg`.
+    pub fn apply(&self, cfg: &mut DataConfig) {
+        if let Some(d) = self.dataset {
+            cfg.dataset = d;
+        }
+        if self.root.is_some() {
+            cfg.root = self.root.clone();
+        }
+        if self.image_size.is_some() {
+            cfg.image_size = self.image_size;
+        }
+    }
+}
 
 /// What to load. Every field has a CLI flag; the struct is also a TOML section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

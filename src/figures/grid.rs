@@ -151,3 +151,20 @@ pub fn amplified(delta: &tch::Tensor) -> tch::Tensor {
     let scale = delta.abs().amax([1, 2, 3], true).clamp_min(1e-12);
     (delta / scale * 0.5 + 0.5).clamp(0.0, 1.0)
 }
+
+/// Each image of `images` (N x 3 x H x W in [0,1]) as a PNG in `folder`, named after `names`
+/// with the extension replaced by .png.
+pub fn save_pngs(folder: &Path, images: &tch::Tensor, names: &[String]) -> Result<()> {
+    std::fs::create_dir_all(folder)
+        .with_context(|| format!("cannot create {}", folder.display()))?;
+    let (h, w) = (images.size()[2] as u32, images.size()[3] as u32);
+    for (bytes, name) in to_hwc_bytes(images)?.into_iter().zip(names) {
+        let img = RgbImage::from_raw(w, h, bytes).expect("buffer matches the image size");
+        let stem = Path::new(name)
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy();
+        save_png(&img, &folder.join(format!("{stem}.png")))?;
+    }
+    Ok(())
+}

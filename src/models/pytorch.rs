@@ -4,12 +4,15 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use serde::Serialize;
 use tch::Tensor;
 
 use super::pickle::{self, TensorRef, Value};
+use super::{Arch, Classifier, ModelSpec, checkpoint};
+use crate::data::DatasetKind;
 
 /// The largest `data.pkl` accepted: a state dict's pickle takes about 100 bytes per tensor.
 pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
@@ -556,4 +559,77 @@ mod tests {
             "{e}"
         );
     }
+}
+
+/// What the imported model expects its [0,1] input to be normalised with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Normalisation {
+    /// The dataset's mean/std (models trained on normalised inputs, e.g. torchvision-style).
+    Dataset,
+    /// None: the model takes [0,1] images directly (RobustBench models).
+    None,
+}
+
+/// A PyTorch classifier checkpoint to bring in as an atop checkpoint (`atop import`).
+#[derive(Debug, Clone)]
+pub struct ImportSpec {
+    /// A state dict, or a dict with one under "state_dict".
+    pub input: PathBuf,
+    pub arch: Arch,
+    pub num_classes: usize,
+    pub dataset: DatasetKind,
+    pub normalisation: Normalisation,
+    /// Output folder for model.safetensors + model.json (new or empty).
+    pub out: PathBuf,
+    /// Replace a checkpoint already in `out`.
+    pub force: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Imported {
+    pub out: PathBuf,
+    pub arch: String,
+    pub parameters: i64,
+}
+
+/// Reads `spec.input` without running pickled code, copies its tensors into the named
+/// architecture (every parameter and buffer accounted for) and saves an atop checkpoint.
+pub fn import(spec: &ImportSpec) -> anyhow::Result<Imported> {
+    // Never over an existing checkpoint (or anything else) unless asked to.
+    let own: &[&str] = if spec.force {
+        &["model.safetensors", "model.json"]
+    } else {
+        &[]
+    };
+    crate::io::check_output_dir(&spec.out, own, "`out`")
+        .map_err(|e| anyhow::anyhow!("{e:#} (or pass `force` to replace a checkpoint there)"))?;
+    let (mean, std) = match spec.normalisation {
+        Normalisation::Dataset => super::dataset_normalisation(spec.dataset),
+        Normalisation::None => ([0.0; 3], [1.0; 3]),
+    };
+    let model_spec = ModelSpec::new(spec.arch, spec.num_classes, mean, std)?;
+    let tensors = read_state_dict(&spec.input)?;
+    let mut model = Classifier::new(model_spec.clone(), tch::Device::Cpu);
+    checkpoint::copy_named(&mut model, tensors, &spec.input)?;
+    let config = serde_json::json!({
+        "imported_from": spec.input.display().to_string(),
+        "normalisation": format!("{:?}", spec.normalisation).to_lowercase(),
+    });
+    let classes = (0..spec.num_classes).map(|i| i.to_string()).collect();
+    let sidecar = checkpoint::Sidecar::new(
+        model_spec,
+        Some(spec.dataset.as_str().into()),
+        classes,
+        None,
+        config,
+    );
+    checkpoint::save(&model, &sidecar, &spec.out)
+        .with_context(|| format!("cannot write {}", spec.out.display()))?;
+    Ok(Imported {
+        out: spec.out.clone(),
+        arch: spec.arch.to_string(),
+        parameters: model.num_parameters(),
+    })
 }

@@ -7,16 +7,8 @@ mod finetune;
 mod models;
 mod purifier;
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use anyhow::Result;
-use atop::data::augment::Augment;
-use atop::data::loader::{Loader, LoaderConfig};
-use atop::data::{DataConfig, DatasetKind, Split};
-use atop::runtime::synchronize;
 use clap::{Args as ClapArgs, Subcommand};
-use serde::Serialize;
 
 use super::Global;
 
@@ -212,13 +204,6 @@ pub struct DataBenchArgs {
     pub batches: usize,
 }
 
-#[derive(Serialize)]
-struct Row {
-    what: String,
-    value: f64,
-    unit: &'static str,
-}
-
 pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
     match cmd {
         BenchCommand::Data(args) => data::data(args, global),
@@ -230,87 +215,7 @@ pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// Medians of side-by-side timings (rates: higher is faster).
-struct Alternated {
-    ours: f64,
-    theirs: Option<f64>,
-    /// The median of each round's ours / theirs.
-    ratio: Option<f64>,
-}
-
-/// Times atop, then (with `reference`) the reference, back to back in each of `rounds`
-/// rounds: the machine's speed drifts over minutes, so only pairs measured together compare.
-fn alternate(
-    rounds: usize,
-    reference: bool,
-    ours: &mut dyn FnMut() -> Result<f64>,
-    theirs: &mut dyn FnMut() -> Result<f64>,
-) -> Result<Alternated> {
-    let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds.max(1) {
-        let o = ours()?;
-        a.push(o);
-        if reference {
-            let t = theirs()?;
-            b.push(t);
-            ratios.push(o / t);
-        }
-    }
-    Ok(Alternated {
-        ours: median(&a),
-        theirs: reference.then(|| median(&b)),
-        ratio: reference.then(|| median(&ratios)),
-    })
-}
-
-/// Seconds for `steps` calls of `f` after `warmup` untimed ones (CUDA synchronised).
-fn timed(device: tch::Device, warmup: usize, steps: usize, f: &mut dyn FnMut()) -> f64 {
-    for _ in 0..warmup {
-        f();
-    }
-    synchronize(device);
-    let t = Instant::now();
-    for _ in 0..steps {
-        f();
-    }
-    synchronize(device);
-    t.elapsed().as_secs_f64()
-}
-
-/// `bench/reference/<name>` and a command running it with the venv's Python.
-fn reference_script(name: &str) -> (std::path::PathBuf, std::process::Command) {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("bench/reference")
-        .join(name);
-    let mut cmd = std::process::Command::new(atop::runtime::venv_python());
-    cmd.arg(&script);
-    (script, cmd)
-}
-
-/// Runs a reference script; a failure to start or a non-zero exit is an error naming it.
-fn run_reference(
-    script: &std::path::Path,
-    cmd: &mut std::process::Command,
-) -> Result<std::process::Output> {
-    use anyhow::Context;
-    let out = cmd.output().with_context(|| {
-        format!(
-            "cannot run {} (run scripts/setup.sh, or pass --no-reference)",
-            atop::runtime::venv_python().display()
-        )
-    })?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
+/// `--no-reference` as the library's `reference`.
+fn reference(no_reference: bool) -> bool {
+    !no_reference
 }
