@@ -17,6 +17,9 @@
 #               non-empty folder: every file that was there keeps its sha256
 #   wrong-*     resume after the model's weights changed, two trainers in one run folder:
 #               refused
+#   integrity-* run folders: other inputs or settings on resume, two writers on one folder,
+#               outputs missing after a failure, edited results and shards, duplicate budgets,
+#               swapped study stages, epoch and working-size ceilings (docs/reliability.md)
 #   nonsense-*  meaningless values: refused with a message that names the flag or field
 #   colour-*    no ANSI escape codes in stderr when it is a file or a pipe
 #
@@ -253,10 +256,13 @@ cat >"$TOOL" <<'PYEOF'
   png OUT.png SIZE SEED                    a random RGB PNG
   st-permute F                             reverse the shape of F's first rank >= 2 tensor
   st-fill F NAME VALUE                     fill tensor NAME (F32 or I64) with VALUE (nan allowed)
+  st-nudge F                               fill F's last float tensor with 0.01 (other weights)
+  rehash DIR FILE                          rewrite DIR/complete.json's SHA-256 of FILE to match it
+  preds-to-labels RESULTS                  set every attack prediction of a results.json to the label
   st-header-len F                          claim an 8 EiB header
   json-set F PATH JSON                     set F[PATH] (dot-separated, integers index lists)
 """
-import collections, io, json, pickle, random, struct, sys, types, zipfile, zlib
+import collections, io, json, os, pickle, random, struct, sys, types, zipfile, zlib
 
 # torch.save's pickle without torch: stand-in modules make pickle emit the same globals.
 torch = types.ModuleType("torch")
@@ -387,6 +393,26 @@ def main():
         b = bytearray(open(a[0], "rb").read())
         b[:8] = struct.pack("<Q", 1 << 63)
         open(a[0], "wb").write(b)
+    elif cmd == "st-nudge":
+        # the last float tensor filled with 0.01: other weights of the same architecture
+        header, data = read_st(a[0])
+        name = max((k for k, t in header.items() if k != "__metadata__" and t["dtype"] == "F32"),
+                   key=lambda k: header[k]["data_offsets"][0])
+        lo, hi = header[name]["data_offsets"]
+        write_st(a[0], header, data[:lo] + struct.pack("<f", 0.01) * ((hi - lo) // 4) + data[hi:])
+    elif cmd == "rehash":
+        # complete.json's record of a file, rewritten to match it (a careful editor)
+        import hashlib
+        d = json.load(open(os.path.join(a[0], "complete.json")))
+        d["files"][a[1]] = hashlib.sha256(open(os.path.join(a[0], a[1]), "rb").read()).hexdigest()
+        json.dump(d, open(os.path.join(a[0], "complete.json"), "w"))
+    elif cmd == "preds-to-labels":
+        # every attack's predictions set to the label: robust accuracy lifted by an edit
+        d = json.load(open(a[0]))
+        for r in d["records"]:
+            for at in r["attacks"]:
+                at["preds"] = [r["label"]] * len(at["preds"])
+        json.dump(d, open(a[0], "w"), indent=2)
     elif cmd == "json-set":
         d = json.load(open(a[0]))
         *path, last = a[1].split(".")
@@ -746,6 +772,99 @@ probes_wrong_results() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Run integrity (docs/reliability.md, "Run folders"): resumed runs keep their inputs and
+# settings, two writers never share a folder, completion is a recorded fact, read-backs and
+# merges are validated, and studies refuse duplicate budgets and swapped stages.
+
+probes_integrity() {
+  local m=$CLS p=$PUR cmd
+  if selected integrity-resume-after-classifier-changed; then
+    newdir; copy_cls "$D/ck"
+    cmd=(train purifier --preset purifier-demo --epochs 1 --train-subset 64 --eval-subset 8 --classifier ck --out run)
+    run 60 "$D" "${cmd[@]}"
+    if [ "$RC" = 0 ] && py st-nudge "$D/ck/model.safetensors"; then
+      SETUP="trained a purifier with a copy ck/ of the classifier, then changed one tensor of ck/model.safetensors"
+      want_refusal integrity-resume-after-classifier-changed 'classifier.*changed' 60 "$D" train purifier --resume run --epochs 2
+    else result SKIP integrity-resume-after-classifier-changed "base run failed (exit $RC) or could not alter the weights"; fi
+  fi
+  if selected integrity-resume-with-other-setting; then
+    newdir
+    run 60 "$D" train classifier --preset cifar10-demo --epochs 1 --warmup-epochs 0 --train-subset 64 --test-subset 64 --batch-size 32 --out run
+    if [ "$RC" = 0 ]; then
+      SETUP="trained 1 epoch at the preset's label smoothing"
+      want_refusal integrity-resume-with-other-setting '--label-smoothing was' 60 "$D" train classifier --resume run --epochs 2 --label-smoothing 0.3
+    else result SKIP integrity-resume-with-other-setting "base run failed (exit $RC)"; fi
+  fi
+  local small=(eval robust --model "$m" --n 8 --batch-size 4 --attack fgsm --draws 2 --check-points 0)
+  if selected integrity-two-writers-one-folder; then
+    newdir; local d=$D i both=0 bad=""
+    for i in 1 2 3 4 5; do
+      (cd "$d" && exec "$BIN" --threads 1 "${small[@]}" --seed 1 --out "race$i") >/dev/null 2>"$d/.probe-a$i" &
+      local a=$!
+      (cd "$d" && exec "$BIN" --threads 1 "${small[@]}" --seed 2 --out "race$i") >/dev/null 2>"$d/.probe-b$i"
+      local rb=$?; wait "$a"; local ra=$?
+      if [ "$ra" = 0 ] && [ "$rb" = 0 ]; then both=$((both + 1)); fi
+      local want=1; [ "$rb" = 0 ] && want=2
+      grep -q "\"seed\": $want," "$d/race$i/results.json" 2>/dev/null || bad+="race$i holds no whole run of the winner; "
+    done
+    if [ "$both" -gt 0 ]; then result FAIL integrity-two-writers-one-folder "[race] both writers exited 0 in $both of 5"
+    elif [ -n "$bad" ]; then result FAIL integrity-two-writers-one-folder "[race] $bad"
+    else result PASS integrity-two-writers-one-folder "5 races: one writer each, its run whole; the other: $(head -c 150 "$d/.probe-a1" "$d/.probe-b1" | grep -m1 error)"; fi
+  fi
+  if selected integrity-rerun-writes-missing-outputs || selected integrity-edited-results-refused; then
+    newdir; run 60 "$D" "${small[@]}" --out run
+    if [ "$RC" = 0 ]; then
+      rm -f "$D/run/report.md" "$D/run/grid.png"
+      SETUP="a finished evaluation lost report.md and grid.png (a full disk), then the same command again"
+      run 60 "$D" "${small[@]}" --out run
+      if [ "$RC" = 0 ] && [ -f "$D/run/report.md" ] && [ -f "$D/run/grid.png" ]; then
+        result PASS integrity-rerun-writes-missing-outputs "the rerun wrote report.md and grid.png again"
+      else result FAIL integrity-rerun-writes-missing-outputs "[incomplete] exit $RC; report.md $( [ -f "$D/run/report.md" ] && echo there || echo missing), grid.png $( [ -f "$D/run/grid.png" ] && echo there || echo missing)"; fi
+      py json-set "$D/run/results.json" n 9
+      SETUP="a finished evaluation's results.json edited (n 8 -> 9), then the same command again"
+      want_refusal integrity-edited-results-refused 'results.json.*changed' 60 "$D" "${small[@]}" --out run
+    else result SKIP integrity-rerun-writes-missing-outputs "base run failed (exit $RC)"; fi
+  fi
+  if selected integrity-merge-; then
+    newdir; run 60 "$D" "${small[@]}" --shard 0/2 --out s0; local r0=$RC
+    run 60 "$D" "${small[@]}" --shard 1/2 --out s1
+    if [ "$r0" = 0 ] && [ "$RC" = 0 ]; then
+      cp "$D/s0/results.json" "$D/.probe-s0"
+      tamper_merge() { # NAME PATTERN EDIT...
+        local name=$1 pat=$2; shift 2
+        selected "$name" || return 0
+        cp "$D/.probe-s0" "$D/s0/results.json"; "$@"; py rehash "$D/s0" results.json
+        SETUP="shard 0's results.json: $*; complete.json rehashed to match"
+        want_refusal "$name" "$pat" 30 "$D" eval merge s0 s1 --out "m-$name"
+      }
+      tamper_merge integrity-merge-short-record 'predictions for R' py json-set "$D/s0/results.json" records.0.attacks.0.preds '[0]'
+      tamper_merge integrity-merge-preds-set-to-labels 'differ from those of its records' py preds-to-labels "$D/s0/results.json"
+      tamper_merge integrity-merge-class-out-of-range 'outside the' py json-set "$D/s0/results.json" records.0.clean.preds.0 99
+      tamper_merge integrity-merge-index-out-of-range 'dataset index' py json-set "$D/s0/results.json" records.0.index 99999999
+      tamper_merge integrity-merge-beyond-eps '> eps' py json-set "$D/s0/results.json" records.0.perturbation_norms.0 0.5
+    else result SKIP integrity-merge-short-record "the shards failed (exit $r0, $RC)"; fi
+  fi
+  if selected integrity-study-duplicate-budgets || selected integrity-study-swapped-stages; then
+    newdir
+    printf 'description = "probe"\n[classifier]\ncheckpoint = "%s"\n[purifier]\ncheckpoint = "%s"\n[atop]\ncheckpoint = "%s"\n[eval]\neps = ["8/255", "16/510"]\n' \
+      "$CLS_CK" "$PUR_CK" "$PUR_CK" >"$D/twice.toml"
+    selected integrity-study-duplicate-budgets &&
+      want_refusal integrity-study-duplicate-budgets 'each budget once' 30 "$D" run --config twice.toml --out study
+    sed 's:"16/510"::; s:, \]:]:' "$D/twice.toml" >"$D/swapped.toml"
+    selected integrity-study-swapped-stages &&
+      want_refusal integrity-study-swapped-stages 'not fine-tuned by AToP' 30 "$D" run --config swapped.toml --out study2
+  fi
+  local bad
+  bad() { # NAME PATTERN ARGS...
+    local name=integrity-$1 pat=$2; shift 2
+    selected "$name" || return 0
+    newdir; want_refusal "$name" "$pat" 30 "$D" "$@"
+  }
+  bad ceiling-epochs 'epochs = 1000000: at most' train classifier --preset cifar10-demo --epochs 1000000 --train-subset 64 --out run
+  bad ceiling-work-size 'work.size.*1024' purifier info --width 16 --work-size 4096
+}
+
+# ---------------------------------------------------------------------------------------------
 # Accepted nonsense: meaningless values must be refused with a message naming the flag/field.
 
 probes_nonsense() {
@@ -842,6 +961,7 @@ probes_import
 probes_hangs
 probes_data_loss
 probes_wrong_results
+probes_integrity
 probes_nonsense
 probes_colour
 

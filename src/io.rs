@@ -80,6 +80,29 @@ pub fn read_json_opt<T: serde::de::DeserializeOwned>(path: &Path, what: &str) ->
     read_json(path, what).map(Some)
 }
 
+/// The byte count and digest of a file, read in 1 MiB blocks (any `Digest`: MD5, SHA-256).
+pub fn digest_file<D: sha2::Digest>(path: &Path) -> Result<(u64, Vec<u8>)> {
+    use std::io::Read;
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = D::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, hasher.finalize().to_vec()))
+}
+
+/// The lock file of a run folder (see `crate::folder::lock`): every writer's own.
+pub const LOCK: &str = ".lock";
+
 /// Refuses an output folder that holds anything but `own` entries (the names this command
 /// writes, `*` matching any run of characters; a `/`-suffixed name is a folder): a command
 /// never writes into another command's results, a checkpoint or its own inputs. A missing or
@@ -95,6 +118,9 @@ pub fn check_output_dir(dir: &Path, own: &[&str], flag: &str) -> Result<()> {
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name == LOCK {
+            continue;
+        }
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         let unfinished = name.strip_suffix(".tmp");
         let mine = own.iter().any(|pattern| match pattern.strip_suffix('/') {

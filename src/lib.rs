@@ -3,7 +3,7 @@
 //!
 //! The modules read as the pipeline: `data -> models -> transforms -> purifier -> attacks ->
 //! train -> eval -> report -> study` (`atop run`: every stage in one command), with `runtime`
-//! (device, threads) underneath, `bench` (timings against the PyTorch references) on the
+//! (device, threads), `io` and `folder` (the rule every run folder follows) underneath, `bench` (timings against the PyTorch references) on the
 //! floor of `study`, and the CLI on top.
 
 pub mod attacks;
@@ -11,6 +11,7 @@ pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod figures;
+pub mod folder;
 pub mod io;
 pub mod models;
 pub mod progress;

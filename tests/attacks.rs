@@ -1639,3 +1639,167 @@ fn bad_input_is_refused_and_nothing_foreign_is_overwritten() {
     refused(&args, "different settings");
     assert_eq!(std::fs::read(out.join("results.json")).unwrap(), before);
 }
+
+/// The run-folder rule on `eval robust` (a second writer, completion, read-back, merge): two
+/// writers of other settings started together on one folder, 20 times, never both exit 0 and
+/// always leave the winner's whole run; a finished folder missing outputs is completed by a
+/// rerun; edited results are refused by name, as are edited or damaged shards in a merge.
+#[test]
+fn run_folders_are_locked_complete_and_validated() {
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let small = |seed: &'static str| -> Vec<&'static str> {
+        vec![
+            "--attack",
+            "fgsm,pgd",
+            "--steps",
+            "2",
+            "--n",
+            "16",
+            "--batch-size",
+            "8",
+            "--check-points",
+            "0",
+            "--seed",
+            seed,
+        ]
+    };
+    for i in 0..20 {
+        let dir = tmp.path().join(format!("race{i}"));
+        let spawn = |seed| {
+            robust_cmd(&dir, &small(seed))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn("1"), spawn("2"));
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        let ok = [a.status.success(), b.status.success()];
+        let errs = [
+            String::from_utf8_lossy(&a.stderr).into_owned(),
+            String::from_utf8_lossy(&b.stderr).into_owned(),
+        ];
+        assert!(ok[0] != ok[1], "iteration {i}: exit 0 = {ok:?}: {errs:?}");
+        let winner = if ok[0] { 1 } else { 2 };
+        let loser = &errs[usize::from(ok[0])];
+        assert!(
+            loser.contains("in use by another atop process")
+                || loser.contains("different settings")
+                || loser.contains("holds no robust evaluation"),
+            "iteration {i}: {loser}"
+        );
+        let results: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+        assert_eq!(results["config"]["seed"], winner, "iteration {i}");
+        let complete: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("complete.json")).unwrap()).unwrap();
+        for name in ["results.json", "report.md", "records.csv", "grid.png"] {
+            assert!(complete["files"][name].is_string(), "{name} not recorded");
+            assert!(dir.join(name).exists(), "iteration {i}: {name} missing");
+        }
+    }
+    // What a disk-full failure leaves (outputs missing): the rerun writes them again.
+    let done = tmp.path().join("race0");
+    let seed = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(done.join("results.json")).unwrap(),
+    )
+    .unwrap()["config"]["seed"]
+        .to_string();
+    let seed: &'static str = Box::leak(seed.into_boxed_str());
+    std::fs::remove_file(done.join("report.md")).unwrap();
+    std::fs::remove_file(done.join("grid.png")).unwrap();
+    run_json(&mut robust_cmd(&done, &small(seed)));
+    assert!(done.join("report.md").exists() && done.join("grid.png").exists());
+    // A finished results.json edited afterwards is refused by name, never printed.
+    let path = done.join("results.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("\"n\": 16", "\"n\": 17", 1)).unwrap();
+    let out = robust_cmd(&done, &small(seed)).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("results.json") && err.contains("changed"),
+        "{err}"
+    );
+
+    // Shards: merged when whole, refused by name when edited (even with a matching
+    // complete.json) or damaged, never a panic.
+    let shard = |i: usize| {
+        let dir = tmp.path().join(format!("shard{i}"));
+        let spec = format!("{i}/2");
+        let mut a = small("3");
+        a.extend(["--draws", "2", "--shard", Box::leak(spec.into_boxed_str())]);
+        run_json(&mut robust_cmd(&dir, &a));
+        dir
+    };
+    let (s0, s1) = (shard(0), shard(1));
+    let merge = |out: &str| {
+        atop()
+            .args(["--json", "eval", "merge"])
+            .arg(&s0)
+            .arg(&s1)
+            .arg("--out")
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap()
+    };
+    assert!(merge("whole").status.success());
+    let original = std::fs::read_to_string(s0.join("results.json")).unwrap();
+    let tamper = |edit: &dyn Fn(&mut serde_json::Value), rehash: bool| {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        edit(&mut v);
+        let text = serde_json::to_string_pretty(&v).unwrap();
+        std::fs::write(s0.join("results.json"), &text).unwrap();
+        if rehash {
+            let mut c: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(s0.join("complete.json")).unwrap()).unwrap();
+            use sha2::{Digest, Sha256};
+            let h: String = Sha256::digest(text.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            c["files"]["results.json"] = h.into();
+            std::fs::write(s0.join("complete.json"), c.to_string()).unwrap();
+        }
+    };
+    let refused = |name: &str, expect: &str| {
+        let out = merge(name);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: merged");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert!(err.contains(expect), "{name}: {err}");
+    };
+    let label_everywhere = |v: &mut serde_json::Value| {
+        for r in v["records"].as_array_mut().unwrap() {
+            let label = r["label"].clone();
+            for a in r["attacks"].as_array_mut().unwrap() {
+                for p in a["preds"].as_array_mut().unwrap() {
+                    *p = label.clone();
+                }
+            }
+        }
+    };
+    tamper(&label_everywhere, false);
+    refused("edited", "changed since the run finished");
+    tamper(&label_everywhere, true);
+    refused("edited-rehashed", "differ from those of its records");
+    tamper(
+        &|v| {
+            v["records"][0]["attacks"][0]["preds"]
+                .as_array_mut()
+                .unwrap()
+                .pop();
+        },
+        true,
+    );
+    refused("short", "predictions for R = 2 draws");
+    tamper(&|v| v["records"][0]["clean"]["preds"][0] = 99.into(), true);
+    refused("classes", "outside the 10 classes");
+    tamper(&|v| v["records"][0]["index"] = 123456.into(), true);
+    refused("index", "names dataset index 123456");
+    tamper(
+        &|v| v["records"][0]["perturbation_norms"][0] = 0.5.into(),
+        true,
+    );
+    refused("eps", "> eps");
+}

@@ -601,6 +601,154 @@ fn atop_cmd(out: &Path) -> Command {
     cmd
 }
 
+/// A resumed AToP run continues only on the inputs and settings it began with: other weights
+/// at its classifier's recorded path, or another lambda, are refused by name; more epochs are
+/// a change recorded from the epoch it resumed after.
+#[test]
+fn a_resumed_atop_run_keeps_its_inputs_and_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cls = tmp.path().join("classifier");
+    std::fs::create_dir(&cls).unwrap();
+    let src = atop::models::checkpoint::resolve(classifier()).unwrap();
+    for f in ["model.safetensors", "model.json"] {
+        std::fs::copy(src.join(f), cls.join(f)).unwrap();
+    }
+    let pur = tmp.path().join("pur");
+    let copy_purifier = |to: &Path| {
+        std::fs::create_dir(to).unwrap();
+        let from = purifier::resolve(trained()).unwrap();
+        for e in std::fs::read_dir(&from).unwrap().flatten() {
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    };
+    copy_purifier(&pur);
+    // Started with paths relative to its working directory: recorded absolute.
+    let run = tmp.path().join("run");
+    run_ok(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .current_dir(tmp.path())
+            .args([
+                "--quiet",
+                "--threads",
+                "2",
+                "train",
+                "atop",
+                "--preset",
+                "atop-demo",
+            ])
+            .args([
+                "--epochs",
+                "1",
+                "--train-subset",
+                "64",
+                "--eval-subset",
+                "8",
+            ])
+            .args(["--eval-steps", "1", "--eval-eot", "1"])
+            .args([
+                "--classifier",
+                "classifier",
+                "--purifier",
+                "pur",
+                "--out",
+                "run",
+            ]),
+    );
+    let resume = |extra: &[&str]| {
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["--quiet", "train", "atop", "--resume"])
+            .arg(&run)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = |extra: &[&str], expect: &str| {
+        let out = resume(extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(expect),
+            "{extra:?}: {err}"
+        );
+    };
+    refused(
+        &["--lambda", "0.9", "--epochs", "2"],
+        "--lambda was 0.1 when the run started, now 0.9",
+    );
+    let weights = cls.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let other: Vec<(String, Tensor)> = Tensor::read_safetensors(&weights)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if t.is_floating_point() { t + 0.01 } else { t };
+            (n, t)
+        })
+        .collect();
+    Tensor::write_safetensors(&other, &weights).unwrap();
+    refused(
+        &["--epochs", "2"],
+        "input --classifier changed since the run started",
+    );
+    std::fs::write(&weights, original).unwrap();
+    run_ok(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["--quiet", "train", "atop", "--resume"])
+            .arg(&run)
+            .args(["--epochs", "2"]),
+    );
+    let changes: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("changes.json")).unwrap()).unwrap();
+    assert_eq!(changes[0]["setting"], "epochs");
+    assert_eq!(
+        (changes[0]["was"].clone(), changes[0]["now"].clone()),
+        (1.into(), 2.into())
+    );
+    assert_eq!(changes[0]["after_epoch"], 1);
+
+    // Interpolated from another working directory that holds another `pur`: the start is the
+    // one the run recorded (absolute), not the decoy of the same relative name.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    copy_purifier(&other.join("pur"));
+    let g = other.join("pur/generator.safetensors");
+    let moved: Vec<(String, Tensor)> = Tensor::read_safetensors(&g)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, if t.is_floating_point() { t + 0.01 } else { t }))
+        .collect();
+    Tensor::write_safetensors(&moved, &g).unwrap();
+    let mixed = tmp.path().join("mixed");
+    run_ok(
+        atop()
+            .current_dir(&other)
+            .args([
+                "--quiet",
+                "purifier",
+                "interpolate",
+                "--alpha",
+                "0.5",
+                "--tuned",
+            ])
+            .arg(&run)
+            .arg("--out")
+            .arg(&mixed),
+    );
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(mixed.join(purifier::SIDECAR)).unwrap())
+            .unwrap();
+    let start = &sidecar["interpolation"]["start"];
+    assert_eq!(start.as_str().unwrap(), pur.to_str().unwrap(), "{sidecar}");
+    assert!(
+        sidecar["interpolation"]["start_sha256"].is_string(),
+        "{sidecar}"
+    );
+}
+
 #[test]
 fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -852,4 +1000,38 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("keeps its classifier"));
+}
+
+/// The run-integrity probes of scripts/probe.sh (`integrity-*`: resumes with other inputs or
+/// settings, two writers, missing outputs, edited results and shards, duplicate budgets,
+/// swapped study stages, ceilings) on this suite's classifier and purifier: every one passes.
+#[test]
+fn the_run_integrity_probes_pass() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(root.join("scripts/probe.sh"))
+        .current_dir(root)
+        .env("ATOP", env!("CARGO_BIN_EXE_atop"))
+        .env("ATOP_DATA_DIR", data_dir())
+        .env("PROBE_FILTER", "^integrity-")
+        .env("PROBE_CLASSIFIER", classifier())
+        .env("PROBE_PURIFIER", trained())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passed = text
+        .lines()
+        .filter(|l| l.starts_with("PASS integrity-"))
+        .count();
+    assert!(
+        passed >= 14,
+        "only {passed} integrity probes passed:\n{text}"
+    );
+    assert!(!text.lines().any(|l| l.starts_with("SKIP")), "{text}");
 }

@@ -227,6 +227,19 @@ fn a_study_trains_every_stage_resumes_and_reports_both_defended_models() {
     let mut r = results("atop-eps8");
     r["config"]["seed"] = serde_json::json!(6);
     std::fs::write(reseeded.join("results.json"), r.to_string()).unwrap();
+    // Recorded complete, so that it is the comparison that refuses it.
+    let hash: String = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(r.to_string().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    std::fs::write(
+        reseeded.join("complete.json"),
+        serde_json::json!({ "files": { "results.json": hash } }).to_string(),
+    )
+    .unwrap();
     let refused = atop()
         .args(["eval", "compare"])
         .arg(out.join("eval/pretrained-eps8"))
@@ -279,6 +292,52 @@ fn a_study_trains_every_stage_resumes_and_reports_both_defended_models() {
     }
     assert_eq!(rows(&summary2), got);
     assert!(!out2.join("atop").exists(), "a given stage was trained");
+
+    // Stages given the wrong way round: each checkpoint records whether AToP fine-tuned it.
+    let swapped = format!(
+        "[classifier]\ncheckpoint = \"{}\"\n[purifier]\ncheckpoint = \"{}\"\n[atop]\ncheckpoint = \"{}\"\n",
+        out.join("classifier").display(),
+        out.join("atop").display(),
+        out.join("purifier").display()
+    );
+    let swapped_cfg = study(tmp.path(), "swapped.toml", &swapped);
+    let o = run_cmd(&swapped_cfg, &tmp.path().join("swapped"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is fine-tuned by AToP"),
+        "{err}"
+    );
+
+    // The same folder spelled otherwise is the same study: read back, nothing changed.
+    let spelled = out
+        .parent()
+        .unwrap()
+        .join(".")
+        .join(out.file_name().unwrap());
+    let again = run_json(&mut run_cmd(&config, &spelled));
+    assert_eq!(rows(&again), got);
+    assert!(
+        files(&out) == before,
+        "another spelling of --out changed the study"
+    );
+
+    // Other weights in the classifier stage: refused by name instead of the stages trained on
+    // the old ones being kept.
+    let ckpt = atop::models::checkpoint::resolve(&out.join("classifier")).unwrap();
+    let weights = ckpt.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, bytes).unwrap();
+    let o = run_cmd(&config, &out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    // (The classifier stage's own record of its finished checkpoint refuses it first.)
+    assert!(
+        !o.status.success() && err.contains("changed since the run") && err.contains("classifier"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -302,6 +361,22 @@ fn bad_studies_fail_before_any_work() {
         assert!(err.contains(expect), "{err}");
         assert!(!out.exists(), "a refused study left {}", out.display());
     }
+    // One budget twice (8/255 = 16/510): refused before any work.
+    let config = tmp.path().join("twice.toml");
+    std::fs::write(
+        &config,
+        STUDY
+            .replace("{STAGES}", TRAINED)
+            .replace(r#"eps = ["8/255"]"#, r#"eps = ["8/255", "16/510"]"#),
+    )
+    .unwrap();
+    let o = run_cmd(&config, &out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("give each budget once"),
+        "{err}"
+    );
+    assert!(!out.exists());
     let o = atop()
         .args(["run", "--preset", "cpu-1min"])
         .output()

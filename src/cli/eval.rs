@@ -267,7 +267,6 @@ fn print_robust(
 }
 
 fn merge(a: MergeArgs, global: &Global) -> Result<()> {
-    use anyhow::Context;
     if a.out.exists() && std::fs::read_dir(&a.out)?.next().is_some() {
         anyhow::bail!(
             "{} is not empty: choose a new folder for the merged results",
@@ -275,8 +274,7 @@ fn merge(a: MergeArgs, global: &Global) -> Result<()> {
         );
     }
     let merged = atop::eval::run::merge_results(&a.shards)?;
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let _lock = atop::folder::lock(&a.out)?;
     let written = atop::report::robust::write_results(&a.out, &merged)?;
     print_robust(&merged, &written, global)
 }

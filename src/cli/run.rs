@@ -37,6 +37,7 @@ pub fn run(a: RunArgs, global: &Global) -> Result<()> {
     let out = a
         .out
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("study-{name}")));
+    let out = atop::folder::absolute(&out);
     let plan = StudyPlan::new(&cfg, &out)?;
     let summary = atop::study::run(&plan, &out, global.device)?;
     if global.json {

@@ -189,21 +189,8 @@ fn fetch_to(url: &str, part: &Path) -> Result<(u64, String)> {
 
 /// Size and MD5 of a file on disk.
 pub fn md5_file(path: &Path) -> Result<(u64, String)> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Md5::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut bytes = 0;
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
-    }
-    Ok((bytes, hex(&hasher.finalize())))
+    let (bytes, digest) = crate::io::digest_file::<Md5>(path)?;
+    Ok((bytes, hex(&digest)))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -156,6 +156,15 @@ impl DataConfig {
     }
 
     /// The root to read: the explicit one, or the first known name found in `$ATOP_DATA_DIR`.
+    /// The same settings with `root` absolute: what a run records (never a path relative to
+    /// the working directory it was started from).
+    pub fn absolute(&self) -> DataConfig {
+        DataConfig {
+            root: self.root.as_deref().map(crate::folder::absolute),
+            ..self.clone()
+        }
+    }
+
     pub fn resolve_root(&self) -> Result<PathBuf> {
         if let Some(root) = &self.root {
             return Ok(root.clone());
@@ -279,6 +288,20 @@ pub struct ImageSet {
 }
 
 impl ImageSet {
+    /// SHA-256 of the images and labels (sizes, pixels, labels, class names): what identifies
+    /// a run's data whatever folder or archive it was read from.
+    pub fn sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!("{}x{}x{}", self.len(), self.height, self.width).as_bytes());
+        h.update(&self.pixels);
+        for l in &self.labels {
+            h.update(l.to_le_bytes());
+        }
+        h.update(self.classes.join("\n").as_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }

@@ -220,6 +220,7 @@ pub fn attack_into(
     out: &Path,
 ) -> Result<AttackRun> {
     crate::io::check_output_dir(out, OUTPUTS, "`out`")?;
+    let _lock = crate::folder::lock(out)?;
     let pipeline = target.model()?;
     let model: &dyn Model = &pipeline;
     if model.is_stochastic() && settings.eot == 1 {

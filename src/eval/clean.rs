@@ -94,6 +94,8 @@ pub fn clean_into(
     if own_folder {
         crate::io::check_output_dir(out, &["eval-clean-*.json", "confusion-*.png"], "`out`")?;
     }
+    // Beside a model that may be a training run's: wait for no trainer, refuse instead.
+    let _lock = crate::folder::lock(out)?;
     let json = out.join(format!("eval-clean-{tag}.json"));
     let png = out.join(format!("confusion-{tag}.png"));
     grid::save_png(&plot::confusion_matrix(&report.confusion, &names), &png)?;

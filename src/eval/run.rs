@@ -55,18 +55,25 @@ pub fn evaluate_into(
     use super::robust::{Points, Surrogates, evaluate};
     use crate::models::Model;
     super::state::check_output_dir(out)?;
+    let lock = crate::folder::lock(out)?;
     // A finished evaluation of this very model, data and settings is read back as it is (its
     // timings and provenance kept); the config holds the weights' and images' content hashes.
+    // Finished means recorded complete (every output there and unchanged); otherwise the
+    // engine resumes from its state and every output is written again.
     let path = out.join(RESULTS);
     if let Some(done) = crate::io::read_json_opt::<RobustResults>(&path, "robust results")?
         && done.evaluation.config == *config
         && done.evaluation.shard == shard
+        && crate::folder::Complete::verify(out)?
     {
+        super::state::validate(&done.evaluation, &path)?;
         return Ok(Run {
             results: done,
             x_adv: None,
+            lock: Some(lock),
         });
     }
+    crate::folder::Complete::clear(out)?;
     let pipeline = target.model()?;
     config.validate()?;
     for spec in &config.attacks {
@@ -119,18 +126,31 @@ pub fn evaluate_into(
     Ok(Run {
         results,
         x_adv: Some(x_adv),
+        lock: Some(lock),
     })
 }
 
-/// Reads the `results.json` of a finished evaluation (or shard) in `dir`.
+/// Reads the `results.json` of a finished evaluation (or shard) in `dir`: recorded complete
+/// (every output there, unchanged) and consistent with its records ([`super::state::validate`]).
 pub fn read_results(dir: &Path) -> Result<RobustResults> {
-    crate::io::read_json(
-        &dir.join(RESULTS),
+    let path = dir.join(RESULTS);
+    let results: RobustResults = crate::io::read_json(
+        &path,
         "the results of a finished atop eval robust (or shard)",
-    )
+    )?;
+    if !crate::folder::Complete::verify(dir)? {
+        anyhow::bail!(
+            "{}: not a finished evaluation ({} missing, or an output it lists): finish it first (rerun the same atop eval robust)",
+            dir.display(),
+            crate::folder::COMPLETE
+        );
+    }
+    super::state::validate(&results.evaluation, &path)?;
+    Ok(results)
 }
 
-/// The shards' results as one evaluation, with the first shard's provenance.
+/// The shards' results as one evaluation, with the first shard's provenance; each shard read
+/// with [`read_results`] (finished, validated).
 pub fn merge_results(dirs: &[PathBuf]) -> Result<RobustResults> {
     let mut parts = Vec::new();
     let mut provenance = None;
@@ -152,6 +172,8 @@ pub struct Run {
     /// The adversarial images (one tensor per attack, points in record order) when this call
     /// computed the evaluation; None when it read back a finished one.
     pub x_adv: Option<Vec<Tensor>>,
+    /// The folder's lock, held until the caller has written the outputs.
+    pub lock: Option<crate::folder::Lock>,
 }
 
 /// Writes `results.json` into `out` atomically; returns its path.

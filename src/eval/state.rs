@@ -55,10 +55,12 @@ pub fn check_output_dir(out: &Path) -> Result<()> {
             "report.md",
             "grid.png",
             "checks.png",
+            crate::folder::COMPLETE,
         ],
         "`out`",
     )?;
-    let occupied = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    let occupied = std::fs::read_dir(out)
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != crate::folder::LOCK)));
     if occupied && !out.join(STATE).exists() {
         bail!(
             "{} is not empty and holds no robust evaluation to resume: choose another `out`",
@@ -68,8 +70,150 @@ pub fn check_output_dir(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks a read-back evaluation (`file`) against what the engine guarantees: one record per
+/// point, each at its position with that point's dataset index, a label and R predictions per
+/// draw within the classes for the clean image and every attack, perturbation norms within eps,
+/// and scores, worst case and checks equal to those recomputed from the records. What this
+/// cannot see (records edited together with every score derived from them) the SHA-256 of
+/// `results.json` in `complete.json` makes visible.
+pub fn validate(e: &RobustEvaluation, file: &Path) -> Result<()> {
+    let bad = |what: String| -> Result<()> {
+        bail!(
+            "{}: {what}: not what atop eval robust writes (edited or damaged); rerun the evaluation",
+            file.display()
+        )
+    };
+    let cfg = &e.config;
+    let (draws, attacks, classes) = (cfg.draws, cfg.attacks.len(), e.classes as i64);
+    if e.records.len() != e.n {
+        return bad(format!("{} records for n = {}", e.records.len(), e.n));
+    }
+    if e.attacks.len() != attacks {
+        return bad(format!(
+            "{} attack results for {attacks} attacks",
+            e.attacks.len()
+        ));
+    }
+    let eps = cfg.settings.budget.eps;
+    let mut seen = vec![false; e.indices.len()];
+    for r in &e.records {
+        let at = format!("the record of position {}", r.position);
+        match seen.get_mut(r.position) {
+            Some(s) if !*s => *s = true,
+            Some(_) => return bad(format!("{at} is there twice")),
+            None => return bad(format!("{at} is outside the {} points", e.indices.len())),
+        }
+        if e.indices[r.position] != r.index {
+            return bad(format!(
+                "{at} names dataset index {}, the points list {}",
+                r.index, e.indices[r.position]
+            ));
+        }
+        if !(0..classes).contains(&r.label) {
+            return bad(format!(
+                "{at} has label {} outside the {classes} classes",
+                r.label
+            ));
+        }
+        if r.attacks.len() != attacks || r.perturbation_norms.len() != attacks {
+            return bad(format!(
+                "{at} holds {} attacks and {} norms for {attacks} attacks",
+                r.attacks.len(),
+                r.perturbation_norms.len()
+            ));
+        }
+        if !r.claimed.is_empty() && r.claimed.len() != attacks {
+            return bad(format!(
+                "{at} holds {} claims for {attacks} attacks",
+                r.claimed.len()
+            ));
+        }
+        for d in std::iter::once(&r.clean).chain(&r.attacks) {
+            if d.preds.len() != draws {
+                return bad(format!(
+                    "{at} holds {} predictions for R = {draws} draws",
+                    d.preds.len()
+                ));
+            }
+            if let Some(p) = d.preds.iter().find(|p| !(0..classes).contains(*p)) {
+                return bad(format!(
+                    "{at} predicts class {p}, outside the {classes} classes"
+                ));
+            }
+        }
+        if let Some(v) = r
+            .perturbation_norms
+            .iter()
+            .find(|v| !(v.is_finite() && **v <= eps * (1.0 + 1e-5) + 1e-6))
+        {
+            return bad(format!("{at} has a perturbation of norm {v} > eps {eps}"));
+        }
+    }
+    let again = assemble(Parts {
+        config: e.config.clone(),
+        shard: e.shard,
+        indices: e.indices.clone(),
+        stochastic: e.stochastic,
+        max_logit_change: e.max_logit_change,
+        declared_stochastic: e.declared_stochastic,
+        classes: e.classes,
+        records: e.records.clone(),
+        per_attack: e.attacks.iter().map(|a| (a.grad, a.seconds)).collect(),
+        curves: e.curves.clone(),
+        seconds: e.seconds,
+    });
+    let same = |a: &dyn erased::Json, b: &dyn erased::Json| erased::close(&a.json(), &b.json());
+    if !same(&e.clean, &again.clean) || !same(&e.worst_case, &again.worst_case) {
+        return bad("its clean or worst-case scores differ from those of its records".into());
+    }
+    for (a, b) in e.attacks.iter().zip(&again.attacks) {
+        if !same(&a.scores, &b.scores) {
+            return bad(format!(
+                "the scores of {} differ from those of its records",
+                a.attack
+            ));
+        }
+    }
+    if !same(&e.checks, &again.checks) {
+        return bad("its checks differ from those recomputed from its records".into());
+    }
+    Ok(())
+}
+
+/// Serialisable values compared by their JSON, numbers to 1e-12 relative (serde_json's
+/// default float parser may read a written float back one unit in the last place off).
+mod erased {
+    use serde_json::Value;
+
+    pub trait Json {
+        fn json(&self) -> Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> Value {
+            serde_json::to_value(self).unwrap_or(Value::Null)
+        }
+    }
+
+    pub fn close(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+                (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+                _ => x == y,
+            },
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| close(x, y))
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w)))
+            }
+            _ => a == b,
+        }
+    }
+}
+
 /// The whole evaluation from all its shards (any order): the same records, scores and checks
-/// as an unsharded run; gradient statistics and seconds are summed.
+/// as an unsharded run; gradient statistics and seconds are summed. Each shard is validated
+/// first (see [`validate`]); `dirs` name them in errors.
 pub fn merge(mut shards: Vec<RobustEvaluation>) -> Result<RobustEvaluation> {
     let Some(first) = shards.first() else {
         bail!("nothing to merge");

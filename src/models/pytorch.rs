@@ -605,6 +605,7 @@ pub fn import(spec: &ImportSpec) -> anyhow::Result<Imported> {
     };
     crate::io::check_output_dir(&spec.out, own, "`out`")
         .map_err(|e| anyhow::anyhow!("{e:#} (or pass `force` to replace a checkpoint there)"))?;
+    let _lock = crate::folder::lock(&spec.out)?;
     let (mean, std) = match spec.normalisation {
         Normalisation::Dataset => super::dataset_normalisation(spec.dataset),
         Normalisation::None => ([0.0; 3], [1.0; 3]),

@@ -235,7 +235,6 @@ fn output_dir(job: &PurifyJob, kinds: &[TransformKind]) -> Result<PathBuf> {
             input.display()
         );
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     Ok(out)
 }
 
@@ -280,6 +279,7 @@ pub fn purify_into(job: &PurifyJob, device: Device) -> Result<(PathBuf, PurifyRe
     let classifier = load_classifier(job, device)?;
     let images = load_images(job, &sidecar, classifier.as_ref())?;
     let out = output_dir(job, &kinds)?;
+    let _lock = crate::folder::lock(&out)?;
     let mut results = Vec::new();
     let mut clean = None;
     for kind in kinds {

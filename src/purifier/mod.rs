@@ -195,7 +195,9 @@ impl PurifierConfig {
 
 /// Bounds that keep a typo from allocating the machine away.
 pub const MAX_WIDTH: usize = 1024;
-const MAX_WORK_SIZE: usize = 4096;
+/// 1024 px: four times the paper's 256 (ImageNet-scale purification); one 4096 px image through
+/// the paper's generator would need tens of GiB of activations.
+pub const MAX_WORK_SIZE: usize = 1024;
 
 /// The JSON sidecar of a purifier checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,6 +235,11 @@ pub struct Interpolation {
     pub tuned: String,
     /// How far along the line from start (0) to tuned (1).
     pub alpha: f64,
+    /// SHA-256 of the start's and the tuned checkpoint's folders (absent before 2026-12-07).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuned_sha256: Option<String>,
 }
 
 impl PurifierSidecar {
@@ -650,6 +657,15 @@ pub fn write_interpolated(
             )
         })?,
     };
+    // Recorded before AToP recorded its paths absolute: relative to a working directory that
+    // is not known; refused rather than guessed.
+    if !start.is_absolute() {
+        bail!(
+            "{}: its description records its fine-tuning start as {}, relative to the folder the run was started from, which is not known: name the start with `start`",
+            tuned.display(),
+            start.display()
+        );
+    }
     let (early, early_sidecar) = load(&start, Device::Cpu)
         .with_context(|| format!("the start of the interpolation, {}", start.display()))?;
     if (early_sidecar.dataset.as_ref(), early_sidecar.image_size)
@@ -686,18 +702,28 @@ pub fn write_interpolated(
         }
     }
     let record = Interpolation {
-        start: source(&start)?.display().to_string(),
-        tuned: source(tuned)?.display().to_string(),
+        start: crate::folder::absolute(&source(&start)?)
+            .display()
+            .to_string(),
+        tuned: crate::folder::absolute(&source(tuned)?)
+            .display()
+            .to_string(),
         alpha,
+        start_sha256: Some(crate::folder::folder_sha256(&resolve(&start)?)?),
+        tuned_sha256: Some(crate::folder::folder_sha256(&resolve(tuned)?)?),
     };
     // A folder holding only these files is an earlier write of this command: an unfinished
     // one (no description yet, written last) is redone, a finished one of the same
     // interpolation is the result, any other purifier is kept.
     crate::io::check_output_dir(out, &[GENERATOR, DISCRIMINATOR, SIDECAR], "`out`")?;
+    let _lock = crate::folder::lock(out)?;
     if out.join(SIDECAR).exists() {
         let earlier = read_sidecar(out)?.interpolation;
+        // The same inputs by content (and where they were read), the same alpha.
         if earlier.as_ref().is_some_and(|e| {
             (e.start.as_str(), e.tuned.as_str()) == (&record.start, &record.tuned)
+                && (&e.start_sha256, &e.tuned_sha256)
+                    == (&record.start_sha256, &record.tuned_sha256)
                 && (e.alpha - alpha).abs() < 1e-12
         }) {
             return Ok(record);
@@ -1131,6 +1157,14 @@ mod tests {
                 ..Default::default()
             })
             .contains("multiple of 8")
+        );
+        // 4096 px would need tens of GiB of activations per image: above the ceiling.
+        assert!(
+            err(PurifierConfig {
+                work_size: Some(4096),
+                ..Default::default()
+            })
+            .contains("up to 1024")
         );
         let rt2 = TransformConfig::default();
         let e = PurifierConfig::default()

@@ -361,7 +361,8 @@ pub fn curves_png(e: &RobustEvaluation) -> Option<image::RgbImage> {
 }
 
 /// Writes `records.csv`, `report.md` and `checks.png` into `out`, each atomically, then
-/// `results.json` (last: a folder with it is finished); returns the path of `results.json`.
+/// `results.json`, then `complete.json` (each output's SHA-256, grid.png's where it was
+/// written first: the record that the folder is finished); returns the path of `results.json`.
 pub fn write_results(out: &Path, results: &RobustResults) -> Result<PathBuf> {
     let e = &results.evaluation;
     let write_text = |name: &str, text: String| {
@@ -372,10 +373,18 @@ pub fn write_results(out: &Path, results: &RobustResults) -> Result<PathBuf> {
     };
     write_text("records.csv", csv(e))?;
     write_text("report.md", markdown(e, &results.provenance))?;
+    let mut files = vec!["records.csv", "report.md", crate::eval::run::RESULTS];
     if let Some(img) = curves_png(e) {
         crate::figures::grid::save_png(&img, &out.join("checks.png"))?;
+        files.push("checks.png");
     }
-    crate::eval::run::write_results_json(out, results)
+    if out.join("grid.png").exists() {
+        files.push("grid.png");
+    }
+    let path = crate::eval::run::write_results_json(out, results)?;
+    // Last: the record that every output is there.
+    crate::folder::Complete::write(out, &files)?;
+    Ok(path)
 }
 
 /// The files of an evaluation [`crate::eval::run::evaluate_into`] just finished in `out`: the

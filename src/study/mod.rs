@@ -79,7 +79,9 @@ const STUDY: &str = "study.json";
 
 /// Runs (or resumes) the study `plan` in `out`.
 pub fn run(plan: &StudyPlan, out: &Path, device: tch::Device) -> Result<StudySummary> {
-    open(plan, out)?;
+    let out = &crate::folder::absolute(out);
+    plan.check_given()?;
+    let _lock = open(plan, out)?;
     let (classifier, pretrained, tuned) = plan.models(out);
     let stages = vec![
         run_stage(
@@ -198,9 +200,15 @@ pub fn run(plan: &StudyPlan, out: &Path, device: tch::Device) -> Result<StudySum
 }
 
 /// Creates the study folder, or checks that the one there holds this very study.
-fn open(plan: &StudyPlan, out: &Path) -> Result<()> {
+fn open(plan: &StudyPlan, out: &Path) -> Result<crate::folder::Lock> {
     let path = out.join(STUDY);
     let wanted = serde_json::to_value(plan)?;
+    let foreign = std::fs::read_dir(out).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .find(|e| e.file_name() != crate::folder::LOCK)
+    });
+    let lock = crate::folder::lock(out)?;
     if path.exists() {
         let saved: serde_json::Value = crate::io::read_json(&path, "a study's settings")?;
         if saved != wanted {
@@ -213,19 +221,17 @@ fn open(plan: &StudyPlan, out: &Path) -> Result<()> {
                 out.display()
             );
         }
-        return Ok(());
+        return Ok(lock);
     }
-    if let Ok(mut entries) = std::fs::read_dir(out)
-        && let Some(Ok(entry)) = entries.next()
-    {
+    if let Some(entry) = foreign {
         bail!(
             "{} holds {} and no study: a study starts in an empty or new folder",
             out.display(),
             entry.file_name().to_string_lossy()
         );
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    crate::io::write_json(&path, &wanted)
+    crate::io::write_json(&path, &wanted)?;
+    Ok(lock)
 }
 
 /// Whether the stage's run in `dir` still has epochs to train (it logs which).
@@ -270,9 +276,10 @@ fn run_stage<T>(
     match stage {
         Stage::Train(cfg) => {
             let dir = out.join(name);
-            if announce(name, &dir, epochs(cfg)) {
-                train(cfg, &dir, dir.join(runlog::CONFIG).exists())?;
-            }
+            // A finished stage is still opened by its trainer, which checks that its inputs
+            // (the earlier stages' weights, the data) are those it was trained on.
+            announce(name, &dir, epochs(cfg));
+            train(cfg, &dir, dir.join(runlog::CONFIG).exists())?;
             trained(name, &dir, |r| note(cfg, r))
         }
         Stage::Given(p) => given(name, p),

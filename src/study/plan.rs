@@ -198,6 +198,24 @@ fn source_kind(stage: &str, s: &StageSource) -> Result<Option<PathBuf>> {
     }
 }
 
+/// A purifier given as a stage, checked against what its description records: the purifier
+/// stage takes a pre-trained purifier, the atop stage one fine-tuned by AToP.
+pub(super) fn given_purifier(stage: &str, c: &Path, fine_tuned: bool) -> Result<()> {
+    let dir = crate::purifier::resolve(c).with_context(|| format!("[{stage}] checkpoint"))?;
+    let sidecar = crate::purifier::read_sidecar(&dir)?;
+    match (sidecar.fine_tuning.is_some(), fine_tuned) {
+        (true, false) => bail!(
+            "[{stage}] checkpoint = \"{}\" is fine-tuned by AToP (its description records the fine-tuning): give the pre-trained purifier here, and this one as [atop] checkpoint",
+            c.display()
+        ),
+        (false, true) => bail!(
+            "[{stage}] checkpoint = \"{}\" is not fine-tuned by AToP (its description records no fine-tuning): give an AToP checkpoint here, and a pre-trained purifier as [purifier] checkpoint",
+            c.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Keys the study sets itself: a stage's inputs are the earlier stages' outputs.
 fn refuse_keys(stage: &str, s: &StageSource, keys: &[&str]) -> Result<()> {
     if let Some(k) = keys.iter().find(|k| s.set.contains_key(**k)) {
@@ -255,6 +273,18 @@ impl StudyPlan {
         })
     }
 
+    /// Checks the stages given as checkpoints against what their descriptions record (the
+    /// purifier stage pre-trained, the atop stage fine-tuned by AToP): before any work.
+    pub(super) fn check_given(&self) -> Result<()> {
+        if let Stage::Given(c) = &self.purifier {
+            given_purifier("purifier", c, false)?;
+        }
+        if let Stage::Given(c) = &self.atop {
+            given_purifier("atop", c, true)?;
+        }
+        Ok(())
+    }
+
     /// The classifier, the pre-trained and the fine-tuned purifier this study evaluates.
     pub(super) fn models(&self, out: &Path) -> (PathBuf, PathBuf, PathBuf) {
         (
@@ -284,7 +314,11 @@ impl EvalPlan {
         for s in &e.eps {
             let eps = parse_eps(s).map_err(|err| anyhow::anyhow!("[eval] eps \"{s}\": {err}"))?;
             Budget::new(Norm::Linf, eps).with_context(|| format!("[eval] eps \"{s}\""))?;
-            budgets.push((eps, eps_label(eps)));
+            let label = eps_label(eps);
+            if let Some((_, same)) = budgets.iter().find(|(_, l)| *l == label) {
+                bail!("[eval] eps \"{s}\" is the budget {same} again: give each budget once");
+            }
+            budgets.push((eps, label));
         }
         let plan = match &e.plan {
             Some(name) => {

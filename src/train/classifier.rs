@@ -122,12 +122,7 @@ impl TrainClassifierConfig {
         let bad = |field: &str, value: String, expected: &str| -> Result<()> {
             bail!("invalid setting {field} = {value}: expected {expected}")
         };
-        if self.epochs == 0 {
-            bad("epochs", "0".into(), "at least 1")?;
-        }
-        if self.batch_size == 0 {
-            bad("batch_size", "0".into(), "at least 1")?;
-        }
+        super::setup::check_counts(self.epochs, self.batch_size)?;
         if self.eval_batch_size == 0 {
             bad("eval_batch_size", "0".into(), "at least 1")?;
         }
@@ -229,6 +224,12 @@ pub fn train(
     resume: bool,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
+    // What the run records: paths absolute.
+    let owned = TrainClassifierConfig {
+        data: cfg.data.absolute(),
+        ..cfg.clone()
+    };
+    let cfg = &owned;
     let folder = RunFolder::open(run, resume)?;
     let (train_set, test_set) = load_data(cfg)?;
     let (mean, std) = dataset_normalisation(cfg.data.dataset);
@@ -261,7 +262,8 @@ pub fn train(
         warmup_steps: (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize,
         lr: 0.0,
     };
-    let fitted = folder.fit(cfg, &mut task)?;
+    let inputs = setup::inputs(&task.train_set, &task.test_set, &[])?;
+    let fitted = folder.fit(cfg, &inputs, &mut task)?;
     Ok(TrainSummary {
         run: fitted.run,
         epochs: fitted.epochs,

@@ -10,7 +10,6 @@
 //!   last.json                the latest complete checkpoint
 //!   metrics.jsonl            one record per epoch
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -142,16 +141,26 @@ pub struct Fitted<R> {
 pub struct RunFolder {
     path: PathBuf,
     resume: bool,
+    /// Held from the check of the folder to the end of the run.
+    _lock: crate::folder::Lock,
 }
 
 impl RunFolder {
     /// Refuses a folder that holds a training run unless resuming, and a resume of a folder
     /// without one.
     pub fn open(path: &Path, resume: bool) -> Result<Self> {
+        if resume && !path.is_dir() {
+            bail!("`resume` {}: no such run folder", path.display());
+        }
+        // Checked before the lock writes anything (a refused folder is left as it was), and
+        // again under it.
+        runlog::check_fresh(path, CONFIG, resume)?;
+        let lock = crate::folder::lock(path)?;
         runlog::check_fresh(path, CONFIG, resume)?;
         Ok(RunFolder {
             path: path.to_path_buf(),
             resume,
+            _lock: lock,
         })
     }
 
@@ -168,14 +177,38 @@ impl RunFolder {
         self.resume && self.path.join(checkpoint::LAST).exists()
     }
 
-    /// Trains `task` in this folder, `config` being its settings (written as `config.json`).
-    pub fn fit<T: Task>(&self, config: &impl Serialize, task: &mut T) -> Result<Fitted<T::Record>> {
+    /// Checks a resumed run's settings, inputs and finished outputs against its records, then
+    /// records them (see [`RunFolder::fit`]).
+    fn record(&self, config: &impl Serialize, inputs: &crate::folder::Inputs) -> Result<()> {
         let run = &self.path;
-        std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))?;
-        let _lock = lock(run)?;
-        // The effective settings, also on resume (a run extended with --epochs continues to
+        let config = serde_json::to_value(config).context("cannot serialise the settings")?;
+        if self.resume && run.join(CONFIG).exists() {
+            let was: serde_json::Value =
+                crate::io::read_json(&run.join(CONFIG), "the settings the run was started with")?;
+            runlog::check_settings(run, &was, &config)?;
+        }
+        inputs.record_or_check(run)?;
+        // A finished run's outputs must be those it recorded (an edited checkpoint is refused
+        // by name); one that trains further is finished again only at its new end.
+        crate::folder::Complete::verify(run)?;
+        crate::folder::Complete::clear(run)?;
+        // The effective settings, also on resume (a run extended with `epochs` continues to
         // the new end when it is resumed again).
-        crate::io::write_json(&run.join(CONFIG), config)?;
+        crate::io::write_json(&run.join(CONFIG), &config)
+    }
+
+    /// Trains `task` in this folder, `config` being its settings (written as `config.json`)
+    /// and `inputs` what it reads (recorded at the start, checked on every resume: a run
+    /// continues only on the weights and images it began with, and with its settings; only
+    /// `epochs` may change, recorded as a change from the epoch it resumes after).
+    pub fn fit<T: Task>(
+        &self,
+        config: &impl Serialize,
+        inputs: &crate::folder::Inputs,
+        task: &mut T,
+    ) -> Result<Fitted<T::Record>> {
+        let run = &self.path;
+        self.record(config, inputs)?;
         let epochs = task.epochs();
         let steps_per_epoch = task.steps_per_epoch();
         if steps_per_epoch == 0 {
@@ -267,6 +300,7 @@ impl RunFolder {
         let Some(last) = last else {
             bail!("{}: no epoch ran and there is no checkpoint", run.display());
         };
+        complete(run, &last.dir)?;
         Ok(Fitted {
             run: run.clone(),
             epochs,
@@ -282,27 +316,29 @@ impl RunFolder {
     }
 }
 
-/// An exclusive lock on the run folder for the life of the returned file: a second trainer in
-/// the same folder is refused instead of interleaving its metrics and checkpoints.
-fn lock(run: &Path) -> Result<File> {
-    let path = run.join(".lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{} is in use by another training process (it holds {}): wait for it, or choose another `out`",
-            run.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", path.display()))
-        }
+/// Records a finished run: its settings, inputs, records, last checkpoint's files and curves.
+fn complete(run: &Path, checkpoint_dir: &str) -> Result<()> {
+    let mut files: Vec<String> = vec![
+        CONFIG.into(),
+        crate::folder::INPUTS.into(),
+        runlog::METRICS.into(),
+        checkpoint::LAST.into(),
+    ];
+    if run.join("curves.png").exists() {
+        files.push("curves.png".into());
     }
+    let dir = run.join(checkpoint_dir);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| format!("{checkpoint_dir}/{}", e.file_name().to_string_lossy()))
+        .filter(|n| !n.ends_with(".tmp"))
+        .collect();
+    names.sort();
+    files.extend(names);
+    let refs: Vec<&str> = files.iter().map(String::as_str).collect();
+    crate::folder::Complete::write(run, &refs)
 }
 
 #[cfg(test)]
@@ -312,11 +348,17 @@ mod tests {
     #[test]
     fn a_run_folder_takes_one_trainer_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let held = lock(dir.path()).unwrap();
-        let err = lock(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("in use by another training process"), "{err}");
+        let held = RunFolder::open(dir.path(), false).unwrap();
+        let err = RunFolder::open(dir.path(), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("in use by another atop process"), "{err}");
         drop(held);
-        assert!(lock(dir.path()).is_ok(), "the lock outlived its holder");
+        assert!(
+            RunFolder::open(dir.path(), false).is_ok(),
+            "the lock outlived its holder"
+        );
     }
 
     crate::losses! {

@@ -230,6 +230,13 @@ pub fn train(
     resume: bool,
 ) -> Result<PurifierSummary> {
     cfg.validate()?;
+    // What the run records: paths absolute.
+    let owned = TrainPurifierConfig {
+        classifier: cfg.classifier.as_deref().map(crate::folder::absolute),
+        data: cfg.data.absolute(),
+        ..cfg.clone()
+    };
+    let cfg = &owned;
     let folder = RunFolder::open(run, resume)?;
     let train_set = setup::subset(cfg.data.load(Split::Train)?, cfg.train_subset, cfg.seed)?;
     let test_set = cfg.data.load(Split::Test)?;
@@ -240,6 +247,16 @@ pub fn train(
     )?;
     let EvalImages { x, y, indices } =
         setup::eval_images(&test_set, cfg.eval_subset, cfg.seed, device)?;
+    let classifier_dir = cfg
+        .classifier
+        .as_deref()
+        .map(checkpoint::resolve)
+        .transpose()?;
+    let checkpoints: Vec<(&str, &Path)> = classifier_dir
+        .iter()
+        .map(|d| ("classifier", d.as_path()))
+        .collect();
+    let inputs = setup::inputs(&train_set, &test_set, &checkpoints)?;
     let classifier = match &cfg.classifier {
         Some(path) => {
             let (mut c, _) = checkpoint::load(path, device)?;
@@ -290,7 +307,7 @@ pub fn train(
         eval,
         image_size,
     };
-    folder.fit(cfg, &mut task)
+    folder.fit(cfg, &inputs, &mut task)
 }
 
 crate::losses! {

@@ -96,10 +96,15 @@ pub fn check_fresh(run: &Path, config_file: &str, resume: bool) -> Result<()> {
             run.display()
         );
     }
+    let foreign = std::fs::read_dir(run).ok().and_then(|entries| {
+        entries.flatten().find(|e| {
+            let name = e.file_name();
+            name != crate::folder::LOCK && name != crate::folder::INPUTS
+        })
+    });
     if !has_run
         && !resume
-        && let Ok(mut entries) = std::fs::read_dir(run)
-        && let Some(Ok(entry)) = entries.next()
+        && let Some(entry) = foreign
     {
         anyhow::bail!(
             "{} holds {} and no training run: a new run starts in an empty or new folder (`out`)",
@@ -108,6 +113,91 @@ pub fn check_fresh(run: &Path, config_file: &str, resume: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Settings a resumed run may change, each recorded from the epoch it applies: its schedule
+/// (`epochs`, learning rates). Settings that define what is trained (data, architecture,
+/// losses and their weights, attacks, transforms) may not: the run's records would claim them
+/// for epochs trained otherwise.
+fn changeable(key: &str) -> bool {
+    key == "epochs" || key == "lr" || key.ends_with(".lr")
+}
+
+/// `changes.json`: the settings changed on resume, each from the epoch it resumed after.
+pub const CHANGES: &str = "changes.json";
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Change {
+    pub after_epoch: usize,
+    pub setting: String,
+    pub was: serde_json::Value,
+    pub now: serde_json::Value,
+}
+
+/// Compares a resumed run's settings with those it was started with: a change of a
+/// [`changeable`] setting is recorded in `changes.json` (from the epoch of the last checkpoint),
+/// any other is an error naming the setting and both values.
+pub fn check_settings(run: &Path, was: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
+    let mut diffs = Vec::new();
+    diff("", was, now, &mut diffs);
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    if let Some((key, a, b)) = diffs.iter().find(|(k, _, _)| !changeable(k)) {
+        anyhow::bail!(
+            "{}: `{key}` was {a} when the run started, now {b}: a resumed run keeps the settings that define what it trains (only `epochs` and learning rates may change); start a new run (another `out`) to train with other settings",
+            run.display()
+        );
+    }
+    let after_epoch = checkpoint::read_last(run).map_or(0, |l| l.epoch);
+    let path = run.join(CHANGES);
+    let mut changes: Vec<Change> =
+        crate::io::read_json_opt(&path, "a run's changed settings")?.unwrap_or_default();
+    for (key, a, b) in diffs {
+        tracing::warn!(
+            "{}: `{key}` {a} -> {b} from epoch {} on (recorded in {CHANGES})",
+            run.display(),
+            after_epoch + 1
+        );
+        changes.push(Change {
+            after_epoch,
+            setting: key,
+            was: a,
+            now: b,
+        });
+    }
+    crate::io::write_json(&path, &changes)
+}
+
+/// Leaf differences between two JSON values as (dotted key, was, now).
+fn diff(
+    key: &str,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    out: &mut Vec<(String, serde_json::Value, serde_json::Value)>,
+) {
+    use serde_json::Value::Object;
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let null = serde_json::Value::Null;
+                let sub = if key.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{key}.{k}")
+                };
+                diff(
+                    &sub,
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        _ if a != b => out.push((key.to_string(), a.clone(), b.clone())),
+        _ => {}
+    }
 }
 
 /// The settings a run folder was started with (`config.json`), for `--resume`.

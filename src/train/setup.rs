@@ -63,13 +63,23 @@ pub fn eval_images(test: &ImageSet, n: usize, seed: u64, device: Device) -> Resu
     })
 }
 
-/// At least one epoch and one image per batch.
+/// Ceilings of the counts that multiply a run's time or memory.
+pub const MAX_EPOCHS: usize = 10_000;
+pub const MAX_BATCH: usize = 65_536;
+
+/// At least one epoch and one image per batch, and at most the ceilings.
 pub fn check_counts(epochs: usize, batch_size: usize) -> Result<()> {
     if epochs == 0 {
         bail!("invalid setting epochs = 0: expected at least 1");
     }
+    if epochs > MAX_EPOCHS {
+        bail!("invalid setting epochs = {epochs}: at most {MAX_EPOCHS}");
+    }
     if batch_size == 0 {
         bail!("invalid setting batch_size = 0: expected at least 1");
+    }
+    if batch_size > MAX_BATCH {
+        bail!("invalid setting batch_size = {batch_size}: at most {MAX_BATCH}");
     }
     Ok(())
 }
@@ -82,4 +92,32 @@ pub fn check_weights(weights: &[(&str, f64)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A trainer's inputs for its run folder: its training and test images, and each checkpoint it
+/// reads (by the SHA-256 of its folder's files).
+pub fn inputs(
+    train: &ImageSet,
+    test: &ImageSet,
+    checkpoints: &[(&str, &std::path::Path)],
+) -> Result<crate::folder::Inputs> {
+    let mut inputs = crate::folder::Inputs::default();
+    inputs.add("train images", Some(&train.source), train.sha256());
+    inputs.add("test images", Some(&test.source), test.sha256());
+    for (name, dir) in checkpoints {
+        inputs.add(name, Some(dir), crate::folder::folder_sha256(dir)?);
+    }
+    Ok(inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_that_multiply_time_or_memory_have_ceilings() {
+        assert!(super::check_counts(10_000, 65_536).is_ok());
+        let e = super::check_counts(1_000_000, 8).unwrap_err().to_string();
+        assert!(e.contains("epochs = 1000000: at most 10000"), "{e}");
+        let e = super::check_counts(1, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("batch_size = 1048576: at most 65536"), "{e}");
+    }
 }

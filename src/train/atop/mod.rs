@@ -155,7 +155,14 @@ pub fn train(
         train_set,
         test_set,
         transform,
+        checkpoints,
     } = load_inputs(cfg, device)?;
+    let (cdir, pdir) = &checkpoints;
+    let run_inputs = setup::inputs(
+        &train_set,
+        &test_set,
+        &[("classifier", cdir.as_path()), ("purifier", pdir.as_path())],
+    )?;
 
     let eval = setup::eval_images(&test_set, cfg.eval.subset, cfg.seed, device)?;
     // Measured, not assumed: the training attack must get gradients from its model.
@@ -186,7 +193,7 @@ pub fn train(
         clean_acc,
         lr: 0.0,
     };
-    let fitted = folder.fit(&cfg, &mut task)?;
+    let fitted = folder.fit(&cfg, &run_inputs, &mut task)?;
     Ok(AtopSummary {
         fitted,
         adversary: cfg.adversary.describe(),
@@ -204,6 +211,8 @@ struct Inputs {
     train_set: ImageSet,
     test_set: ImageSet,
     transform: TransformConfig,
+    /// The classifier's and the start purifier's checkpoint folders.
+    checkpoints: (PathBuf, PathBuf),
 }
 
 /// The classifier, the (widened) pre-trained purifier, the data and the transform of `cfg`:
@@ -214,6 +223,7 @@ fn load_inputs(cfg: &TrainAtopConfig, device: Device) -> Result<Inputs> {
         cfg.purifier.clone().unwrap_or_default(),
     );
     let (f, f_sidecar) = checkpoint::load(&classifier_path, device)?;
+    let cdir = checkpoint::resolve(&classifier_path)?;
     let pdir = purifier::resolve(&purifier_path)?;
     let (p, mut p_sidecar) = purifier::load(&purifier_path, device)?;
     if p_sidecar.epoch.unwrap_or(0) == 0 {
@@ -275,7 +285,9 @@ fn load_inputs(cfg: &TrainAtopConfig, device: Device) -> Result<Inputs> {
     p.config.check_images(side, side, &transform)?;
     // The effective settings, with every default resolved, are what the run records.
     let mut cfg = cfg.clone();
-    cfg.data = Some(data);
+    cfg.classifier = Some(crate::folder::absolute(&classifier_path));
+    cfg.purifier = Some(crate::folder::absolute(&purifier_path));
+    cfg.data = Some(data.absolute());
     cfg.transform = Some(transform.clone());
     Ok(Inputs {
         cfg,
@@ -285,6 +297,7 @@ fn load_inputs(cfg: &TrainAtopConfig, device: Device) -> Result<Inputs> {
         train_set,
         test_set,
         transform,
+        checkpoints: (cdir, pdir),
     })
 }
 
