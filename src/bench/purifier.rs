@@ -181,3 +181,95 @@ fn attack_step_seconds(
     });
     Ok(secs / (b.attack_batch * b.attack_steps) as f64)
 }
+
+/// The AE purifier's network (one training step: the visible patches of noisy images, the
+/// reconstruction of every patch, its squared error to the clean images, backward), side by
+/// side with its PyTorch twin (`bench/reference/ae.py bench`).
+#[derive(Debug, Clone)]
+pub struct AeBench {
+    pub config: crate::purifier::ae::AeConfig,
+    pub batch: usize,
+    /// Image side (the working size).
+    pub size: i64,
+    pub steps: usize,
+    pub warmup: usize,
+    pub rounds: usize,
+    pub reference: bool,
+    pub device: Device,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AeRow {
+    pub purifier: String,
+    pub batch: usize,
+    pub size: i64,
+    pub parameters: i64,
+    pub atop_img_s: f64,
+    pub pytorch_img_s: Option<f64>,
+    /// The median over rounds of atop / PyTorch, each round timing both sides back to back.
+    pub ratio: Option<f64>,
+    pub rounds: usize,
+}
+
+pub fn run_ae(b: &AeBench) -> Result<AeRow> {
+    use crate::purifier::ae::{AeNet, random_keep};
+    if b.batch == 0 || b.steps == 0 {
+        bail!("`batch` and `steps` must be positive");
+    }
+    let device = b.device;
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(device);
+    let net = AeNet::new(&vs.root(), &b.config, b.size)?;
+    let n = b.batch as i64;
+    let x = Tensor::rand([n, 3, b.size, b.size], (Kind::Float, device));
+    let noisy = (&x + x.randn_like() * 0.25).clamp(0.0, 1.0);
+    let keep = random_keep(n, net.patches(), b.config.visible(net.patches()), device);
+    let mut ours = || {
+        let secs = timed(device, b.warmup, b.steps, &mut || {
+            (net.forward(&noisy, &keep) - &x)
+                .square()
+                .mean(Kind::Float)
+                .backward();
+        });
+        Ok((b.batch * b.steps) as f64 / secs)
+    };
+    let mut theirs = || {
+        let (script, mut cmd) = reference_script("ae.py");
+        cmd.arg("bench")
+            .args(["--config", &serde_json::to_string(&b.config)?])
+            .args(["--batch", &b.batch.to_string()])
+            .args(["--size", &b.size.to_string()])
+            .args(["--steps", &b.steps.to_string()])
+            .args(["--warmup", &b.warmup.to_string()])
+            .args(["--threads", &crate::runtime::threads().to_string()]);
+        let out = run_reference(&script, &mut cmd)?;
+        reference_number(&script, &out, "train_img_s")
+    };
+    let timing = alternate(
+        b.rounds,
+        b.reference && device == Device::Cpu,
+        &mut ours,
+        &mut theirs,
+    )?;
+    let c = &b.config;
+    Ok(AeRow {
+        purifier: format!(
+            "ae(patch {}, width {} x {} heads {}, decoder {} x {} heads {}, mask ratio {})",
+            c.patch,
+            c.width,
+            c.depth,
+            c.heads,
+            c.decoder_width,
+            c.decoder_depth,
+            c.decoder_heads,
+            c.mask_ratio
+        ),
+        batch: b.batch,
+        size: b.size,
+        parameters: vs.variables().values().map(|t| t.numel() as i64).sum(),
+        atop_img_s: timing.ours,
+        pytorch_img_s: timing.theirs,
+        ratio: timing.ratio,
+        rounds: b.rounds.max(1),
+    })
+}

@@ -6,6 +6,7 @@
 //! `discriminator.safetensors` and `purifier.json` (architecture, the transform it was trained
 //! with, dataset, provenance), each written atomically.
 
+pub mod ae;
 pub mod apply;
 pub mod defended;
 pub mod discriminator;

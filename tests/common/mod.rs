@@ -18,7 +18,8 @@ pub fn data_dir() -> PathBuf {
         "ATOP_DATA_DIR={} is not a folder",
         dir.display()
     );
-    dir
+    // Absolute, so that commands run from another working directory find it too.
+    dir.canonicalize().unwrap()
 }
 
 pub fn cifar10_jpg() -> PathBuf {

@@ -95,6 +95,9 @@ pub struct PurifierBenchArgs {
     /// without presets, the widths below.
     #[arg(long, num_args = 1..)]
     pub preset: Vec<String>,
+    /// Time the AE purifier's network (its default settings) instead of the GAN generator.
+    #[arg(long, conflicts_with = "preset")]
+    pub ae: bool,
     /// Generator widths c (48 is the paper's), each with the architecture flags below.
     #[arg(long, num_args = 1.., default_values = ["48", "16"], conflicts_with = "preset")]
     pub width: Vec<usize>,

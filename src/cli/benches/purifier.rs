@@ -8,6 +8,9 @@ use atop::train::purifier::TrainPurifierConfig;
 use atop::transforms::TransformConfig;
 
 pub(super) fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
+    if args.ae {
+        return ae(&args, global);
+    }
     // The presets' purifiers, or one per width with the architecture and transform flags.
     let mut setups = Vec::new();
     for name in &args.preset {
@@ -78,5 +81,41 @@ pub(super) fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
         );
         println!("  {} under {}", r.purifier, r.transform);
     }
+    Ok(())
+}
+
+fn ae(args: &PurifierBenchArgs, global: &Global) -> Result<()> {
+    let row = purifier::run_ae(&purifier::AeBench {
+        config: atop::purifier::ae::AeConfig::default(),
+        batch: args.batch,
+        size: args.size,
+        steps: args.steps,
+        warmup: args.warmup,
+        rounds: args.rounds,
+        reference: reference(args.no_reference),
+        device: global.device,
+    })?;
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(&row)?);
+        return Ok(());
+    }
+    println!(
+        "AE purifier training step (visible patches of noisy images, every patch reconstructed, squared error, backward), device {:?}, threads {}, batch {}, {} px, {} timed steps, medians of {} alternating rounds",
+        global.device,
+        atop::runtime::threads(),
+        row.batch,
+        row.size,
+        args.steps,
+        row.rounds
+    );
+    println!(
+        "{}: {} parameters; atop {:.2} img/s, PyTorch {}, ratio {}",
+        row.purifier,
+        row.parameters,
+        row.atop_img_s,
+        row.pytorch_img_s
+            .map_or("-".into(), |v| format!("{v:.2} img/s")),
+        row.ratio.map_or("-".into(), |v| format!("{v:.2}")),
+    );
     Ok(())
 }

@@ -1,0 +1,359 @@
+//! The AE purifier's network (DMAE-style, Wu et al. 2022): a ViT encoder over the visible
+//! patches of a corrupted image and a light ViT decoder that reconstructs every patch. The
+//! corruption is the random transform (noise) plus random patch masking at the working size;
+//! the visible patches are chosen by the caller ([`random_keep`]), so that a seeded draw and a
+//! PyTorch twin (`bench/reference/ae.py`) see the same ones.
+//!
+//! Pre-LN transformer blocks (LayerNorm, multi-head self-attention, LayerNorm, GELU MLP, each
+//! added to its input), learned position embeddings, a learned mask token, and a linear
+//! prediction of each patch's pixels through tanh, mapped to [0, 1] like the GAN purifier's.
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// The architecture of an AE purifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AeConfig {
+    /// Side of a square patch, in pixels of the working size.
+    pub patch: usize,
+    /// Encoder width (embedding dimension), depth (blocks) and attention heads.
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+    /// MLP hidden size as a multiple of the width (ViT: 4).
+    pub mlp_ratio: usize,
+    /// Decoder width, depth and heads (MAE: a light decoder).
+    pub decoder_width: usize,
+    pub decoder_depth: usize,
+    pub decoder_heads: usize,
+    /// Share of the patches hidden from the encoder, in (0, 1) (DMAE: 0.75).
+    pub mask_ratio: f64,
+}
+
+impl Default for AeConfig {
+    /// A small CPU-sized network for 32 px images (8 x 8 patches of 4 px).
+    fn default() -> Self {
+        AeConfig {
+            patch: 4,
+            width: 128,
+            depth: 4,
+            heads: 4,
+            mlp_ratio: 4,
+            decoder_width: 64,
+            decoder_depth: 2,
+            decoder_heads: 4,
+            mask_ratio: 0.5,
+        }
+    }
+}
+
+/// Bounds that keep a typo from allocating the machine away.
+const MAX_WIDTH: usize = 4096;
+const MAX_DEPTH: usize = 64;
+
+impl AeConfig {
+    /// Every setting in range; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let within = |name: &str, v: usize, hi: usize| -> Result<()> {
+            if v == 0 || v > hi {
+                bail!("ae {name} = {v}: expected 1 to {hi}");
+            }
+            Ok(())
+        };
+        within("patch", self.patch, 256)?;
+        within("width", self.width, MAX_WIDTH)?;
+        within("depth", self.depth, MAX_DEPTH)?;
+        within("heads", self.heads, MAX_WIDTH)?;
+        within("mlp_ratio", self.mlp_ratio, 16)?;
+        within("decoder_width", self.decoder_width, MAX_WIDTH)?;
+        within("decoder_depth", self.decoder_depth, MAX_DEPTH)?;
+        within("decoder_heads", self.decoder_heads, MAX_WIDTH)?;
+        for (name, width, heads) in [
+            ("heads", self.width, self.heads),
+            ("decoder_heads", self.decoder_width, self.decoder_heads),
+        ] {
+            if !width.is_multiple_of(heads) {
+                bail!("ae {name} = {heads} does not divide its width {width}");
+            }
+        }
+        if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
+            bail!(
+                "ae mask_ratio = {}: expected a share strictly between 0 and 1",
+                self.mask_ratio
+            );
+        }
+        Ok(())
+    }
+
+    /// Patches per side of a `side` px image: an error unless the patch divides it.
+    pub fn grid(&self, side: i64) -> Result<i64> {
+        let p = self.patch as i64;
+        if side <= 0 || side % p != 0 {
+            bail!(
+                "a {side} px image is not divisible by the ae patch = {p}: choose a patch that divides the working size"
+            );
+        }
+        Ok(side / p)
+    }
+
+    /// Visible patches of an image of `patches` patches: at least one.
+    pub fn visible(&self, patches: i64) -> i64 {
+        ((patches as f64 * (1.0 - self.mask_ratio)).round() as i64).clamp(1, patches)
+    }
+}
+
+/// One pre-LN transformer block.
+#[derive(Debug)]
+struct Block {
+    norm1: nn::LayerNorm,
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    norm2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    heads: i64,
+}
+
+fn layer_norm(p: nn::Path, dim: i64) -> nn::LayerNorm {
+    nn::layer_norm(
+        p,
+        vec![dim],
+        nn::LayerNormConfig {
+            eps: 1e-6,
+            ..Default::default()
+        },
+    )
+}
+
+impl Block {
+    fn new(p: &nn::Path, width: i64, heads: i64, mlp_ratio: i64) -> Block {
+        let lin = |name: &str, i: i64, o: i64| nn::linear(p / name, i, o, Default::default());
+        Block {
+            norm1: layer_norm(p / "norm1", width),
+            qkv: lin("qkv", width, 3 * width),
+            proj: lin("proj", width, width),
+            norm2: layer_norm(p / "norm2", width),
+            fc1: lin("fc1", width, mlp_ratio * width),
+            fc2: lin("fc2", mlp_ratio * width, width),
+            heads,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, n, c) = x.size3().expect("tokens are B x N x C");
+        let h = self.heads;
+        let qkv = self
+            .qkv
+            .forward(&self.norm1.forward(x))
+            .view([b, n, 3, h, c / h])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let scale = 1.0 / ((c / h) as f64).sqrt();
+        let attn = (q.matmul(&k.transpose(-2, -1)) * scale).softmax(-1, Kind::Float);
+        let y = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
+        let x = x + self.proj.forward(&y);
+        let m = self
+            .fc2
+            .forward(&self.fc1.forward(&self.norm2.forward(&x)).gelu("none"));
+        x + m
+    }
+}
+
+/// The network: patch embedding, encoder, decoder, patch prediction.
+#[derive(Debug)]
+pub struct AeNet {
+    pub config: AeConfig,
+    /// Patches per side.
+    grid: i64,
+    embed: nn::Linear,
+    pos: Tensor,
+    blocks: Vec<Block>,
+    norm: nn::LayerNorm,
+    to_decoder: nn::Linear,
+    mask_token: Tensor,
+    decoder_pos: Tensor,
+    decoder_blocks: Vec<Block>,
+    decoder_norm: nn::LayerNorm,
+    head: nn::Linear,
+}
+
+impl AeNet {
+    /// A freshly initialised network for `side` px images (the working size).
+    pub fn new(p: &nn::Path, config: &AeConfig, side: i64) -> Result<AeNet> {
+        config.validate()?;
+        let grid = config.grid(side)?;
+        let n = grid * grid;
+        let (w, dw) = (config.width as i64, config.decoder_width as i64);
+        let pixels = (config.patch * config.patch * 3) as i64;
+        let ratio = config.mlp_ratio as i64;
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let enc = p / "encoder";
+        let dec = p / "decoder";
+        Ok(AeNet {
+            config: config.clone(),
+            grid,
+            embed: nn::linear(&enc / "embed", pixels, w, Default::default()),
+            pos: enc.var("pos", &[1, n, w], init),
+            blocks: (0..config.depth)
+                .map(|i| Block::new(&(&enc / "blocks" / i), w, config.heads as i64, ratio))
+                .collect(),
+            norm: layer_norm(&enc / "norm", w),
+            to_decoder: nn::linear(&dec / "embed", w, dw, Default::default()),
+            mask_token: dec.var("mask_token", &[1, 1, dw], init),
+            decoder_pos: dec.var("pos", &[1, n, dw], init),
+            decoder_blocks: (0..config.decoder_depth)
+                .map(|i| {
+                    Block::new(
+                        &(&dec / "blocks" / i),
+                        dw,
+                        config.decoder_heads as i64,
+                        ratio,
+                    )
+                })
+                .collect(),
+            decoder_norm: layer_norm(&dec / "norm", dw),
+            head: nn::linear(&dec / "head", dw, pixels, Default::default()),
+        })
+    }
+
+    /// B x 3 x S x S -> B x N x (p * p * 3), patches in row-major order, pixels (row, column,
+    /// channel) within a patch.
+    fn patchify(&self, x: &Tensor) -> Tensor {
+        let (b, p, g) = (x.size()[0], self.config.patch as i64, self.grid);
+        x.view([b, 3, g, p, g, p])
+            .permute([0, 2, 4, 3, 5, 1])
+            .reshape([b, g * g, p * p * 3])
+    }
+
+    /// The inverse of [`AeNet::patchify`].
+    fn unpatchify(&self, t: &Tensor) -> Tensor {
+        let (b, p, g) = (t.size()[0], self.config.patch as i64, self.grid);
+        t.view([b, g, g, p, p, 3])
+            .permute([0, 5, 1, 3, 2, 4])
+            .reshape([b, 3, g * p, g * p])
+    }
+
+    /// Reconstructs `x` (B x 3 x S x S in [0, 1], already corrupted by noise) from its visible
+    /// patches `keep` (B x K patch indices, int64): every patch predicted, in [0, 1].
+    pub fn forward(&self, x: &Tensor, keep: &Tensor) -> Tensor {
+        let tokens = self.embed.forward(&self.patchify(&(x * 2.0 - 1.0))) + &self.pos;
+        let (b, n, w) = tokens.size3().expect("B x N x C");
+        let k = keep.size()[1];
+        let index = keep.unsqueeze(-1);
+        let mut h = tokens.gather(1, &index.expand([b, k, w], false), false);
+        for block in &self.blocks {
+            h = block.forward(&h);
+        }
+        let h = self.to_decoder.forward(&self.norm.forward(&h));
+        let dw = h.size()[2];
+        let full = self.mask_token.expand([b, n, dw], false).scatter(
+            1,
+            &index.expand([b, k, dw], false),
+            &h,
+        );
+        let mut d = full + &self.decoder_pos;
+        for block in &self.decoder_blocks {
+            d = block.forward(&d);
+        }
+        let pred = self.head.forward(&self.decoder_norm.forward(&d)).tanh();
+        (self.unpatchify(&pred) + 1.0) / 2.0
+    }
+
+    /// Patches per image.
+    pub fn patches(&self) -> i64 {
+        self.grid * self.grid
+    }
+}
+
+/// `visible` patch indices of `n`, drawn uniformly without replacement for each of `b` images
+/// (sorted), from torch's generator (seeded by the caller).
+pub fn random_keep(b: i64, n: i64, visible: i64, device: tch::Device) -> Tensor {
+    let order = Tensor::rand([b, n], (Kind::Float, device)).argsort(1, false);
+    order.narrow(1, 0, visible).sort(1, false).0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_out_of_range_are_refused_by_name() {
+        let bad = |c: AeConfig| c.validate().unwrap_err().to_string();
+        assert!(
+            bad(AeConfig {
+                heads: 3,
+                ..Default::default()
+            })
+            .contains("heads = 3 does not divide")
+        );
+        assert!(
+            bad(AeConfig {
+                mask_ratio: 1.0,
+                ..Default::default()
+            })
+            .contains("mask_ratio")
+        );
+        assert!(
+            bad(AeConfig {
+                mask_ratio: 0.0,
+                ..Default::default()
+            })
+            .contains("mask_ratio")
+        );
+        assert!(
+            bad(AeConfig {
+                width: 0,
+                ..Default::default()
+            })
+            .contains("width = 0")
+        );
+        let e = AeConfig::default().grid(30).unwrap_err().to_string();
+        assert!(e.contains("not divisible by the ae patch = 4"), "{e}");
+    }
+
+    #[test]
+    fn patches_round_trip_and_only_visible_patches_reach_the_encoder() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let cfg = AeConfig {
+            width: 16,
+            depth: 1,
+            heads: 2,
+            decoder_width: 8,
+            decoder_depth: 1,
+            decoder_heads: 2,
+            ..Default::default()
+        };
+        let net = AeNet::new(&vs.root(), &cfg, 32).unwrap();
+        let x = Tensor::rand([2, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        assert!(net.unpatchify(&net.patchify(&x)).equal(&x));
+        tch::manual_seed(0);
+        let keep = random_keep(
+            2,
+            net.patches(),
+            cfg.visible(net.patches()),
+            tch::Device::Cpu,
+        );
+        assert_eq!(keep.size(), [2, 32]);
+        let out = net.forward(&x, &keep);
+        assert_eq!(out.size(), [2, 3, 32, 32]);
+        assert!(out.min().double_value(&[]) >= 0.0 && out.max().double_value(&[]) <= 1.0);
+        // A hidden patch's pixels (of the first image) do not change the output.
+        let hidden: Vec<i64> = (0..64)
+            .filter(|i| !Vec::<i64>::try_from(keep.get(0)).unwrap().contains(i))
+            .collect();
+        let (row, col) = (hidden[0] / 8, hidden[0] % 8);
+        let y = x.copy();
+        let _ = y
+            .narrow(0, 0, 1)
+            .narrow(2, row * 4, 4)
+            .narrow(3, col * 4, 4)
+            .fill_(0.5);
+        assert!(net.forward(&y, &keep).allclose(&out, 1e-6, 1e-6, false));
+    }
+}
