@@ -40,7 +40,8 @@ pub struct RunSource {
     /// purifier-cifar10-paper; AToP: atop-demo, atop-cifar10-cpu, atop-cifar10-paper).
     #[arg(long, conflicts_with = "resume")]
     pub preset: Option<String>,
-    /// Continue the run in this folder from its latest checkpoint (flags override its settings).
+    /// Continue the run in this folder from its latest checkpoint, on the inputs and settings it
+    /// began with (only --epochs and learning rates may change; each change is recorded).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Run folder (default: runs/<classifier|purifier>-<dataset>-...).

@@ -384,6 +384,41 @@ pub(super) fn batch_file(dir: Option<&Path>, file: &str) -> PathBuf {
 /// (attack index, first point, images) of a batch file named `AA-SSSSSS.safetensors`,
 /// checked against the run: an attack of the config, a batch of the points (its first point
 /// and length), one image of the points' shape per point.
+/// The error for a damaged resume file: names the file and how to start over.
+fn corrupt_state(path: &Path, dir: &Path, what: String) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: {what}: the resume state is corrupt; delete {} to start over",
+        path.display(),
+        dir.display()
+    )
+}
+
+/// A batch file's `images`, checked: the shape `want` (`which` says what it should hold) and
+/// finite values; as floats.
+fn batch_images(
+    tensors: &[(String, Tensor)],
+    want: &[i64],
+    which: &str,
+    corrupt: &dyn Fn(String) -> anyhow::Error,
+) -> Result<Tensor> {
+    let images = tensors
+        .iter()
+        .find(|(n, _)| n == "images")
+        .map(|(_, v)| v.shallow_clone())
+        .ok_or_else(|| corrupt("no tensor 'images'".into()))?;
+    if images.size() != want {
+        return Err(corrupt(format!(
+            "images have shape {:?}; expected {want:?} ({which})",
+            images.size()
+        )));
+    }
+    let images = images.to_kind(Kind::Float);
+    if !bool::try_from(images.isfinite().all())? {
+        return Err(corrupt("images hold NaN or infinite values".into()));
+    }
+    Ok(images)
+}
+
 pub(super) fn read_batch(
     dir: Option<&Path>,
     file: &str,
@@ -392,13 +427,7 @@ pub(super) fn read_batch(
 ) -> Result<(usize, usize, Tensor)> {
     let dir = dir.context("batch files without a state folder")?;
     let path: PathBuf = batch_file(Some(dir), file);
-    let corrupt = |what: String| {
-        anyhow::anyhow!(
-            "{}: {what}: the resume state is corrupt; delete {} to start over",
-            path.display(),
-            dir.display()
-        )
-    };
+    let corrupt = |what: String| corrupt_state(&path, dir, what);
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let (a, s) = file
         .strip_suffix(".safetensors")
@@ -423,24 +452,10 @@ pub(super) fn read_batch(
         )));
     }
     let t = crate::models::checkpoint::read_tensors(&path)?;
-    let images = t
-        .into_iter()
-        .find(|(n, _)| n == "images")
-        .map(|(_, v)| v)
-        .with_context(|| format!("{}: no tensor 'images'", path.display()))?;
     let mut want = x.size();
     want[0] = (n - s).min(config.batch_size) as i64;
-    if images.size() != want {
-        return Err(corrupt(format!(
-            "images have shape {:?}; expected {want:?} (points {s} to {} of {n})",
-            images.size(),
-            s as i64 + want[0] - 1
-        )));
-    }
-    let images = images.to_kind(Kind::Float);
-    if !bool::try_from(images.isfinite().all())? {
-        return Err(corrupt("images hold NaN or infinite values".into()));
-    }
+    let which = format!("points {s} to {} of {n}", s as i64 + want[0] - 1);
+    let images = batch_images(&t, &want, &which, &corrupt)?;
     Ok((a, s, images))
 }
 
@@ -455,13 +470,7 @@ pub(super) fn read_cascade_batch(
 ) -> Result<(usize, Tensor, Tensor)> {
     let dir = dir.context("batch files without a state folder")?;
     let path = batch_file(Some(dir), file);
-    let bad = |what: String| {
-        anyhow::anyhow!(
-            "{}: {what}: the resume state is corrupt; delete {} to start over",
-            path.display(),
-            dir.display()
-        )
-    };
+    let bad = |what: String| corrupt_state(&path, dir, what);
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let (ai, start) = file
         .strip_suffix(".safetensors")
@@ -480,7 +489,7 @@ pub(super) fn read_cascade_batch(
             .map(|(_, v)| v.shallow_clone())
             .ok_or_else(|| bad(format!("no tensor '{name}'")))
     };
-    let (pos, images) = (get("positions")?, get("images")?);
+    let pos = get("positions")?;
     let n = x.size()[0];
     let len = pos.size().first().copied().unwrap_or(0);
     if pos.kind() != Kind::Int64 || pos.dim() != 1 || !(1..=config.batch_size as i64).contains(&len)
@@ -512,16 +521,7 @@ pub(super) fn read_cascade_batch(
     }
     let mut want = x.size();
     want[0] = len;
-    if images.size() != want {
-        return Err(bad(format!(
-            "images have shape {:?}; expected {want:?} (one image per position)",
-            images.size()
-        )));
-    }
-    let images = images.to_kind(Kind::Float);
-    if !bool::try_from(images.isfinite().all())? {
-        return Err(bad("images hold NaN or infinite values".into()));
-    }
+    let images = batch_images(&t, &want, "one image per position", &bad)?;
     let clean = x
         .index_select(0, &pos.to_device(x.device()))
         .to_device(tch::Device::Cpu)
