@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::io::hex;
+
 pub use crate::io::LOCK;
 pub const INPUTS: &str = "inputs.json";
 pub const COMPLETE: &str = "complete.json";
@@ -87,16 +89,6 @@ pub fn lock(dir: &Path) -> Result<Lock> {
 /// SHA-256 of a file's bytes, in hex.
 pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex(&crate::io::digest_file::<sha2::Sha256>(path)?.1))
-}
-
-/// SHA-256 of bytes, in hex.
-pub fn sha256(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex(&Sha256::digest(bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SHA-256 over every file of a checkpoint folder (names and bytes, sorted by name; `.lock`

@@ -80,6 +80,11 @@ pub fn read_json_opt<T: serde::de::DeserializeOwned>(path: &Path, what: &str) ->
     read_json(path, what).map(Some)
 }
 
+/// Bytes as lowercase hexadecimal (digests).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The byte count and digest of a file, read in 1 MiB blocks (any `Digest`: MD5, SHA-256).
 pub fn digest_file<D: sha2::Digest>(path: &Path) -> Result<(u64, Vec<u8>)> {
     use std::io::Read;
@@ -171,7 +176,7 @@ pub fn fingerprint(tensors: &[&tch::Tensor], text: &str) -> Result<String> {
         h.update(&buf);
     }
     let digest = h.finalize();
-    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&digest[..8]))
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days; no date crate for one field).

@@ -184,15 +184,11 @@ fn fetch_to(url: &str, part: &Path) -> Result<(u64, String)> {
     if let Some(total) = total.filter(|t| *t != bytes) {
         bail!("{url}: connection closed after {bytes} of {total} bytes");
     }
-    Ok((bytes, hex(&hasher.finalize())))
+    Ok((bytes, crate::io::hex(&hasher.finalize())))
 }
 
 /// Size and MD5 of a file on disk.
 pub fn md5_file(path: &Path) -> Result<(u64, String)> {
     let (bytes, digest) = crate::io::digest_file::<Md5>(path)?;
-    Ok((bytes, hex(&digest)))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok((bytes, crate::io::hex(&digest)))
 }

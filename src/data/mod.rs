@@ -299,7 +299,7 @@ impl ImageSet {
             h.update(l.to_le_bytes());
         }
         h.update(self.classes.join("\n").as_bytes());
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::io::hex(&h.finalize())
     }
 
     pub fn len(&self) -> usize {

@@ -73,7 +73,6 @@ pub fn evaluate_into(
             lock: Some(lock),
         });
     }
-    crate::folder::Complete::clear(out)?;
     let pipeline = target.model()?;
     config.validate()?;
     for spec in &config.attacks {
@@ -106,6 +105,10 @@ pub fn evaluate_into(
         shard,
         Some(out),
     )?;
+    // The outputs are written again next (by the caller): the folder is not finished until
+    // they all are. Not earlier: a run refused above (other settings) leaves a finished
+    // folder as it was.
+    crate::folder::Complete::clear(out)?;
     let engine = crate::runtime::engine_info();
     let provenance = Provenance {
         atop_version: engine.atop_version.into(),

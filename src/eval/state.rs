@@ -162,7 +162,12 @@ pub fn validate(e: &RobustEvaluation, file: &Path) -> Result<()> {
         curves: e.curves.clone(),
         seconds: e.seconds,
     });
-    let same = |a: &dyn erased::Json, b: &dyn erased::Json| erased::close(&a.json(), &b.json());
+    fn same<T: Serialize>(a: &T, b: &T) -> bool {
+        match (serde_json::to_value(a), serde_json::to_value(b)) {
+            (Ok(a), Ok(b)) => close(&a, &b),
+            _ => false,
+        }
+    }
     if !same(&e.clean, &again.clean) || !same(&e.worst_case, &again.worst_case) {
         return bad("its clean or worst-case scores differ from those of its records".into());
     }
@@ -180,40 +185,28 @@ pub fn validate(e: &RobustEvaluation, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Serialisable values compared by their JSON, numbers to 1e-12 relative (serde_json's
-/// default float parser may read a written float back one unit in the last place off).
-mod erased {
+/// JSON values equal, numbers to 1e-12 relative (serde_json's default float parser may read a
+/// written float back one unit in the last place off).
+fn close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     use serde_json::Value;
-
-    pub trait Json {
-        fn json(&self) -> Value;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> Value {
-            serde_json::to_value(self).unwrap_or(Value::Null)
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+            _ => x == y,
+        },
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| close(x, y))
         }
-    }
-
-    pub fn close(a: &Value, b: &Value) -> bool {
-        match (a, b) {
-            (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
-                (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
-                _ => x == y,
-            },
-            (Value::Array(x), Value::Array(y)) => {
-                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| close(x, y))
-            }
-            (Value::Object(x), Value::Object(y)) => {
-                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w)))
-            }
-            _ => a == b,
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w)))
         }
+        _ => a == b,
     }
 }
 
 /// The whole evaluation from all its shards (any order): the same records, scores and checks
-/// as an unsharded run; gradient statistics and seconds are summed. Each shard is validated
-/// first (see [`validate`]); `dirs` name them in errors.
+/// as an unsharded run; gradient statistics and seconds are summed. The shards come validated
+/// (`crate::eval::run::read_results`, [`validate`]).
 pub fn merge(mut shards: Vec<RobustEvaluation>) -> Result<RobustEvaluation> {
     let Some(first) = shards.first() else {
         bail!("nothing to merge");

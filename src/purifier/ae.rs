@@ -53,6 +53,9 @@ impl Default for AeConfig {
 /// Bounds that keep a typo from allocating the machine away.
 const MAX_WIDTH: usize = 4096;
 const MAX_DEPTH: usize = 64;
+/// Patches per image: attention is quadratic in them (4,096 = 1,024 px in 16 px patches, 16 x
+/// ViT-B's 256 at 224-256 px).
+const MAX_PATCHES: i64 = 4096;
 
 impl AeConfig {
     /// Every setting in range; errors name the field.
@@ -96,7 +99,14 @@ impl AeConfig {
                 "a {side} px image is not divisible by the ae patch = {p}: choose a patch that divides the working size"
             );
         }
-        Ok(side / p)
+        let grid = side / p;
+        if grid * grid > MAX_PATCHES {
+            bail!(
+                "a {side} px image in ae patch = {p} patches is {} patches, above {MAX_PATCHES} (attention grows with their square): choose a larger patch or a smaller working size",
+                grid * grid
+            );
+        }
+        Ok(grid)
     }
 
     /// Visible patches of an image of `patches` patches: at least one.
@@ -315,6 +325,9 @@ mod tests {
         );
         let e = AeConfig::default().grid(30).unwrap_err().to_string();
         assert!(e.contains("not divisible by the ae patch = 4"), "{e}");
+        let e = AeConfig::default().grid(4096).unwrap_err().to_string();
+        assert!(e.contains("1048576 patches, above 4096"), "{e}");
+        assert_eq!(AeConfig::default().grid(256).unwrap(), 64);
     }
 
     #[test]

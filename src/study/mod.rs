@@ -234,28 +234,21 @@ fn open(plan: &StudyPlan, out: &Path) -> Result<crate::folder::Lock> {
     Ok(lock)
 }
 
-/// Whether the stage's run in `dir` still has epochs to train (it logs which).
-fn announce(stage: &str, dir: &Path, epochs: usize) -> bool {
+/// Logs what the stage's run in `dir` is about to do: check a finished run, resume, or train.
+fn announce(stage: &str, dir: &Path, epochs: usize) {
     match checkpoint::read_last(dir) {
         Ok(l) if l.epoch >= epochs => {
-            tracing::info!("study: {stage}: finished earlier ({})", dir.display());
-            false
+            tracing::info!("study: {stage}: finished earlier ({})", dir.display())
         }
-        Ok(l) => {
-            tracing::info!(
-                "study: {stage}: resuming after epoch {} of {epochs} ({})",
-                l.epoch,
-                dir.display()
-            );
-            true
-        }
-        Err(_) => {
-            tracing::info!(
-                "study: {stage}: training {epochs} epochs ({})",
-                dir.display()
-            );
-            true
-        }
+        Ok(l) => tracing::info!(
+            "study: {stage}: resuming after epoch {} of {epochs} ({})",
+            l.epoch,
+            dir.display()
+        ),
+        Err(_) => tracing::info!(
+            "study: {stage}: training {epochs} epochs ({})",
+            dir.display()
+        ),
     }
 }
 

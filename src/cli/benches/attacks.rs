@@ -13,7 +13,7 @@ pub(super) fn attacks(args: AttackBenchArgs, global: &Global) -> Result<()> {
         noise: args.noise,
         eot: args.eot,
         rounds: args.rounds,
-        reference: reference(args.no_reference),
+        reference: !args.no_reference,
         device: global.device,
     })?;
     print(&rows, &args, global, atop::runtime::threads())

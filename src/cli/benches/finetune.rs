@@ -28,7 +28,7 @@ pub(super) fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
         warmup: args.warmup,
         rounds: args.rounds,
         classifier_arch: args.classifier_arch,
-        reference: reference(args.no_reference),
+        reference: !args.no_reference,
         device,
     })?;
     if global.json {

@@ -217,8 +217,3 @@ pub fn run(cmd: BenchCommand, global: &Global) -> Result<()> {
         BenchCommand::Device(args) => device::device(*args, global),
     }
 }
-
-/// `--no-reference` as the library's `reference`.
-fn reference(no_reference: bool) -> bool {
-    !no_reference
-}

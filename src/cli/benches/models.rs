@@ -10,7 +10,7 @@ pub(super) fn models(args: ModelBenchArgs, global: &Global) -> Result<()> {
         batch: args.batch,
         steps: args.steps,
         warmup: args.warmup,
-        reference: reference(args.no_reference),
+        reference: !args.no_reference,
         image_size: args.image_size,
         precision: args.precision,
         device: global.device,

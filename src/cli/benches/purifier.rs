@@ -49,7 +49,7 @@ pub(super) fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
         attack_batch: args.attack_batch,
         attack_steps: args.attack_steps,
         classifier_arch: args.classifier_arch,
-        reference: reference(args.no_reference),
+        reference: !args.no_reference,
         device,
     })?;
     if global.json {
@@ -92,7 +92,7 @@ fn ae(args: &PurifierBenchArgs, global: &Global) -> Result<()> {
         steps: args.steps,
         warmup: args.warmup,
         rounds: args.rounds,
-        reference: reference(args.no_reference),
+        reference: !args.no_reference,
         device: global.device,
     })?;
     if global.json {
