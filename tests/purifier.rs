@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use atop::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
+use atop::purifier::{self, GanConfig, GanPurifier, Purifier, PurifierSidecar};
 use atop::train::purifier::PurifierEpoch;
 use atop::train::runlog;
 use atop::transforms::{TransformConfig, TransformKind};
@@ -120,7 +120,7 @@ fn generator_weights(run: &Path) -> Vec<(String, Tensor)> {
 fn generator_and_discriminator_agree_with_pytorch() {
     tch::manual_seed(11);
     let tmp = tempfile::tempdir().unwrap();
-    let authors = PurifierConfig {
+    let authors = GanConfig {
         width: 8,
         disc_width: 8,
         ..Default::default()
@@ -129,14 +129,14 @@ fn generator_and_discriminator_agree_with_pytorch() {
     let cases = [
         (authors.clone(), 32),
         (
-            PurifierConfig {
+            GanConfig {
                 attention: false,
                 ..authors.clone()
             },
             64,
         ),
         (
-            PurifierConfig {
+            GanConfig {
                 stages: 1,
                 skips: true,
                 group_norm: true,
@@ -159,14 +159,15 @@ fn generator_and_discriminator_agree_with_pytorch() {
             let _ = tch::no_grad(|| p.discriminator.forward_t(&x, &mask, true));
         }
         let dir = tmp.path().join(format!("p{side}-{}", cfg.stages));
-        p.save(
-            &dir,
-            &PurifierSidecar::new(cfg.clone(), TransformConfig::default()),
-        )
-        .unwrap();
         let image = &x * 2.0 - 1.0;
         let (x1, x2) = tch::no_grad(|| p.generator.forward(&image, &mask));
         let d = tch::no_grad(|| p.discriminator.forward_t(&x2, &mask, false));
+        Purifier::Gan(p)
+            .save(
+                &dir,
+                &PurifierSidecar::new(cfg.clone().into(), TransformConfig::default()),
+            )
+            .unwrap();
         let data = dir.join("in.safetensors");
         Tensor::write_safetensors(&[("image", &image), ("mask", &mask)], &data).unwrap();
         let out = dir.join("out.safetensors");
@@ -852,7 +853,7 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
         .unwrap()
         .join("generator-live.safetensors");
     let (p, _) = purifier::load(&live_file, tch::Device::Cpu).unwrap();
-    let loaded = p.g_vs.variables();
+    let loaded = p.weights().variables();
     for (k, w) in live(&a) {
         assert!(loaded[&k].equal(&w), "{k}: not the live weights");
     }
@@ -908,7 +909,11 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
     let mask = x.narrow(1, 0, 1).gt(0.7).to_kind(tch::Kind::Float);
     let fine = |p: &Path| {
         let (g, _) = purifier::load(p, tch::Device::Cpu).unwrap();
-        tch::no_grad(|| g.generate(&x, &mask).1)
+        let drawn = atop::transforms::Transformed {
+            noisy: x.shallow_clone(),
+            masks: vec![mask.shallow_clone()],
+        };
+        tch::no_grad(|| g.on_drawn(&drawn))
     };
     let d = (fine(&zero) - fine(trained()))
         .abs()
@@ -1041,8 +1046,15 @@ fn the_run_integrity_probes_pass() {
 /// within 1e-5 and every parameter's gradient of one training step's loss within 1e-4.
 #[test]
 fn ae_network_agrees_with_its_pytorch_twin() {
-    use atop::purifier::ae::{AeConfig, AeNet, random_keep};
+    for residual in [false, true] {
+        ae_twin_agreement(residual);
+    }
+}
+
+fn ae_twin_agreement(residual: bool) {
+    use atop::purifier::ae::{AeConfig, AeNet, random_keep, visible};
     let cfg = AeConfig {
+        residual,
         width: 32,
         depth: 2,
         heads: 4,
@@ -1072,7 +1084,7 @@ fn ae_network_agrees_with_its_pytorch_twin() {
     Tensor::write_safetensors(&named, &weights).unwrap();
     let x = Tensor::rand([3, 3, 32, 32], (Kind::Float, Device::Cpu));
     let target = Tensor::rand([3, 3, 32, 32], (Kind::Float, Device::Cpu));
-    let keep = random_keep(3, net.patches(), cfg.visible(net.patches()), Device::Cpu);
+    let keep = random_keep(3, net.patches(), visible(net.patches(), 0.5), Device::Cpu);
     Tensor::write_safetensors(&[("x", &x), ("keep", &keep), ("target", &target)], &data).unwrap();
     let out = net.forward(&x, &keep);
     (&out - &target).square().mean(Kind::Float).backward();
@@ -1094,7 +1106,7 @@ fn ae_network_agrees_with_its_pytorch_twin() {
         .collect();
     let gap = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
     let d = gap(&out.detach(), &theirs["out"]);
-    eprintln!("reconstruction: max difference {d:.2e}");
+    eprintln!("residual {residual}: reconstruction: max difference {d:.2e}");
     assert!(d < 1e-5, "reconstruction differs by {d}");
     let mut worst = 0.0f64;
     for (name, v) in &named {
@@ -1106,4 +1118,271 @@ fn ae_network_agrees_with_its_pytorch_twin() {
         "{} parameter gradients: max difference {worst:.2e}",
         named.len()
     );
+}
+
+/// A small AE purifier run: a one-block ViT on 512 CIFAR-10 images, 2 epochs, guided by the
+/// test classifier.
+const AE_CONFIG: &str = r#"
+epochs = 2
+batch_size = 32
+train_subset = 512
+eval_subset = 64
+seed = 4
+gan_weight = 0.0
+kl_weight = 0.1
+schedule = "cosine"
+warmup_steps = 4
+precision = "f32"
+[generator_optimizer]
+lr = 0.002
+beta1 = 0.9
+beta2 = 0.95
+[data]
+dataset = "cifar10"
+[purifier]
+kind = "ae"
+patch = 4
+width = 32
+depth = 1
+heads = 2
+decoder_width = 16
+decoder_depth = 1
+decoder_heads = 2
+residual = true
+[transform]
+kind = "rt2"
+sigma = 0.04
+"#;
+
+/// Runs `atop` with `args`, expecting a refusal that leaves `out` unwritten: its stderr.
+fn refused(args: &[&str], out: &Path) -> String {
+    let done = atop()
+        .env("ATOP_DATA_DIR", data_dir())
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(!done.status.success(), "{args:?} was accepted");
+    assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    String::from_utf8_lossy(&done.stderr).into_owned()
+}
+
+/// Issue 36: the AE purifier plugs in wherever the GAN one does, its kind chosen by a setting
+/// and recorded in the checkpoint: pre-training (its reconstruction loss falls, no
+/// discriminator), `atop purify`, a whole-model attack with exact gradients and EOT, AToP
+/// fine-tuning with L_org its reconstruction loss, interpolation; widening and a GAN term are
+/// refused by name, and so are AE settings that do not fit.
+#[test]
+fn an_ae_purifier_plugs_in_wherever_the_gan_one_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ae.toml");
+    std::fs::write(&config, AE_CONFIG).unwrap();
+    let run = tmp.path().join("ae");
+    run_ok(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args(["--quiet", "train", "purifier", "--config"])
+            .arg(&config)
+            .arg("--classifier")
+            .arg(classifier())
+            .arg("--out")
+            .arg(&run),
+    );
+    let epochs: Vec<PurifierEpoch> = runlog::read(&run).unwrap();
+    assert_eq!(epochs.len(), 2);
+    assert!(epochs[1].g_l1 < epochs[0].g_l1, "{epochs:?}");
+    assert_eq!((epochs[1].d_loss, epochs[1].g_gan), (0.0, 0.0));
+    let dir = purifier::resolve(&run).unwrap();
+    assert!(!dir.join(purifier::DISCRIMINATOR).exists());
+    let description = purifier::read_sidecar(&dir).unwrap();
+    assert_eq!(description.purifier.kind(), "ae");
+    let text = std::fs::read_to_string(dir.join(purifier::SIDECAR)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["purifier"]["kind"], "ae");
+    assert_eq!(json["purifier"]["width"], 32);
+
+    // Purified under its transform and without one.
+    let purified = run_json(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args([
+                "--json",
+                "purify",
+                "--n",
+                "64",
+                "--transform",
+                "rt2,none",
+                "--purifier",
+            ])
+            .arg(&run)
+            .arg("--classifier")
+            .arg(classifier())
+            .arg("--out")
+            .arg(tmp.path().join("purified")),
+    );
+    let scores = purified["results"].as_array().unwrap();
+    assert_eq!(scores.len(), 2, "{purified}");
+    let accuracy = |s: &serde_json::Value, key: &str| s[key].as_f64().unwrap();
+    // Every patch visible and no noise: the residual AE stays near its input.
+    let none = &scores[1];
+    assert_eq!(none["transform"]["kind"], "none");
+    assert!(
+        accuracy(none, "purified_accuracy") >= accuracy(none, "clean_accuracy") - 0.15,
+        "{none}"
+    );
+    assert!(
+        accuracy(&scores[0], "purified_accuracy") > 0.0,
+        "{}",
+        scores[0]
+    );
+
+    // A whole-model attack differentiates through transform, AE and classifier.
+    let r = run_json(
+        atop()
+            .env("ATOP_DATA_DIR", data_dir())
+            .args([
+                "--json", "attack", "--attack", "pgd", "--steps", "3", "--eps", "8/255", "--n",
+                "16", "--eot", "2", "--model",
+            ])
+            .arg(classifier())
+            .arg("--purifier")
+            .arg(&run)
+            .arg("--out")
+            .arg(tmp.path().join("attack")),
+    );
+    let defence = r["defence"].as_str().unwrap();
+    assert!(
+        defence.contains("rt2") && defence.contains("ae-purifier(patch 4"),
+        "{defence}"
+    );
+    let step = &r["steps"][0];
+    assert_eq!(step["grad"]["zero"], 0, "{step}");
+    assert!(step["warning"].is_null(), "{step}");
+
+    // AToP: L_org is the AE's reconstruction loss, the whole defended model the adversary.
+    let atop_args = |out: &Path, extra: &[&str]| {
+        let mut cmd = atop();
+        cmd.env("ATOP_DATA_DIR", data_dir())
+            .args([
+                "--quiet",
+                "train",
+                "atop",
+                "--preset",
+                "atop-ae-cifar10-cpu",
+                "--epochs",
+                "1",
+                "--train-subset",
+                "64",
+                "--eval-subset",
+                "8",
+                "--eval-steps",
+                "1",
+                "--eval-eot",
+                "1",
+                "--precision",
+                "f32",
+                "--adversary-precision",
+                "f32",
+                "--classifier",
+            ])
+            .arg(classifier())
+            .arg("--purifier")
+            .arg(&run)
+            .args(extra)
+            .arg("--out")
+            .arg(out);
+        cmd
+    };
+    let tuned = tmp.path().join("tuned");
+    run_ok(&mut atop_args(&tuned, &[]));
+    let tuned_dir = purifier::resolve(&tuned).unwrap();
+    let d = purifier::read_sidecar(&tuned_dir).unwrap();
+    assert_eq!(d.purifier.kind(), "ae");
+    assert!(d.fine_tuning.is_some());
+    let moved = generator_weights(&tuned)
+        .iter()
+        .zip(&generator_weights(&run))
+        .filter(|((_, a), (_, b))| !a.equal(b))
+        .count();
+    assert!(moved > 0, "AToP left every AE weight where it was");
+    let half = tmp.path().join("half");
+    run_ok(
+        atop()
+            .args(["--quiet", "purifier", "interpolate", "--tuned"])
+            .arg(&tuned)
+            .args(["--alpha", "0.5", "--out"])
+            .arg(&half),
+    );
+    assert_eq!(purifier::read_sidecar(&half).unwrap().purifier.kind(), "ae");
+
+    // Refused by name, nothing written.
+    let never = tmp.path().join("never");
+    for (extra, expected) in [
+        (&["--widen", "64"][..], "this purifier is an AE"),
+        (
+            &["--gan-weight", "1"][..],
+            "gan_weight = 1: the AE purifier has no discriminator",
+        ),
+    ] {
+        let out = atop_args(&never, extra).output().unwrap();
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(!never.exists());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{extra:?}: {err}");
+    }
+    // Each edit of the config (a replacement) is refused by name.
+    for (from, to, expected) in [
+        (
+            "patch = 4",
+            "patch = 4\ndisc_width = 8",
+            "unknown field --disc-width",
+        ),
+        ("patch = 4", "patch = 8", "transform grid = 8"),
+        (
+            "patch = 4",
+            "patch = 5",
+            "not divisible by the ae patch = 5",
+        ),
+        ("heads = 2\n", "heads = 3\n", "heads = 3 does not divide"),
+        ("kind = \"rt2\"", "kind = \"rt3\"", "rt3"),
+        ("kind = \"ae\"", "kind = \"vae\"", "unknown variant `vae`"),
+        (
+            "sigma = 0.04",
+            "sigma = 0.04\nmissing_rate = 1.0",
+            "missing_rate = 1",
+        ),
+        ("gan_weight = 0.0", "gan_weight = 0.5", "no discriminator"),
+    ] {
+        let bad = tmp.path().join("bad.toml");
+        // (no guidance: no classifier is needed to reach the check)
+        let text = AE_CONFIG.replace("kl_weight = 0.1", "kl_weight = 0.0");
+        std::fs::write(&bad, text.replacen(from, to, 1)).unwrap();
+        let err = refused(
+            &["train", "purifier", "--config", bad.to_str().unwrap()],
+            &never,
+        );
+        assert!(
+            err.contains(expected),
+            "{to:?}: expected {expected:?}: {err}"
+        );
+    }
+    // A description that names the AE over a GAN's weights, and the reverse.
+    for (weights, description) in [(trained(), run.as_path()), (run.as_path(), trained())] {
+        let swapped = tmp.path().join("swapped");
+        let _ = std::fs::remove_dir_all(&swapped);
+        copy_tree(&purifier::resolve(weights).unwrap(), &swapped);
+        std::fs::copy(
+            purifier::resolve(description)
+                .unwrap()
+                .join(purifier::SIDECAR),
+            swapped.join(purifier::SIDECAR),
+        )
+        .unwrap();
+        let err = match purifier::load(&swapped, Device::Cpu) {
+            Ok(_) => panic!("{} loaded", swapped.display()),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("generator.safetensors"), "{err}");
+    }
 }

@@ -383,6 +383,6 @@ fn bad_studies_fail_before_any_work() {
         .unwrap();
     assert!(
         String::from_utf8_lossy(&o.stderr)
-            .contains("expected one of cpu-15min, cpu-study, paper-gpu")
+            .contains("expected one of cpu-15min, cpu-study, cpu-ae, paper-gpu")
     );
 }

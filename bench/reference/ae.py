@@ -7,7 +7,7 @@ Usage:
     IN: x (B x 3 x S x S in [0,1]), keep (B x K int64 visible patches), target (like x).
     OUT: out (the reconstruction) and grad.NAME for every parameter, of the loss
          mean((out - target)^2).
-  python ae.py bench --config JSON --batch B --size S --steps N --warmup W [--threads T]
+  python ae.py bench --config JSON --mask-ratio R --batch B --size S --steps N --warmup W [--threads T]
     one training step (noisy images, random visible patches, squared error to the clean ones,
     backward) timed; prints one JSON line with train_img_s.
 """
@@ -54,6 +54,7 @@ class AE(nn.Module):
     def __init__(self, cfg, side):
         super().__init__()
         self.p = cfg["patch"]
+        self.residual = cfg.get("residual", False)
         self.g = side // self.p
         n, w, dw = self.g * self.g, cfg["width"], cfg["decoder_width"]
         pixels = self.p * self.p * 3
@@ -94,7 +95,13 @@ class AE(nn.Module):
         y = full + d.pos
         for block in d.blocks:
             y = block(y)
-        pred = torch.tanh(d.head(d.norm(y)))
+        head = d.head(d.norm(y))
+        pred = torch.tanh(head)
+        if self.residual:
+            # Visible patches: their input plus a correction; hidden ones predicted whole.
+            seen = torch.zeros(b, n, 1).scatter(1, keep.unsqueeze(-1), 1.0)
+            inp = self.patchify(x * 2 - 1)
+            pred = seen * (inp + head).clamp(-1, 1) + (1 - seen) * pred
         return (self.unpatchify(pred) + 1) / 2
 
 
@@ -103,7 +110,7 @@ def bench(a):
     torch.manual_seed(0)
     model = AE(cfg, a.size)
     n = (a.size // cfg["patch"]) ** 2
-    visible = min(n, max(1, round(n * (1 - cfg["mask_ratio"]))))
+    visible = min(n, max(1, round(n * (1 - a.mask_ratio))))
     x = torch.rand(a.batch, 3, a.size, a.size)
     noisy = (x + torch.randn_like(x) * 0.25).clamp(0, 1)
     keep = torch.rand(a.batch, n).argsort(1)[:, :visible].sort(1).values
@@ -127,6 +134,7 @@ def main():
     ap.add_argument("--weights")
     ap.add_argument("--data")
     ap.add_argument("--out")
+    ap.add_argument("--mask-ratio", type=float, default=0.25)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)

@@ -9,7 +9,7 @@ use super::{
     alternate, random_classifier, reference_number, reference_script, run_reference, timed,
 };
 use crate::models::Arch;
-use crate::purifier::{GanPurifier, PurifierConfig};
+use crate::purifier::{GanConfig, Purifier};
 use crate::runtime::Precision;
 use crate::train::atop::{
     AdversaryKind, AdversaryTarget, FineTuner, Reconstruction, TrainAtopConfig,
@@ -24,7 +24,7 @@ pub struct AtopBench {
     /// (row name, AToP settings): the loss weights, attack, optimizer, batch and precision.
     pub presets: Vec<(String, TrainAtopConfig)>,
     /// The generator fine-tuned (freshly initialised) and the transform of presets without one.
-    pub purifier: PurifierConfig,
+    pub purifier: GanConfig,
     pub transform: TransformConfig,
     /// Timed steps per round (after `warmup` untimed ones).
     pub steps: usize,
@@ -73,7 +73,7 @@ pub fn run(b: &AtopBench) -> Result<Vec<AtopRow>> {
         cfg.precision = precision;
         let n = cfg.batch_size as i64;
         let f = random_classifier(b.classifier_arch, device)?;
-        let p = GanPurifier::new(pcfg.clone(), device)?;
+        let p = Purifier::new(pcfg.clone().into(), device)?;
         let mut tuner = FineTuner::new(&cfg, f, p, transform.clone())?;
         let x = Tensor::rand([n, 3, SIDE, SIDE], (Kind::Float, device));
         let y = Tensor::randint(10, [n], (Kind::Int64, device));

@@ -9,7 +9,8 @@ use super::{alternate, reference_number, reference_script, run_reference, timed}
 use crate::models::pipeline::Pipeline;
 use crate::models::{Arch, Model};
 use crate::purifier::defended::Purify;
-use crate::purifier::{GanPurifier, PurifierConfig};
+use crate::purifier::{GanConfig, Purifier};
+use crate::runtime::Precision;
 use crate::transforms::{TransformConfig, TransformKind};
 
 /// One purifier to time: a row name, its architecture and its transform settings (timed
@@ -17,7 +18,7 @@ use crate::transforms::{TransformConfig, TransformKind};
 #[derive(Debug, Clone)]
 pub struct Setup {
     pub name: String,
-    pub purifier: PurifierConfig,
+    pub purifier: GanConfig,
     pub transform: TransformConfig,
 }
 
@@ -78,18 +79,15 @@ pub fn run(b: &PurifierBench) -> Result<Vec<PurifierRow>> {
         cfg.validate()?;
         cfg.check_images(b.size, b.size, &transform)?;
         tch::manual_seed(0);
-        let p = GanPurifier::new(cfg.clone(), device)?;
+        let mut p = Purifier::new(cfg.clone().into(), device)?;
         let (n, s) = (b.batch as i64, b.size);
         let x = Tensor::rand([n, 3, s, s], (Kind::Float, device));
         // One generator training step as the trainer takes it (without the optimizer).
-        let atop_side = || {
+        let mut atop_side = || {
             let secs = timed(device, b.warmup, b.steps, &mut || {
                 let pass = p.pass(&x, &transform);
-                let target = &pass.clean * 2.0 - 1.0;
-                ((&pass.x1 - &target).abs().mean(Kind::Float)
-                    + (&pass.x2 - &target).abs().mean(Kind::Float)
-                    + (&pass.purified - &x).abs().mean(Kind::Float))
-                .backward();
+                let own = p.own_terms(&pass, &pass.clean, false, Precision::F32);
+                (own.l1 + (&pass.purified - &x).abs().mean(Kind::Float)).backward();
             });
             (b.batch * b.steps) as f64 / secs
         };
@@ -112,7 +110,7 @@ pub fn run(b: &PurifierBench) -> Result<Vec<PurifierRow>> {
             batch: b.batch,
             size: s,
             work_size: work,
-            parameters: p.generator_parameters(),
+            parameters: p.parameters().0,
             atop_img_s: timing.ours,
             pytorch_img_s: timing.theirs,
             ratio: timing.ratio,
@@ -126,7 +124,7 @@ pub fn run(b: &PurifierBench) -> Result<Vec<PurifierRow>> {
 
 /// img/s of the PyTorch twin of one purifier training step (bench/reference/purifier.py).
 fn pytorch_step(
-    cfg: &PurifierConfig,
+    cfg: &GanConfig,
     transform: &TransformConfig,
     work: i64,
     b: &PurifierBench,
@@ -157,7 +155,7 @@ fn pytorch_step(
 /// Seconds per image of one whole-model attack step: the input gradient of the classifier's
 /// loss through the defended model, at a small batch.
 fn attack_step_seconds(
-    p: &GanPurifier,
+    p: &Purifier,
     transform: &TransformConfig,
     b: &PurifierBench,
 ) -> Result<f64> {
@@ -188,6 +186,8 @@ fn attack_step_seconds(
 #[derive(Debug, Clone)]
 pub struct AeBench {
     pub config: crate::purifier::ae::AeConfig,
+    /// Share of the patches hidden from the encoder (the transform's missing rate).
+    pub mask_ratio: f64,
     pub batch: usize,
     /// Image side (the working size).
     pub size: i64,
@@ -212,7 +212,7 @@ pub struct AeRow {
 }
 
 pub fn run_ae(b: &AeBench) -> Result<AeRow> {
-    use crate::purifier::ae::{AeNet, random_keep};
+    use crate::purifier::ae::{AeNet, random_keep, visible};
     if b.batch == 0 || b.steps == 0 {
         bail!("`batch` and `steps` must be positive");
     }
@@ -223,7 +223,12 @@ pub fn run_ae(b: &AeBench) -> Result<AeRow> {
     let n = b.batch as i64;
     let x = Tensor::rand([n, 3, b.size, b.size], (Kind::Float, device));
     let noisy = (&x + x.randn_like() * 0.25).clamp(0.0, 1.0);
-    let keep = random_keep(n, net.patches(), b.config.visible(net.patches()), device);
+    let keep = random_keep(
+        n,
+        net.patches(),
+        visible(net.patches(), b.mask_ratio),
+        device,
+    );
     let mut ours = || {
         let secs = timed(device, b.warmup, b.steps, &mut || {
             (net.forward(&noisy, &keep) - &x)
@@ -237,6 +242,7 @@ pub fn run_ae(b: &AeBench) -> Result<AeRow> {
         let (script, mut cmd) = reference_script("ae.py");
         cmd.arg("bench")
             .args(["--config", &serde_json::to_string(&b.config)?])
+            .args(["--mask-ratio", &b.mask_ratio.to_string()])
             .args(["--batch", &b.batch.to_string()])
             .args(["--size", &b.size.to_string()])
             .args(["--steps", &b.steps.to_string()])
@@ -262,7 +268,7 @@ pub fn run_ae(b: &AeBench) -> Result<AeRow> {
             c.decoder_width,
             c.decoder_depth,
             c.decoder_heads,
-            c.mask_ratio
+            b.mask_ratio
         ),
         batch: b.batch,
         size: b.size,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use atop::data::Split;
 use atop::purifier::apply::{self, PurifyInput, PurifyJob, PurifyReport};
-use atop::purifier::{self, GanPurifier, PurifierConfig};
+use atop::purifier::{self, ArchOverrides, Purifier, PurifierConfig};
 use atop::transforms::{Resize, TransformConfig, TransformKind};
 use clap::{Args as ClapArgs, Subcommand};
 use tch::Device;
@@ -95,24 +95,19 @@ pub struct PurifierArchArgs {
 }
 
 impl PurifierArchArgs {
-    pub fn apply(&self, cfg: &mut PurifierConfig) {
-        fn set<T: Copy>(field: &mut T, value: Option<T>) {
-            if let Some(v) = value {
-                *field = v;
-            }
+    pub fn overrides(&self) -> ArchOverrides {
+        ArchOverrides {
+            width: self.width,
+            disc_width: self.disc_width,
+            attention: self.attention,
+            stages: self.stages,
+            skips: self.skips,
+            group_norm: self.group_norm,
+            residual: self.residual,
+            work_size: self.work_size,
+            resize_up: self.resize_up,
+            resize_down: self.resize_down,
         }
-        set(&mut cfg.width, self.width);
-        set(&mut cfg.disc_width, self.disc_width);
-        set(&mut cfg.attention, self.attention);
-        set(&mut cfg.stages, self.stages);
-        set(&mut cfg.skips, self.skips);
-        set(&mut cfg.group_norm, self.group_norm);
-        set(&mut cfg.residual, self.residual);
-        if self.work_size.is_some() {
-            cfg.work_size = self.work_size;
-        }
-        set(&mut cfg.resize_up, self.resize_up);
-        set(&mut cfg.resize_down, self.resize_down);
     }
 }
 
@@ -181,17 +176,17 @@ fn info(a: InfoArgs, global: &Global) -> Result<()> {
         Some(path) => purifier::load(path, Device::Cpu)?.0,
         None => {
             let mut cfg = PurifierConfig::default();
-            a.arch.apply(&mut cfg);
-            GanPurifier::new(cfg, Device::Cpu)?
+            cfg.apply(&a.arch.overrides())?;
+            Purifier::new(cfg, Device::Cpu)?
         }
     };
     let out = apply::info(&p, a.image_size)?;
     if global.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("{}", p.config.describe());
+        println!("{}", p.describe());
         println!(
-            "  generator parameters      {:>10}",
+            "  network parameters        {:>10}",
             out.generator_parameters
         );
         println!(
@@ -199,8 +194,14 @@ fn info(a: InfoArgs, global: &Global) -> Result<()> {
             out.discriminator_parameters
         );
         println!(
-            "  on {0}x{0} images: generator output {1:?}, purified {2:?}, {3} patch scores per image",
-            a.image_size, out.work_shape, out.output_shape, out.discriminator_scores_per_image
+            "  on {0}x{0} images: purified {1:?} at the working size, {2:?} at the image's{3}",
+            a.image_size,
+            out.work_shape,
+            out.output_shape,
+            match out.discriminator_scores_per_image {
+                Some(k) => format!(", {k} patch scores per image"),
+                None => String::new(),
+            }
         );
     }
     Ok(())

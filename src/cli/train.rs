@@ -353,7 +353,7 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
     };
     a.data.apply(&mut cfg.data);
     let saved = cfg.purifier.clone();
-    a.arch.apply(&mut cfg.purifier);
+    cfg.purifier.apply(&a.arch.overrides())?;
     if a.run.resume.is_some() && cfg.purifier != saved {
         bail!(
             "a resumed run keeps its purifier ({}); the flags ask for {}: start a new run (--out) to change the architecture or the working size",

@@ -18,7 +18,7 @@ use crate::attacks::norm::Norm;
 use crate::attacks::pgd::Pgd;
 use crate::attacks::{Attack, Budget};
 use crate::models::{Classifier, Model};
-use crate::purifier::{GanPurifier, PurifierConfig, purified_from};
+use crate::purifier::{Purifier, PurifierConfig};
 use crate::runtime::synchronize;
 use crate::transforms::{TransformConfig, Transformed};
 
@@ -254,9 +254,10 @@ fn purifier_checks(
     let x = x.narrow(0, 0, k);
     let y = y.narrow(0, 0, k);
     tch::manual_seed(s.seed as i64);
-    let mut p_cpu = GanPurifier::new(s.purifier.clone(), Device::Cpu)?;
-    let mut p_dev = GanPurifier::new(s.purifier.clone(), dev)?;
-    p_dev.g_vs.copy(&p_cpu.g_vs)?;
+    s.purifier.check_images(h, w, &s.transform)?;
+    let mut p_cpu = Purifier::new(s.purifier.clone(), Device::Cpu)?;
+    let mut p_dev = Purifier::new(s.purifier.clone(), dev)?;
+    p_dev.copy_from(&p_cpu)?;
     let resolution = s.purifier.resolution();
     let side = resolution.work_dims(h, w).0;
     // One draw of the transform at the working size, on the CPU, for both devices.
@@ -272,10 +273,13 @@ fn purifier_checks(
     let mask = drawn.masks[0].shallow_clone();
     let mut checks = Vec::new();
 
-    // The generator's pass at the working size.
-    let pass = |p: &GanPurifier, d: Device| {
-        tch::no_grad(|| p.generate(&drawn.noisy.to_device(d), &mask.to_device(d)).1)
+    // The drawn transform on device `d`.
+    let on = |d: Device| Transformed {
+        noisy: drawn.noisy.to_device(d),
+        masks: vec![mask.to_device(d)],
     };
+    // The purifier's network at the working size.
+    let pass = |p: &Purifier, d: Device| tch::no_grad(|| p.on_drawn(&on(d)));
     let (oc, tc) = timed(Device::Cpu, || pass(&p_cpu, Device::Cpu));
     let (od, td) = timed(dev, || pass(&p_dev, dev));
     let od = od.to_device(Device::Cpu);
@@ -283,7 +287,7 @@ fn purifier_checks(
         DeviceCheck::new(
             format!("purifier forward at {side} px"),
             k,
-            "generator output: max |cpu - device| / max |cpu|",
+            "purified output at the working size: max |cpu - device| / max |cpu|",
             s.purifier.describe(),
             ((tc, td), k),
         )
@@ -292,17 +296,14 @@ fn purifier_checks(
 
     // The whole defended model's input gradient, f(down(g(t(up(x))))), with the drawn noise
     // and mask: what a whole-model attack step computes.
-    let grad = |p: &GanPurifier, f: &Classifier, d: Device| {
+    let grad = |p: &Purifier, f: &Classifier, d: Device| {
         let xi = x.to_device(d).set_requires_grad(true);
         let up = resolution.to_work(&xi);
-        let noisy = (&up + noise.to_device(d)).clamp(0.0, 1.0);
-        let m = mask.to_device(d);
-        let (_, x2) = p.generate(&noisy, &m);
         let t = Transformed {
-            noisy,
-            masks: vec![m],
+            noisy: (&up + noise.to_device(d)).clamp(0.0, 1.0),
+            masks: vec![mask.to_device(d)],
         };
-        let purified = resolution.to_image(&purified_from(&x2, &t), h, w);
+        let purified = resolution.to_image(&p.on_drawn(&t), h, w);
         let loss = f
             .logits(&purified)
             .cross_entropy_for_logits(&y.to_device(d));
@@ -326,19 +327,20 @@ fn purifier_checks(
         .agreeing(cosine, 0.99),
     );
 
-    // Generator training steps (L1 of both outputs to the clean image, Adam: the
-    // reconstruction part of the purifier's and AToP's losses), one untimed and one timed.
-    let before = snapshot(&p_cpu.g_vs);
-    let step = |p: &mut GanPurifier, d: Device| {
+    // Training steps of the purifying network (L1 of the purified output to the clean image,
+    // Adam: the reconstruction part of the purifier's and AToP's losses), one untimed and one
+    // timed.
+    let before = snapshot(p_cpu.weights());
+    let step = |p: &mut Purifier, d: Device| {
         let mut opt = nn::Adam {
             beta1: 0.5,
             ..Default::default()
         }
-        .build(&p.g_vs, 1e-4)
-        .expect("an Adam optimizer over the generator's variables");
-        let target = clean.to_device(d) * 2.0 - 1.0;
-        let (x1, x2) = p.generate(&drawn.noisy.to_device(d), &mask.to_device(d));
-        let loss = (x1 - &target).abs().mean(Kind::Float) + (x2 - &target).abs().mean(Kind::Float);
+        .build(p.weights(), 1e-4)
+        .expect("an Adam optimizer over the purifier's variables");
+        let loss = (p.on_drawn(&on(d)) - clean.to_device(d))
+            .abs()
+            .mean(Kind::Float);
         opt.backward_step(&loss);
         loss.double_value(&[])
     };
@@ -348,11 +350,11 @@ fn purifier_checks(
         DeviceCheck::new(
             format!("purifier training step at {side} px (L1, Adam)"),
             k,
-            "generator weights after two steps: ||cpu - device|| / ||cpu update||",
+            "purifier weights after two steps: ||cpu - device|| / ||cpu update||",
             format!("loss cpu {loss_c:.5}, device {loss_d:.5}"),
             ((tc, td), k),
         )
-        .within(weight_gap(&before, &p_cpu.g_vs, &p_dev.g_vs), 5e-2),
+        .within(weight_gap(&before, p_cpu.weights(), p_dev.weights()), 5e-2),
     );
     Ok(checks)
 }
@@ -432,12 +434,12 @@ mod tests {
             * 2.5;
         let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
         // The demo purifier (presets/purifier-demo.toml: RT2, width 8), at twice the image size.
-        let purifier = PurifierConfig {
+        let purifier = PurifierConfig::Gan(crate::purifier::GanConfig {
             width: 8,
             disc_width: 16,
             work_size: Some(64),
-            ..PurifierConfig::default()
-        };
+            ..crate::purifier::GanConfig::default()
+        });
         let s = DeviceCheckSettings {
             device: Device::Cpu,
             purifier,

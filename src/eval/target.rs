@@ -13,7 +13,7 @@ use crate::models::checkpoint::{self, Sidecar};
 use crate::models::pipeline::Pipeline;
 use crate::models::{Classifier, Model};
 use crate::purifier::defended::{Defence, defended};
-use crate::purifier::{GanPurifier, PurifierSidecar};
+use crate::purifier::{Purifier, PurifierSidecar};
 use crate::transforms::{TransformConfig, TransformKind, TransformOverrides};
 
 /// Which data a model is evaluated on: each field defaults to what the model was trained on.
@@ -117,7 +117,7 @@ pub struct TargetSpec {
 pub struct Target {
     pub dir: PathBuf,
     pub classifier: Classifier,
-    pub purifier: Option<(GanPurifier, PurifierSidecar)>,
+    pub purifier: Option<(Purifier, PurifierSidecar)>,
     pub defence: Defence,
     /// Content hash of the classifier's and the purifier's weights and descriptions.
     pub model_hash: String,
@@ -211,7 +211,7 @@ impl TargetSpec {
         let mut weights: Vec<(String, Tensor)> = classifier.vs.variables().into_iter().collect();
         if let Some((p, _)) = &purifier {
             weights.extend(
-                p.g_vs
+                p.weights()
                     .variables()
                     .into_iter()
                     .map(|(k, v)| (format!("generator.{k}"), v)),

@@ -1,7 +1,9 @@
-//! The AE purifier's network (DMAE-style, Wu et al. 2022): a ViT encoder over the visible
-//! patches of a corrupted image and a light ViT decoder that reconstructs every patch. The
-//! corruption is the random transform (noise) plus random patch masking at the working size;
-//! the visible patches are chosen by the caller ([`random_keep`]), so that a seeded draw and a
+//! The AE purifier (DMAE-style, Wu et al. 2022): a ViT encoder over the visible patches of a
+//! corrupted image and a light ViT decoder that reconstructs every patch. The corruption is the
+//! random transform itself, drawn at the working size: its noise, and its block mask read as
+//! the patches hidden from the encoder (the transform's grid is the patch grid, its
+//! `missing_rate` the mask ratio). The network takes the visible patches from its caller
+//! ([`AePurifier::pass`], or [`random_keep`] for the benches), so that a seeded draw and the
 //! PyTorch twin (`bench/reference/ae.py`) see the same ones.
 //!
 //! Pre-LN transformer blocks (LayerNorm, multi-head self-attention, LayerNorm, GELU MLP, each
@@ -11,11 +13,14 @@
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-/// The architecture of an AE purifier.
+use crate::transforms::{Resize, Resolution, TransformConfig, TransformKind, Transformed};
+
+/// The architecture of an AE purifier and the side it works at. The share of hidden patches is
+/// the transform's `missing_rate` (one setting for both purifier kinds).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AeConfig {
     /// Side of a square patch, in pixels of the working size.
     pub patch: usize,
@@ -25,12 +30,21 @@ pub struct AeConfig {
     pub heads: usize,
     /// MLP hidden size as a multiple of the width (ViT: 4).
     pub mlp_ratio: usize,
+    /// A global residual path for the visible patches: each is its (noisy) input plus the
+    /// decoder's correction, clamped to the pixel range, while hidden patches are predicted
+    /// whole (DMAE: off, every patch predicted whole). A trainability option like the GAN
+    /// purifier's `residual`: the network starts near the identity on what it sees.
+    pub residual: bool,
     /// Decoder width, depth and heads (MAE: a light decoder).
     pub decoder_width: usize,
     pub decoder_depth: usize,
     pub decoder_heads: usize,
-    /// Share of the patches hidden from the encoder, in (0, 1) (DMAE: 0.75).
-    pub mask_ratio: f64,
+    /// The side the transform is drawn at and the network runs at (its position embeddings are
+    /// for this grid of patches): images are resized to it and the purified image back.
+    pub work_size: usize,
+    /// Resizing to the working size and back to the classifier's.
+    pub resize_up: Resize,
+    pub resize_down: Resize,
 }
 
 impl Default for AeConfig {
@@ -42,10 +56,13 @@ impl Default for AeConfig {
             depth: 4,
             heads: 4,
             mlp_ratio: 4,
+            residual: false,
             decoder_width: 64,
             decoder_depth: 2,
             decoder_heads: 4,
-            mask_ratio: 0.5,
+            work_size: 32,
+            resize_up: Resolution::default().up,
+            resize_down: Resolution::default().down,
         }
     }
 }
@@ -82,13 +99,59 @@ impl AeConfig {
                 bail!("ae {name} = {heads} does not divide its width {width}");
             }
         }
-        if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
+        if self.work_size == 0 || self.work_size > super::MAX_WORK_SIZE {
             bail!(
-                "ae mask_ratio = {}: expected a share strictly between 0 and 1",
-                self.mask_ratio
+                "ae work_size = {}: expected 1 to {} pixels",
+                self.work_size,
+                super::MAX_WORK_SIZE
             );
         }
+        self.grid(self.work_size as i64)?;
         Ok(())
+    }
+
+    pub fn resolution(&self) -> Resolution {
+        Resolution {
+            work_size: Some(self.work_size),
+            up: self.resize_up,
+            down: self.resize_down,
+        }
+    }
+
+    /// Checks that images of `h` x `w` can be purified under `transform`: the working size is
+    /// not below the images', and a masking transform's blocks are the patches.
+    pub fn check_images(&self, h: i64, w: i64, transform: &TransformConfig) -> Result<()> {
+        let r = self.resolution();
+        r.check(h, w, self.patch as i64, "the ae patch")?;
+        let side = self.work_size as i64;
+        transform.validate(Some(side))?;
+        let grid = self.grid(side)?;
+        match transform.kind {
+            TransformKind::Rt3 => bail!(
+                "transform rt3 purifies several masked copies and assembles them; the AE purifier reconstructs every patch from one masking: use rt1, rt2, noise or none"
+            ),
+            TransformKind::Rt1 | TransformKind::Rt2 if transform.grid as i64 != grid => bail!(
+                "transform grid = {}: the AE purifier hides whole patches, so the grid must be its {grid} patches per side ({side} px / patch {}): set the transform's grid to {grid}",
+                transform.grid,
+                self.patch
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "ae-purifier(patch {}, {} x {} heads {}, decoder {} x {} heads {}{}, {})",
+            self.patch,
+            self.width,
+            self.depth,
+            self.heads,
+            self.decoder_width,
+            self.decoder_depth,
+            self.decoder_heads,
+            if self.residual { ", residual" } else { "" },
+            self.resolution().describe()
+        )
     }
 
     /// Patches per side of a `side` px image: an error unless the patch divides it.
@@ -108,11 +171,11 @@ impl AeConfig {
         }
         Ok(grid)
     }
+}
 
-    /// Visible patches of an image of `patches` patches: at least one.
-    pub fn visible(&self, patches: i64) -> i64 {
-        ((patches as f64 * (1.0 - self.mask_ratio)).round() as i64).clamp(1, patches)
-    }
+/// Visible patches of `patches` with `mask_ratio` of them hidden: at least one.
+pub fn visible(patches: i64, mask_ratio: f64) -> i64 {
+    ((patches as f64 * (1.0 - mask_ratio)).round() as i64).clamp(1, patches)
 }
 
 /// One pre-LN transformer block.
@@ -228,7 +291,21 @@ impl AeNet {
                 })
                 .collect(),
             decoder_norm: layer_norm(&dec / "norm", dw),
-            head: nn::linear(&dec / "head", dw, pixels, Default::default()),
+            // With the residual path a zero head starts at the identity on visible patches.
+            head: nn::linear(
+                &dec / "head",
+                dw,
+                pixels,
+                if config.residual {
+                    nn::LinearConfig {
+                        ws_init: nn::Init::Const(0.0),
+                        bs_init: Some(nn::Init::Const(0.0)),
+                        bias: true,
+                    }
+                } else {
+                    Default::default()
+                },
+            ),
         })
     }
 
@@ -262,22 +339,73 @@ impl AeNet {
         }
         let h = self.to_decoder.forward(&self.norm.forward(&h));
         let dw = h.size()[2];
-        let full = self.mask_token.expand([b, n, dw], false).scatter(
-            1,
-            &index.expand([b, k, dw], false),
-            &h,
-        );
+        // Under autocast the encoder's tokens may be bf16: the mask token follows them.
+        let full = self
+            .mask_token
+            .to_kind(h.kind())
+            .expand([b, n, dw], false)
+            .scatter(1, &index.expand([b, k, dw], false), &h);
         let mut d = full + &self.decoder_pos;
         for block in &self.decoder_blocks {
             d = block.forward(&d);
         }
-        let pred = self.head.forward(&self.decoder_norm.forward(&d)).tanh();
+        let head = self.head.forward(&self.decoder_norm.forward(&d));
+        let mut pred = head.tanh();
+        if self.config.residual {
+            // Visible patches: their input plus a correction; hidden ones predicted whole.
+            let seen = Tensor::zeros([b, n, 1], (head.kind(), head.device()))
+                .scatter_value(1, &index, 1.0);
+            let input = self.patchify(&(x * 2.0 - 1.0)).to_kind(head.kind());
+            pred = &seen * (input + &head).clamp(-1.0, 1.0) + (seen.ones_like() - &seen) * pred;
+        }
         (self.unpatchify(&pred) + 1.0) / 2.0
     }
 
     /// Patches per image.
     pub fn patches(&self) -> i64 {
         self.grid * self.grid
+    }
+}
+
+/// An AE purifier: its network in one VarStore (no discriminator).
+pub struct AePurifier {
+    pub config: AeConfig,
+    pub vs: nn::VarStore,
+    pub net: AeNet,
+}
+
+impl AePurifier {
+    pub fn new(config: AeConfig, device: Device) -> Result<Self> {
+        config.validate()?;
+        let vs = nn::VarStore::new(device);
+        let net = AeNet::new(&vs.root(), &config, config.work_size as i64)?;
+        Ok(AePurifier { config, vs, net })
+    }
+
+    /// The patches the encoder sees under a drawn transform (B x K, sorted): those outside the
+    /// block mask's holes (the transform's grid is the patch grid, [`AeConfig::check_images`]),
+    /// every patch without a mask.
+    pub fn visible_patches(&self, drawn: &Transformed) -> Tensor {
+        let n = self.net.patches();
+        let b = drawn.noisy.size()[0];
+        let device = drawn.noisy.device();
+        let mask = &drawn.masks[0];
+        let p = self.config.patch as i64;
+        let side = mask.size()[2];
+        // One pixel per patch: 1 where the patch is a hole.
+        let holes = mask
+            .select(1, 0)
+            .slice(1, 0, side, p)
+            .slice(2, 0, side, p)
+            .reshape([b, n]);
+        let hidden = holes.get(0).sum(Kind::Float).double_value(&[]).round() as i64;
+        if hidden == 0 {
+            return Tensor::arange(n, (Kind::Int64, device)).expand([b, n], false);
+        }
+        // A stable sort puts the visible patches (0) first, in their order.
+        holes
+            .argsort_stable(true, 1, false)
+            .narrow(1, 0, (n - hidden).max(1))
     }
 }
 
@@ -304,18 +432,43 @@ mod tests {
         );
         assert!(
             bad(AeConfig {
-                mask_ratio: 1.0,
+                work_size: 30,
                 ..Default::default()
             })
-            .contains("mask_ratio")
+            .contains("not divisible by the ae patch = 4")
         );
+        let rt2 = TransformConfig::default();
+        let ae = AeConfig::default();
+        let e = ae
+            .check_images(
+                32,
+                32,
+                &TransformConfig {
+                    grid: 4,
+                    ..rt2.clone()
+                },
+            )
+            .unwrap_err()
+            .to_string();
         assert!(
-            bad(AeConfig {
-                mask_ratio: 0.0,
-                ..Default::default()
-            })
-            .contains("mask_ratio")
+            e.contains("transform grid = 4") && e.contains("its 8 patches"),
+            "{e}"
         );
+        let e = ae
+            .check_images(
+                32,
+                32,
+                &TransformConfig {
+                    kind: TransformKind::Rt3,
+                    ..rt2.clone()
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rt3"), "{e}");
+        let e = ae.check_images(64, 64, &rt2).unwrap_err().to_string();
+        assert!(e.contains("work_size 32 is smaller"), "{e}");
+        ae.check_images(32, 32, &rt2).unwrap();
         assert!(
             bad(AeConfig {
                 width: 0,
@@ -349,7 +502,7 @@ mod tests {
         let keep = random_keep(
             2,
             net.patches(),
-            cfg.visible(net.patches()),
+            visible(net.patches(), 0.5),
             tch::Device::Cpu,
         );
         assert_eq!(keep.size(), [2, 32]);
@@ -368,5 +521,38 @@ mod tests {
             .narrow(3, col * 4, 4)
             .fill_(0.5);
         assert!(net.forward(&y, &keep).allclose(&out, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn the_transforms_holes_are_the_hidden_patches() {
+        let p = AePurifier::new(AeConfig::default(), tch::Device::Cpu).unwrap();
+        let rt2 = TransformConfig::default();
+        tch::manual_seed(3);
+        let drawn = rt2.sample(&Tensor::rand(
+            [5, 3, 32, 32],
+            (Kind::Float, tch::Device::Cpu),
+        ));
+        let keep = p.visible_patches(&drawn);
+        // 25 % of the 64 patches hidden: 48 visible, sorted, none of them under a hole.
+        assert_eq!(keep.size(), [5, 48]);
+        for i in 0..5 {
+            let k = Vec::<i64>::try_from(keep.get(i)).unwrap();
+            assert!(k.windows(2).all(|w| w[0] < w[1]));
+            for patch in 0..64 {
+                let hole = drawn.masks[0]
+                    .get(i)
+                    .get(0)
+                    .get(patch / 8 * 4)
+                    .get(patch % 8 * 4)
+                    .double_value(&[])
+                    > 0.5;
+                assert_eq!(hole, !k.contains(&patch), "image {i} patch {patch}");
+            }
+        }
+        let none = TransformConfig::with_kind(TransformKind::None).sample(&Tensor::rand(
+            [2, 3, 32, 32],
+            (Kind::Float, tch::Device::Cpu),
+        ));
+        assert_eq!(p.visible_patches(&none).size(), [2, 64]);
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::GanPurifier;
+use super::Purifier;
 use crate::data::subset::seeded_subset;
 use crate::data::{DataOverrides, DatasetKind, Split};
 use crate::figures::grid;
@@ -52,7 +52,7 @@ fn accuracy(c: &dyn Model, images: &Tensor, y: &Tensor, batch: usize, device: De
 /// classifier and labels, its accuracies; `clean_accuracy` is passed in so that several
 /// transforms of the same images share it.
 pub fn purify(
-    p: &GanPurifier,
+    p: &Purifier,
     x: &Tensor,
     t: &TransformConfig,
     labelled: Option<(&dyn Model, &Tensor, Option<f64>)>,
@@ -61,7 +61,7 @@ pub fn purify(
     device: Device,
 ) -> Result<Purified> {
     let (h, w) = (x.size()[2], x.size()[3]);
-    p.config.check_images(h, w, t)?;
+    p.config().check_images(h, w, t)?;
     tch::manual_seed(seed as i64);
     let n = x.size()[0];
     let (mut purified, mut shown) = (Vec::new(), Vec::new());
@@ -270,7 +270,7 @@ pub fn purify_into(job: &PurifyJob, device: Device) -> Result<(PathBuf, PurifyRe
     }
     let dir = super::resolve(&job.purifier)?;
     let (p, sidecar) = super::load(&job.purifier, device)?;
-    p.config
+    p.config()
         .expect_work_size(job.work_size, &dir.display().to_string())?;
     let kinds = job
         .transforms
@@ -357,29 +357,33 @@ fn write_grid(clean: &Tensor, shown: &Tensor, purified: &Tensor, path: &Path) ->
 #[derive(Debug, Serialize)]
 pub struct PurifierInfo {
     pub purifier: super::PurifierConfig,
+    /// Parameters of the purifying network (the GAN's generator, the AE's encoder and
+    /// decoder) and of the discriminator (0 for the AE).
     pub generator_parameters: i64,
     pub discriminator_parameters: i64,
     pub image_size: i64,
-    /// The generator's output at the working size.
+    /// The purified image at the working size.
     pub work_shape: Vec<i64>,
     pub output_shape: Vec<i64>,
-    pub discriminator_scores_per_image: i64,
+    /// None for a purifier without a discriminator (the AE).
+    pub discriminator_scores_per_image: Option<i64>,
 }
 
-/// [`PurifierInfo`] measured by one pass of a random image under RT2.
-pub fn info(p: &GanPurifier, image_size: i64) -> Result<PurifierInfo> {
-    let rt2 = TransformConfig::default();
-    p.config.check_images(image_size, image_size, &rt2)?;
+/// [`PurifierInfo`] measured by one pass of a random image (without a transform: the shapes
+/// do not depend on it).
+pub fn info(p: &Purifier, image_size: i64) -> Result<PurifierInfo> {
+    let none = TransformConfig::with_kind(crate::transforms::TransformKind::None);
+    p.config().check_images(image_size, image_size, &none)?;
     let x = Tensor::rand([1, 3, image_size, image_size], (Kind::Float, p.device()));
-    let pass = tch::no_grad(|| p.pass(&x, &rt2));
-    let d = tch::no_grad(|| p.discriminator.forward_t(&pass.x2, &pass.masks, false));
+    let pass = tch::no_grad(|| p.pass(&x, &none));
+    let (network, critic) = p.parameters();
     Ok(PurifierInfo {
-        purifier: p.config.clone(),
-        generator_parameters: p.generator_parameters(),
-        discriminator_parameters: p.discriminator_parameters(),
+        purifier: p.config(),
+        generator_parameters: network,
+        discriminator_parameters: critic,
         image_size,
-        work_shape: pass.x2.size(),
+        work_shape: pass.at_work.size(),
         output_shape: pass.purified.size(),
-        discriminator_scores_per_image: d.size()[1],
+        discriminator_scores_per_image: p.critic_scores_per_image(&pass),
     })
 }

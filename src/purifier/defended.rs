@@ -7,14 +7,14 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::GanPurifier;
+use super::Purifier;
 use crate::models::Model;
 use crate::models::pipeline::{Bpda, Pipeline, Quantize, Stage};
 use crate::transforms::{Resolution, TransformConfig, TransformStage};
 
 /// Random transform followed by the purifier, on the purifier's resolution pipeline.
 pub struct Purify<'a> {
-    pub purifier: &'a GanPurifier,
+    pub purifier: &'a Purifier,
     pub transform: TransformConfig,
 }
 
@@ -29,13 +29,13 @@ impl Stage for Purify<'_> {
         self.transform.draws_per_sample()
     }
     fn work_size(&self) -> Option<usize> {
-        self.purifier.config.work_size
+        self.purifier.resolution().work_size
     }
     fn describe(&self) -> String {
         format!(
             "{} -> {}",
             self.transform.describe(),
-            self.purifier.config.describe()
+            self.purifier.describe()
         )
     }
 }
@@ -60,7 +60,7 @@ pub struct Defence {
 /// whose training transform is `trained`), optionally wrapped in BPDA.
 pub fn defended<'a>(
     classifier: &'a dyn Model,
-    purifier: Option<(&'a GanPurifier, &TransformConfig)>,
+    purifier: Option<(&'a Purifier, &TransformConfig)>,
     defence: &Defence,
     (h, w): (i64, i64),
 ) -> Result<Pipeline<'a>> {
@@ -79,9 +79,9 @@ pub fn defended<'a>(
         }
         (None, Some((p, trained)), _) => {
             let transform = defence.transform.clone().unwrap_or_else(|| trained.clone());
-            p.config
-                .expect_work_size(defence.work_size, "the purifier")?;
-            p.config.check_images(h, w, &transform)?;
+            let config = p.config();
+            config.expect_work_size(defence.work_size, "the purifier")?;
+            config.check_images(h, w, &transform)?;
             Some(Box::new(Purify {
                 purifier: p,
                 transform,

@@ -1,29 +1,32 @@
-//! The purifier `g` of AToP: a DeepFillv2-style inpainting generator (gated convolutions,
-//! contextual attention) that fills the holes and noise of a random transform, with its
-//! SN-PatchGAN discriminator for (pre-)training.
+//! The purifier `g` of AToP, of two kinds behind one interface ([`Purifier`],
+//! [`PurifierConfig`]): the GAN purifier (a DeepFillv2-style inpainting generator with its
+//! SN-PatchGAN discriminator, [`gan`]) and the AE purifier (a DMAE-style masked autoencoder,
+//! [`ae`]). Both undo a random transform drawn at their working size.
 //!
-//! A purifier checkpoint is a folder holding `generator.safetensors`,
-//! `discriminator.safetensors` and `purifier.json` (architecture, the transform it was trained
-//! with, dataset, provenance), each written atomically.
+//! A purifier checkpoint is a folder holding `generator.safetensors` (the purifying network:
+//! the GAN's generator, the AE's encoder and decoder), `discriminator.safetensors` (GAN only)
+//! and `purifier.json` (kind and architecture, the transform it was trained with, dataset,
+//! provenance), each written atomically.
 
 pub mod ae;
 pub mod apply;
 pub mod defended;
 pub mod discriminator;
+pub mod gan;
 pub mod generator;
+mod interface;
 pub mod layers;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::models::checkpoint::{self, CheckpointError};
-use crate::transforms::{Resize, Resolution, TransformConfig, Transformed, assemble};
-use discriminator::Discriminator;
-use generator::{Generator, Layout};
+use crate::models::checkpoint;
+use crate::transforms::TransformConfig;
+pub use gan::{GanConfig, GanPurifier};
+pub use interface::{ArchOverrides, OwnTerms, Pass, Purifier, PurifierConfig};
 
 pub const GENERATOR: &str = "generator.safetensors";
 pub const DISCRIMINATOR: &str = "discriminator.safetensors";
@@ -33,166 +36,6 @@ pub const SIDECAR: &str = "purifier.json";
 pub const TRAINING_STATE_PREFIX: &str = "ema.";
 const FORMAT: &str = "atop-purifier";
 const FORMAT_VERSION: u32 = 2;
-
-/// The purifier's architecture and working resolution. The defaults are the authors' layout;
-/// `stages`, `skips`, `group_norm` and `residual` are trainability options (docs/purifier.md).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PurifierConfig {
-    /// Generator width c (a multiple of 4; the paper's 48 gives 4.05 M parameters).
-    pub width: usize,
-    /// The contextual-attention branch of the fine stage.
-    pub attention: bool,
-    /// Stride-2 stages of the generator's encoders: 2 (DeepFillv2) or 1 (a finer bottleneck
-    /// for small images).
-    pub stages: usize,
-    /// U-Net skip connections from each encoder to its decoder.
-    pub skips: bool,
-    /// Group normalisation of every gated layer's features.
-    pub group_norm: bool,
-    /// Global residual path: each stage outputs its input plus a correction (clamped to
-    /// [-1,1]) instead of tanh of the correction.
-    pub residual: bool,
-    /// Discriminator width (DeepFillv2: 64).
-    pub disc_width: usize,
-    /// The side the transform is drawn at and the generator runs at: images are resized to it
-    /// first and the purified image back to the classifier's size (the authors: 256 for
-    /// CIFAR). None = the images' own resolution.
-    pub work_size: Option<usize>,
-    /// Resizing to the working size (the authors: bilinear).
-    pub resize_up: Resize,
-    /// Resizing the purified image back to the classifier's size.
-    pub resize_down: Resize,
-}
-
-impl Default for PurifierConfig {
-    fn default() -> Self {
-        let r = Resolution::default();
-        PurifierConfig {
-            width: 48,
-            attention: true,
-            stages: 2,
-            skips: false,
-            group_norm: false,
-            residual: false,
-            disc_width: 64,
-            work_size: None,
-            resize_up: r.up,
-            resize_down: r.down,
-        }
-    }
-}
-
-impl PurifierConfig {
-    pub fn validate(&self) -> Result<()> {
-        if self.width < 4 || !self.width.is_multiple_of(4) {
-            bail!(
-                "purifier width = {}: expected a positive multiple of 4 (the generator uses c/4 channels; paper: 48)",
-                self.width
-            );
-        }
-        if self.width > MAX_WIDTH {
-            bail!(
-                "purifier width = {}: expected at most {MAX_WIDTH} (the paper uses 48)",
-                self.width
-            );
-        }
-        if !(1..=2).contains(&self.stages) {
-            bail!(
-                "purifier stages = {}: expected 1 or 2 stride-2 stages (DeepFillv2: 2)",
-                self.stages
-            );
-        }
-        if self.disc_width == 0 || self.disc_width > MAX_WIDTH {
-            bail!(
-                "purifier disc_width = {}: expected 1 to {MAX_WIDTH} (DeepFillv2: 64)",
-                self.disc_width
-            );
-        }
-        if let Some(s) = self.work_size {
-            let m = self.layout().side_multiple() as usize;
-            if s < m || !s.is_multiple_of(m) || s > MAX_WORK_SIZE {
-                bail!(
-                    "purifier work_size = {s}: expected a multiple of {m} (the generator's strides) up to {MAX_WORK_SIZE}, e.g. 256"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    pub fn layout(&self) -> Layout {
-        Layout {
-            width: self.width as i64,
-            attention: self.attention,
-            stages: self.stages as i64,
-            skips: self.skips,
-            norm: self.group_norm,
-            residual: self.residual,
-        }
-    }
-
-    pub fn resolution(&self) -> Resolution {
-        Resolution {
-            work_size: self.work_size,
-            up: self.resize_up,
-            down: self.resize_down,
-        }
-    }
-
-    /// Checks that images of `h` x `w` can be purified under `transform`: the working size is
-    /// not below the images', the generator's strides and the transform's grid divide it.
-    pub fn check_images(&self, h: i64, w: i64, transform: &TransformConfig) -> Result<()> {
-        let r = self.resolution();
-        r.check(
-            h,
-            w,
-            self.layout().side_multiple(),
-            "the generator's strides",
-        )?;
-        let (wh, ww) = r.work_dims(h, w);
-        transform.validate(Some(wh))?;
-        if ww != wh {
-            transform.validate(Some(ww))?;
-        }
-        Ok(())
-    }
-
-    /// An error when a caller asked for a working size other than the one this purifier was
-    /// trained at (`origin` names the checkpoint).
-    pub fn expect_work_size(&self, requested: Option<usize>, origin: &str) -> Result<()> {
-        match requested {
-            Some(r) if Some(r) != self.work_size => bail!(
-                "{origin} was trained at {}, not at the requested work size {r}: its weights are tuned to that resolution (retrain it at {r}, or drop the work-size request)",
-                match self.work_size {
-                    Some(s) => format!("work size {s}"),
-                    None => "the images' own size (no work_size)".into(),
-                }
-            ),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        let mut parts = vec![format!("c={}", self.width)];
-        if !self.attention {
-            parts.push("no attention".into());
-        }
-        if self.stages != 2 {
-            parts.push(format!("{} stage", self.stages));
-        }
-        for (on, name) in [
-            (self.skips, "skips"),
-            (self.group_norm, "group norm"),
-            (self.residual, "residual"),
-        ] {
-            if on {
-                parts.push(name.into());
-            }
-        }
-        parts.push(self.resolution().describe());
-        format!("gan-purifier({})", parts.join(", "))
-    }
-}
 
 /// Bounds that keep a typo from allocating the machine away.
 pub const MAX_WIDTH: usize = 1024;
@@ -227,7 +70,7 @@ pub struct PurifierSidecar {
     pub torch_version: String,
 }
 
-/// Where an interpolated purifier ([`GanPurifier::interpolated`]) comes from.
+/// Where an interpolated purifier ([`Purifier::interpolated`]) comes from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Interpolation {
     /// The checkpoint the interpolation started from (a folder, or a generator file in one).
@@ -282,267 +125,6 @@ impl PurifierSidecar {
     }
 }
 
-/// Generator and discriminator, each in its own VarStore (they have separate optimizers).
-pub struct GanPurifier {
-    pub config: PurifierConfig,
-    pub g_vs: VarStore,
-    pub generator: Generator,
-    pub d_vs: VarStore,
-    pub discriminator: Discriminator,
-}
-
-fn count(vs: &VarStore) -> i64 {
-    vs.trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum()
-}
-
-impl GanPurifier {
-    /// A freshly initialised purifier (libtorch's generator draws the weights).
-    pub fn new(config: PurifierConfig, device: Device) -> Result<Self> {
-        config.validate()?;
-        let g_vs = VarStore::new(device);
-        let generator = Generator::new(&g_vs.root(), config.layout());
-        let d_vs = VarStore::new(device);
-        let discriminator = Discriminator::new(&d_vs.root(), config.disc_width as i64);
-        Ok(GanPurifier {
-            config,
-            g_vs,
-            generator,
-            d_vs,
-            discriminator,
-        })
-    }
-
-    pub fn device(&self) -> Device {
-        self.g_vs.device()
-    }
-
-    /// This purifier with its generator widened to `width` channels, computing the same
-    /// function ([`Generator::widen_from`]); the discriminator is copied as it is.
-    pub fn widened(&self, width: usize) -> Result<GanPurifier> {
-        if width < self.config.width {
-            bail!(
-                "widen = {width}: expected at least the purifier's width {}",
-                self.config.width
-            );
-        }
-        if self.config.group_norm {
-            bail!(
-                "widen = {width}: a purifier with group_norm cannot be widened without changing its output (its groups change)"
-            );
-        }
-        let config = PurifierConfig {
-            width,
-            ..self.config.clone()
-        };
-        let mut wide = GanPurifier::new(config, self.device())?;
-        wide.generator
-            .widen_from(&self.generator)
-            .with_context(|| format!("widen = {width}"))?;
-        wide.d_vs.copy(&self.d_vs)?;
-        Ok(wide)
-    }
-
-    /// The purifier on the straight line between the one a fine-tuning started from
-    /// (`start`) and its result (`self`), `alpha` of the way to the result: every generator
-    /// weight is (1 - alpha) * start + alpha * tuned (weight-space ensembling, WiSE-FT,
-    /// Wortsman et al. 2022), the discriminator is the tuned one. A `start` narrower than the
-    /// tuned generator (a fine-tuning with `widen`) enters at the tuned width computing its own
-    /// function ([`Generator::widen_from`] into a copy of the tuned weights, so the weights
-    /// that cannot affect that function are the tuned ones and stay put): alpha = 0 computes
-    /// exactly what `start` computes, alpha = 1 what `self` computes.
-    pub fn interpolated(&self, start: &GanPurifier, alpha: f64) -> Result<GanPurifier> {
-        check_alpha(alpha)?;
-        let same_layout = PurifierConfig {
-            width: self.config.width,
-            ..start.config.clone()
-        } == self.config;
-        if !same_layout || start.config.width > self.config.width {
-            bail!(
-                "the start ({}) is not the tuned purifier's architecture ({}) at the same or a smaller width",
-                start.config.describe(),
-                self.config.describe()
-            );
-        }
-        let copy = || -> Result<GanPurifier> {
-            let mut p = GanPurifier::new(self.config.clone(), self.device())?;
-            p.g_vs.copy(&self.g_vs)?;
-            p.d_vs.copy(&self.d_vs)?;
-            Ok(p)
-        };
-        let mut anchor = copy()?;
-        if start.config.width == self.config.width {
-            anchor.g_vs.copy(&start.g_vs)?;
-        } else {
-            anchor.generator.widen_from(&start.generator)?;
-        }
-        // The start's weights become the result in place: one copy of the generator, not two.
-        let to = self.g_vs.variables();
-        tch::no_grad(|| {
-            for (name, mut w) in anchor.g_vs.variables() {
-                let mixed = &w * (1.0 - alpha) + &to[&name] * alpha;
-                w.copy_(&mixed);
-            }
-        });
-        Ok(anchor)
-    }
-
-    pub fn generator_parameters(&self) -> i64 {
-        count(&self.g_vs)
-    }
-
-    pub fn discriminator_parameters(&self) -> i64 {
-        count(&self.d_vs)
-    }
-
-    /// The generator on `noisy` images in [0,1] with `mask` (1 = hole), at their own size:
-    /// (x1, x2) in [-1,1].
-    pub fn generate(&self, noisy: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
-        self.generator.forward(&(noisy * 2.0 - 1.0), mask)
-    }
-
-    /// The generator's data-dependent initialisation ([`Generator::normalise`]) on a batch of
-    /// clean images, transformed at the working size.
-    pub fn normalise(&self, x: &Tensor, transform: &TransformConfig) {
-        let t = transform.sample(&self.config.resolution().to_work(x));
-        let (noisy, masks) = generator_batch(&t);
-        let _ = self.generator.normalise(&(noisy * 2.0 - 1.0), &masks);
-    }
-
-    /// The whole purification of `x` (N x 3 x H x W in [0,1]), differentiable in `x`: resized
-    /// to the working size, transformed there, purified there (every masked copy in one
-    /// generator batch, assembled for RT3), and resized back to H x W.
-    pub fn pass(&self, x: &Tensor, transform: &TransformConfig) -> Pass {
-        let resolution = self.config.resolution();
-        let clean = resolution.to_work(x);
-        let drawn = transform.sample(&clean);
-        let (noisy, masks) = generator_batch(&drawn);
-        let (x1, x2) = self.generate(&noisy, &masks);
-        let (h, w) = (x.size()[2], x.size()[3]);
-        let purified = resolution.to_image(&purified_from(&x2, &drawn), h, w);
-        Pass {
-            clean,
-            drawn,
-            masks,
-            x1,
-            x2,
-            purified,
-            resolution,
-            size: (h, w),
-        }
-    }
-
-    /// Draws `transform` on `x` (N x 3 x H x W in [0,1]) and purifies it ([`GanPurifier::pass`]).
-    pub fn purify(&self, x: &Tensor, transform: &TransformConfig) -> Tensor {
-        self.pass(x, transform).purified
-    }
-
-    /// Writes the checkpoint folder: both weight files, then the sidecar (last, so a folder
-    /// with a sidecar is complete).
-    pub fn save(&self, dir: &Path, sidecar: &PurifierSidecar) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        checkpoint::save_vars(&self.g_vs, &dir.join(GENERATOR))?;
-        checkpoint::save_vars(&self.d_vs, &dir.join(DISCRIMINATOR))?;
-        crate::io::write_json(&dir.join(SIDECAR), sidecar)
-    }
-
-    /// Loads weights saved by [`GanPurifier::save`] into this purifier (strict names/shapes).
-    pub fn load_weights(&mut self, dir: &Path) -> Result<(), CheckpointError> {
-        self.load_generator(&dir.join(GENERATOR))?;
-        self.load_discriminator(dir)
-    }
-
-    fn load_discriminator(&mut self, dir: &Path) -> Result<(), CheckpointError> {
-        let what = self.config.describe();
-        let d = dir.join(DISCRIMINATOR);
-        checkpoint::copy_into(
-            &self.d_vs,
-            &format!("{what} discriminator"),
-            checkpoint::read_tensors(&d)?,
-            &d,
-        )
-    }
-
-    /// Loads generator weights from `file` (strict names/shapes), skipping the training
-    /// state that may sit beside them ([`TRAINING_STATE_PREFIX`]).
-    pub fn load_generator(&mut self, file: &Path) -> Result<(), CheckpointError> {
-        let weights = checkpoint::read_tensors(file)?
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with(TRAINING_STATE_PREFIX))
-            .collect();
-        checkpoint::copy_into(
-            &self.g_vs,
-            &format!("{} generator", self.config.describe()),
-            weights,
-            file,
-        )
-    }
-}
-
-/// One purification ([`GanPurifier::pass`]): what the trainer, the sample grids and `atop
-/// purify` need besides the purified image.
-pub struct Pass {
-    /// The clean images at the working size, in [0,1].
-    pub clean: Tensor,
-    /// The transform, drawn at the working size.
-    pub drawn: Transformed,
-    /// The generator's masks, stacked like its batch (one copy per mask for RT3).
-    pub masks: Tensor,
-    /// The generator's coarse and fine outputs on that batch, in [-1,1], at the working size.
-    pub x1: Tensor,
-    pub x2: Tensor,
-    /// The purified images in [0,1] at the input size.
-    pub purified: Tensor,
-    resolution: Resolution,
-    size: (i64, i64),
-}
-
-impl Pass {
-    /// Working-size images back at the input size.
-    pub fn at_input_size(&self, t: &Tensor) -> Tensor {
-        self.resolution.to_image(t, self.size.0, self.size.1)
-    }
-
-    /// The transformed images (holes grey; RT3: the first masked copy) at the input size.
-    pub fn shown(&self) -> Tensor {
-        self.at_input_size(&self.drawn.shown())
-    }
-
-    /// The coarse output (RT3: the first copy) in [0,1] at the input size.
-    pub fn coarse(&self) -> Tensor {
-        let n = self.drawn.noisy.size()[0];
-        let x1 = ((self.x1.narrow(0, 0, n) + 1.0) * 0.5).clamp(0.0, 1.0);
-        self.at_input_size(&x1)
-    }
-}
-
-/// The generator's batch for a drawn transform: the noisy images once per mask (RT3 draws
-/// several) and the masks stacked in the same order.
-pub fn generator_batch(t: &Transformed) -> (Tensor, Tensor) {
-    let k = t.masks.len() as i64;
-    let noisy = if k == 1 {
-        t.noisy.shallow_clone()
-    } else {
-        t.noisy.repeat([k, 1, 1, 1])
-    };
-    let masks = match t.masks.as_slice() {
-        [one] => one.shallow_clone(),
-        many => Tensor::cat(many, 0),
-    };
-    (noisy, masks)
-}
-
-/// The purified image in [0,1] from the generator's fine output on [`generator_batch`]: each
-/// copy's output taken whole (one mask) or assembled from its hole pixels (RT3).
-pub fn purified_from(x2: &Tensor, t: &Transformed) -> Tensor {
-    let outputs = ((x2 + 1.0) * 0.5)
-        .clamp(0.0, 1.0)
-        .split(t.noisy.size()[0], 0);
-    assemble(&outputs, &t.masks)
-}
-
 /// The checkpoint folder for a purifier argument: the folder itself, the folder of a given
 /// file, or a training run's latest checkpoint (via `last.json`).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
@@ -574,12 +156,12 @@ pub fn parse_sidecar(text: &str, path: &Path) -> Result<PurifierSidecar> {
             s.format
         );
     }
-    if s.format_version < FORMAT_VERSION && s.purifier.work_size.is_some() {
+    if s.format_version < FORMAT_VERSION && s.purifier.resolution().work_size.is_some() {
         bail!(
             "{}: format_version {} with work_size {}: this purifier was trained with the transform drawn at the image's size and only the generator at the working size; atop now draws the transform at the working size, so its numbers would not carry over: retrain it",
             path.display(),
             s.format_version,
-            s.purifier.work_size.unwrap_or_default()
+            s.purifier.resolution().work_size.unwrap_or_default()
         );
     }
     s.purifier
@@ -604,12 +186,12 @@ pub fn parse_sidecar(text: &str, path: &Path) -> Result<PurifierSidecar> {
 /// `generator*.safetensors` file other than the folder's own generator is loaded in its place
 /// (e.g. `generator-live.safetensors`, the live weights of an AToP run that exports a weight
 /// average); the description and the discriminator come from its folder.
-pub fn load(path: &Path, device: Device) -> Result<(GanPurifier, PurifierSidecar)> {
+pub fn load(path: &Path, device: Device) -> Result<(Purifier, PurifierSidecar)> {
     let dir = resolve(path)?;
     let sidecar = read_sidecar(&dir)?;
-    let mut p = GanPurifier::new(sidecar.purifier.clone(), device)?;
-    p.load_generator(&chosen_generator(path).unwrap_or_else(|| dir.join(GENERATOR)))?;
-    p.load_discriminator(&dir)?;
+    let mut p = Purifier::new(sidecar.purifier.clone(), device)?;
+    p.load_network(&chosen_generator(path).unwrap_or_else(|| dir.join(GENERATOR)))?;
+    p.load_critic(&dir)?;
     Ok((p, sidecar))
 }
 
@@ -630,14 +212,14 @@ fn chosen_generator(path: &Path) -> Option<PathBuf> {
     (path.is_file() && other_generator).then(|| path.to_path_buf())
 }
 
-fn check_alpha(alpha: f64) -> Result<()> {
+pub(crate) fn check_alpha(alpha: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&alpha) {
         bail!("alpha = {alpha}: expected a number from 0 (the start) to 1 (the tuned purifier)");
     }
     Ok(())
 }
 
-/// Writes the purifier `alpha` of the way from `start` to `tuned` ([`GanPurifier::interpolated`])
+/// Writes the purifier `alpha` of the way from `start` to `tuned` ([`Purifier::interpolated`])
 /// as a checkpoint folder `out`, described as `tuned` is plus where it came from. `start`
 /// defaults to the purifier the fine-tuning recorded as its start. `out` must be a new folder,
 /// or one holding only an earlier result of this command; never one of the inputs.
@@ -780,17 +362,18 @@ pub fn ssim(a: &Tensor, b: &Tensor) -> Tensor {
 
 #[cfg(test)]
 mod tests {
+    use super::gan::generator_batch;
     use super::*;
     use crate::transforms::TransformKind;
 
     #[test]
     fn parameter_counts_match_deepfillv2() {
         // Width 48: 1,631,151 (coarse) + 2,421,327 (fine) = 4,052,478; D at width 64: 5,946,816.
-        let p = GanPurifier::new(PurifierConfig::default(), Device::Cpu).unwrap();
+        let p = GanPurifier::new(GanConfig::default(), Device::Cpu).unwrap();
         assert_eq!(p.generator_parameters(), 4_052_478);
         assert_eq!(p.discriminator_parameters(), 5_946_816);
         let small = GanPurifier::new(
-            PurifierConfig {
+            GanConfig {
                 width: 16,
                 ..Default::default()
             },
@@ -803,7 +386,7 @@ mod tests {
     #[test]
     fn shapes_at_several_resolutions() {
         tch::manual_seed(0);
-        let cfg = PurifierConfig {
+        let cfg = GanConfig {
             width: 8,
             disc_width: 4,
             ..Default::default()
@@ -827,7 +410,7 @@ mod tests {
         }
         // Up-sampled working resolution: outputs come back at the input's size.
         let up = GanPurifier::new(
-            PurifierConfig {
+            GanConfig {
                 work_size: Some(64),
                 ..cfg
             },
@@ -842,7 +425,7 @@ mod tests {
     #[test]
     fn every_trainability_option_keeps_the_shapes_and_one_stage_keeps_the_parameters() {
         tch::manual_seed(4);
-        let base = PurifierConfig {
+        let base = GanConfig {
             width: 8,
             disc_width: 4,
             ..Default::default()
@@ -851,23 +434,23 @@ mod tests {
             .unwrap()
             .generator_parameters();
         let variants = [
-            PurifierConfig {
+            GanConfig {
                 stages: 1,
                 ..base.clone()
             },
-            PurifierConfig {
+            GanConfig {
                 skips: true,
                 ..base.clone()
             },
-            PurifierConfig {
+            GanConfig {
                 group_norm: true,
                 ..base.clone()
             },
-            PurifierConfig {
+            GanConfig {
                 residual: true,
                 ..base.clone()
             },
-            PurifierConfig {
+            GanConfig {
                 stages: 1,
                 skips: true,
                 group_norm: true,
@@ -879,7 +462,7 @@ mod tests {
         for cfg in variants {
             let p = GanPurifier::new(cfg.clone(), Device::Cpu).unwrap();
             if cfg
-                == (PurifierConfig {
+                == (GanConfig {
                     stages: 1,
                     ..base.clone()
                 })
@@ -904,7 +487,7 @@ mod tests {
         }
         // The residual path starts near the identity: the output follows the input.
         let res = GanPurifier::new(
-            PurifierConfig {
+            GanConfig {
                 residual: true,
                 ..base.clone()
             },
@@ -924,7 +507,7 @@ mod tests {
     #[test]
     fn a_widened_generator_computes_the_same_function_and_its_new_channels_learn() {
         tch::manual_seed(6);
-        let base = PurifierConfig {
+        let base = GanConfig {
             width: 8,
             disc_width: 4,
             ..Default::default()
@@ -933,12 +516,12 @@ mod tests {
             // DeepFillv2's: attention (a second input part at the merge), two stages.
             base.clone(),
             // The CPU preset's: skips (second input parts in both decoders), no attention.
-            PurifierConfig {
+            GanConfig {
                 attention: false,
                 skips: true,
                 ..base.clone()
             },
-            PurifierConfig {
+            GanConfig {
                 attention: false,
                 skips: true,
                 stages: 1,
@@ -986,7 +569,7 @@ mod tests {
         let e = narrow.widened(4).err().unwrap().to_string();
         assert!(e.contains("widen = 4") && e.contains("width 8"), "{e}");
         let normed = GanPurifier::new(
-            PurifierConfig {
+            GanConfig {
                 group_norm: true,
                 ..base
             },
@@ -1000,7 +583,7 @@ mod tests {
     #[test]
     fn an_interpolated_purifier_runs_from_the_start_function_to_the_tuned_weights() {
         tch::manual_seed(8);
-        let cfg = PurifierConfig {
+        let cfg = GanConfig {
             width: 8,
             disc_width: 4,
             attention: false,
@@ -1017,7 +600,7 @@ mod tests {
         // Tuned at the same width and at twice it: weights unrelated to the start's.
         for width in [8, 16] {
             let tuned = GanPurifier::new(
-                PurifierConfig {
+                GanConfig {
                     width,
                     ..cfg.clone()
                 },
@@ -1054,7 +637,7 @@ mod tests {
         }
         let e = start.interpolated(&tuned, 0.5).err().unwrap().to_string();
         assert!(e.contains("not the tuned purifier's architecture"), "{e}");
-        let other = GanPurifier::new(PurifierConfig { stages: 1, ..cfg }, Device::Cpu).unwrap();
+        let other = GanPurifier::new(GanConfig { stages: 1, ..cfg }, Device::Cpu).unwrap();
         assert!(tuned.interpolated(&other, 0.5).is_err());
     }
 
@@ -1065,7 +648,7 @@ mod tests {
         // after averaging back to 32 px has about sigma / 8 of spread.
         tch::manual_seed(5);
         let p = GanPurifier::new(
-            PurifierConfig {
+            GanConfig {
                 width: 4,
                 disc_width: 4,
                 attention: false,
@@ -1100,7 +683,7 @@ mod tests {
         );
         // Drawn at the image's own size instead, the full sigma is left.
         let native = GanPurifier::new(
-            PurifierConfig {
+            GanConfig {
                 work_size: None,
                 ..p.config.clone()
             },
@@ -1119,7 +702,7 @@ mod tests {
         // computes a plain forward pass (same function, new weights).
         tch::manual_seed(1);
         let p = GanPurifier::new(
-            PurifierConfig {
+            GanConfig {
                 width: 16,
                 ..Default::default()
             },
@@ -1144,16 +727,16 @@ mod tests {
 
     #[test]
     fn bad_settings_are_explained() {
-        let err = |c: PurifierConfig| c.validate().unwrap_err().to_string();
+        let err = |c: GanConfig| c.validate().unwrap_err().to_string();
         assert!(
-            err(PurifierConfig {
+            err(GanConfig {
                 width: 30,
                 ..Default::default()
             })
             .contains("multiple of 4")
         );
         assert!(
-            err(PurifierConfig {
+            err(GanConfig {
                 work_size: Some(100),
                 ..Default::default()
             })
@@ -1161,19 +744,19 @@ mod tests {
         );
         // 4096 px would need tens of GiB of activations per image: above the ceiling.
         assert!(
-            err(PurifierConfig {
+            err(GanConfig {
                 work_size: Some(4096),
                 ..Default::default()
             })
             .contains("up to 1024")
         );
         let rt2 = TransformConfig::default();
-        let e = PurifierConfig::default()
+        let e = GanConfig::default()
             .check_images(30, 30, &rt2)
             .unwrap_err()
             .to_string();
         assert!(e.contains("not divisible by 8"), "{e}");
-        let at = |work_size, stages| PurifierConfig {
+        let at = |work_size, stages| GanConfig {
             work_size: Some(work_size),
             stages,
             ..Default::default()
@@ -1198,7 +781,7 @@ mod tests {
         assert!(e.contains("not divisible by the transform grid 8"), "{e}");
         assert!(at(256, 2).check_images(32, 32, &rt2).is_ok());
         assert!(
-            PurifierConfig {
+            GanConfig {
                 stages: 3,
                 ..Default::default()
             }

@@ -424,7 +424,7 @@ pub fn write_grid(
     x_clean: &tch::Tensor,
     x_adv: &[tch::Tensor],
     purify: Option<(
-        &crate::purifier::GanPurifier,
+        &crate::purifier::Purifier,
         &crate::transforms::TransformConfig,
     )>,
     path: &Path,

@@ -25,6 +25,7 @@ pub const PRESETS: &[(&str, &str)] = &[
         "cpu-study",
         include_str!("../../presets/run-cpu-study.toml"),
     ),
+    ("cpu-ae", include_str!("../../presets/run-cpu-ae.toml")),
     (
         "paper-gpu",
         include_str!("../../presets/run-paper-gpu.toml"),

@@ -1,11 +1,12 @@
-//! `atop train purifier`: pre-trains the GAN purifier on clean images under a random transform
-//! (paper section 3): per batch one discriminator step (hinge loss on the clean image against
-//! the generator's x2) and one generator step (-mean D(x2) + L1 of x1 and x2 to the clean image,
-//! optionally + CE of a frozen classifier on the purified image, the authors' "-clean" variant).
-//! Adam for both (lr 1e-4, betas 0.5/0.999 by default). Everything runs on the purifier's
-//! resolution pipeline ([`GanPurifier::pass`]): images resized to the working size, the
-//! transform drawn and the losses of G and D computed there, the guidance on the purified image
-//! at the classifier's size.
+//! `atop train purifier`: pre-trains a purifier on clean images under a random transform
+//! (paper section 3), each kind with its own loss ([`Purifier::own_terms`]). The GAN: per batch
+//! one discriminator step (hinge loss on the clean image against the generator's x2) and one
+//! generator step (-mean D(x2) + L1 of x1 and x2 to the clean image); the AE: one step on the L1
+//! of its reconstruction. Either optionally + CE or KL of a frozen classifier on the purified
+//! image (the authors' "-clean" variant). Adam (lr 1e-4, betas 0.5/0.999 by default).
+//! Everything runs on the purifier's resolution pipeline ([`Purifier::pass`]): images resized
+//! to the working size, the transform drawn and the purifier's losses computed there, the
+//! guidance on the purified image at the classifier's size.
 //!
 //! Run folder (as for classifiers): config.json, metrics.jsonl, checkpoints/epoch-N/ (the
 //! purifier checkpoint plus both optimizer states) behind last.json, samples/*.png. A killed
@@ -30,7 +31,7 @@ use crate::figures::grid;
 use crate::models::accuracy::count_correct;
 use crate::models::checkpoint;
 use crate::models::{Classifier, Model};
-use crate::purifier::{self, GanPurifier, PurifierConfig, PurifierSidecar};
+use crate::purifier::{self, Purifier, PurifierConfig, PurifierSidecar};
 use crate::runtime::{Precision, autocast};
 use crate::transforms::TransformConfig;
 
@@ -53,10 +54,11 @@ pub struct TrainPurifierConfig {
     pub generator_optimizer: AdamConfig,
     #[serde(default)]
     pub discriminator_optimizer: AdamConfig,
-    /// Weight of each L1 term (x1 and x2 against the clean image, in [-1,1]).
+    /// Weight of the reconstruction term (GAN: the L1 of x1 and of x2 against the clean image,
+    /// in [-1,1]; AE: the L1 of its reconstruction on the same scale).
     #[serde(default = "one")]
     pub l1_weight: f64,
-    /// Weight of the generator's GAN term -mean D(x2).
+    /// Weight of the generator's GAN term -mean D(x2) (GAN purifier only: 0 for the AE).
     #[serde(default = "one")]
     pub gan_weight: f64,
     /// Weight of CE(y, f(purified)) with the frozen `classifier` (0 = off).
@@ -132,6 +134,14 @@ pub const PRESETS: &[(&str, &str)] = &[
         "purifier-cifar10-paper",
         include_str!("../../presets/purifier-cifar10-paper.toml"),
     ),
+    (
+        "purifier-ae-cifar10-cpu",
+        include_str!("../../presets/purifier-ae-cifar10-cpu.toml"),
+    ),
+    (
+        "purifier-ae-cifar10-paper",
+        include_str!("../../presets/purifier-ae-cifar10-paper.toml"),
+    ),
 ];
 
 impl TrainPurifierConfig {
@@ -146,6 +156,11 @@ impl TrainPurifierConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.purifier.validate()?;
+        self.purifier
+            .check_gan_weight("gan_weight", self.gan_weight)?;
+        if self.data_init {
+            self.purifier.check_data_init()?;
+        }
         self.transform.validate(None)?;
         self.generator_optimizer.validate("generator_optimizer")?;
         self.discriminator_optimizer
@@ -207,10 +222,10 @@ pub fn saved_config(run: &Path) -> Result<TrainPurifierConfig> {
 
 pub fn default_out(cfg: &TrainPurifierConfig) -> PathBuf {
     PathBuf::from("runs").join(format!(
-        "purifier-{}-{}-c{}",
+        "purifier-{}-{}-{}",
         cfg.data.dataset.as_str(),
         cfg.transform.kind,
-        cfg.purifier.width
+        cfg.purifier.label()
     ))
 }
 
@@ -280,14 +295,16 @@ pub fn train(
     });
     let eval = EvalSet { x, y, clean_acc };
     tch::manual_seed(cfg.seed as i64);
-    let p = GanPurifier::new(cfg.purifier.clone(), device)?;
+    let p = Purifier::new(cfg.purifier.clone(), device)?;
     if cfg.data_init && !folder.has_checkpoint() {
         let n = train_set.len().min(CALIBRATION_IMAGES);
         let (cx, _) = train_set.tensors(&seeded_subset(train_set.len(), n, cfg.seed)?);
-        p.normalise(&cx.to_kind(Kind::Float).to_device(device), &cfg.transform);
+        p.normalise(&cx.to_kind(Kind::Float).to_device(device), &cfg.transform)?;
     }
-    let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
-    let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
+    let opt_g = Adam::new(p.weights(), cfg.generator_optimizer);
+    let opt_d = p
+        .critic()
+        .map(|d| Adam::new(d, cfg.discriminator_optimizer));
     let image_size = train_set.height as i64;
     let loader = setup::loader(
         Arc::new(train_set),
@@ -315,13 +332,14 @@ crate::losses! {
     pub struct PurifierLosses { d_loss, g_gan, g_l1, g_ce, g_kl }
 }
 
-/// Pre-training of the GAN purifier: one D step and one G step per batch.
+/// Pre-training of a purifier: one step of its network per batch (after the discriminator's,
+/// for the GAN).
 struct PurifierTask<'a> {
     cfg: &'a TrainPurifierConfig,
     device: Device,
-    p: GanPurifier,
+    p: Purifier,
     opt_g: Adam,
-    opt_d: Adam,
+    opt_d: Option<Adam>,
     loader: Loader,
     batches: Option<EpochIter>,
     classifier: Option<Classifier>,
@@ -360,9 +378,10 @@ impl Task for PurifierTask<'_> {
             .and_then(|b| b.next())
             .context("the batch iterator ended early")?;
         for (opt, peak) in [
-            (&mut self.opt_g, cfg.generator_optimizer.lr),
-            (&mut self.opt_d, cfg.discriminator_optimizer.lr),
+            (Some(&mut self.opt_g), cfg.generator_optimizer.lr),
+            (self.opt_d.as_mut(), cfg.discriminator_optimizer.lr),
         ] {
+            let Some(opt) = opt else { continue };
             opt.set_lr(lr_at(
                 cfg.schedule,
                 peak,
@@ -376,18 +395,18 @@ impl Task for PurifierTask<'_> {
         // Resized to the working size, transformed and purified there; the reconstruction is
         // scored at the working size, the guidance at the classifier's.
         let pass = autocast(device, cfg.precision, || p.pass(&x, &cfg.transform));
-        let masks = &pass.masks;
-        let target = (&pass.clean * 2.0 - 1.0).repeat([pass.drawn.masks.len() as i64, 1, 1, 1]);
-        let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
-
-        let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
-            adversarial_terms(p, &mut self.opt_d, &target, &x2, masks, cfg.precision)
+        let gan = cfg.gan_weight > 0.0;
+        let d_loss = if gan {
+            critic_step(p, self.opt_d.as_mut(), &pass, &pass.clean, cfg.precision)
         } else {
-            (zero(device), zero(device))
+            zero(device)
         };
-        // Generator: fool D, match the clean image, (optionally) keep f right.
-        let g_l1 =
-            (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
+        // The purifier's own terms (for the GAN: fool D, match the clean image), and
+        // (optionally) keep f right.
+        let purifier::OwnTerms {
+            gan: g_gan,
+            l1: g_l1,
+        } = p.own_terms(&pass, &pass.clean, gan, cfg.precision);
         let guided = step.epoch >= cfg.ce_after_epochs;
         let (g_ce, g_kl) = match (&self.classifier, guided) {
             (Some(f), true) => guidance(f, cfg, &x, &y, &pass.purified.to_kind(Kind::Float)),
@@ -410,7 +429,6 @@ impl Task for PurifierTask<'_> {
             g_loss.backward();
             self.opt_g.step();
         }
-        p.d_vs.unfreeze();
         Ok((losses, batch.indices.len()))
     }
 
@@ -493,11 +511,11 @@ impl Task for PurifierTask<'_> {
         sidecar.epoch = Some(epoch);
         sidecar.step = Some(step);
         sidecar.config = serde_json::to_value(cfg)?;
-        save_state(dir, &self.p, &sidecar, &self.opt_g, &self.opt_d)
+        save_state(dir, &self.p, &sidecar, &self.opt_g, self.opt_d.as_ref())
     }
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
-        restore_state(dir, &mut self.p, &mut self.opt_g, &mut self.opt_d)
+        restore_state(dir, &mut self.p, &mut self.opt_g, self.opt_d.as_mut())
     }
 
     fn divergence_hint(&self) -> &'static str {
@@ -505,63 +523,52 @@ impl Task for PurifierTask<'_> {
     }
 }
 
-/// The discriminator's hinge step (real `target` and fake `x2` in one batch of 2N) and the
-/// generator's GAN term -mean D(x2) on the live x2 with D frozen, so that its backward only
-/// reaches the generator (the caller unfreezes D after the generator's step).
-pub(crate) fn adversarial_terms(
-    p: &mut GanPurifier,
-    opt_d: &mut Adam,
-    target: &Tensor,
-    x2: &Tensor,
-    masks: &Tensor,
+/// The discriminator's hinge step on a pass against `reference` (the clean images at the
+/// working size, in [0,1]), where the purifier has a discriminator; its loss (zero without one).
+pub(crate) fn critic_step(
+    p: &mut Purifier,
+    opt_d: Option<&mut Adam>,
+    pass: &purifier::Pass,
+    reference: &Tensor,
     precision: Precision,
-) -> (Tensor, Tensor) {
-    let device = p.device();
-    let scores = autocast(device, precision, || {
-        p.discriminator.forward_t(
-            &Tensor::cat(&[target, &x2.detach()], 0),
-            &Tensor::cat(&[masks, masks], 0),
-            true,
-        )
-    })
-    .to_kind(Kind::Float);
-    let halves = scores.split(scores.size()[0] / 2, 0);
-    let d_loss = (halves[0].neg() + 1.0).relu().mean(Kind::Float)
-        + (&halves[1] + 1.0).relu().mean(Kind::Float);
-    opt_d.zero_grad();
-    d_loss.backward();
-    opt_d.step();
-    p.d_vs.freeze();
-    let g_gan = -autocast(device, precision, || {
-        p.discriminator.forward_t(x2, masks, true)
-    })
-    .to_kind(Kind::Float)
-    .mean(Kind::Float);
-    (d_loss, g_gan)
+) -> Tensor {
+    match (p.critic_loss(pass, reference, precision), opt_d) {
+        (Some(d_loss), Some(opt_d)) => {
+            opt_d.zero_grad();
+            d_loss.backward();
+            opt_d.step();
+            d_loss
+        }
+        _ => zero(reference.device()),
+    }
 }
 
 /// A purifier training checkpoint: the purifier (weights and `sidecar`) and both Adam states.
 pub(crate) fn save_state(
     dir: &Path,
-    p: &GanPurifier,
+    p: &Purifier,
     sidecar: &PurifierSidecar,
     opt_g: &Adam,
-    opt_d: &Adam,
+    opt_d: Option<&Adam>,
 ) -> Result<()> {
     p.save(dir, sidecar)?;
     crate::io::write_safetensors(&dir.join(OPT_G), &opt_g.state())?;
-    crate::io::write_safetensors(&dir.join(OPT_D), &opt_d.state())
+    match opt_d {
+        Some(opt_d) => crate::io::write_safetensors(&dir.join(OPT_D), &opt_d.state()),
+        None => Ok(()),
+    }
 }
 
 /// Loads what [`save_state`] wrote.
 pub(crate) fn restore_state(
     dir: &Path,
-    p: &mut GanPurifier,
+    p: &mut Purifier,
     opt_g: &mut Adam,
-    opt_d: &mut Adam,
+    opt_d: Option<&mut Adam>,
 ) -> Result<()> {
     p.load_weights(dir)?;
-    for (opt, file) in [(opt_g, OPT_G), (opt_d, OPT_D)] {
+    for (opt, file) in [(Some(opt_g), OPT_G), (opt_d, OPT_D)] {
+        let Some(opt) = opt else { continue };
         opt.load_state(checkpoint::read_tensors(&dir.join(file))?)
             .with_context(|| format!("{}", dir.join(file).display()))?;
     }
@@ -631,7 +638,7 @@ pub struct Quality {
 /// Mean PSNR/SSIM of purified against clean images, and the classifier's accuracy on the
 /// purified ones, in batches of [`EVAL_BATCH`] (under no_grad).
 fn evaluate(
-    p: &GanPurifier,
+    p: &Purifier,
     transform: &TransformConfig,
     classifier: Option<&Classifier>,
     eval: &EvalSet,
@@ -662,28 +669,18 @@ fn evaluate(
     })
 }
 
-/// Rows: clean, transformed (holes shown grey), coarse x1, purified, for 8 evaluation images,
+/// Rows: clean, transformed (holes shown grey), the GAN's coarse x1, purified, for 8 evaluation images,
 /// all at the classifier's resolution.
-fn write_samples(
-    p: &GanPurifier,
-    cfg: &TrainPurifierConfig,
-    x: &Tensor,
-    path: &Path,
-) -> Result<()> {
+fn write_samples(p: &Purifier, cfg: &TrainPurifierConfig, x: &Tensor, path: &Path) -> Result<()> {
     // Eight images spread over the (class-ordered) evaluation subset.
     let n = x.size()[0];
     let pick: Vec<i64> = (0..n.min(8)).map(|i| i * n / n.min(8)).collect();
     let x = x.index_select(0, &Tensor::from_slice(&pick).to_device(x.device()));
     let pass = tch::no_grad(|| p.pass(&x, &cfg.transform));
-    grid::save_tensor_rows(
-        &[
-            ("clean", x.shallow_clone()),
-            ("transformed", pass.shown()),
-            ("coarse x1", pass.coarse()),
-            ("purified", pass.purified.shallow_clone()),
-        ],
-        path,
-    )
+    let mut rows = vec![("clean", x.shallow_clone()), ("transformed", pass.shown())];
+    rows.extend(pass.intermediate());
+    rows.push(("purified", pass.purified.shallow_clone()));
+    grid::save_tensor_rows(&rows, path)
 }
 
 #[cfg(test)]

@@ -22,7 +22,10 @@ pub(super) fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
     }
     let rows = finetune::run(&AtopBench {
         presets,
-        purifier: pre.purifier,
+        purifier: pre
+            .purifier
+            .gan("the PyTorch twin of `atop bench finetune`")?
+            .clone(),
         transform: pre.transform,
         steps: args.steps,
         warmup: args.warmup,

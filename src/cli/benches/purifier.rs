@@ -3,7 +3,7 @@
 
 use super::*;
 use atop::bench::purifier::{self, PurifierBench, Setup};
-use atop::purifier::PurifierConfig;
+use atop::purifier::{GanConfig, PurifierConfig};
 use atop::train::purifier::TrainPurifierConfig;
 use atop::transforms::TransformConfig;
 
@@ -17,17 +17,22 @@ pub(super) fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
         let cfg = TrainPurifierConfig::preset(name)?;
         setups.push(Setup {
             name: name.clone(),
-            purifier: cfg.purifier,
+            purifier: cfg
+                .purifier
+                .gan(&format!("`--preset {name}`: the PyTorch twin of `atop bench purifier` (for the AE: --ae)"))?
+                .clone(),
             transform: cfg.transform,
         });
     }
     if args.preset.is_empty() {
         for &width in &args.width {
-            let mut p = PurifierConfig {
+            let mut p: PurifierConfig = GanConfig {
                 width,
                 ..Default::default()
-            };
-            args.arch.apply(&mut p);
+            }
+            .into();
+            p.apply(&args.arch.overrides())?;
+            let p = p.gan("atop bench purifier")?.clone();
             let mut t = TransformConfig::default();
             args.transform.apply(&mut t);
             setups.push(Setup {
@@ -87,6 +92,7 @@ pub(super) fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
 fn ae(args: &PurifierBenchArgs, global: &Global) -> Result<()> {
     let row = purifier::run_ae(&purifier::AeBench {
         config: atop::purifier::ae::AeConfig::default(),
+        mask_ratio: TransformConfig::default().missing_rate,
         batch: args.batch,
         size: args.size,
         steps: args.steps,

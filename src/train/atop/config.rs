@@ -299,6 +299,10 @@ pub const PRESETS: &[(&str, &str)] = &[
         "atop-cifar10-paper",
         include_str!("../../../presets/atop-cifar10-paper.toml"),
     ),
+    (
+        "atop-ae-cifar10-cpu",
+        include_str!("../../../presets/atop-ae-cifar10-cpu.toml"),
+    ),
 ];
 
 impl TrainAtopConfig {

@@ -40,7 +40,7 @@ use crate::models::accuracy::count_correct;
 use crate::models::checkpoint;
 use crate::models::{Classifier, Model};
 use crate::purifier::defended::{Defence, defended};
-use crate::purifier::{self, GanPurifier, PurifierSidecar};
+use crate::purifier::{self, Purifier, PurifierSidecar};
 use crate::runtime::{Precision, autocast};
 use crate::transforms::TransformConfig;
 
@@ -206,7 +206,7 @@ pub fn train(
 struct Inputs {
     cfg: TrainAtopConfig,
     f: Classifier,
-    p: GanPurifier,
+    p: Purifier,
     p_sidecar: PurifierSidecar,
     train_set: ImageSet,
     test_set: ImageSet,
@@ -237,7 +237,7 @@ fn load_inputs(cfg: &TrainAtopConfig, device: Device) -> Result<Inputs> {
         Some(w) => p.widened(w).with_context(|| pdir.display().to_string())?,
         None => p,
     };
-    p_sidecar.purifier = p.config.clone();
+    p_sidecar.purifier = p.config();
     let data = match &cfg.data {
         Some(d) => d.clone(),
         None => p_sidecar.data_config().with_context(|| {
@@ -282,7 +282,8 @@ fn load_inputs(cfg: &TrainAtopConfig, device: Device) -> Result<Inputs> {
         .transform
         .clone()
         .unwrap_or_else(|| p_sidecar.transform.clone());
-    p.config.check_images(side, side, &transform)?;
+    p.config().check_images(side, side, &transform)?;
+    p.config().check_gan_weight("gan_weight", cfg.gan_weight)?;
     // The effective settings, with every default resolved, are what the run records.
     let mut cfg = cfg.clone();
     cfg.classifier = Some(crate::folder::absolute(&classifier_path));
@@ -312,7 +313,7 @@ fn eval_description(e: &AtopEvalConfig) -> String {
 /// gradients are zero or not finite (the attack could not move x').
 fn check_adversary(
     f: &Classifier,
-    p: &GanPurifier,
+    p: &Purifier,
     transform: &TransformConfig,
     adv: &AdversaryConfig,
     eval: &EvalImages,
@@ -566,18 +567,21 @@ impl Task for AtopTask<'_> {
         sidecar.fine_tuning = Some(serde_json::to_value(t.cfg)?);
         // The average is the checkpoint's generator (what --purifier RUN loads); the live
         // weights go beside it for resuming.
-        t.with_exported(|| save_state(dir, &t.p, &sidecar, &t.opt_g, &t.opt_d))?;
+        t.with_exported(|| save_state(dir, &t.p, &sidecar, &t.opt_g, t.opt_d.as_ref()))?;
         if let Some(ema) = &t.ema {
-            crate::io::write_safetensors(&dir.join(LIVE_GENERATOR), &ema.live_state(&t.p.g_vs))?;
+            crate::io::write_safetensors(
+                &dir.join(LIVE_GENERATOR),
+                &ema.live_state(t.p.weights()),
+            )?;
         }
         Ok(())
     }
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
         let t = &mut self.tuner;
-        restore_state(dir, &mut t.p, &mut t.opt_g, &mut t.opt_d)?;
+        restore_state(dir, &mut t.p, &mut t.opt_g, t.opt_d.as_mut())?;
         if let Some(ema) = &mut t.ema {
-            ema.restore(&t.p.g_vs, &dir.join(LIVE_GENERATOR))?;
+            ema.restore(t.p.weights(), &dir.join(LIVE_GENERATOR))?;
         }
         Ok(())
     }
@@ -648,20 +652,21 @@ mod tests {
     }
 
     /// A small random classifier and generator, for steps in unit tests.
-    fn tiny_models() -> (Classifier, GanPurifier) {
+    fn tiny_models() -> (Classifier, Purifier) {
         use crate::models::{Arch, ModelSpec, dataset_normalisation};
-        use crate::purifier::PurifierConfig;
+        use crate::purifier::GanConfig;
         let (mean, std) = dataset_normalisation(crate::data::DatasetKind::Cifar10);
         let arch: Arch = "wrn-10-1".parse().unwrap();
         let f = Classifier::new(ModelSpec::new(arch, 10, mean, std).unwrap(), Device::Cpu);
-        let p = GanPurifier::new(
-            PurifierConfig {
+        let p = Purifier::new(
+            GanConfig {
                 width: 4,
                 disc_width: 4,
                 attention: false,
                 skips: true,
                 ..Default::default()
-            },
+            }
+            .into(),
             Device::Cpu,
         )
         .unwrap();
@@ -732,7 +737,7 @@ mod tests {
             ..Default::default()
         };
         let (f, p) = tiny_models();
-        let (f0, g0) = (snapshot(&f.vs), snapshot(&p.g_vs));
+        let (f0, g0) = (snapshot(&f.vs), snapshot(p.weights()));
         // Batch-norm statistics are variables too: a training-mode pass would move them.
         assert!(f0.iter().any(|(k, _)| k.contains("running_mean")));
         let mut tuner = FineTuner::new(&cfg, f, p, TransformConfig::default()).unwrap();
@@ -746,7 +751,7 @@ mod tests {
             assert!(a.equal(b), "classifier variable {k} changed");
         }
         assert!(
-            moved(&g0, &tuner.p.g_vs) > 0,
+            moved(&g0, tuner.p.weights()) > 0,
             "no generator weight moved: the CE gradient did not reach g"
         );
         // x' stays within the budget and the image range.
@@ -819,13 +824,13 @@ mod tests {
         let mut late = FineTuner::new(&late_cfg, f, p, TransformConfig::default()).unwrap();
         assert_eq!(late.step(&x, &y, 0, (1e-2, 1e-2)).unwrap().g_kl, 0.0);
         let (f, p) = tiny_models();
-        let g0 = snapshot(&p.g_vs);
+        let g0 = snapshot(p.weights());
         let mut on = FineTuner::new(&cfg, f, p, TransformConfig::default()).unwrap();
         let l = on.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
         // A purified image is not the clean one: the divergence is positive, and only it moves g.
         assert!(l.g_kl > 0.0 && l.g_kl.is_finite(), "{l:?}");
         assert!(
-            moved(&g0, &on.p.g_vs) > 0,
+            moved(&g0, on.p.weights()) > 0,
             "the KL gradient did not reach g"
         );
     }
@@ -849,17 +854,16 @@ mod tests {
             };
             let (mut f, mut p) = tiny_models();
             f.vs.copy(&f0.vs).unwrap();
-            p.g_vs.copy(&p0.g_vs).unwrap();
-            p.d_vs.copy(&p0.d_vs).unwrap();
+            p.copy_from(&p0).unwrap();
             let mut tuner = FineTuner::new(&cfg, f, p, transform.clone()).unwrap();
-            let start = snapshot(&tuner.p.g_vs);
+            let start = snapshot(tuner.p.weights());
             for _ in 0..3 {
                 tuner.step(&x, &y, 5, (1e-2, 1e-2)).unwrap();
             }
-            let live = snapshot(&tuner.p.g_vs);
-            let exported = tuner.with_exported(|| snapshot(&tuner.p.g_vs));
+            let live = snapshot(tuner.p.weights());
+            let exported = tuner.with_exported(|| snapshot(tuner.p.weights()));
             // with_exported puts the live weights back.
-            assert_eq!(moved(&live, &tuner.p.g_vs), 0);
+            assert_eq!(moved(&live, tuner.p.weights()), 0);
             (start, live, exported)
         };
         let (_, plain, plain_exported) = run(0.0);

@@ -9,13 +9,13 @@ use crate::attacks::grad::{GradStats, evaluate as gradient};
 use crate::attacks::loss;
 use crate::models::pipeline::Pipeline;
 use crate::models::{Classifier, Model};
-use crate::purifier::GanPurifier;
 use crate::purifier::defended::{Defence, defended};
+use crate::purifier::{OwnTerms, Purifier};
 use crate::runtime::autocast;
 use crate::train::adam::Adam;
 use crate::train::ema::Ema;
 use crate::train::learner::Losses;
-use crate::train::purifier::{adversarial_terms, kl_to_clean_prediction};
+use crate::train::purifier::{critic_step, kl_to_clean_prediction};
 use crate::transforms::TransformConfig;
 
 use super::*;
@@ -25,10 +25,11 @@ use super::*;
 pub struct FineTuner<'a> {
     pub cfg: &'a TrainAtopConfig,
     pub f: Classifier,
-    pub p: GanPurifier,
+    pub p: Purifier,
     pub transform: TransformConfig,
     pub opt_g: Adam,
-    pub opt_d: Adam,
+    /// The discriminator's optimizer (None for a purifier without one).
+    pub opt_d: Option<Adam>,
     /// The generator's weight average (with `ema_decay` > 0).
     pub ema: Option<Ema>,
 }
@@ -38,14 +39,16 @@ impl<'a> FineTuner<'a> {
     pub fn new(
         cfg: &'a TrainAtopConfig,
         mut f: Classifier,
-        p: GanPurifier,
+        p: Purifier,
         transform: TransformConfig,
     ) -> Result<Self> {
         f.vs.freeze();
-        let opt_g = Adam::new(&p.g_vs, cfg.generator_optimizer);
-        let opt_d = Adam::new(&p.d_vs, cfg.discriminator_optimizer);
+        let opt_g = Adam::new(p.weights(), cfg.generator_optimizer);
+        let opt_d = p
+            .critic()
+            .map(|d| Adam::new(d, cfg.discriminator_optimizer));
         let ema = if cfg.ema_decay > 0.0 {
-            Some(Ema::new(&p.g_vs, cfg.ema_decay)?)
+            Some(Ema::new(p.weights(), cfg.ema_decay)?)
         } else {
             None
         };
@@ -63,7 +66,7 @@ impl<'a> FineTuner<'a> {
     /// Runs `f` on the generator the run exports: the weight average if there is one.
     pub fn with_exported<T>(&self, f: impl FnOnce() -> T) -> T {
         match &self.ema {
-            Some(ema) => ema.with_average(&self.p.g_vs, f),
+            Some(ema) => ema.with_average(self.p.weights(), f),
             None => f(),
         }
     }
@@ -127,27 +130,28 @@ impl<'a> FineTuner<'a> {
         let cfg = self.cfg;
         let device = x.device();
         self.opt_g.set_lr(lr.0);
-        self.opt_d.set_lr(lr.1);
+        if let Some(opt_d) = &mut self.opt_d {
+            opt_d.set_lr(lr.1);
+        }
         let x_adv = self.mixed(x, y)?;
         let p = &mut self.p;
         let transform = &self.transform;
         let pass = autocast(device, cfg.precision, || p.pass(&x_adv, transform));
-        let masks = &pass.masks;
-        let copies = pass.drawn.masks.len() as i64;
         let reference = match cfg.reconstruction {
-            Reconstruction::Clean => p.config.resolution().to_work(x),
+            Reconstruction::Clean => p.resolution().to_work(x),
             Reconstruction::Adversarial => pass.clean.shallow_clone(),
         };
-        let target = (reference * 2.0 - 1.0).repeat([copies, 1, 1, 1]);
-        let (x1, x2) = (pass.x1.to_kind(Kind::Float), pass.x2.to_kind(Kind::Float));
         let zero = || Tensor::zeros([], (Kind::Float, device));
-        let (d_loss, g_gan) = if cfg.gan_weight > 0.0 {
-            adversarial_terms(p, &mut self.opt_d, &target, &x2, masks, cfg.precision)
+        let gan = cfg.gan_weight > 0.0;
+        let d_loss = if gan {
+            critic_step(p, self.opt_d.as_mut(), &pass, &reference, cfg.precision)
         } else {
-            (zero(), zero())
+            zero()
         };
-        let g_l1 =
-            (&x1 - &target).abs().mean(Kind::Float) + (&x2 - &target).abs().mean(Kind::Float);
+        let OwnTerms {
+            gan: g_gan,
+            l1: g_l1,
+        } = p.own_terms(&pass, &reference, gan, cfg.precision);
         // Gradients flow through the frozen classifier (eval mode, no weight gradients) into g.
         let f = &self.f;
         let logits = autocast(device, cfg.precision, || {
@@ -188,10 +192,9 @@ impl<'a> FineTuner<'a> {
             g_loss.backward();
             self.opt_g.step();
             if let Some(ema) = &mut self.ema {
-                ema.update(&p.g_vs);
+                ema.update(p.weights());
             }
         }
-        p.d_vs.unfreeze();
         Ok(losses)
     }
 }
