@@ -135,21 +135,6 @@ impl GanConfig {
         Ok(())
     }
 
-    /// An error when a caller asked for a working size other than the one this purifier was
-    /// trained at (`origin` names the checkpoint).
-    pub fn expect_work_size(&self, requested: Option<usize>, origin: &str) -> Result<()> {
-        match requested {
-            Some(r) if Some(r) != self.work_size => bail!(
-                "{origin} was trained at {}, not at the requested work size {r}: its weights are tuned to that resolution (retrain it at {r}, or drop the work-size request)",
-                match self.work_size {
-                    Some(s) => format!("work size {s}"),
-                    None => "the images' own size (no work_size)".into(),
-                }
-            ),
-            _ => Ok(()),
-        }
-    }
-
     pub fn describe(&self) -> String {
         let mut parts = vec![format!("c={}", self.width)];
         if !self.attention {

@@ -321,8 +321,12 @@ impl Purifier {
         self.config().describe()
     }
 
+    /// Where it works (read from its settings in place: every pass asks).
     pub fn resolution(&self) -> Resolution {
-        self.config().resolution()
+        match self {
+            Purifier::Gan(p) => p.config.resolution(),
+            Purifier::Ae(p) => p.config.resolution(),
+        }
     }
 
     pub fn device(&self) -> Device {
