@@ -912,6 +912,7 @@ fn atop_fine_tuning_resumes_to_the_same_weights_and_checks_its_inputs() {
         let drawn = atop::transforms::Transformed {
             noisy: x.shallow_clone(),
             masks: vec![mask.shallow_clone()],
+            hidden: None,
         };
         tch::no_grad(|| g.on_drawn(&drawn))
     };

@@ -113,6 +113,9 @@ pub struct PurifierArgs {
     /// Data-dependent initialisation of the generator (default false: He init only).
     #[arg(long)]
     pub data_init: Option<bool>,
+    /// Share of each batch given without the transform, the image itself the target (0: off).
+    #[arg(long)]
+    pub identity_fraction: Option<f64>,
     #[arg(value_parser = crate::cli::positive, long)]
     pub eval_subset: Option<usize>,
 }
@@ -370,6 +373,7 @@ fn purifier_settings(a: &PurifierArgs) -> Result<(TrainPurifierConfig, PathBuf, 
     set_some(&mut cfg.classifier, &a.classifier);
     set(&mut cfg.ce_after_epochs, &a.ce_after_epochs);
     set(&mut cfg.data_init, &a.data_init);
+    set(&mut cfg.identity_fraction, &a.identity_fraction);
     set(&mut cfg.eval_subset, &a.eval_subset);
     cfg.validate()?;
     let (run, resume) = a.run.folder(|| purifier::default_out(&cfg));

@@ -277,6 +277,7 @@ fn purifier_checks(
     let on = |d: Device| Transformed {
         noisy: drawn.noisy.to_device(d),
         masks: vec![mask.to_device(d)],
+        hidden: drawn.hidden,
     };
     // The purifier's network at the working size.
     let pass = |p: &Purifier, d: Device| tch::no_grad(|| p.on_drawn(&on(d)));
@@ -302,6 +303,7 @@ fn purifier_checks(
         let t = Transformed {
             noisy: (&up + noise.to_device(d)).clamp(0.0, 1.0),
             masks: vec![mask.to_device(d)],
+            hidden: drawn.hidden,
         };
         let purified = resolution.to_image(&p.on_drawn(&t), h, w);
         let loss = f

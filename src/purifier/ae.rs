@@ -398,7 +398,11 @@ impl AePurifier {
             .slice(1, 0, side, p)
             .slice(2, 0, side, p)
             .reshape([b, n]);
-        let hidden = holes.get(0).sum(Kind::Float).double_value(&[]).round() as i64;
+        // The draw's own count where it has one (no device sync); else counted on image 0.
+        let hidden = match drawn.hidden {
+            Some(k) => k as i64,
+            None => holes.get(0).sum(Kind::Float).double_value(&[]).round() as i64,
+        };
         if hidden == 0 {
             return Tensor::arange(n, (Kind::Int64, device)).expand([b, n], false);
         }
@@ -549,6 +553,13 @@ mod tests {
                 assert_eq!(hole, !k.contains(&patch), "image {i} patch {patch}");
             }
         }
+        // The draw's count and the one read off the mask give the same patches.
+        assert_eq!(drawn.hidden, Some(16));
+        let counted = Transformed {
+            hidden: None,
+            ..drawn
+        };
+        assert!(p.visible_patches(&counted).equal(&keep));
         let none = TransformConfig::with_kind(TransformKind::None).sample(&Tensor::rand(
             [2, 3, 32, 32],
             (Kind::Float, tch::Device::Cpu),

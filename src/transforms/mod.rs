@@ -149,6 +149,9 @@ pub struct Transformed {
     /// Each N x 1 x H x W, 1 = hole. One mask for RT1/RT2 (all zeros for `none`), `pieces`
     /// disjoint masks summing to one everywhere for RT3.
     pub masks: Vec<Tensor>,
+    /// Blocks that are holes in every image of the first mask, where the draw knows it (None
+    /// for a mask built by hand): lets a reader skip counting them on the device.
+    pub hidden: Option<usize>,
 }
 
 impl TransformConfig {
@@ -257,6 +260,12 @@ impl TransformConfig {
         let rows = if self.per_batch_mask { 1 } else { n };
         let blocks = (self.grid * self.grid) as i64;
         let opts = (Kind::Float, x.device());
+        let per = blocks / self.pieces.max(1) as i64;
+        let hidden = match self.kind {
+            TransformKind::None | TransformKind::Noise => 0,
+            TransformKind::Rt1 | TransformKind::Rt2 => self.holes(),
+            TransformKind::Rt3 => per as usize,
+        };
         let masks = match self.kind {
             TransformKind::None | TransformKind::Noise => vec![Tensor::zeros([n, 1, h, w], opts)],
             TransformKind::Rt1 | TransformKind::Rt2 => {
@@ -268,7 +277,6 @@ impl TransformConfig {
             TransformKind::Rt3 => {
                 let order = Tensor::rand([rows, blocks], opts).argsort(1, false);
                 let rank = order.argsort(1, false);
-                let per = blocks / self.pieces as i64;
                 (0..self.pieces as i64)
                     .map(|i| {
                         let sel = rank.ge(i * per).logical_and(&rank.lt((i + 1) * per));
@@ -277,7 +285,11 @@ impl TransformConfig {
                     .collect()
             }
         };
-        Transformed { noisy, masks }
+        Transformed {
+            noisy,
+            masks,
+            hidden: Some(hidden),
+        }
     }
 
     /// Block indicator (rows x grid^2, bool) to a pixel mask N x 1 x H x W (float).
