@@ -48,15 +48,36 @@ pub fn read<T: DeserializeOwned>(run: &Path) -> Result<Vec<T>> {
         .collect()
 }
 
-/// After a crash, metrics may hold an epoch whose checkpoint never completed: drop it.
+/// After a crash, metrics may hold an epoch whose checkpoint never completed, or a torn last
+/// line: drop them. The kept lines stay byte for byte (a parse and re-print of a float may
+/// change its last digit), and a file with nothing to drop is not rewritten, so that resuming a
+/// finished run changes no file.
 pub fn keep_up_to<T: EpochRecord>(run: &Path, epoch: usize) -> Result<()> {
-    let kept: Vec<T> = read::<T>(run)?
-        .into_iter()
-        .filter(|m| m.epoch() <= epoch)
-        .collect();
-    crate::io::write_atomic(&run.join(METRICS), |out| {
-        for m in &kept {
-            writeln!(out, "{}", serde_json::to_string(m)?)?;
+    let path = run.join(METRICS);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let torn_tail = !text.is_empty() && !text.ends_with('\n');
+    let mut kept = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<T>(line) {
+            Ok(m) if m.epoch() <= epoch => kept.push(*line),
+            Ok(_) => {}
+            Err(_) if torn_tail && i + 1 == lines.len() => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("{} line {}: not an epoch record", path.display(), i + 1)
+                });
+            }
+        }
+    }
+    if kept.len() == lines.len() && !torn_tail {
+        return Ok(());
+    }
+    crate::io::write_atomic(&path, |out| {
+        for line in &kept {
+            writeln!(out, "{line}")?;
         }
         Ok(())
     })
@@ -227,5 +248,50 @@ pub fn kept_checkpoint(run: &Path, last: Option<&LastCheckpoint>) -> String {
             l.epoch
         ),
         None => "no checkpoint was written yet".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, serde::Deserialize)]
+    struct Rec {
+        epoch: usize,
+        loss: f64,
+    }
+    impl EpochRecord for Rec {
+        fn epoch(&self) -> usize {
+            self.epoch
+        }
+    }
+
+    // Floats as serde_json printed them in a run whose resume rewrote them one digit off.
+    const LINES: &str = "{\"epoch\":1,\"loss\":-0.09598488081246614}\n{\"epoch\":2,\"loss\":-0.009455913095735013}\n";
+
+    #[test]
+    fn resuming_a_finished_run_leaves_its_records_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS);
+        std::fs::write(&path, LINES).unwrap();
+        keep_up_to::<Rec>(dir.path(), 2).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), LINES);
+        keep_up_to::<Rec>(dir.path(), 1).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            LINES.lines().next().unwrap().to_string() + "\n"
+        );
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_a_bad_one_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS);
+        std::fs::write(&path, format!("{LINES}{{\"epoch\":3,\"lo")).unwrap();
+        keep_up_to::<Rec>(dir.path(), 3).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), LINES);
+        std::fs::write(&path, format!("{{\"epoch\":1}}\n{LINES}")).unwrap();
+        let err = format!("{:#}", keep_up_to::<Rec>(dir.path(), 3).unwrap_err());
+        assert!(err.contains("line 1: not an epoch record"), "{err}");
     }
 }
