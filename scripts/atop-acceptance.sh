@@ -15,7 +15,9 @@
 # e.g. scripts/atop-acceptance.sh runs/cifar10-small runs/acceptance runs/purifier-cpu runs/atop-fastat
 # A PURIFIER may also be a generator file of a checkpoint (an AToP run's generator-live.safetensors).
 # Environment: STEPS (50), EOT (10), N (512), DRAWS (10), EPS ("8/255 4/255"),
-# ATTACKS ("pgd,selective-eot").
+# ATTACKS ("pgd,selective-eot"), SHARD (unset: all N points; i/n: batch b of the seeded points
+# when b mod n = i, in folders ending -shard-i-of-n; once every shard of a purifier and budget
+# is there, the whole evaluation is merged into the unsharded folder and read from it).
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n 2,15p "$0" >&2; exit 2; }
 classifier=$1 out=$2
@@ -23,19 +25,41 @@ shift 2
 atop=${ATOP:-target/release/atop}
 [ -x "$atop" ] || { echo "no $atop: run cargo build --release first (or set ATOP)" >&2; exit 1; }
 steps=${STEPS:-50} eot=${EOT:-10} n=${N:-512} draws=${DRAWS:-10} attacks=${ATTACKS:-pgd,selective-eot}
+shard=${SHARD:-}
+if [ -n "$shard" ]; then
+  [[ $shard =~ ^([0-9]+)/([0-9]+)$ ]] && [ "${BASH_REMATCH[1]}" -lt "${BASH_REMATCH[2]}" ] ||
+    { echo "SHARD=$shard: expected i/n with 0 <= i < n (e.g. 0/4)" >&2; exit 2; }
+  shards=${BASH_REMATCH[2]}
+fi
 mkdir -p "$out"
 # A result folder per purifier: a checkpoint or run folder by its name, a generator file (e.g. a
 # run's generator-live.safetensors) by its whole path.
 name() {
   if [ -f "$1" ]; then local p=${1%.safetensors}; echo "${p//\//_}"; else basename "$1"; fi
 }
+# The folder of a purifier and budget: the whole evaluation's, or with SHARD the shard's (the
+# whole's once all its shards are merged).
+folder() {
+  local whole="$out/$(name "$1")-eps${2%/255}"
+  if [ -z "$shard" ] || [ -f "$whole/results.json" ]; then echo "$whole"; else echo "$whole-shard-${shard/\//-of-}"; fi
+}
 for purifier in "$@"; do
   for eps in ${EPS:-8/255 4/255}; do
-    dir="$out/$(name "$purifier")-eps${eps%/255}"
+    dir=$(folder "$purifier" "$eps")
     if [ ! -f "$dir/results.json" ]; then
       "$atop" --quiet eval robust --model "$classifier" --purifier "$purifier" \
         --attack "$attacks" --steps "$steps" --eot "$eot" --eps "$eps" --n "$n" --draws "$draws" \
-        --check-points 0 --batch-size 128 --out "$dir" > /dev/null
+        --check-points 0 --batch-size 128 ${shard:+--shard "$shard"} --out "$dir" > /dev/null
+    fi
+    if [ -n "$shard" ]; then
+      whole="$out/$(name "$purifier")-eps${eps%/255}"
+      parts=()
+      for ((i = 0; i < shards; i++)); do
+        [ -f "$whole-shard-$i-of-$shards/results.json" ] && parts+=("$whole-shard-$i-of-$shards")
+      done
+      if [ ! -f "$whole/results.json" ] && [ ${#parts[@]} -eq "$shards" ]; then
+        "$atop" --quiet eval merge "${parts[@]}" --out "$whole" > /dev/null
+      fi
     fi
   done
 done
@@ -45,7 +69,7 @@ echo "| purifier | eps | defended clean (single draw) | robust, single draw | ro
 echo "|---|---|---|---|---|---|---|---|"
 for purifier in "$@"; do
   for eps in ${EPS:-8/255 4/255}; do
-    dir="$out/$(name "$purifier")-eps${eps%/255}"
+    dir=$(folder "$purifier" "$eps")
     python3 - "$dir/results.json" "$purifier" "$eps" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -69,6 +93,6 @@ shift
 for eps in ${EPS:-8/255 4/255}; do
   echo
   dirs=()
-  for purifier in "$@"; do dirs+=("$out/$(name "$purifier")-eps${eps%/255}"); done
-  "$atop" eval compare "$out/$(name "$base")-eps${eps%/255}" "${dirs[@]}"
+  for purifier in "$@"; do dirs+=("$(folder "$purifier" "$eps")"); done
+  "$atop" eval compare "$(folder "$base" "$eps")" "${dirs[@]}"
 done

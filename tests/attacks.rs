@@ -1279,6 +1279,25 @@ fn eval_robust_scores_a_random_defence_over_r_draws_resumes_after_a_kill_and_sha
         assert_eq!(x["grad"], y["grad"]);
     }
     assert!(tmp.path().join("merged/report.md").exists());
+    // The same shard of two evaluations compares on its points; a shard against the whole, or
+    // another shard, is refused by name.
+    let compare = |x: &Path, y: &Path| {
+        let mut c = atop();
+        c.args(["--json", "eval", "compare"]).arg(x).arg(y);
+        c
+    };
+    let same = run_json(&mut compare(&s0, &s0));
+    let points = same[0]["robust"]["n"].as_u64().unwrap();
+    assert!(0 < points && points < 48, "{same}");
+    assert_eq!(same[0]["robust"]["mean"], 0.0);
+    for (x, y, want) in [
+        (&a, &s0, "the whole and the other shard 0/2"),
+        (&s0, &s1, "shard 0/2 and the other shard 1/2"),
+    ] {
+        let out = compare(x, y).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{err}");
+    }
     // A missing shard, an occupied output folder, a bad shard spec: clear errors.
     let out = merge(&[&s0], &tmp.path().join("m2")).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -19,6 +19,8 @@ pub struct Comparison {
     pub first: String,
     pub second: String,
     pub eps: String,
+    /// Set when both are the same shard: the comparison covers its points only.
+    pub shard: Option<super::spec::Shard>,
     /// Per-point share of draws right on the clean image: second minus first.
     pub clean: PairedDifference,
     /// Per-point share of draws right on the clean and every attacked image.
@@ -30,8 +32,9 @@ pub struct Comparison {
 }
 
 /// Why two evaluations cannot be compared point by point, or None when they can: the same
-/// data, points (in the same order, with the same labels), seed, draws and batches, and
-/// neither a lone shard.
+/// data, points (in the same order, with the same labels), seed, draws and batches, and the
+/// same slice: both whole, or both the same shard (its points are a seeded sample of the
+/// whole's, scored on the same draws, so the pairing holds on them).
 pub fn unpaired(a: &RobustEvaluation, b: &RobustEvaluation) -> Option<String> {
     let differs = [
         (a.config.data != b.config.data, "data"),
@@ -48,8 +51,17 @@ pub fn unpaired(a: &RobustEvaluation, b: &RobustEvaluation) -> Option<String> {
             "records",
         ),
     ];
-    if a.shard.is_some() || b.shard.is_some() {
-        return Some("one is a single shard (merge the shards first: atop eval merge)".into());
+    if a.shard != b.shard {
+        let slice = |e: &RobustEvaluation| {
+            e.shard.map_or("the whole".to_string(), |s| {
+                format!("shard {}/{}", s.index, s.count)
+            })
+        };
+        return Some(format!(
+            "one is {} and the other {} of the points (merge the shards first: atop eval merge)",
+            slice(a),
+            slice(b)
+        ));
     }
     let what: Vec<&str> = differs.iter().filter(|d| d.0).map(|d| d.1).collect();
     (!what.is_empty()).then(|| format!("they differ in {}", what.join(", ")))
@@ -78,6 +90,7 @@ impl Comparison {
             first: first_name.into(),
             second: second_name.into(),
             eps: eps.into(),
+            shard: first.shard,
             clean: paired_difference(&col(&a, |p| p.clean_single), &col(&b, |p| p.clean_single)),
             robust: paired_difference(&col(&a, |p| p.robust_single), &col(&b, |p| p.robust_single)),
             robust_majority: McNemar::of(
@@ -104,9 +117,13 @@ impl Comparison {
         };
         let m = &self.robust_majority;
         format!(
-            "At {}, point by point on the same {} points and scoring draws: {} changes robust accuracy (single draw, worst case over the attacks) by {}: {}; clean accuracy by {}: {}. Majority vote: robust under {} only on {} points, under {} only on {} (exact McNemar p {}).",
+            "At {}, point by point on the same {} points{} and scoring draws: {} changes robust accuracy (single draw, worst case over the attacks) by {}: {}; clean accuracy by {}: {}. Majority vote: robust under {} only on {} points, under {} only on {} (exact McNemar p {}).",
             self.eps,
             self.robust.n,
+            self.shard.map_or(String::new(), |s| format!(
+                " (shard {}/{} of the seeded points)",
+                s.index, s.count
+            )),
             self.second,
             self.robust.show(),
             verdict(&self.robust),
