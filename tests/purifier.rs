@@ -1337,7 +1337,7 @@ fn an_ae_purifier_plugs_in_wherever_the_gan_one_does() {
         (
             "patch = 4",
             "patch = 4\ndisc_width = 8",
-            "unknown field --disc-width",
+            "unknown field `disc_width`",
         ),
         ("patch = 4", "patch = 8", "transform grid = 8"),
         (

@@ -259,6 +259,18 @@ pub fn with_flags(message: &str) -> String {
     out
 }
 
+/// An error as the command line prints it: in the CLI's language ([`with_flags`]), except one
+/// about a settings file's text, whose names are that file's keys (a TOML error's list of the
+/// keys a table takes would otherwise read as flags).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    if e.chain().any(|c| c.is::<toml::de::Error>()) {
+        text
+    } else {
+        with_flags(&text)
+    }
+}
+
 /// Standard error for log lines, which speak the CLI's language too: each write (one event) goes
 /// through [`with_flags`].
 struct FlagStderr;
@@ -285,5 +297,23 @@ mod tests {
             ),
             "a quantisation (--quantize 8); use --skip-corrupt; `not_a_flag` stays; `x y` too"
         );
+    }
+
+    #[test]
+    fn a_settings_file_error_keeps_the_files_keys() {
+        use anyhow::Context;
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Settings {
+            batch_size: usize,
+        }
+        let e = toml::from_str::<Settings>("batch_sise = 3")
+            .context("run.toml: not a valid config")
+            .unwrap_err();
+        let text = super::error_text(&e);
+        assert!(text.contains("expected `batch_size`"), "{text}");
+        let flagged = super::error_text(&anyhow::anyhow!("`batch_size` 0 is too small"));
+        assert_eq!(flagged, "--batch-size 0 is too small");
     }
 }
