@@ -17,7 +17,8 @@
 # Environment: STEPS (50), EOT (10), N (512), DRAWS (10), EPS ("8/255 4/255"),
 # ATTACKS ("pgd,selective-eot"), SHARD (unset: all N points; i/n: batch b of the seeded points
 # when b mod n = i, in folders ending -shard-i-of-n; once every shard of a purifier and budget
-# is there, the whole evaluation is merged into the unsharded folder and read from it).
+# is there, the whole evaluation is merged into the unsharded folder and read from it; a
+# shard is a slice of the points in index order, by class on CIFAR-10's test split).
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n 2,15p "$0" >&2; exit 2; }
 classifier=$1 out=$2

@@ -33,8 +33,8 @@ pub struct Comparison {
 
 /// Why two evaluations cannot be compared point by point, or None when they can: the same
 /// data, points (in the same order, with the same labels), seed, draws and batches, and the
-/// same slice: both whole, or both the same shard (its points are a seeded sample of the
-/// whole's, scored on the same draws, so the pairing holds on them).
+/// same slice: both whole, or both the same shard (the same points on the same draws, so the
+/// pairing holds on them; a shard is a slice of the points in index order, not a sample).
 pub fn unpaired(a: &RobustEvaluation, b: &RobustEvaluation) -> Option<String> {
     let differs = [
         (a.config.data != b.config.data, "data"),
