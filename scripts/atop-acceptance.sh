@@ -38,11 +38,14 @@ mkdir -p "$out"
 name() {
   if [ -f "$1" ]; then local p=${1%.safetensors}; echo "${p//\//_}"; else basename "$1"; fi
 }
-# The folder of a purifier and budget: the whole evaluation's, or with SHARD the shard's (the
-# whole's once all its shards are merged).
+# The whole evaluation's folder of a purifier and budget.
+whole() { echo "$out/$(name "$1")-eps${2%/255}"; }
+# The folder to read and run: the whole's, or with SHARD the shard's (the whole's once all its
+# shards are merged).
 folder() {
-  local whole="$out/$(name "$1")-eps${2%/255}"
-  if [ -z "$shard" ] || [ -f "$whole/results.json" ]; then echo "$whole"; else echo "$whole-shard-${shard/\//-of-}"; fi
+  local w
+  w=$(whole "$1" "$2")
+  if [ -z "$shard" ] || [ -f "$w/results.json" ]; then echo "$w"; else echo "$w-shard-${shard/\//-of-}"; fi
 }
 for purifier in "$@"; do
   for eps in ${EPS:-8/255 4/255}; do
@@ -53,13 +56,13 @@ for purifier in "$@"; do
         --check-points 0 --batch-size 128 ${shard:+--shard "$shard"} --out "$dir" > /dev/null
     fi
     if [ -n "$shard" ]; then
-      whole="$out/$(name "$purifier")-eps${eps%/255}"
+      w=$(whole "$purifier" "$eps")
       parts=()
       for ((i = 0; i < shards; i++)); do
-        [ -f "$whole-shard-$i-of-$shards/results.json" ] && parts+=("$whole-shard-$i-of-$shards")
+        [ -f "$w-shard-$i-of-$shards/results.json" ] && parts+=("$w-shard-$i-of-$shards")
       done
-      if [ ! -f "$whole/results.json" ] && [ ${#parts[@]} -eq "$shards" ]; then
-        "$atop" --quiet eval merge "${parts[@]}" --out "$whole" > /dev/null
+      if [ ! -f "$w/results.json" ] && [ ${#parts[@]} -eq "$shards" ]; then
+        "$atop" --quiet eval merge "${parts[@]}" --out "$w" > /dev/null
       fi
     fi
   done

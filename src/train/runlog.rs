@@ -38,14 +38,23 @@ pub fn read<T: DeserializeOwned>(run: &Path) -> Result<Vec<T>> {
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(Vec::new());
     };
+    records(&path, &text).map(|(_, r)| r).collect()
+}
+
+/// The non-empty lines of `text` (the metrics file at `path`), each with its parsed record or
+/// an error naming the file and line.
+fn records<'a, T: DeserializeOwned>(
+    path: &'a Path,
+    text: &'a str,
+) -> impl Iterator<Item = (&'a str, Result<T>)> + 'a {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{} line {}: not an epoch record", path.display(), i + 1))
+        .map(move |(i, l)| {
+            let r = serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not an epoch record", path.display(), i + 1));
+            (l, r)
         })
-        .collect()
 }
 
 /// After a crash, metrics may hold an epoch whose checkpoint never completed, or a torn last
@@ -57,22 +66,19 @@ pub fn keep_up_to<T: EpochRecord>(run: &Path, epoch: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(());
     };
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let parsed: Vec<(&str, Result<T>)> = records(&path, &text).collect();
     let torn_tail = !text.is_empty() && !text.ends_with('\n');
-    let mut kept = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str::<T>(line) {
-            Ok(m) if m.epoch() <= epoch => kept.push(*line),
+    let mut kept = Vec::with_capacity(parsed.len());
+    let last = parsed.len();
+    for (i, (line, record)) in parsed.into_iter().enumerate() {
+        match record {
+            Ok(m) if m.epoch() <= epoch => kept.push(line),
             Ok(_) => {}
-            Err(_) if torn_tail && i + 1 == lines.len() => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("{} line {}: not an epoch record", path.display(), i + 1)
-                });
-            }
+            Err(_) if torn_tail && i + 1 == last => {}
+            Err(e) => return Err(e),
         }
     }
-    if kept.len() == lines.len() && !torn_tail {
+    if kept.len() == last && !torn_tail {
         return Ok(());
     }
     crate::io::write_atomic(&path, |out| {
