@@ -1242,6 +1242,22 @@ fn eval_robust_scores_a_random_defence_over_r_draws_resumes_after_a_kill_and_sha
         a.extend(["--shard", &spec]);
         let r = run_json(&mut robust_cmd(&dir, &a));
         assert_eq!(r["shard"]["index"], i);
+        // Its report names the labels it holds, counted from its records: a slice, not a sample.
+        let mut labels = std::collections::BTreeMap::<i64, usize>::new();
+        for p in r["records"].as_array().unwrap() {
+            *labels.entry(p["label"].as_i64().unwrap()).or_default() += 1;
+        }
+        let counts: Vec<String> = labels.iter().map(|(l, c)| format!("{l} x {c}")).collect();
+        let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        assert!(
+            report.contains(&format!(
+                "label{} {}",
+                if labels.len() == 1 { "" } else { "s" },
+                counts.join(", ")
+            )),
+            "{report}"
+        );
+        assert!(report.contains("not a sample"), "{report}");
         dir
     };
     let (s0, s1) = (shard(0), shard(1));

@@ -79,6 +79,7 @@ pub struct RobustArgs {
     pub batch_size: usize,
     /// Evaluate one deterministic slice: batch b of the seeded points belongs to shard
     /// b mod n (0-based i of n, e.g. `--shard $SLURM_ARRAY_TASK_ID/4`); `atop eval merge` joins them.
+    /// A slice in index order, not a sample: only the merged result speaks for all the points.
     #[arg(long)]
     pub shard: Option<atop::eval::robust::Shard>,
     /// Output folder (default: runs/eval-robust-<attacks>-<norm>-<eps>[-shard-i-of-n]);

@@ -77,6 +77,21 @@ pub fn budget(e: &RobustEvaluation) -> String {
     )
 }
 
+/// The labels of the evaluated points, counted ("label 2 x 16, 3 x 61"): a shard is a slice of
+/// the points in index order, and a split stored class by class gives it a few classes only.
+fn label_counts(e: &RobustEvaluation) -> String {
+    let mut counts = std::collections::BTreeMap::<i64, usize>::new();
+    for r in &e.records {
+        *counts.entry(r.label).or_default() += 1;
+    }
+    let each: Vec<String> = counts.iter().map(|(l, c)| format!("{l} x {c}")).collect();
+    format!(
+        "label{} {}",
+        if counts.len() == 1 { "" } else { "s" },
+        each.join(", ")
+    )
+}
+
 pub fn markdown(e: &RobustEvaluation, p: &Provenance) -> String {
     let mut s = String::new();
     header(&mut s, e, p);
@@ -105,8 +120,10 @@ fn header(s: &mut String, e: &RobustEvaluation, p: &Provenance) {
     if let Some(sh) = e.shard {
         let _ = writeln!(
             s,
-            "- shard {sh}: this report covers its {} points only; `atop eval merge` joins the shards",
-            e.n
+            "- shard {sh}: this report covers its {} points only ({}), a slice of the seeded points \
+             in index order, not a sample of them; `atop eval merge` joins the shards",
+            e.n,
+            label_counts(e)
         );
     }
     let _ = writeln!(s, "- budget: {}", budget(e));
@@ -283,7 +300,10 @@ pub fn terminal(e: &RobustEvaluation, p: &Provenance) -> String {
         p.model,
         p.defence,
         e.n,
-        e.shard.map_or(String::new(), |sh| format!(" (shard {sh})")),
+        e.shard.map_or(String::new(), |sh| format!(
+            " (shard {sh}: {})",
+            label_counts(e)
+        )),
         budget(e)
     );
     let _ = writeln!(
