@@ -224,3 +224,57 @@ fn bench_atop_times_the_step_on_both_sides() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--batch"));
 }
+
+#[test]
+fn bench_purifier_times_an_ae_preset_beside_its_twin_and_refuses_mixed_kinds() {
+    let rows = run_json(atop().args([
+        "--json",
+        "--threads",
+        "1",
+        "bench",
+        "purifier",
+        "--preset",
+        "purifier-ae-cifar10-cpu",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+    ]));
+    let row = &rows[0];
+    assert_eq!(row["name"], "purifier-ae-cifar10-cpu");
+    // The preset's network, not the default one: its width and its parameter count.
+    assert!(
+        row["purifier"]
+            .as_str()
+            .unwrap()
+            .contains("192 x 4 heads 6"),
+        "{row}"
+    );
+    assert_eq!(row["parameters"], 2_237_552);
+    let (a, t) = (
+        row["atop_img_s"].as_f64().unwrap(),
+        row["pytorch_img_s"].as_f64().unwrap(),
+    );
+    assert!(a > 0.0 && t > 0.0);
+    assert!((row["ratio"].as_f64().unwrap() - a / t).abs() < 1e-9);
+    let out = atop()
+        .args([
+            "bench",
+            "purifier",
+            "--preset",
+            "purifier-cifar10-cpu",
+            "purifier-ae-cifar10-cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("two kinds") && err.contains("purifier-ae-cifar10-cpu"),
+        "{err}"
+    );
+}

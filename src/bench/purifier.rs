@@ -22,6 +22,44 @@ pub struct Setup {
     pub transform: TransformConfig,
 }
 
+/// A purifier training preset as `atop bench purifier` times it: each kind beside its own
+/// PyTorch twin (the GAN generator on the resolution pipeline, `purifier.py`; the AE's network,
+/// `ae.py`).
+#[derive(Debug, Clone)]
+pub enum PresetSetup {
+    Gan(Setup),
+    Ae(AeSetup),
+}
+
+/// An AE network to time: its settings, the share of patches hidden, and the side it runs at
+/// (its working size, or the images' side where it has none).
+#[derive(Debug, Clone)]
+pub struct AeSetup {
+    pub name: String,
+    pub config: crate::purifier::ae::AeConfig,
+    pub mask_ratio: f64,
+    pub work_size: Option<i64>,
+}
+
+/// The training preset `name`'s purifier and transform, to time.
+pub fn preset_setup(name: &str) -> Result<PresetSetup> {
+    use crate::purifier::PurifierConfig;
+    let cfg = crate::train::purifier::TrainPurifierConfig::preset(name)?;
+    Ok(match cfg.purifier {
+        PurifierConfig::Gan(g) => PresetSetup::Gan(Setup {
+            name: name.to_string(),
+            purifier: g,
+            transform: cfg.transform,
+        }),
+        PurifierConfig::Ae(a) => PresetSetup::Ae(AeSetup {
+            name: name.to_string(),
+            work_size: a.resolution().work_size.map(|s| s as i64),
+            config: a,
+            mask_ratio: cfg.transform.missing_rate,
+        }),
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct PurifierBench {
     pub setups: Vec<Setup>,
@@ -185,11 +223,9 @@ fn attack_step_seconds(
 /// side with its PyTorch twin (`bench/reference/ae.py bench`).
 #[derive(Debug, Clone)]
 pub struct AeBench {
-    pub config: crate::purifier::ae::AeConfig,
-    /// Share of the patches hidden from the encoder (the transform's missing rate).
-    pub mask_ratio: f64,
+    pub setup: AeSetup,
     pub batch: usize,
-    /// Image side (the working size).
+    /// Image side where the setup has no working size.
     pub size: i64,
     pub steps: usize,
     pub warmup: usize,
@@ -200,6 +236,7 @@ pub struct AeBench {
 
 #[derive(Debug, Serialize)]
 pub struct AeRow {
+    pub name: String,
     pub purifier: String,
     pub batch: usize,
     pub size: i64,
@@ -217,18 +254,15 @@ pub fn run_ae(b: &AeBench) -> Result<AeRow> {
         bail!("`batch` and `steps` must be positive");
     }
     let device = b.device;
+    let (c, mask_ratio) = (&b.setup.config, b.setup.mask_ratio);
+    let size = b.setup.work_size.unwrap_or(b.size);
     tch::manual_seed(0);
     let vs = tch::nn::VarStore::new(device);
-    let net = AeNet::new(&vs.root(), &b.config, b.size)?;
+    let net = AeNet::new(&vs.root(), c, size)?;
     let n = b.batch as i64;
-    let x = Tensor::rand([n, 3, b.size, b.size], (Kind::Float, device));
+    let x = Tensor::rand([n, 3, size, size], (Kind::Float, device));
     let noisy = (&x + x.randn_like() * 0.25).clamp(0.0, 1.0);
-    let keep = random_keep(
-        n,
-        net.patches(),
-        visible(net.patches(), b.mask_ratio),
-        device,
-    );
+    let keep = random_keep(n, net.patches(), visible(net.patches(), mask_ratio), device);
     let mut ours = || {
         let secs = timed(device, b.warmup, b.steps, &mut || {
             (net.forward(&noisy, &keep) - &x)
@@ -241,10 +275,10 @@ pub fn run_ae(b: &AeBench) -> Result<AeRow> {
     let mut theirs = || {
         let (script, mut cmd) = reference_script("ae.py");
         cmd.arg("bench")
-            .args(["--config", &serde_json::to_string(&b.config)?])
-            .args(["--mask-ratio", &b.mask_ratio.to_string()])
+            .args(["--config", &serde_json::to_string(c)?])
+            .args(["--mask-ratio", &mask_ratio.to_string()])
             .args(["--batch", &b.batch.to_string()])
-            .args(["--size", &b.size.to_string()])
+            .args(["--size", &size.to_string()])
             .args(["--steps", &b.steps.to_string()])
             .args(["--warmup", &b.warmup.to_string()])
             .args(["--threads", &crate::runtime::threads().to_string()]);
@@ -257,21 +291,11 @@ pub fn run_ae(b: &AeBench) -> Result<AeRow> {
         &mut ours,
         &mut theirs,
     )?;
-    let c = &b.config;
     Ok(AeRow {
-        purifier: format!(
-            "ae(patch {}, width {} x {} heads {}, decoder {} x {} heads {}, mask ratio {})",
-            c.patch,
-            c.width,
-            c.depth,
-            c.heads,
-            c.decoder_width,
-            c.decoder_depth,
-            c.decoder_heads,
-            b.mask_ratio
-        ),
+        name: b.setup.name.clone(),
+        purifier: format!("{} with {mask_ratio} of the patches hidden", c.describe()),
         batch: b.batch,
-        size: b.size,
+        size,
         parameters: vs.variables().values().map(|t| t.numel() as i64).sum(),
         atop_img_s: timing.ours,
         pytorch_img_s: timing.theirs,

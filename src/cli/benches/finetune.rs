@@ -24,7 +24,16 @@ pub(super) fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
         presets,
         purifier: pre
             .purifier
-            .gan("the PyTorch twin of `atop bench finetune`")?
+            .gan(&format!(
+                "`--purifier-preset {}`: the PyTorch reference of `atop bench atop`",
+                args.purifier_preset
+            ))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e} (its network's step: atop bench purifier --preset {})",
+                    args.purifier_preset
+                )
+            })?
             .clone(),
         transform: pre.transform,
         steps: args.steps,

@@ -64,7 +64,8 @@ pub struct AtopBenchArgs {
     /// AToP presets to time (their loss weights, attack, optimizer and precision).
     #[arg(long, num_args = 1.., default_values = ["atop-cifar10-cpu"])]
     pub preset: Vec<String>,
-    /// The purifier preset whose generator, working size and transform are fine-tuned.
+    /// The purifier preset whose generator, working size and transform are fine-tuned (a GAN:
+    /// the reference step is written for the GAN generator, whichever AToP preset is timed).
     #[arg(long, default_value = "purifier-cifar10-cpu")]
     pub purifier_preset: String,
     /// Overrides of the presets' attack (e.g. `--adversary fgsm --adversary-target classifier`).
@@ -91,11 +92,12 @@ pub struct AtopBenchArgs {
 
 #[derive(Debug, ClapArgs)]
 pub struct PurifierBenchArgs {
-    /// Purifier training presets to time (their architecture, working size and RT2 settings);
-    /// without presets, the widths below.
+    /// Purifier training presets to time (their architecture, working size and RT2 settings;
+    /// GAN or AE presets, one kind per call); without presets, the widths below.
     #[arg(long, num_args = 1..)]
     pub preset: Vec<String>,
-    /// Time the AE purifier's network (its default settings) instead of the GAN generator.
+    /// Time the AE purifier's network at its default settings instead of the GAN generator
+    /// (an AE preset's: `--preset purifier-ae-cifar10-cpu`).
     #[arg(long, conflicts_with = "preset")]
     pub ae: bool,
     /// Generator widths c (48 is the paper's), each with the architecture flags below.

@@ -2,27 +2,39 @@
 //! their PyTorch twin, and the cost of one whole-model attack step through it.
 
 use super::*;
-use atop::bench::purifier::{self, PurifierBench, Setup};
+use atop::bench::purifier::{self, AeSetup, PresetSetup, PurifierBench, Setup};
+use atop::purifier::ae::AeConfig;
 use atop::purifier::{GanConfig, PurifierConfig};
-use atop::train::purifier::TrainPurifierConfig;
 use atop::transforms::TransformConfig;
 
 pub(super) fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
-    if args.ae {
-        return ae(&args, global);
-    }
-    // The presets' purifiers, or one per width with the architecture and transform flags.
+    // The presets' purifiers, each kind beside its own twin, or one GAN per width with the
+    // architecture and transform flags, or (--ae) the AE at its default settings.
     let mut setups = Vec::new();
+    let mut aes = Vec::new();
     for name in &args.preset {
-        let cfg = TrainPurifierConfig::preset(name)?;
-        setups.push(Setup {
-            name: name.clone(),
-            purifier: cfg
-                .purifier
-                .gan(&format!("`--preset {name}`: the PyTorch twin of `atop bench purifier` (for the AE: --ae)"))?
-                .clone(),
-            transform: cfg.transform,
+        match purifier::preset_setup(name)? {
+            PresetSetup::Gan(s) => setups.push(s),
+            PresetSetup::Ae(a) => aes.push(a),
+        }
+    }
+    if !setups.is_empty() && !aes.is_empty() {
+        anyhow::bail!(
+            "`--preset`: {} and {} are purifiers of two kinds, timed against two different PyTorch twins: time each kind in its own call",
+            setups[0].name,
+            aes[0].name
+        );
+    }
+    if args.ae {
+        aes.push(AeSetup {
+            name: "AE (default settings)".into(),
+            config: AeConfig::default(),
+            mask_ratio: TransformConfig::default().missing_rate,
+            work_size: None,
         });
+    }
+    if !aes.is_empty() {
+        return ae(&args, aes, global);
     }
     if args.preset.is_empty() {
         for &width in &args.width {
@@ -89,39 +101,46 @@ pub(super) fn purifier(args: PurifierBenchArgs, global: &Global) -> Result<()> {
     Ok(())
 }
 
-fn ae(args: &PurifierBenchArgs, global: &Global) -> Result<()> {
-    let row = purifier::run_ae(&purifier::AeBench {
-        config: atop::purifier::ae::AeConfig::default(),
-        mask_ratio: TransformConfig::default().missing_rate,
-        batch: args.batch,
-        size: args.size,
-        steps: args.steps,
-        warmup: args.warmup,
-        rounds: args.rounds,
-        reference: !args.no_reference,
-        device: global.device,
-    })?;
+fn ae(args: &PurifierBenchArgs, setups: Vec<AeSetup>, global: &Global) -> Result<()> {
+    let rows = setups
+        .into_iter()
+        .map(|setup| {
+            purifier::run_ae(&purifier::AeBench {
+                setup,
+                batch: args.batch,
+                size: args.size,
+                steps: args.steps,
+                warmup: args.warmup,
+                rounds: args.rounds,
+                reference: !args.no_reference,
+                device: global.device,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     if global.json {
-        println!("{}", serde_json::to_string_pretty(&row)?);
+        println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     println!(
-        "AE purifier training step (visible patches of noisy images, every patch reconstructed, squared error, backward), device {:?}, threads {}, batch {}, {} px, {} timed steps, medians of {} alternating rounds",
+        "AE purifier training step (visible patches of noisy images, every patch reconstructed, squared error, backward), device {:?}, threads {}, batch {}, {} timed steps, medians of {} alternating rounds",
         global.device,
         atop::runtime::threads(),
-        row.batch,
-        row.size,
+        args.batch,
         args.steps,
-        row.rounds
+        args.rounds.max(1)
     );
-    println!(
-        "{}: {} parameters; atop {:.2} img/s, PyTorch {}, ratio {}",
-        row.purifier,
-        row.parameters,
-        row.atop_img_s,
-        row.pytorch_img_s
-            .map_or("-".into(), |v| format!("{v:.2} img/s")),
-        row.ratio.map_or("-".into(), |v| format!("{v:.2}")),
-    );
+    for row in &rows {
+        println!(
+            "{} ({} parameters, {} px images): {}; atop {:.2} img/s, PyTorch {}, ratio {}",
+            row.name,
+            row.parameters,
+            row.size,
+            row.purifier,
+            row.atop_img_s,
+            row.pytorch_img_s
+                .map_or("-".into(), |v| format!("{v:.2} img/s")),
+            row.ratio.map_or("-".into(), |v| format!("{v:.2}")),
+        );
+    }
     Ok(())
 }
