@@ -278,3 +278,41 @@ fn bench_purifier_times_an_ae_preset_beside_its_twin_and_refuses_mixed_kinds() {
         "{err}"
     );
 }
+
+#[test]
+fn bench_atop_times_the_ae_purifiers_step_on_both_sides() {
+    let rows = run_json(atop().args([
+        "--json",
+        "--threads",
+        "1",
+        "bench",
+        "atop",
+        "--preset",
+        "atop-ae-cifar10-cpu",
+        "--purifier-preset",
+        "purifier-ae-cifar10-cpu",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+    ]));
+    let row = &rows[0];
+    assert_eq!(row["preset"], "atop-ae-cifar10-cpu");
+    assert!(
+        row["purifier"]
+            .as_str()
+            .unwrap()
+            .starts_with("ae-purifier(patch 4, 192 x 4"),
+        "{row}"
+    );
+    let (a, t) = (
+        row["atop_steps_s"].as_f64().unwrap(),
+        row["pytorch_steps_s"].as_f64().unwrap(),
+    );
+    assert!(a > 0.0 && t > 0.0);
+    assert!((row["ratio"].as_f64().unwrap() - a / t).abs() < 1e-9);
+}

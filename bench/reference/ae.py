@@ -91,7 +91,8 @@ class AE(nn.Module):
             h = block(h)
         h = d.embed(e.norm(h))
         dw = h.shape[2]
-        full = d.mask_token.expand(b, n, dw).scatter(1, keep.unsqueeze(-1).expand(b, k, dw), h)
+        # (under bf16 autocast h is bf16: the token follows it)
+        full = d.mask_token.to(h.dtype).expand(b, n, dw).scatter(1, keep.unsqueeze(-1).expand(b, k, dw), h)
         y = full + d.pos
         for block in d.blocks:
             y = block(y)

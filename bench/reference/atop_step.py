@@ -11,12 +11,17 @@ The same step as atop's trainer (src/train/atop/tuner.rs, FineTuner::step), writ
   3. with a GAN term, one hinge-loss step of the discriminator, then the live generator term;
   4. L_g = gan * -mean D(x2') + l1 * (|x1' - r| + |x2' - r|) + lambda * CE(y, f(purified)),
      backward through the frozen classifier (eval mode, no weight gradients), one Adam step.
+With --ae CONFIG (the AE purifier's settings as JSON, as ae.py takes them) the purifier is the
+AE instead: the encoder sees the patches outside the RT2 holes of the noisy image (the
+transform's grid is the patch grid), the decoder reconstructs every patch, L_org is the L1 of
+the reconstruction to the target on the [-1, 1] scale, and there is no discriminator.
 Weights are random (timing only). Prints one JSON line with steps/s and img/s.
 
 Usage: python atop_step.py --width C [LAYOUT] --classifier airnet-32-64-128 --batch B
        --attack fgsm|pgd --target classifier|defended --eps E --steps K --step-size S --eot T
        [--lam L] [--reconstruction clean|adversarial] [--gan-weight G] [--l1-weight W] [--lr LR] [--bf16 0|1] [--attack-bf16 0|1] [--work-size P]
        [--sigma S] [--disc-width 64] [--grid 8] [--holes 16] [--timed 3] [--warmup 1] [--threads N]
+       [--ae CONFIG]
   LAYOUT: as purifier.py ([--no-attention] [--stages] [--skips] [--group-norm] [--residual])
 """
 import argparse
@@ -27,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ae import AE
 from models import CIFAR_MEAN, CIFAR_STD, build
 from purifier import Discriminator, Generator, Layout, block_mask
 
@@ -75,6 +81,7 @@ def main():
     p.add_argument("--timed", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--ae", default="")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -82,7 +89,8 @@ def main():
 
     lay = Layout(a.width, not a.no_attention, a.stages, bool(a.skips), bool(a.group_norm),
                  bool(a.residual))
-    g = Generator(lay)
+    work = a.work_size or a.size
+    g = AE(json.loads(a.ae), work) if a.ae else Generator(lay)
     d = Discriminator(a.disc_width)
     net, _ = build(a.classifier, 10)
     f = Normalised(net).eval()
@@ -90,7 +98,6 @@ def main():
         q.requires_grad_(False)
     opt_g = torch.optim.Adam(g.parameters(), lr=a.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d.parameters(), lr=a.lr, betas=(0.5, 0.999))
-    work = a.work_size or a.size
     x = torch.rand(a.batch, 3, a.size, a.size)
     y = torch.randint(0, 10, (a.batch,))
 
@@ -105,8 +112,16 @@ def main():
             img, size=(work, work), mode="bilinear", align_corners=False)
         noisy = (clean + torch.randn_like(clean) * a.sigma).clamp(0, 1)
         mask = block_mask(img.shape[0], work, a.grid, a.holes)
-        x1, x2 = g(noisy * 2 - 1, mask)
-        purified = ((x2 + 1) * 0.5).clamp(0, 1)
+        if a.ae:
+            # The patches outside the holes, in order (one mask pixel per patch).
+            holes = mask[:, 0, ::g.p, ::g.p].reshape(img.shape[0], -1)
+            keep = torch.sort(holes, dim=1, stable=True).indices[:, :holes.shape[1] - a.holes]
+            out = g(noisy, keep)
+            x1 = x2 = out * 2 - 1
+            purified = out
+        else:
+            x1, x2 = g(noisy * 2 - 1, mask)
+            purified = ((x2 + 1) * 0.5).clamp(0, 1)
         if work != a.size:
             purified = F.adaptive_avg_pool2d(purified, (a.size, a.size))
         return clean, x1, x2, mask, purified
@@ -163,7 +178,10 @@ def main():
                 g_gan = -d(x2, mask).float().mean()
             for q in d.parameters():
                 q.requires_grad_(True)
-        g_l1 = (x1 - target).abs().mean() + (x2 - target).abs().mean()
+        if a.ae:
+            g_l1 = (x2 - target).abs().mean()
+        else:
+            g_l1 = (x1 - target).abs().mean() + (x2 - target).abs().mean()
         with autocast():
             logits = f(purified.float()).float()
         ce = F.cross_entropy(logits, y)

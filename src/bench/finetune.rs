@@ -9,7 +9,7 @@ use super::{
     alternate, random_classifier, reference_number, reference_script, run_reference, timed,
 };
 use crate::models::Arch;
-use crate::purifier::{GanConfig, Purifier};
+use crate::purifier::{Purifier, PurifierConfig};
 use crate::runtime::Precision;
 use crate::train::atop::{
     AdversaryKind, AdversaryTarget, FineTuner, Reconstruction, TrainAtopConfig,
@@ -23,8 +23,9 @@ const SIDE: i64 = 32;
 pub struct AtopBench {
     /// (row name, AToP settings): the loss weights, attack, optimizer, batch and precision.
     pub presets: Vec<(String, TrainAtopConfig)>,
-    /// The generator fine-tuned (freshly initialised) and the transform of presets without one.
-    pub purifier: GanConfig,
+    /// The purifier fine-tuned (freshly initialised, either kind) and the transform of presets
+    /// without one.
+    pub purifier: PurifierConfig,
     pub transform: TransformConfig,
     /// Timed steps per round (after `warmup` untimed ones).
     pub steps: usize,
@@ -73,7 +74,7 @@ pub fn run(b: &AtopBench) -> Result<Vec<AtopRow>> {
         cfg.precision = precision;
         let n = cfg.batch_size as i64;
         let f = random_classifier(b.classifier_arch, device)?;
-        let p = Purifier::new(pcfg.clone().into(), device)?;
+        let p = Purifier::new(pcfg.clone(), device)?;
         let mut tuner = FineTuner::new(&cfg, f, p, transform.clone())?;
         let x = Tensor::rand([n, 3, SIDE, SIDE], (Kind::Float, device));
         let y = Tensor::randint(10, [n], (Kind::Int64, device));
@@ -121,17 +122,16 @@ fn flag(on: bool) -> &'static str {
 }
 
 /// Steps/s of the PyTorch reference of the same AToP step: `cfg`'s attack, losses and
-/// precision on `b`'s generator, `n` images.
+/// precision on `b`'s purifier (the GAN generator or the AE), `n` images.
 fn pytorch_step(
     cfg: &TrainAtopConfig,
     transform: &TransformConfig,
     n: i64,
     b: &AtopBench,
 ) -> Result<f64> {
-    let pcfg = &b.purifier;
     let (steps, step_size, _) = cfg.adversary.schedule();
     let (script, mut cmd) = reference_script("atop_step.py");
-    let work = pcfg.work_size.map_or(SIDE, |w| w as i64);
+    let work = b.purifier.resolution().work_size.map_or(SIDE, |w| w as i64);
     let attack = match cfg.adversary.attack {
         AdversaryKind::Fgsm => "fgsm",
         AdversaryKind::Pgd => "pgd",
@@ -144,13 +144,24 @@ fn pytorch_step(
         Reconstruction::Clean => "clean",
         Reconstruction::Adversarial => "adversarial",
     };
-    cmd.args(["--width", &pcfg.width.to_string()])
-        .args(["--stages", &pcfg.stages.to_string()])
-        .args(["--skips", flag(pcfg.skips)])
-        .args(["--group-norm", flag(pcfg.group_norm)])
-        .args(["--residual", flag(pcfg.residual)])
-        .args(["--disc-width", &pcfg.disc_width.to_string()])
-        .args(["--classifier", &b.classifier_arch.to_string()])
+    // Each kind's network as the reference builds it.
+    match &b.purifier {
+        PurifierConfig::Gan(g) => {
+            cmd.args(["--width", &g.width.to_string()])
+                .args(["--stages", &g.stages.to_string()])
+                .args(["--skips", flag(g.skips)])
+                .args(["--group-norm", flag(g.group_norm)])
+                .args(["--residual", flag(g.residual)])
+                .args(["--disc-width", &g.disc_width.to_string()]);
+            if !g.attention {
+                cmd.arg("--no-attention");
+            }
+        }
+        PurifierConfig::Ae(a) => {
+            cmd.args(["--ae", &serde_json::to_string(a)?]);
+        }
+    }
+    cmd.args(["--classifier", &b.classifier_arch.to_string()])
         .args(["--batch", &n.to_string()])
         .args(["--size", &SIDE.to_string()])
         .args(["--work-size", &work.to_string()])
@@ -177,9 +188,6 @@ fn pytorch_step(
         .args(["--timed", &b.steps.to_string()])
         .args(["--warmup", &b.warmup.to_string()])
         .args(["--threads", &crate::runtime::threads().to_string()]);
-    if !pcfg.attention {
-        cmd.arg("--no-attention");
-    }
     let out = run_reference(&script, &mut cmd)?;
     reference_number(&script, &out, "steps_s")
 }

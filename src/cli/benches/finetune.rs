@@ -22,19 +22,7 @@ pub(super) fn atop_step(args: AtopBenchArgs, global: &Global) -> Result<()> {
     }
     let rows = finetune::run(&AtopBench {
         presets,
-        purifier: pre
-            .purifier
-            .gan(&format!(
-                "`--purifier-preset {}`: the PyTorch reference of `atop bench atop`",
-                args.purifier_preset
-            ))
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{e} (its network's step: atop bench purifier --preset {})",
-                    args.purifier_preset
-                )
-            })?
-            .clone(),
+        purifier: pre.purifier,
         transform: pre.transform,
         steps: args.steps,
         warmup: args.warmup,

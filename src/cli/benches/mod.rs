@@ -64,8 +64,8 @@ pub struct AtopBenchArgs {
     /// AToP presets to time (their loss weights, attack, optimizer and precision).
     #[arg(long, num_args = 1.., default_values = ["atop-cifar10-cpu"])]
     pub preset: Vec<String>,
-    /// The purifier preset whose generator, working size and transform are fine-tuned (a GAN:
-    /// the reference step is written for the GAN generator, whichever AToP preset is timed).
+    /// The purifier preset whose network (the GAN generator or the AE), working size and
+    /// transform are fine-tuned (e.g. `purifier-ae-cifar10-cpu` with `atop-ae-cifar10-cpu`).
     #[arg(long, default_value = "purifier-cifar10-cpu")]
     pub purifier_preset: String,
     /// Overrides of the presets' attack (e.g. `--adversary fgsm --adversary-target classifier`).
