@@ -179,28 +179,34 @@ fn bench_models_reports_both_sides_and_their_ratio() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown architecture 'vgg11'"));
 }
 
+/// The first row of `atop --json --threads 1 bench KIND ARGS` over one quick round (batch 2,
+/// one timed step, no warm-up).
+fn quick_bench(kind: &str, args: &[&str]) -> serde_json::Value {
+    let mut c = atop();
+    c.args(["--json", "--threads", "1", "bench", kind])
+        .args(args)
+        .args([
+            "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "1",
+        ]);
+    run_json(&mut c)[0].clone()
+}
+
+/// Both sides timed (`ours` and `theirs`, keys of `row`), and the ratio that one round's.
+fn assert_both_sides(row: &serde_json::Value, ours: &str, theirs: &str) {
+    let (a, t) = (row[ours].as_f64().unwrap(), row[theirs].as_f64().unwrap());
+    assert!(a > 0.0 && t > 0.0, "{row}");
+    assert!(
+        (row["ratio"].as_f64().unwrap() - a / t).abs() < 1e-9,
+        "{row}"
+    );
+}
+
 #[test]
 fn bench_atop_times_the_step_on_both_sides() {
-    let rows = run_json(atop().args([
-        "--json",
-        "--threads",
-        "1",
-        "bench",
+    let row = quick_bench(
         "atop",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--rounds",
-        "1",
-        "--adversary",
-        "fgsm",
-        "--adversary-target",
-        "classifier",
-    ]));
-    let row = &rows[0];
+        &["--adversary", "fgsm", "--adversary-target", "classifier"],
+    );
     assert_eq!(row["preset"], "atop-cifar10-cpu");
     assert_eq!(row["batch"], 2);
     assert!(
@@ -210,13 +216,8 @@ fn bench_atop_times_the_step_on_both_sides() {
             .contains("against the classifier alone"),
         "{row}"
     );
-    let (a, t) = (
-        row["atop_steps_s"].as_f64().unwrap(),
-        row["pytorch_steps_s"].as_f64().unwrap(),
-    );
-    assert!(a > 0.0 && t > 0.0);
     // One round: the ratio is that round's.
-    assert!((row["ratio"].as_f64().unwrap() - a / t).abs() < 1e-9);
+    assert_both_sides(&row, "atop_steps_s", "pytorch_steps_s");
     let out = atop()
         .args(["bench", "atop", "--batch", "0"])
         .output()
@@ -227,24 +228,7 @@ fn bench_atop_times_the_step_on_both_sides() {
 
 #[test]
 fn bench_purifier_times_an_ae_preset_beside_its_twin_and_refuses_mixed_kinds() {
-    let rows = run_json(atop().args([
-        "--json",
-        "--threads",
-        "1",
-        "bench",
-        "purifier",
-        "--preset",
-        "purifier-ae-cifar10-cpu",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--rounds",
-        "1",
-    ]));
-    let row = &rows[0];
+    let row = quick_bench("purifier", &["--preset", "purifier-ae-cifar10-cpu"]);
     assert_eq!(row["name"], "purifier-ae-cifar10-cpu");
     // The preset's network, not the default one: its width and its parameter count.
     assert!(
@@ -255,12 +239,7 @@ fn bench_purifier_times_an_ae_preset_beside_its_twin_and_refuses_mixed_kinds() {
         "{row}"
     );
     assert_eq!(row["parameters"], 2_237_552);
-    let (a, t) = (
-        row["atop_img_s"].as_f64().unwrap(),
-        row["pytorch_img_s"].as_f64().unwrap(),
-    );
-    assert!(a > 0.0 && t > 0.0);
-    assert!((row["ratio"].as_f64().unwrap() - a / t).abs() < 1e-9);
+    assert_both_sides(&row, "atop_img_s", "pytorch_img_s");
     let out = atop()
         .args([
             "bench",
@@ -281,26 +260,15 @@ fn bench_purifier_times_an_ae_preset_beside_its_twin_and_refuses_mixed_kinds() {
 
 #[test]
 fn bench_atop_times_the_ae_purifiers_step_on_both_sides() {
-    let rows = run_json(atop().args([
-        "--json",
-        "--threads",
-        "1",
-        "bench",
+    let row = quick_bench(
         "atop",
-        "--preset",
-        "atop-ae-cifar10-cpu",
-        "--purifier-preset",
-        "purifier-ae-cifar10-cpu",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--rounds",
-        "1",
-    ]));
-    let row = &rows[0];
+        &[
+            "--preset",
+            "atop-ae-cifar10-cpu",
+            "--purifier-preset",
+            "purifier-ae-cifar10-cpu",
+        ],
+    );
     assert_eq!(row["preset"], "atop-ae-cifar10-cpu");
     assert!(
         row["purifier"]
@@ -309,10 +277,5 @@ fn bench_atop_times_the_ae_purifiers_step_on_both_sides() {
             .starts_with("ae-purifier(patch 4, 192 x 4"),
         "{row}"
     );
-    let (a, t) = (
-        row["atop_steps_s"].as_f64().unwrap(),
-        row["pytorch_steps_s"].as_f64().unwrap(),
-    );
-    assert!(a > 0.0 && t > 0.0);
-    assert!((row["ratio"].as_f64().unwrap() - a / t).abs() < 1e-9);
+    assert_both_sides(&row, "atop_steps_s", "pytorch_steps_s");
 }

@@ -87,17 +87,19 @@ def main():
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
 
-    lay = Layout(a.width, not a.no_attention, a.stages, bool(a.skips), bool(a.group_norm),
-                 bool(a.residual))
     work = a.work_size or a.size
-    g = AE(json.loads(a.ae), work) if a.ae else Generator(lay)
-    d = Discriminator(a.disc_width)
+    if a.ae:
+        g, d = AE(json.loads(a.ae), work), None
+    else:
+        g = Generator(Layout(a.width, not a.no_attention, a.stages, bool(a.skips),
+                             bool(a.group_norm), bool(a.residual)))
+        d = Discriminator(a.disc_width)
     net, _ = build(a.classifier, 10)
     f = Normalised(net).eval()
     for q in f.parameters():
         q.requires_grad_(False)
     opt_g = torch.optim.Adam(g.parameters(), lr=a.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(d.parameters(), lr=a.lr, betas=(0.5, 0.999))
+    opt_d = None if d is None else torch.optim.Adam(d.parameters(), lr=a.lr, betas=(0.5, 0.999))
     x = torch.rand(a.batch, 3, a.size, a.size)
     y = torch.randint(0, 10, (a.batch,))
 
@@ -164,7 +166,7 @@ def main():
         target = target.float() * 2 - 1
         x1, x2 = x1.float(), x2.float()
         g_gan = torch.zeros(())
-        if a.gan_weight > 0:
+        if d is not None and a.gan_weight > 0:
             with autocast():
                 s = d(torch.cat([target, x2.detach()]), torch.cat([mask, mask])).float()
             real, fake = s.chunk(2)
