@@ -250,21 +250,25 @@ fn every_attack_claims_success_on_fresh_draws_on_a_random_model() {
                     }
                     acc
                 });
-            let d = claimed
+            // Two estimates of each point's share of draws fooled: they differ by sampling noise,
+            // largest for a minimum-norm attack that leaves its points on the boundary.
+            let pairs: Vec<(f64, f64)> = claimed
                 .iter()
                 .zip(&fresh)
-                .map(|(c, f)| f64::from(*c) - f)
-                .sum::<f64>()
-                / 64.0;
+                .map(|(c, f)| (f64::from(*c), *f))
+                .collect();
+            let e = atop::eval::checks::ClaimExcess::of(&pairs);
             eprintln!(
-                "{name} {norm}: claims exceed fresh draws by {:+.2} points",
-                100.0 * d
+                "{name} {norm}: claims exceed fresh draws by {:+.2} points (standard error {:.2})",
+                100.0 * e.excess,
+                100.0 * e.se
             );
             assert!(
-                d.abs() <= 0.05,
-                "{name} {norm}: claimed {:.3} of the points broken, 10 fresh draws {:.3}",
-                claimed.iter().map(|&c| f64::from(c)).sum::<f64>() / 64.0,
-                fresh.iter().sum::<f64>() / 64.0
+                e.excess.abs() <= 0.05 || e.excess.abs() <= 3.0 * e.se,
+                "{name} {norm}: claimed {:.3} of the points broken, 10 fresh draws {:.3} (standard error {:.3})",
+                e.claimed,
+                e.fresh,
+                e.se
             );
         }
     }

@@ -252,6 +252,32 @@ fn random_scores_info(e: &RobustEvaluation) -> Option<Check> {
     })
 }
 
+/// Per point (claimed, fresh) shares of draws fooled: their means, the mean excess of the claims
+/// and its standard error (sd(c - f) / sqrt(n)).
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimExcess {
+    pub claimed: f64,
+    pub fresh: f64,
+    pub excess: f64,
+    pub se: f64,
+}
+
+impl ClaimExcess {
+    pub fn of(pairs: &[(f64, f64)]) -> ClaimExcess {
+        let m = pairs.len().max(1) as f64;
+        let claimed = pairs.iter().map(|p| p.0).sum::<f64>() / m;
+        let fresh = pairs.iter().map(|p| p.1).sum::<f64>() / m;
+        let d = claimed - fresh;
+        let var = pairs.iter().map(|(c, f)| (c - f - d).powi(2)).sum::<f64>() / (m - 1.0).max(1.0);
+        ClaimExcess {
+            claimed,
+            fresh,
+            excess: d,
+            se: (var / m).sqrt(),
+        }
+    }
+}
+
 /// Does each attack's success survive fresh draws? Per point i, c_i is the share of draws the
 /// attack claimed its image fools at attack time and f_i the share of the R scoring draws it
 /// fools. WARN when the mean excess D = mean(c_i - f_i) exceeds both 2 points and twice its
@@ -278,14 +304,12 @@ pub fn survival_checks(e: &RobustEvaluation) -> Vec<Check> {
         if pairs.len() < e.records.len() || pairs.is_empty() {
             continue;
         }
-        let m = pairs.len() as f64;
-        let (claimed, fresh) = (
-            pairs.iter().map(|p| p.0).sum::<f64>() / m,
-            pairs.iter().map(|p| p.1).sum::<f64>() / m,
-        );
-        let d = claimed - fresh;
-        let var = pairs.iter().map(|(c, f)| (c - f - d).powi(2)).sum::<f64>() / (m - 1.0).max(1.0);
-        let se = (var / m).sqrt();
+        let ClaimExcess {
+            claimed,
+            fresh,
+            excess: d,
+            se,
+        } = ClaimExcess::of(&pairs);
         let warn = d > 0.02 && d > 2.0 * se;
         out.push(Check::new(
             &format!("{}: success survives fresh draws", a.attack),
